@@ -1,0 +1,73 @@
+"""The malicious server: receives every intercepted update, picks which to attack, runs it.
+
+It is handed :class:`Observation` objects only. What it returns (reconstructions and a log of
+what it saw) goes to the scorer, which is the only place that joins them with the truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from attacks.observation import Observation
+
+NO_ATTACK = "none"
+
+
+def validate_attack(name: str, params: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` if ``name``/``params`` do not describe a runnable attack."""
+    if name == NO_ATTACK:
+        if params:
+            raise ValueError(f"attack 'none' takes no params, got {sorted(params)}")
+        return
+    from attacks.base import make_attack
+
+    make_attack(name, dict(params))
+
+
+@dataclass
+class MaliciousServer:
+    """Sees every update before aggregation; attacks the ones its schedule selects.
+
+    ``rounds`` empty means every round; ``max_clients`` 0 means every client of a round
+    (otherwise the lowest client ids, so runs are reproducible).
+    """
+
+    attack_name: str = NO_ATTACK
+    attack_params: Mapping[str, Any] = field(default_factory=dict)
+    rounds: Sequence[int] = ()
+    max_clients: int = 0
+    seen: list[tuple[int, int]] = field(default_factory=list)
+
+    def targets(self, observations: Sequence[Observation]) -> list[Observation]:
+        """The observations of this round the schedule selects for an attack."""
+        if self.attack_name == NO_ATTACK or not observations:
+            return []
+        if self.rounds and observations[0].round not in self.rounds:
+            return []
+        ordered = sorted(observations, key=lambda o: o.client_id)
+        return ordered[: self.max_clients] if self.max_clients else ordered
+
+    def observe(self, observations: Sequence[Observation]) -> list[Any]:
+        """Record one round's updates and attack the selected ones, all in one batch."""
+        for observation in observations:
+            if not isinstance(observation, Observation):
+                raise TypeError(f"the malicious server takes Observations, got {type(observation)}")
+            self.seen.append((observation.round, observation.client_id))
+        targets = self.targets(observations)
+        if not targets:
+            return []
+        from attacks.base import make_attack
+
+        return list(make_attack(self.attack_name, dict(self.attack_params)).run(targets))
+
+
+def attack_catalog() -> dict[str, str]:
+    """Attack names scenario files accept, with the line ``leaksim list`` shows."""
+    catalog = {NO_ATTACK: "No attack: the server only logs what it intercepts."}
+    try:
+        from attacks.base import ATTACKS
+    except ImportError:
+        return catalog
+    return catalog | dict(ATTACKS)

@@ -1,0 +1,140 @@
+"""The ``leaksim`` command: run scenarios, list what is available, redraw reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+
+@app.command()
+def run(
+    scenario: Annotated[
+        str | None, typer.Argument(help="Scenario name or TOML path (default: quickstart).")
+    ] = None,
+    set_: Annotated[
+        list[str], typer.Option("--set", help="Override a key: section.key=value (repeatable).")
+    ] = [],  # noqa: B006
+    out: Annotated[
+        Path | None, typer.Option(help="Run folder (default: runs/<name>-<time>).")
+    ] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Where the MNIST IDX files are.")] = None,  # noqa: UP045
+    verbose: Annotated[bool, typer.Option(help="Show Flower's own logs.")] = False,
+) -> None:
+    """Run a scenario (every point of its sweep) and write its results folder."""
+    from simulator import engine
+    from simulator.scenario import ScenarioError, expand, load
+
+    overrides = list(set_) + ([f'data.dir="{data_dir}"'] if data_dir else [])
+    try:
+        loaded = load(scenario, overrides)
+    except ScenarioError as error:
+        console.print(f"[red]invalid scenario:[/red] {error}")
+        raise typer.Exit(2) from None
+    points = expand(loaded)
+    total = len(points) * loaded.federation.rounds
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(f"{loaded.name}: {len(points)} point(s)", total=total)
+
+        def on_round(point: object, server_round: int) -> None:
+            if server_round > 0:
+                progress.advance(task)
+
+        try:
+            result = engine.run(
+                loaded, out_dir=out, on_round=on_round, verbose=verbose, raise_on_failure=False
+            )
+        except Exception as error:  # data missing, bad environment: one clear line, no traceback
+            console.print(f"[red]run failed:[/red] {error}")
+            raise typer.Exit(1) from None
+    _print_points(result.table())
+    console.print(f"results: {result.folder.path}")
+    failed = [r for r in result.table() if r["status"] == "failed"]
+    if failed:
+        for record in failed:
+            console.print(f"[red]point {record['point']} failed:[/red] {record['error']}")
+        raise typer.Exit(1)
+
+
+def _print_points(rows: list[dict]) -> None:
+    from simulator.report import point_table
+
+    rows, columns = point_table(rows)
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(
+            *(
+                f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c, ""))
+                for c in columns
+            )
+        )
+    Console().print(table)
+
+
+@app.command("list")
+def list_() -> None:
+    """List scenarios, models, partitioners, attacks and defenses."""
+    from attacks.server import attack_catalog
+    from defenses.base import DEFENSES
+    from simulator.models import MODELS
+    from simulator.partition import PARTITIONERS
+    from simulator.scenario import SCENARIO_DIR
+
+    out = Console()
+    sections = {
+        "scenarios": {p.stem: _first_comment(p) for p in sorted(SCENARIO_DIR.glob("*.toml"))},
+        "models": {name: entry.description for name, entry in MODELS.items()},
+        "partitions": dict(PARTITIONERS),
+        "attacks": attack_catalog(),
+        "defenses": {name: entry.description for name, entry in DEFENSES.items()},
+    }
+    for title, entries in sections.items():
+        table = Table("name", "description", title=title, title_justify="left")
+        for name, description in entries.items():
+            table.add_row(name, description)
+        out.print(table)
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by leaksim run.")],
+) -> None:
+    """Redraw a run's summary table and figures from its results.jsonl."""
+    from simulator.report import write_report
+    from simulator.results import read_records
+
+    try:
+        summary = write_report(run_dir)
+    except FileNotFoundError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    _print_points(list(read_records(run_dir)))
+    console.print(f"summary: {summary}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Runs a scenario: each sweep point is one Flower simulation (one Ray start) on the grid.
+
+``run(scenario)`` is the Python entry point behind ``leaksim run``; it returns the run folder
+and the records, so scripts can do what the CLI does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simulator.interceptor import RoundTraffic
+from simulator.results import RunFolder
+from simulator.scenario import Point, Scenario, expand
+from simulator.server_app import ServerRun, make_server_app
+
+Record = dict[str, Any]
+ProgressHook = Callable[[Point, int], None]
+
+
+class RunFailed(RuntimeError):
+    """At least one sweep point could not finish; its record holds the reason."""
+
+
+@dataclass
+class RunResult:
+    """What a run left behind: its folder and every record it wrote."""
+
+    folder: RunFolder
+    records: list[Record]
+
+    def table(self, kind: str = "point") -> list[Record]:
+        """Records of one kind (``point`` rows are the run's summary table)."""
+        return [r for r in self.records if r.get("kind") == kind]
+
+
+def backend_config(scenario: Scenario) -> dict[str, Any]:
+    """Ray settings: one actor per ``cpus_per_client`` cores, quiet logs, no dashboard."""
+    return {
+        "client_resources": {"num_cpus": scenario.federation.cpus_per_client, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+        },
+    }
+
+
+@contextlib.contextmanager
+def quiet_flower(verbose: bool) -> Iterator[None]:
+    """Keep Flower's per-round INFO chatter out of the user's terminal unless asked for."""
+    logger = logging.getLogger("flwr")
+    previous = logger.level
+    if not verbose:
+        logger.setLevel(logging.CRITICAL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logger.setLevel(previous)
+
+
+def run_point(
+    point: Point,
+    emit: Callable[[Record], None],
+    on_round: Callable[[int], None] = lambda _r: None,
+    verbose: bool = False,
+    taps: Sequence[Callable[[RoundTraffic], None]] = (),
+) -> Record:
+    """Run one sweep point through Flower; returns its summary (``point``) record."""
+    from flwr.clientapp import ClientApp  # noqa: F401  (imported before Ray forks workers)
+    from flwr.simulation import run_simulation
+
+    from simulator.client_app import app as client_app
+
+    scenario = point.scenario
+    rounds: list[Record] = []
+
+    def tagged(record: Record) -> None:
+        record = {"point": point.index, **record}
+        if record["kind"] == "round":
+            rounds.append(record)
+        emit(record)
+
+    server = ServerRun(scenario, emit=tagged, on_progress=on_round, taps=taps)
+    started = time.perf_counter()
+    error: BaseException | None = None
+    with quiet_flower(verbose):
+        try:
+            run_simulation(
+                server_app=make_server_app(server),
+                client_app=client_app,
+                num_supernodes=scenario.federation.clients,
+                backend_config=backend_config(scenario),  # type: ignore[arg-type]
+            )
+        except Exception as raised:  # Flower re-raises the ServerApp's error; keep its cause
+            error = raised.__cause__ or raised
+    final = rounds[-1] if rounds else {}
+    summary: Record = {
+        "kind": "point",
+        "point": point.index,
+        **{f"set:{k}": v for k, v in point.values.items()},
+        "status": "failed" if error else "ok",
+        "rounds_completed": max((r["round"] for r in rounds), default=0),
+        "final_accuracy": final.get("test_accuracy"),
+        "failed_updates": len(server.failures),
+        "seconds": time.perf_counter() - started,
+    }
+    if error is not None:
+        summary["error"] = f"{type(error).__name__}: {error}"
+    emit(summary)
+    return summary
+
+
+def run(
+    scenario: Scenario,
+    out_dir: Path | str | None = None,
+    runs_root: Path | str = "runs",
+    on_round: ProgressHook = lambda _p, _r: None,
+    verbose: bool = False,
+    raise_on_failure: bool = True,
+    taps: Sequence[Callable[[RoundTraffic], None]] = (),
+) -> RunResult:
+    """Run every point of ``scenario``'s sweep, writing records as they complete.
+
+    ``taps`` are called with each round's intercepted traffic (observations and oracles).
+    """
+    folder = RunFolder.create(scenario, root=runs_root, path=out_dir)
+    records: list[Record] = []
+
+    def emit(record: Mapping[str, Any]) -> None:
+        folder.append(record)
+        records.append(dict(record))
+
+    points = expand(scenario)
+    for point in points:
+        run_point(point, emit, lambda r, p=point: on_round(p, r), verbose, taps)
+    from simulator.report import write_report
+
+    write_report(folder.path)
+    result = RunResult(folder, records)
+    failed = [r for r in result.table() if r["status"] == "failed"]
+    if failed and raise_on_failure:
+        lines = "\n".join(f"  point {r['point']}: {r['error']}" for r in failed)
+        raise RunFailed(
+            f"{len(failed)} of {len(points)} points failed (records in {folder.path}):\n{lines}"
+        )
+    return result

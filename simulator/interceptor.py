@@ -1,0 +1,180 @@
+"""The interception point: a strategy wrapper that sees every client reply before aggregation.
+
+It owns client sampling (seeded, by client id, so reruns pick the same clients), splits each
+reply into the :class:`Observation` a real server holds and the simulation-only
+:class:`Oracle`, records failures, and hands the cleaned replies to the wrapped strategy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from attacks.observation import Observation, PublicMeta
+from simulator.messages import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, from_record
+from simulator.models import ModelSpec
+from simulator.oracle import ORACLE_KEY, Oracle
+from simulator.scenario import FederationConfig
+
+
+class AllClientsFailed(RuntimeError):
+    """Every sampled client of a round failed: there is nothing to aggregate."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A sampled client that sent an error, or nothing within the timeout."""
+
+    round: int
+    client_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RoundTraffic:
+    """Everything the interceptor split out of one round's replies, sorted by client id."""
+
+    round: int
+    sampled: tuple[int, ...]
+    observations: tuple[Observation, ...]
+    oracles: tuple[Oracle, ...]
+    failures: tuple[Failure, ...]
+
+
+def client_error_message(reason: str) -> str:
+    """The client's own exception message out of Ray's wrapped traceback (no pids, no paths)."""
+    marker = "Message: "
+    if marker in reason:
+        return reason.rsplit(marker, 1)[1].strip().rstrip("'>").strip()
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown client error"
+
+
+class _SampledGrid:
+    """A view of the grid that shows the inner strategy only this round's sampled nodes."""
+
+    def __init__(self, grid: Grid, node_ids: Sequence[int]) -> None:
+        self._grid, self._node_ids = grid, list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._grid, name)
+
+
+class Interceptor(Strategy):
+    """Wraps a Flower strategy; calls ``on_round`` with each round's split traffic."""
+
+    def __init__(
+        self,
+        inner: FedAvg,
+        node_to_client: Mapping[int, int],
+        federation: FederationConfig,
+        model: ModelSpec,
+        seed: int,
+        on_round: Callable[[RoundTraffic], None],
+    ) -> None:
+        self.inner = inner
+        self.node_to_client = dict(node_to_client)
+        self.client_to_node = {c: n for n, c in self.node_to_client.items()}
+        self.federation = federation
+        self.model = model
+        self.seed = seed
+        self.on_round = on_round
+        self._sent: dict[str, object] = {}
+        self._sampled: tuple[int, ...] = ()
+
+    def sample(self, server_round: int) -> tuple[int, ...]:
+        """Client ids trained in ``server_round``: a seeded draw, sorted."""
+        clients = sorted(self.client_to_node)
+        count = max(1, int(len(clients) * self.federation.fraction))
+        rng = np.random.default_rng([self.seed, server_round])
+        return tuple(sorted(int(c) for c in rng.choice(clients, size=count, replace=False)))
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._sent = from_record(arrays)
+        self._sampled = self.sample(server_round)
+        nodes = [self.client_to_node[c] for c in self._sampled]
+        return self.inner.configure_train(server_round, arrays, config, _SampledGrid(grid, nodes))  # type: ignore[arg-type]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        by_client = sorted((self.node_to_client[m.metadata.src_node_id], m) for m in replies)
+        answered = {client for client, _ in by_client}
+        failures = [
+            Failure(server_round, client, client_error_message(m.error.reason))
+            for client, m in by_client
+            if m.has_error()
+        ]
+        failures += [
+            Failure(server_round, c, f"no reply within {self.federation.timeout_s:g} s")
+            for c in self._sampled
+            if c not in answered
+        ]
+        good = [(client, m) for client, m in by_client if not m.has_error()]
+        oracles = [self._strip_oracle(server_round, client, m) for client, m in good]
+        oracles = [o for o in oracles if o is not None]
+        observations = [self._observe(server_round, client, m) for client, m in good]
+        self.on_round(
+            RoundTraffic(
+                server_round,
+                self._sampled,
+                tuple(observations),
+                tuple(oracles),
+                tuple(sorted(failures, key=lambda f: f.client_id)),
+            )
+        )
+        if not good:
+            reasons = "; ".join(f"client {f.client_id}: {f.reason}" for f in failures)
+            raise AllClientsFailed(
+                f"round {server_round}: all {len(self._sampled)} sampled clients failed ({reasons})"
+            )
+        return self.inner.aggregate_train(server_round, [m for _, m in good])
+
+    def _strip_oracle(self, server_round: int, client_id: int, reply: Message) -> Oracle | None:
+        """Remove the oracle record (absent outside simulation) from the reply."""
+        record = reply.content.array_records.get(ORACLE_KEY)
+        if record is None:
+            return None
+        del reply.content[ORACLE_KEY]
+        return Oracle.from_record(record, server_round, client_id)
+
+    def _observe(self, server_round: int, client_id: int, reply: Message) -> Observation:
+        metrics = reply.content[METRICS_KEY]
+        fed = self.federation
+        return Observation(
+            round=server_round,
+            client_id=client_id,
+            model=self.model,
+            global_weights={k: v.clone() for k, v in self._sent.items()},  # type: ignore[union-attr]
+            update=from_record(reply.content[ARRAYS_KEY]),
+            meta=PublicMeta(
+                protocol=fed.protocol,
+                batch_size=fed.batch_size,
+                lr=fed.lr,
+                local_epochs=fed.local_epochs,
+                num_examples=int(metrics[NUM_EXAMPLES_KEY]),
+            ),
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)

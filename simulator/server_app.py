@@ -1,0 +1,184 @@
+"""The Flower ServerApp: discovers clients, runs the wrapped strategy, evaluates globally.
+
+:class:`ServerRun` holds one scenario point's server-side state; the engine builds a
+ServerApp around it. The module-level ``app`` serves ``flwr run .`` from the run config.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid, ServerApp
+
+from attacks.server import MaliciousServer
+from simulator.interceptor import Interceptor, RoundTraffic
+from simulator.messages import CLIENT_ID_KEY, CONFIG_KEY, SCENARIO_KEY, from_record, to_record
+from simulator.models import build_model
+from simulator.scenario import Scenario
+from simulator.scoring import score_round
+from simulator.strategies import make_strategy
+from simulator.task import evaluate, load_test_set, load_weights
+
+Record = dict[str, Any]
+
+
+class DiscoveryError(RuntimeError):
+    """Not every client answered the identification query in time."""
+
+
+def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
+    """Ask every node which client it is: {node id: client id}, within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise DiscoveryError(
+                f"only {len(node_ids)} of {expected} clients connected in {timeout:g} s"
+            )
+        time.sleep(0.1)
+    queries = [
+        Message(
+            RecordDict({CONFIG_KEY: ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY
+        )
+        for n in node_ids
+    ]
+    replies = list(grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic())))
+    mapping = {
+        m.metadata.src_node_id: int(m.content[CONFIG_KEY][CLIENT_ID_KEY])  # type: ignore[arg-type]
+        for m in replies
+        if not m.has_error()
+    }
+    if len(mapping) < expected:
+        raise DiscoveryError(f"only {len(mapping)} of {expected} clients identified themselves")
+    return mapping
+
+
+@dataclass
+class ServerRun:
+    """Server-side state of one scenario point; ``emit`` receives every result record."""
+
+    scenario: Scenario
+    emit: Callable[[Record], None]
+    on_progress: Callable[[int], None] = lambda _round: None
+    taps: Sequence[Callable[[RoundTraffic], None]] = ()
+    malicious: MaliciousServer = field(init=False)
+    failures: list[Record] = field(default_factory=list)
+    _round_started: float = field(default=0.0, init=False)
+    _round_failures: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        attack = self.scenario.attack
+        self.malicious = MaliciousServer(
+            attack.name, attack.params, attack.rounds, attack.max_clients
+        )
+
+    def main(self, grid: Grid, context: Context) -> None:
+        """The ServerApp body: discovery, R rounds of train + intercept + global evaluation."""
+        scenario, fed = self.scenario, self.scenario.federation
+        spec = scenario.model_spec()
+        test_set = load_test_set(scenario.data)
+        started = time.perf_counter()
+        node_to_client = discover_clients(grid, fed.clients, fed.timeout_s)
+        self.emit({"kind": "startup", "discovery_s": time.perf_counter() - started})
+        interceptor = Interceptor(
+            make_strategy(fed.protocol, fed.lr),
+            node_to_client,
+            fed,
+            spec,
+            scenario.seed,
+            self.intercept,
+        )
+        model = build_model(spec, seed=scenario.seed)
+
+        def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            loss, accuracy = evaluate(load_weights(model, from_record(arrays)), spec, test_set)
+            record = {
+                "kind": "round",
+                "round": server_round,
+                "test_accuracy": accuracy,
+                "test_loss": loss,
+            }
+            if server_round > 0:
+                record |= {
+                    "seconds": time.perf_counter() - self._round_started,
+                    "failures": self._round_failures,
+                }
+            self.emit(record)
+            self.on_progress(server_round)
+            self._round_started = time.perf_counter()
+            return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})
+
+        config = ConfigRecord({SCENARIO_KEY: scenario.to_json()})
+        interceptor.start(
+            grid=grid,
+            initial_arrays=to_record(model.state_dict()),
+            num_rounds=fed.rounds,
+            timeout=fed.timeout_s,
+            train_config=config,
+            evaluate_fn=evaluate_global,
+        )
+
+    def intercept(self, traffic: RoundTraffic) -> None:
+        """Per round: log each update, let the malicious server attack, score, record failures.
+
+        ``taps`` (for scripts and tests) see the whole split traffic, oracles included.
+        """
+        self._round_failures = len(traffic.failures)
+        for failure in traffic.failures:
+            record = {
+                "kind": "failure",
+                "round": failure.round,
+                "client": failure.client_id,
+                "reason": failure.reason,
+            }
+            self.failures.append(record)
+            self.emit(record)
+        for observation in traffic.observations:
+            self.emit(
+                {
+                    "kind": "update",
+                    "round": observation.round,
+                    "client": observation.client_id,
+                    "num_examples": observation.meta.num_examples,
+                    "update_norm": observation.update_norm(),
+                }
+            )
+        for tap in self.taps:
+            tap(traffic)
+        reconstructions = self.malicious.observe(traffic.observations)
+        for record in score_round(reconstructions, traffic.oracles):
+            self.emit(record)
+
+
+def make_server_app(run: ServerRun) -> ServerApp:
+    """A ServerApp whose main is ``run.main`` (closures, since run_simulation has no run config)."""
+    server_app = ServerApp()
+    server_app.main()(run.main)
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def flwr_main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: the scenario named in the run config, records to stdout."""
+    from simulator import scenario as scenarios
+    from simulator.results import print_record
+
+    name = str(context.run_config.get("scenario", scenarios.DEFAULT_SCENARIO))
+    overrides = {
+        k.removeprefix("set."): v for k, v in context.run_config.items() if k.startswith("set.")
+    }
+    ServerRun(scenarios.load(name, overrides), emit=print_record).main(grid, context)
