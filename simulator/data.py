@@ -171,7 +171,7 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 def md5sum(path: str | Path, chunk_size: int = 1 << 20) -> str:
     """Hex MD5 of a file, read in chunks so large files do not sit in memory."""
-    h = hashlib.md5()
+    h = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
             h.update(chunk)
@@ -226,7 +226,7 @@ def _download(url: str, dest: Path, info: FileInfo, timeout: float) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{info.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     try:
-        h = hashlib.md5()
+        h = hashlib.md5(usedforsecurity=False)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
             while chunk := resp.read(1 << 20):
                 h.update(chunk)

@@ -42,7 +42,7 @@ def partition(
     samples. The result depends only on the arguments.
     "label-skew" gives client ``i`` the classes ``i, i+1, ..., i+classes_per_client-1``
     (mod the number of classes, in sorted label order), so with fewer than
-    ``num_classes / classes_per_client`` clients some classes go unused.
+    ``num_classes - classes_per_client + 1`` clients some classes go unused.
     """
     labels = np.asarray(labels)
     _check(labels, num_clients, scheme, seed, classes_per_client, alpha, min_size)

@@ -168,17 +168,39 @@ def make_server_app(run: ServerRun) -> ServerApp:
     return server_app
 
 
+def connected_nodes(grid: Grid, settle_s: float = 1.0, timeout: float = 30.0) -> int:
+    """How many nodes the federation has, once the count has stopped changing."""
+    deadline = time.monotonic() + timeout
+    count, stable_since = 0, time.monotonic()
+    while time.monotonic() < deadline:
+        now = len(list(grid.get_node_ids()))
+        if now != count:
+            count, stable_since = now, time.monotonic()
+        elif count and time.monotonic() - stable_since >= settle_s:
+            return count
+        time.sleep(0.1)
+    if not count:
+        raise DiscoveryError(f"no client connected within {timeout:g} s")
+    return count
+
+
 app = ServerApp()
 
 
 @app.main()
 def flwr_main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run .``: the scenario named in the run config, records to stdout."""
+    """Entry point for ``flwr run .``: the scenario named in the run config, records to stdout.
+
+    The federation, not the scenario, decides how many clients there are: ``federation.clients``
+    is set to the number of connected SuperNodes.
+    """
     from simulator import scenario as scenarios
     from simulator.results import print_record
 
     name = str(context.run_config.get("scenario", scenarios.DEFAULT_SCENARIO))
-    overrides = {
-        k.removeprefix("set."): v for k, v in context.run_config.items() if k.startswith("set.")
-    }
-    ServerRun(scenarios.load(name, overrides), emit=print_record).main(grid, context)
+    scenario = scenarios.load(name)
+    nodes = connected_nodes(grid, timeout=scenario.federation.timeout_s)
+    if nodes != scenario.federation.clients:
+        print_record({"kind": "note", "message": f"federation.clients set to {nodes} SuperNodes"})
+        scenario = scenario.with_overrides({"federation.clients": nodes})
+    ServerRun(scenario, emit=print_record).main(grid, context)
