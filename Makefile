@@ -3,6 +3,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The verified MNIST copies beside a checkout of this workplace; elsewhere leaksim searches
+# LEAKSIM_DATA_DIR, then ~/.cache/leaksim, then downloads.
+SHARED_DATA := $(wildcard ../shared/data)
+ifneq ($(SHARED_DATA),)
+export LEAKSIM_DATA_DIR ?= $(abspath $(SHARED_DATA))
+endif
 
 .PHONY: setup test lint quickstart bench clean
 
@@ -25,6 +31,9 @@ test: lint
 
 quickstart: setup
 	$(BIN)/leaksim run quickstart
+
+bench: setup
+	$(BIN)/python benchmarks/bench_engine.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,10 +47,8 @@ def test_flwr_run_streams_the_same_records(tmp_path: Path) -> None:
     finally:
         # flwr run leaves its local SuperLink (and children) running: end them by PID
         for pid in processes_mentioning(str(flwr_home)):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"kind"')]
     rounds = [r for r in records if r["kind"] == "round"]
     assert [r["round"] for r in rounds] == [0, 1, 2], done.stdout[-3000:] + done.stderr[-3000:]

@@ -1,0 +1,110 @@
+"""Engine overhead: start-up and per-round cost of a 100-client FedSGD MNIST federation.
+
+Compares each round's wall time under Flower + Ray with the same client work done in-process
+(shard lookup, one batch gradient per sampled client, aggregation), so the difference is what
+the simulation engine costs. Writes ``benchmarks/results/engine.json``.
+
+    python benchmarks/bench_engine.py            # 100 clients, fractions 0.1 and 1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from simulator import engine
+from simulator.interceptor import Interceptor
+from simulator.models import build_model
+from simulator.scenario import Scenario, load
+from simulator.strategies import make_strategy
+from simulator.task import batch_gradient, load_shard, seeded_generator
+
+RESULTS = Path(__file__).parent / "results" / "engine.json"
+
+
+def in_process_round_seconds(scenario: Scenario, rounds: int) -> float:
+    """Mean seconds per round for the clients' work alone, with no Flower or Ray."""
+    fed = scenario.federation
+    spec = scenario.model_spec()
+    model = build_model(spec, seed=scenario.seed)
+    sampler = Interceptor(
+        make_strategy(fed.protocol, fed.lr),
+        {c: c for c in range(fed.clients)},
+        fed,
+        spec,
+        scenario.seed,
+        lambda _t: None,
+    )
+    for client in range(fed.clients):  # warm the shard cache, as the first round does in Ray
+        load_shard(scenario.data, fed.clients, scenario.seed, client)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    for server_round in range(1, rounds + 1):
+        grads = []
+        for client in sampler.sample(server_round):
+            shard = load_shard(scenario.data, fed.clients, scenario.seed, client)
+            generator = seeded_generator(scenario.seed, server_round, client)
+            batch = torch.randperm(len(shard.labels), generator=generator)[: fed.batch_size]
+            grads.append(batch_gradient(model, spec, shard.inputs[batch], shard.labels[batch]))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param -= fed.lr * torch.stack([g[name] for g in grads]).mean(0)
+    return (time.perf_counter() - started) / rounds
+
+
+def measure(fraction: float, rounds: int, clients: int, out: Path) -> dict[str, float]:
+    scenario = load(
+        "quickstart",
+        {
+            "federation.clients": clients,
+            "federation.fraction": fraction,
+            "federation.rounds": rounds,
+            "data.test_examples": 2000,
+        },
+    )
+    started = time.perf_counter()
+    result = engine.run(scenario, out_dir=out)
+    total = time.perf_counter() - started
+    round_records = result.table("round")
+    per_round = [r["seconds"] for r in round_records if r["round"] >= 2]  # round 1 loads data
+    startup = total - sum(r.get("seconds", 0.0) for r in round_records)
+    engine_round = statistics.median(per_round)
+    compute_round = in_process_round_seconds(scenario, min(rounds, 10))
+    return {
+        "clients": clients,
+        "fraction": fraction,
+        "sampled_per_round": max(1, int(clients * fraction)),
+        "rounds": rounds,
+        "total_s": round(total, 2),
+        "startup_s": round(startup, 2),
+        "discovery_s": round(result.table("startup")[0]["discovery_s"], 2),
+        "first_round_s": round(round_records[1]["seconds"], 3),
+        "median_round_s": round(engine_round, 4),
+        "in_process_round_s": round(compute_round, 4),
+        "engine_overhead_per_round_s": round(engine_round - compute_round, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
+    args = parser.parse_args()
+    rows = [
+        measure(f, args.rounds, args.clients, Path("runs") / f"bench-engine-{f}")
+        for f in args.fractions
+    ]
+    for row in rows:
+        print(json.dumps(row))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"machine": "2 CPU cores", "runs": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
