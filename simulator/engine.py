@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from simulator.interceptor import RoundTraffic
 from simulator.results import RunFolder
 from simulator.scenario import Point, Scenario, expand
@@ -75,6 +77,7 @@ def run_point(
     on_round: Callable[[int], None] = lambda _r: None,
     verbose: bool = False,
     taps: Sequence[Callable[[RoundTraffic], None]] = (),
+    folder: RunFolder | None = None,
 ) -> Record:
     """Run one sweep point through Flower; returns its summary (``point``) record."""
     from flwr.clientapp import ClientApp  # noqa: F401  (imported before Ray forks workers)
@@ -91,7 +94,11 @@ def run_point(
             rounds.append(record)
         emit(record)
 
-    server = ServerRun(scenario, emit=tagged, on_progress=on_round, taps=taps)
+    def save(name: str, arrays: Mapping[str, np.ndarray]) -> None:
+        if folder is not None:
+            folder.save_arrays(f"p{point.index}-{name}", arrays)
+
+    server = ServerRun(scenario, emit=tagged, on_progress=on_round, taps=taps, save_arrays=save)
     started = time.perf_counter()
     error: BaseException | None = None
     with quiet_flower(verbose):
@@ -143,7 +150,7 @@ def run(
 
     points = expand(scenario)
     for point in points:
-        run_point(point, emit, lambda r, p=point: on_round(p, r), verbose, taps)
+        run_point(point, emit, lambda r, p=point: on_round(p, r), verbose, taps, folder)
     from simulator.report import write_report
 
     write_report(folder.path)

@@ -6,7 +6,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from simulator.results import read_records
+import numpy as np
+
+from simulator import figures
+from simulator.results import ARTIFACTS_DIR, read_records
 
 Record = dict[str, Any]
 SUMMARY_FILE = "summary.md"
@@ -64,36 +67,88 @@ def write_report(run_dir: Path | str) -> Path:
         parts += ["", "## Errors", ""] + [
             f"- point {r['point']}: {r.get('error')}" for r in rows if r.get("error")
         ]
+    attacks = [r for r in records if r.get("kind") == "attack"]
+    attack_rows, attack_columns = attack_table(records)
+    if attacks:
+        parts += ["", "## Attacks (per point, mean over attacked updates)", ""]
+        parts += [markdown_table(attack_rows, attack_columns)]
     summary = run_dir / SUMMARY_FILE
     summary.write_text("\n".join(parts) + "\n")
+    figures_dir = run_dir / FIGURES_DIR
     if rounds:
-        _accuracy_figure(rounds, rows, run_dir / FIGURES_DIR / "accuracy.png")
+        figures.accuracy_figure(rounds, rows, figures_dir / "accuracy.png")
+    if attacks:
+        figures.convergence_figure(attacks, rows, figures_dir / "convergence.png")
+        _reconstruction_figures(run_dir, attacks, figures_dir)
+        swept = [c for c in attack_columns if c.startswith("set:")]
+        if len(swept) == 1 and len(attack_rows) > 1:
+            metrics = ["success_rate", "mean_psnr", "median_iterations_to_threshold"]
+            figures.by_value_figure(
+                attack_rows, swept[0], metrics, figures_dir / "attack-by-value.png"
+            )
     return summary
 
 
-def _accuracy_figure(rounds: list[Record], points: list[Record], path: Path) -> None:
-    import matplotlib
+ATTACK_COLUMNS = (
+    "attacked", "success_rate", "leaked_fraction", "mean_psnr", "median_psnr", "mean_ssim",
+    "label_accuracy", "median_iterations_to_threshold", "median_seconds_to_threshold",
+    "mean_seconds",
+)  # fmt: skip
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    labels = {
-        r["point"]: ", ".join(f"{k[4:]}={v}" for k, v in r.items() if k.startswith("set:")) or "run"
-        for r in points
-    }
-    curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    for record in rounds:
-        curves[record["point"]].append((record["round"], record["test_accuracy"]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure, axis = plt.subplots(figsize=(5, 3.2))
-    for point, curve in sorted(curves.items()):
-        xs, ys = zip(*sorted(curve), strict=True)
-        axis.plot(xs, ys, marker="o", label=labels.get(point, f"point {point}"))
-    axis.set_xlabel("round")
-    axis.set_ylabel("global test accuracy")
-    axis.grid(alpha=0.3)
-    if len(curves) > 1:
-        axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+def attack_table(records: list[Record]) -> tuple[list[Record], list[str]]:
+    """Per sweep point: how often and how well the attack recovered the clients' images.
+
+    ``success_rate`` is the fraction of attacked updates whose every image leaked (PSNR at or
+    above the threshold); ``leaked_fraction`` the fraction of all images that leaked.
+    """
+    points = {r["point"]: r for r in records if r.get("kind") == "point"}
+    attacks = [r for r in records if r.get("kind") == "attack"]
+    rows = []
+    for point in sorted({r["point"] for r in attacks}):
+        mine = [r for r in attacks if r["point"] == point]
+        reached = [
+            r["iterations_to_threshold"] for r in mine if r["iterations_to_threshold"] is not None
+        ]
+        seconds = [
+            r["seconds_to_threshold"] for r in mine if r.get("seconds_to_threshold") is not None
+        ]
+        labels = [r["label_accuracy"] for r in mine if r.get("label_accuracy") is not None]
+        rows.append(
+            {
+                "point": point,
+                **{k: v for k, v in points.get(point, {}).items() if k.startswith("set:")},
+                "attacked": len(mine),
+                "success_rate": float(np.mean([r["fraction_leaked"] == 1.0 for r in mine])),
+                "leaked_fraction": float(np.mean([r["fraction_leaked"] for r in mine])),
+                "mean_psnr": float(np.mean([r["mean_psnr"] for r in mine])),
+                "median_psnr": float(np.median([p for r in mine for p in r["psnr"]])),
+                "mean_ssim": float(np.mean([r["mean_ssim"] for r in mine])),
+                "label_accuracy": float(np.mean(labels)) if labels else None,
+                "median_iterations_to_threshold": float(np.median(reached)) if reached else None,
+                "median_seconds_to_threshold": float(np.median(seconds)) if seconds else None,
+                "mean_seconds": float(np.mean([r["seconds"] for r in mine])),
+            }
+        )
+    swept = sorted({k for row in rows for k in row if k.startswith("set:")})
+    columns = ["point", *swept, *ATTACK_COLUMNS]
+    return rows, columns
+
+
+def _reconstruction_figures(run_dir: Path, attacks: list[Record], figures_dir: Path) -> None:
+    """One figure per (point, round): every attacked client's truth above its reconstruction."""
+    groups: dict[tuple[int, int], list[Record]] = defaultdict(list)
+    for record in attacks:
+        groups[(record["point"], record["round"])].append(record)
+    for (point, round_), group in sorted(groups.items()):
+        pairs = []
+        for record in sorted(group, key=lambda r: r["client"]):
+            path = run_dir / ARTIFACTS_DIR / f"p{point}-attack-r{round_}-c{record['client']}.npz"
+            if path.is_file():
+                with np.load(path) as arrays:
+                    title = f"client {record['client']}: mean PSNR {record['mean_psnr']:.1f} dB"
+                    pairs.append((title, arrays["truth"], arrays["reconstruction"]))
+        if pairs:
+            figures.reconstruction_figure(
+                pairs, figures_dir / f"reconstructions-p{point}-r{round_}.png"
+            )

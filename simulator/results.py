@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
+
 from simulator.scenario import Scenario
 
 RESULTS_FILE = "results.jsonl"
+ARTIFACTS_DIR = "artifacts"
 SCENARIO_FILE = "scenario.json"
 SCENARIO_TOML = "scenario.toml"
 
@@ -101,6 +104,15 @@ class RunFolder:
             stream.write(json.dumps(_jsonable(record)) + "\n")
             stream.flush()
             os.fsync(stream.fileno())
+
+    def save_arrays(self, name: str, arrays: Mapping[str, np.ndarray]) -> Path:
+        """Write ``artifacts/<name>.npz`` atomically (images behind the figures)."""
+        target = self.path / ARTIFACTS_DIR / f"{name}.npz"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial.npz")
+        np.savez_compressed(partial, **arrays)
+        os.replace(partial, target)
+        return target
 
     def records(self) -> list[dict[str, Any]]:
         return list(read_records(self.path))

@@ -97,6 +97,7 @@ class AttackConfig:
     name: str = "none"
     rounds: tuple[int, ...] = ()
     max_clients: int = _bounded(0, 0)
+    leak_threshold_db: float = _bounded(30.0, 0.0)
     params: Mapping[str, Any] = field(default_factory=dict)
 
 

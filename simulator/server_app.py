@@ -7,10 +7,11 @@ ServerApp around it. The module-level ``app`` serves ``flwr run .`` from the run
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -72,6 +73,7 @@ class ServerRun:
     emit: Callable[[Record], None]
     on_progress: Callable[[int], None] = lambda _round: None
     taps: Sequence[Callable[[RoundTraffic], None]] = ()
+    save_arrays: Callable[[str, Mapping[str, np.ndarray]], object] = lambda _name, _arrays: None
     malicious: MaliciousServer = field(init=False)
     failures: list[Record] = field(default_factory=list)
     _round_started: float = field(default=0.0, init=False)
@@ -157,8 +159,11 @@ class ServerRun:
         for tap in self.taps:
             tap(traffic)
         reconstructions = self.malicious.observe(traffic.observations)
-        for record in score_round(reconstructions, traffic.oracles):
-            self.emit(record)
+        threshold = self.scenario.attack.leak_threshold_db
+        for scored in score_round(reconstructions, traffic.oracles, threshold):
+            self.emit(scored.record)
+            name = f"attack-r{traffic.round}-c{scored.record['client']}"
+            self.save_arrays(name, {"truth": scored.truth, "reconstruction": scored.reconstruction})
 
 
 def make_server_app(run: ServerRun) -> ServerApp:

@@ -43,7 +43,14 @@ def run_with_traffic(
 @pytest.fixture(scope="module")
 def fedsgd_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """Two runs of one FedSGD scenario (batch size 1) where client 2 crashes in round 2."""
-    scenario = small(**{"faults.crash_clients": [2], "faults.crash_rounds": [2]})
+    scenario = small(
+        **{
+            "faults.crash_clients": [2],
+            "faults.crash_rounds": [2],
+            "attack.name": "analytic",
+            "attack.max_clients": 2,
+        }
+    )
     tmp = tmp_path_factory.mktemp("fedsgd")
     return scenario, run_with_traffic(scenario, tmp, "a"), run_with_traffic(scenario, tmp, "b")
 
@@ -171,3 +178,18 @@ def test_fedavg_sweep_observes_real_weights_after_local_training(tmp_path: Path)
             for name, value in model.named_parameters():
                 torch.testing.assert_close(observation.update[name], value.detach())
             assert observation.meta.local_epochs == epochs and observation.meta.num_examples == 20
+
+
+def test_the_malicious_server_attacks_and_the_scorer_scores_against_the_truth(
+    fedsgd_runs: tuple,
+) -> None:
+    _, (result, _), _ = fedsgd_runs
+    attacks = result.table("attack")
+    assert [(a["round"], a["client"]) for a in attacks] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for record in attacks:
+        assert record["attack"] == "analytic" and record["fraction_leaked"] == 1.0
+        assert record["mean_psnr"] > 60 and record["mean_ssim"] > 0.99
+    folder = result.folder.path
+    assert (folder / "artifacts" / "p0-attack-r1-c0.npz").is_file()
+    assert (folder / "figures" / "reconstructions-p0-r1.png").stat().st_size > 1000
+    assert "## Attacks" in (folder / "summary.md").read_text()

@@ -1,0 +1,113 @@
+"""Figures drawn from a run's records and artifacts (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+Record = dict[str, Any]
+
+
+def point_labels(points: Sequence[Record]) -> dict[int, str]:
+    """A legend label per sweep point from its swept values."""
+    return {
+        r["point"]: ", ".join(f"{k[4:]}={v}" for k, v in r.items() if k.startswith("set:")) or "run"
+        for r in points
+    }
+
+
+def accuracy_figure(rounds: Sequence[Record], points: Sequence[Record], path: Path) -> None:
+    """Global test accuracy against round, one line per sweep point."""
+    labels = point_labels(points)
+    curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for record in rounds:
+        curves[record["point"]].append((record["round"], record["test_accuracy"]))
+    figure, axis = plt.subplots(figsize=(5, 3.2))
+    for point, curve in sorted(curves.items()):
+        xs, ys = zip(*sorted(curve), strict=True)
+        axis.plot(xs, ys, marker="o", label=labels.get(point, f"point {point}"))
+    axis.set(xlabel="round", ylabel="global test accuracy")
+    axis.grid(alpha=0.3)
+    if len(curves) > 1:
+        axis.legend(fontsize=7)
+    _save(figure, path)
+
+
+def reconstruction_figure(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path) -> None:
+    """For each attacked client: its true images (top row) above the reconstructions (bottom)."""
+    columns = max(truth.shape[0] for _, truth, _ in pairs)
+    columns = min(columns, 16)
+    figure, axes = plt.subplots(
+        2 * len(pairs), columns, figsize=(columns * 0.9, len(pairs) * 2.0), squeeze=False
+    )
+    for block, (title, truth, reconstruction) in enumerate(pairs):
+        for column in range(columns):
+            for row, images in enumerate((truth, reconstruction)):
+                axis = axes[2 * block + row, column]
+                axis.axis("off")
+                if column < images.shape[0]:
+                    axis.imshow(images[column, 0], cmap="gray", vmin=0, vmax=1)
+        axes[2 * block, 0].set_title(title, fontsize=7, loc="left")
+    _save(figure, path)
+
+
+def convergence_figure(attacks: Sequence[Record], points: Sequence[Record], path: Path) -> None:
+    """Gradient distance and PSNR against iteration, one line per attacked update."""
+    labels = point_labels(points)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    colours = plt.get_cmap("viridis")
+    point_ids = sorted({r["point"] for r in attacks})
+    seen: set[int] = set()
+    for record in attacks:
+        colour = colours(point_ids.index(record["point"]) / max(1, len(point_ids) - 1))
+        label = None if record["point"] in seen else labels.get(record["point"])
+        seen.add(record["point"])
+        trace = record.get("trace") or []
+        if trace:
+            left.plot(
+                [t["iteration"] for t in trace],
+                [max(t["gradient_distance"], 1e-12) for t in trace],
+                color=colour,
+                alpha=0.6,
+                label=label,
+            )
+        curve = record.get("psnr_curve") or []
+        if curve:
+            right.plot(*zip(*curve, strict=True), color=colour, alpha=0.6)
+    left.set(xlabel="iteration", ylabel="gradient distance", yscale="log")
+    right.set(xlabel="iteration", ylabel="PSNR (dB)")
+    if attacks:
+        right.axhline(attacks[0]["leak_threshold_db"], color="red", lw=0.8, ls="--")
+    if len(point_ids) > 1:
+        left.legend(fontsize=7)
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def by_value_figure(rows: Sequence[Record], key: str, metrics: Sequence[str], path: Path) -> None:
+    """Attack metrics against one swept key (e.g. the batch size), one panel per metric."""
+    figure, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.0), squeeze=False)
+    xs = [row[key] for row in rows]
+    for axis, metric in zip(axes[0], metrics, strict=True):
+        axis.plot(xs, [np.nan if row.get(metric) is None else row[metric] for row in rows], "o-")
+        axis.set(xlabel=key.removeprefix("set:"), ylabel=metric)
+        if all(isinstance(x, int | float) and x > 0 for x in xs):
+            axis.set_xscale("log", base=2)
+        axis.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def _save(figure: plt.Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
