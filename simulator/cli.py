@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False
+)
 console = Console(stderr=True)
 
 
@@ -130,6 +133,42 @@ def report(
         raise typer.Exit(2) from None
     _print_points(list(read_records(run_dir)))
     console.print(f"summary: {summary}")
+
+
+@app.command()
+def landscape(
+    scenario: Annotated[
+        Optional[str], typer.Argument(help="Scenario name or TOML path.")
+    ] = "binary-fc-seed",  # noqa: UP045
+    set_: Annotated[
+        list[str], typer.Option("--set", help="Override a key: section.key=value.")
+    ] = [],  # noqa: B006
+    resolution: Annotated[int, typer.Option(min=3, max=401, help="Grid points per axis.")] = 41,
+    radius: Annotated[float, typer.Option(min=1e-6, help="Half-width of the slice.")] = 1.0,
+    out: Annotated[
+        Path, typer.Option(help="PNG to write (the grid goes beside it as .npz).")
+    ] = Path("landscape.png"),
+) -> None:
+    """Render the gradient-matching loss over a 2-D slice of input space through the true batch."""
+    from simulator import landscape as landscapes
+    from simulator.data import DataError
+    from simulator.scenario import ScenarioError, load
+
+    try:
+        loaded = load(scenario, set_)
+    except ScenarioError as error:
+        console.print(f"[red]invalid scenario:[/red] {error}")
+        raise typer.Exit(2) from None
+    try:
+        result = landscapes.compute(loaded, resolution, radius)
+    except DataError as error:
+        console.print(f"[red]landscape failed:[/red] {error}")
+        raise typer.Exit(1) from None
+    landscapes.render(result, out)
+    console.print(
+        f"landscape: {out} (distance at the truth {result.distance[resolution // 2, resolution // 2]:.3g}, "
+        f"median {float(np.median(result.distance)):.3g})"
+    )
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ def accuracy_figure(rounds: Sequence[Record], points: Sequence[Record], path: Pa
     axis.grid(alpha=0.3)
     if len(curves) > 1:
         axis.legend(fontsize=7)
-    _save(figure, path)
+    save(figure, path)
 
 
 def reconstruction_figure(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path) -> None:
@@ -56,7 +56,7 @@ def reconstruction_figure(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], p
                 if column < images.shape[0]:
                     axis.imshow(images[column, 0], cmap="gray", vmin=0, vmax=1)
         axes[2 * block, 0].set_title(title, fontsize=7, loc="left")
-    _save(figure, path)
+    save(figure, path)
 
 
 def convergence_figure(attacks: Sequence[Record], points: Sequence[Record], path: Path) -> None:
@@ -90,7 +90,7 @@ def convergence_figure(attacks: Sequence[Record], points: Sequence[Record], path
         left.legend(fontsize=7)
     for axis in (left, right):
         axis.grid(alpha=0.3)
-    _save(figure, path)
+    save(figure, path)
 
 
 def by_value_figure(rows: Sequence[Record], key: str, metrics: Sequence[str], path: Path) -> None:
@@ -103,10 +103,10 @@ def by_value_figure(rows: Sequence[Record], key: str, metrics: Sequence[str], pa
         if all(isinstance(x, int | float) and x > 0 for x in xs):
             axis.set_xscale("log", base=2)
         axis.grid(alpha=0.3)
-    _save(figure, path)
+    save(figure, path)
 
 
-def _save(figure: plt.Figure, path: Path) -> None:
+def save(figure: plt.Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

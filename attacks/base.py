@@ -1,0 +1,255 @@
+"""Attack interface and registry: attacks map observations to reconstructions.
+
+Scenario files name an attack ("dlg", "idlg", "inverting-gradients", "analytic") and give it a
+flat dict of parameters; :func:`make_attack` checks that dict against the attack's frozen
+params dataclass so that a typo or an out-of-range value fails loudly before any compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import types
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+import torch
+
+from attacks.observation import Observation
+
+Status = Literal["converged", "budget", "diverged"]
+STATUSES: tuple[str, ...] = ("converged", "budget", "diverged")
+
+# Modules whose import registers the built-in attacks; loaded lazily to avoid import cycles.
+_BUILTIN_MODULES = ("attacks.gradient_matching", "attacks.analytic")
+
+
+@dataclass
+class Reconstruction:
+    """What an attack recovered from one observation.
+
+    ``images`` is (n, C, H, W) in [0, 1]; ``labels`` is (n,) int64 dataset labels, or None when
+    the attack could not recover them (``notes`` says why). ``trace`` holds one dict per logged
+    iteration (at least "iteration", "gradient_distance" and "seconds": wall time since the
+    batched run started). ``snapshots`` are (iteration, images) pairs so that a scorer holding
+    the truth can plot quality against iterations. ``confident`` optionally flags (n,) the
+    images the attack vouches for (the analytic attack's single-sample recoveries);
+    ``distance`` is the gradient distance of the reported images (NaN when not computed).
+    ``status``: "converged" (distance under tolerance, or the optimiser can make no further
+    progress, or a closed form), "budget" (iterations spent), "diverged" (non-finite values
+    met; the images are the best finite iterate).
+    """
+
+    round: int
+    client_id: int
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    trace: list[dict[str, float]] = field(default_factory=list)
+    snapshots: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    status: Status = "budget"
+    attack: str = ""
+    notes: str = ""
+    confident: torch.Tensor | None = None
+    distance: float = math.nan
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status {self.status!r} is not one of {STATUSES}")
+        if self.images.dim() != 4:
+            raise ValueError(f"images must be (n, C, H, W), got shape {tuple(self.images.shape)}")
+
+
+ParamsT = TypeVar("ParamsT")
+
+
+class Attack(ABC, Generic[ParamsT]):
+    """An attack: validated, immutable parameters plus :meth:`run`.
+
+    Subclasses set ``Params`` to a frozen dataclass and are registered with
+    :func:`register_attack`.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type]
+
+    def __init__(self, params: ParamsT | None = None) -> None:
+        self.params: ParamsT = params if params is not None else self.Params()
+
+    @abstractmethod
+    def run(self, observations: Sequence[Observation]) -> list[Reconstruction]:
+        """Attack every observation; one reconstruction per observation, in order."""
+
+
+@dataclass(frozen=True)
+class AttackEntry:
+    """A registered attack: its class, params dataclass and the line `leaksim list` shows."""
+
+    name: str
+    description: str
+    cls: type[Attack[Any]]
+    params: type
+
+
+_REGISTRY: dict[str, AttackEntry] = {}
+AttackT = TypeVar("AttackT", bound=type)
+
+
+def param(
+    default: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    help: str = "",
+) -> Any:
+    """Declare a params-dataclass field with an allowed range that :func:`make_attack` checks."""
+    meta = {"low": low, "high": high, "low_open": low_open, "help": help}
+    return field(default=default, metadata=meta)
+
+
+def register_attack(name: str, description: str) -> Callable[[AttackT], AttackT]:
+    """Register an :class:`Attack` subclass (with a frozen ``Params`` dataclass) under ``name``."""
+
+    def decorate(cls: AttackT) -> AttackT:
+        params_cls = getattr(cls, "Params", None)
+        if params_cls is None or not dataclasses.is_dataclass(params_cls):
+            raise TypeError(f"attack {name!r} needs a dataclass `Params` attribute")
+        if not params_cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+            raise TypeError(f"attack {name!r}: Params must be a frozen dataclass")
+        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
+            raise ValueError(f"attack {name!r} is already registered")
+        cls.name = name  # type: ignore[attr-defined]
+        _REGISTRY[name] = AttackEntry(name, description, cls, params_cls)  # type: ignore[arg-type]
+        return cls
+
+    return decorate
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+class _Catalog(Mapping[str, str]):
+    """Read-only name -> description view of the registry, loading the built-ins on first use."""
+
+    def __getitem__(self, name: str) -> str:
+        _load_builtins()
+        return _REGISTRY[name].description
+
+    def __iter__(self) -> Iterator[str]:
+        _load_builtins()
+        return iter(sorted(_REGISTRY))
+
+    def __len__(self) -> int:
+        _load_builtins()
+        return len(_REGISTRY)
+
+
+ATTACKS: Mapping[str, str] = _Catalog()
+
+
+def attack_entry(name: str) -> AttackEntry:
+    """The registry entry for ``name``; ValueError listing the known names otherwise."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attack {name!r}; known attacks: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def _describe_type(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _check_type(attack: str, key: str, value: Any, hint: Any) -> Any:
+    """Return ``value`` coerced to ``hint`` (int -> float only) or raise ValueError."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+            raise ValueError(
+                f"attack {attack!r}: parameter {key!r} = {value!r} is not allowed; "
+                f"allowed: {_describe_type(hint)}"
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(attack, key, value, option)
+            except ValueError:
+                continue
+        allowed = " or ".join(_describe_type(o) for o in options)
+        raise ValueError(
+            f"attack {attack!r}: parameter {key!r} = {value!r} has the wrong type; "
+            f"allowed: {allowed}"
+        )
+    ok = isinstance(value, hint) and not (isinstance(value, bool) and hint is not bool)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ValueError(
+            f"attack {attack!r}: parameter {key!r} = {value!r} has type {type(value).__name__}; "
+            f"allowed: {_describe_type(hint)}"
+        )
+    return value
+
+
+def _check_range(attack: str, key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    low, high, low_open = meta.get("low"), meta.get("high"), meta.get("low_open", False)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        lower = "-inf" if low is None else f"{low}"
+        upper = "inf" if high is None else f"{high}"
+        bracket = "(" if low_open else "["
+        raise ValueError(
+            f"attack {attack!r}: parameter {key!r} = {value!r} is out of range; "
+            f"allowed: {bracket}{lower}, {upper}]"
+        )
+
+
+def validate_params(name: str, raw: Mapping[str, Any]) -> Any:
+    """Build the params dataclass of attack ``name`` from ``raw``, checking keys, types, ranges."""
+    entry = attack_entry(name)
+    fields = {f.name: f for f in dataclasses.fields(entry.params)}
+    hints = typing.get_type_hints(entry.params)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ValueError(
+                f"attack {name!r}: unknown parameter {key!r} = {value!r}; "
+                f"allowed parameters: {sorted(fields)}"
+            )
+        value = _check_type(name, key, value, hints[key])
+        _check_range(name, key, value, fields[key].metadata)
+        values[key] = value
+    return entry.params(**values)
+
+
+def make_attack(name: str, params: Mapping[str, Any] | None = None) -> Attack[Any]:
+    """Instantiate the attack a scenario names, with validated parameters."""
+    entry = attack_entry(name)
+    return entry.cls(validate_params(name, params or {}))
+
+
+def params_help(name: str) -> list[tuple[str, str, Any, str]]:
+    """(parameter, type, default, help) rows describing attack ``name``'s parameters."""
+    entry = attack_entry(name)
+    hints = typing.get_type_hints(entry.params)
+    return [
+        (f.name, _describe_type(hints[f.name]), f.default, f.metadata.get("help", ""))
+        for f in dataclasses.fields(entry.params)
+    ]

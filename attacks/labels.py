@@ -1,0 +1,193 @@
+"""Label recovery from the last layer's gradient (iDLG and its batch extensions).
+
+For cross-entropy and a final linear layer ``z = W h + b`` the per-sample gradients are
+``dL/db = p - y`` and ``dL/dW = (p - y) h^T`` where ``p`` is the softmax and ``y`` the one-hot
+label. Hence, for the mean loss over a batch of n samples:
+
+* batch size 1 (iDLG, Zhao et al. 2020): ``db`` has exactly one negative entry, the label. Without
+  a bias, every row of ``dW`` is a multiple ``(p_c - y_c) h`` of the same vector; the label's
+  row is the one whose coefficient has the opposite sign to all the others.
+* batches, with a bias: ``db_c = mean_i p_ic - count_c / n``. A negative entry proves class c is
+  present, and ``count_c = n (pbar_c - db_c)`` where ``pbar`` (the batch's mean softmax) is
+  estimated by the model's mean softmax on random probe images (as in Geng et al. 2021). Counts
+  are rounded by largest remainder so that they sum to n and every negative class keeps >= 1.
+* batches, no bias, non-negative features (ReLU/sigmoid, or raw pixels): row sums of ``dW``
+  behave like ``db`` scaled by the unknown feature mass ``s``; classes with negative row sums
+  are present, absent classes have row sum ~ ``s * pbar_c``, which calibrates ``s``, and then
+  counts follow as above (a heuristic, as per-sample feature masses differ: on untrained
+  MNIST MLPs the multiset was exact at n = 4 in 39 of 40 trials, 87-93% of labels right at
+  n = 8 and 77-81% at n = 16).
+
+The probe estimate of ``pbar`` suits models near initialisation (early rounds): on an MLP
+trained to 86% accuracy the batch counts drop to 67-77% of labels right (the batch's softmax
+then follows its labels, which probes cannot know). The bs=1 rules stay exact.
+
+Under FedAvg the same rules run on the pseudo-gradient ``(w_global - w_client) / (lr * steps)``,
+which is exact for one local step and an approximation otherwise (the model drifts).
+
+Recovery is impossible (returns ``labels=None`` with a reason) for the binary model (one logit
+trained on parity: its gradient reveals a parity bit, not a digit) and for batches without a
+final bias whose features can be negative (tanh).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from attacks.observation import Observation
+from simulator.models import ModelSpec, build_model, is_binary
+
+
+@dataclass(frozen=True)
+class LabelRecovery:
+    """Recovered label multiset (sorted, (n,) int64) or None, with how and why."""
+
+    labels: torch.Tensor | None
+    method: str
+    reason: str
+    exact: bool = False
+
+
+@dataclass(frozen=True)
+class FinalLayer:
+    """Parameter names of the model's last linear layer (the classifier head)."""
+
+    weight: str
+    bias: str | None
+
+
+def num_samples(obs: Observation) -> int:
+    """How many private images produced the update: the batch (FedSGD) or the local dataset."""
+    return obs.meta.batch_size if obs.meta.protocol == "fedsgd" else obs.meta.num_examples
+
+
+def local_steps(obs: Observation) -> int:
+    """SGD steps a FedAvg client took: epochs x ceil(examples / batch size)."""
+    per_epoch = math.ceil(obs.meta.num_examples / obs.meta.batch_size)
+    return obs.meta.local_epochs * per_epoch
+
+
+def pseudo_gradient(obs: Observation) -> dict[str, torch.Tensor]:
+    """The update as a gradient: as sent under FedSGD, mean step direction under FedAvg."""
+    if obs.meta.protocol == "fedsgd":
+        return obs.update
+    scale = 1.0 / (obs.meta.lr * local_steps(obs))
+    return {k: (obs.global_weights[k] - v) * scale for k, v in obs.update.items()}
+
+
+def final_layer(spec: ModelSpec, model: nn.Module | None = None) -> FinalLayer | None:
+    """Names of the last ``nn.Linear`` if it maps to the classes, else None."""
+    model = model if model is not None else build_model(spec, seed=0)
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return None
+    name, layer = linears[-1]
+    if layer.out_features != (1 if is_binary(spec) else spec.num_classes):
+        return None
+    prefix = f"{name}." if name else ""
+    return FinalLayer(f"{prefix}weight", f"{prefix}bias" if layer.bias is not None else None)
+
+
+def features_nonnegative(spec: ModelSpec) -> bool:
+    """Whether the head's input features are >= 0 for images in [0, 1], from the spec alone."""
+    if spec.kind == "lenet":
+        return True  # sigmoid body
+    if spec.kind == "mlp" and not spec.widths:
+        return True  # the head sees raw pixels
+    return spec.activation in ("relu", "sigmoid")
+
+
+def _probe_mean_softmax(obs: Observation, probes: int, seed: int) -> torch.Tensor:
+    """Mean softmax of the global model on random probe images: the estimate of pbar."""
+    model = build_model(obs.model, seed=0)
+    generator = torch.Generator().manual_seed(seed)
+    # Sparse, dim probes resemble digit images (mostly background) better than uniform noise.
+    shape = (probes, *obs.model.input_shape)
+    images = torch.rand(shape, generator=generator) * (torch.rand(shape, generator=generator) < 0.2)
+    weights = {k: v.detach().cpu() for k, v in obs.global_weights.items()}
+    with torch.no_grad():
+        logits = functional_call(model, weights, (images,))
+    return logits.softmax(-1).mean(0).double()
+
+
+def _largest_remainder(estimate: torch.Tensor, minimum: torch.Tensor, total: int) -> torch.Tensor:
+    """Round non-negative ``estimate`` to integers >= ``minimum`` summing to ``total``."""
+    estimate = estimate.clamp(min=0)
+    if int(minimum.sum()) > total:
+        # More "certainly present" classes than samples: keep the strongest ones.
+        keep = torch.topk(estimate * minimum, total).indices
+        minimum = torch.zeros_like(minimum)
+        minimum[keep] = 1
+    counts = torch.maximum(estimate.floor(), minimum).long()
+    while int(counts.sum()) > total:
+        # Take from the class whose count most exceeds its estimate and its minimum.
+        slack = torch.where(counts > minimum, counts - estimate, torch.tensor(-math.inf).double())
+        counts[int(slack.argmax())] -= 1
+    remainder = estimate - counts
+    while int(counts.sum()) < total:
+        index = int(remainder.argmax())
+        counts[index] += 1
+        remainder[index] -= 1
+    return counts
+
+
+def _expand(counts: torch.Tensor) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(counts.numel()), counts).to(torch.int64)
+
+
+def recover_labels(obs: Observation, probes: int = 64, seed: int = 0) -> LabelRecovery:
+    """Recover the label multiset of the images behind ``obs`` from its last layer.
+
+    Returns sorted labels (n,) and the method used, or ``labels=None`` and why not.
+    """
+    spec = obs.model
+    n = num_samples(obs)
+    if is_binary(spec):
+        return LabelRecovery(None, "none", "binary model: its one logit reveals parity, not digits")
+    layer = final_layer(spec)
+    if layer is None:
+        return LabelRecovery(None, "none", "no final linear layer onto the classes")
+    grads = pseudo_gradient(obs)
+    weight = grads[layer.weight].detach().double().cpu()
+    bias = grads[layer.bias].detach().double().cpu() if layer.bias is not None else None
+    exact = obs.meta.protocol == "fedsgd" or local_steps(obs) == 1
+
+    if n == 1:
+        if bias is not None:
+            return LabelRecovery(bias.argmin().reshape(1), "bias-sign", "one negative entry", exact)
+        # Rows are (p_c - y_c) h: project on the largest row; the label has the minority sign.
+        reference = weight[weight.norm(dim=1).argmax()]
+        coefficient = weight @ reference
+        negative = coefficient < 0
+        label = coefficient.argmin() if int(negative.sum()) == 1 else coefficient.argmax()
+        if int(negative.sum()) not in (1, weight.shape[0] - 1):
+            return LabelRecovery(None, "none", "row coefficients have no odd-one-out sign")
+        return LabelRecovery(label.reshape(1), "weight-sign", "odd-one-out row sign", exact)
+
+    if bias is not None:
+        pbar = _probe_mean_softmax(obs, probes, seed)
+        minimum = (bias < 0).long()
+        counts = _largest_remainder(n * (pbar - bias), minimum, n)
+        return LabelRecovery(_expand(counts), "bias-counts", "counts from bias gradient", False)
+
+    if not features_nonnegative(spec):
+        return LabelRecovery(
+            None,
+            "none",
+            "no final-layer bias and head features can be negative (tanh): row sums of the "
+            "weight gradient do not reveal label counts for batches",
+        )
+    row_sums = weight.sum(dim=1)
+    positive = row_sums > 0
+    if not bool((row_sums < 0).any()) or not bool(positive.any()):
+        return LabelRecovery(None, "none", "weight-gradient row sums have a single sign")
+    pbar = _probe_mean_softmax(obs, probes, seed)
+    # Absent classes have row sum ~ mass * pbar_c, which calibrates the unknown feature mass.
+    mass = row_sums[positive].sum() / pbar[positive].sum()
+    counts = _largest_remainder(n * (pbar - row_sums / mass), (row_sums < 0).long(), n)
+    return LabelRecovery(_expand(counts), "weight-rowsum", "row-sum heuristic", False)

@@ -1,0 +1,147 @@
+"""Leakage metrics: how close reconstructions are to the private images, vectorised over images.
+
+All functions take image batches (n, C, H, W) with pixel values in [0, 1] and return one value
+per image. Reconstructions come in an arbitrary order (dummies are exchangeable), so
+:func:`leak_summary` first pairs them with the truth by :func:`match`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per image: (n, C, H, W) x2 -> (n,)."""
+    return ((a.double() - b.double()) ** 2).flatten(1).mean(1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per image; +inf for identical images."""
+    return 10 * torch.log10(data_range**2 / mse(a, b))
+
+
+def _gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    return kernel / kernel.sum()
+
+
+def _blur(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian filter, 'valid' region only (windows fully inside the image)."""
+    channels = images.shape[1]
+    size = kernel.numel()
+    rows = kernel.view(1, 1, 1, size).expand(channels, 1, 1, size)
+    cols = kernel.view(1, 1, size, 1).expand(channels, 1, size, 1)
+    images = torch.nn.functional.conv2d(images, rows, groups=channels)
+    return torch.nn.functional.conv2d(images, cols, groups=channels)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Structural similarity per image (Wang et al. 2004), averaged over channels and pixels.
+
+    Gaussian window 11x11 with sigma 1.5, K1 = 0.01, K2 = 0.03, population (not sample)
+    covariances, mean over the positions where the window fits inside the image. This equals
+    torchmetrics' ``structural_similarity_index_measure`` defaults and scikit-image's
+    ``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    data_range=1)``. Images must be at least 11x11.
+    """
+    if min(a.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}")
+    a, b = a.double(), b.double()
+    kernel = _gaussian_kernel(SSIM_WINDOW, SSIM_SIGMA).to(a.device)
+    stats = _blur(torch.cat([a, b, a * a, b * b, a * b]), kernel).chunk(5)
+    mu_a, mu_b, aa, bb, ab = stats
+    var_a, var_b, cov = aa - mu_a**2, bb - mu_b**2, ab - mu_a * mu_b
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    numerator = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+    denominator = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    return (numerator / denominator).flatten(1).mean(1)
+
+
+def pairwise_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """MSE between every image of ``a`` (n) and of ``b`` (m): an (n, m) matrix."""
+    flat_a, flat_b = a.flatten(1).double(), b.flatten(1).double()
+    return torch.cdist(flat_a, flat_b) ** 2 / flat_a.shape[1]
+
+
+def match(reconstructed: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Permutation pairing reconstructions with true images at minimum total MSE (Hungarian).
+
+    Returns ``perm`` (m,) int64 such that ``reconstructed[perm][j]`` is the reconstruction of
+    ``truth[j]``. Needs at least as many reconstructions as true images.
+    """
+    if reconstructed.shape[0] < truth.shape[0]:
+        raise ValueError(
+            f"cannot match {reconstructed.shape[0]} reconstructions to {truth.shape[0]} images"
+        )
+    cost = pairwise_mse(reconstructed, truth).cpu().numpy()
+    rows, cols = linear_sum_assignment(cost)
+    perm = torch.empty(truth.shape[0], dtype=torch.int64)
+    perm[torch.as_tensor(cols)] = torch.as_tensor(rows, dtype=torch.int64)
+    return perm
+
+
+@dataclass(frozen=True)
+class LeakSummary:
+    """Per-image quality after matching, label accuracy and the fraction of images leaked."""
+
+    permutation: torch.Tensor
+    mse: torch.Tensor
+    psnr: torch.Tensor
+    ssim: torch.Tensor
+    label_accuracy: float | None
+    fraction_leaked: float
+    threshold_db: float
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly view (lists and floats; inf PSNR stays inf)."""
+        return {
+            "permutation": self.permutation.tolist(),
+            "mse": self.mse.tolist(),
+            "psnr": self.psnr.tolist(),
+            "ssim": self.ssim.tolist(),
+            "label_accuracy": self.label_accuracy,
+            "fraction_leaked": self.fraction_leaked,
+            "threshold_db": self.threshold_db,
+            "mean_psnr": float(self.psnr.clamp(max=1e3).mean()) if self.psnr.numel() else math.nan,
+        }
+
+
+def leak_summary(
+    reconstructed: torch.Tensor,
+    truth: torch.Tensor,
+    reconstructed_labels: torch.Tensor | None = None,
+    true_labels: torch.Tensor | None = None,
+    threshold_db: float = 30.0,
+) -> LeakSummary:
+    """Match reconstructions to the truth, then score each true image.
+
+    An image counts as leaked when its matched reconstruction reaches ``threshold_db`` PSNR.
+    Label accuracy compares the matched reconstruction's label with the true one (None when
+    either side has no labels).
+    """
+    perm = match(reconstructed, truth)
+    paired = reconstructed[perm].to(truth.device)
+    scores = psnr(paired, truth)
+    accuracy = None
+    if reconstructed_labels is not None and true_labels is not None:
+        hits = reconstructed_labels[perm].to(true_labels.device) == true_labels
+        accuracy = float(hits.double().mean())
+    return LeakSummary(
+        permutation=perm,
+        mse=mse(paired, truth),
+        psnr=scores,
+        ssim=ssim(paired, truth),
+        label_accuracy=accuracy,
+        fraction_leaked=float((scores >= threshold_db).double().mean()),
+        threshold_db=threshold_db,
+    )
