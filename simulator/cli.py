@@ -137,9 +137,7 @@ def report(
 
 @app.command()
 def landscape(
-    scenario: Annotated[
-        Optional[str], typer.Argument(help="Scenario name or TOML path.")
-    ] = "binary-fc-seed",  # noqa: UP045
+    scenario: Annotated[str, typer.Argument(help="Scenario name or TOML path.")] = "binary-fc-seed",
     set_: Annotated[
         list[str], typer.Option("--set", help="Override a key: section.key=value.")
     ] = [],  # noqa: B006
@@ -165,10 +163,9 @@ def landscape(
         console.print(f"[red]landscape failed:[/red] {error}")
         raise typer.Exit(1) from None
     landscapes.render(result, out)
-    console.print(
-        f"landscape: {out} (distance at the truth {result.distance[resolution // 2, resolution // 2]:.3g}, "
-        f"median {float(np.median(result.distance)):.3g})"
-    )
+    at_truth = result.distance[resolution // 2, resolution // 2]
+    median = float(np.median(result.distance))
+    console.print(f"landscape: {out} (distance at the truth {at_truth:.3g}, median {median:.3g})")
 
 
 def main() -> None:
