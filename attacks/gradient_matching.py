@@ -265,7 +265,10 @@ def _initial(batch: _Batch, params: GradientMatchingParams, device: torch.device
                     # FedAvg: which labels shared a mini-batch is unknown and matters once
                     # the model moves; each restart tries another arrangement.
                     fixed = fixed[torch.randperm(fixed.numel(), generator=generator)]
-                labels = torch.nn.functional.one_hot(fixed, batch.classes).float()
+                if batch.classes == 1:  # binary model: the target is the parity bit itself
+                    labels = fixed.float().unsqueeze(-1)
+                else:
+                    labels = torch.nn.functional.one_hot(fixed, batch.classes).float()
             else:
                 labels = torch.randn((batch.samples, batch.classes), generator=generator)
             rows.append(torch.cat([images.flatten(), labels.flatten()]))

@@ -25,9 +25,13 @@ then follows its labels, which probes cannot know). The bs=1 rules stay exact.
 Under FedAvg the same rules run on the pseudo-gradient ``(w_global - w_client) / (lr * steps)``,
 which is exact for one local step and an approximation otherwise (the model drifts).
 
-Recovery is impossible (returns ``labels=None`` with a reason) for the binary model (one logit
-trained on parity: its gradient reveals a parity bit, not a digit) and for batches without a
-final bias whose features can be negative (tanh).
+The binary model (one logit trained with BCE on parity) reveals parity, not digits: with a
+bias, ``db = mean_i sigmoid(z_i) - t_i`` gives the number of odd images ``n (sbar - db)``
+(``sbar`` estimated by probes as above; at n = 1 the sign of ``db`` is exact). Its labels are
+returned as parity classes 0 (even) and 1 (odd), which is all the training loss depends on.
+
+Recovery is impossible (returns ``labels=None`` with a reason) for batches without a final
+bias whose features can be negative (tanh), and for the binary model without a bias.
 """
 
 from __future__ import annotations
@@ -112,7 +116,25 @@ def _probe_mean_softmax(obs: Observation, probes: int, seed: int) -> torch.Tenso
     weights = {k: v.detach().cpu() for k, v in obs.global_weights.items()}
     with torch.no_grad():
         logits = functional_call(model, weights, (images,))
+    if is_binary(obs.model):
+        return torch.sigmoid(logits.squeeze(-1)).mean().double()
     return logits.softmax(-1).mean(0).double()
+
+
+def _recover_parity(
+    obs: Observation, bias: torch.Tensor | None, n: int, probes: int, seed: int, exact: bool
+) -> LabelRecovery:
+    """Parity classes (0 even, 1 odd) of a binary model's batch from its bias gradient."""
+    if bias is None:
+        return LabelRecovery(None, "none", "binary model without a bias: parity counts unknown")
+    if n == 1:
+        odd = int(float(bias.sum()) < 0)
+        parity = torch.tensor([odd])
+        return LabelRecovery(parity, "binary-bias-sign", "sign of the bias gradient", exact)
+    odd = round(n * float(_probe_mean_softmax(obs, probes, seed) - bias.sum()))
+    odd = min(max(odd, 0), n)
+    parity = torch.cat([torch.zeros(n - odd), torch.ones(odd)]).to(torch.int64)
+    return LabelRecovery(parity, "binary-bias-count", "odd count from the bias gradient", False)
 
 
 def _largest_remainder(estimate: torch.Tensor, minimum: torch.Tensor, total: int) -> torch.Tensor:
@@ -147,8 +169,6 @@ def recover_labels(obs: Observation, probes: int = 64, seed: int = 0) -> LabelRe
     """
     spec = obs.model
     n = num_samples(obs)
-    if is_binary(spec):
-        return LabelRecovery(None, "none", "binary model: its one logit reveals parity, not digits")
     layer = final_layer(spec)
     if layer is None:
         return LabelRecovery(None, "none", "no final linear layer onto the classes")
@@ -156,6 +176,8 @@ def recover_labels(obs: Observation, probes: int = 64, seed: int = 0) -> LabelRe
     weight = grads[layer.weight].detach().double().cpu()
     bias = grads[layer.bias].detach().double().cpu() if layer.bias is not None else None
     exact = obs.meta.protocol == "fedsgd" or local_steps(obs) == 1
+    if is_binary(spec):
+        return _recover_parity(obs, bias, n, probes, seed, exact)
 
     if n == 1:
         if bias is not None:

@@ -32,6 +32,9 @@ class ModelSpec:
     channels: tuple[int, ...] = (8, 16)
     input_shape: tuple[int, int, int] = (1, 28, 28)
     num_classes: int = 10
+    # Multiplies every initial weight (homogeneous-mlp only): small inits put gradient descent
+    # in the rich regime whose limit is a KKT point of margin maximisation (Haim et al. 2022).
+    init_scale: float = 1.0
 
     def to_dict(self) -> dict[str, object]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -141,6 +144,27 @@ def build_binary_fc(spec: ModelSpec) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(_flat_size(spec.input_shape), 1, bias=spec.bias))
 
 
+@register_model(
+    "homogeneous-mlp",
+    "ReLU MLP, bias on the first layer only, weights scaled by `init_scale`; "
+    "`num_classes` = 1 gives one logit (binary parity).",
+    uses=("widths", "init_scale"),
+)
+def build_homogeneous_mlp(spec: ModelSpec) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width_in = _flat_size(spec.input_shape)
+    for index, width in enumerate(spec.widths):
+        layers += [nn.Linear(width_in, width, bias=index == 0), nn.ReLU()]
+        width_in = width
+    layers.append(nn.Linear(width_in, spec.num_classes, bias=not spec.widths))
+    model = nn.Sequential(*layers)
+    if spec.init_scale != 1.0:
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.mul_(spec.init_scale)
+    return model
+
+
 def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
     """Build the model ``spec`` names; with ``seed``, its initial weights are reproducible."""
     if spec.kind not in MODELS:
@@ -154,7 +178,7 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
 
 def is_binary(spec: ModelSpec) -> bool:
     """Binary models emit one logit and train with binary cross-entropy."""
-    return spec.kind == "binary-fc"
+    return spec.kind == "binary-fc" or (spec.kind == "homogeneous-mlp" and spec.num_classes == 1)
 
 
 def task_targets(spec: ModelSpec, labels: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,10 @@ def write_report(run_dir: Path | str) -> Path:
     if attacks:
         parts += ["", "## Attacks (per point, mean over attacked updates)", ""]
         parts += [markdown_table(attack_rows, attack_columns)]
+    attack_errors = [r for r in records if r.get("kind") == "attack_error"]
+    if attack_errors:
+        parts += ["", f"## Attack errors ({len(attack_errors)})", ""]
+        parts += [markdown_table(attack_errors, ["point", "round", "attack", "error"])]
     summary = run_dir / SUMMARY_FILE
     summary.write_text("\n".join(parts) + "\n")
     figures_dir = run_dir / FIGURES_DIR

@@ -49,14 +49,22 @@ def psnr_curve(reconstruction: Reconstruction, truth: torch.Tensor) -> list[tupl
     return curve
 
 
-def score(reconstruction: Reconstruction, oracle: Oracle, threshold_db: float = 30.0) -> Scored:
-    """Score one reconstruction against the true batch of the same (round, client)."""
+def score(
+    reconstruction: Reconstruction, oracle: Oracle, threshold_db: float = 30.0, parity: bool = False
+) -> Scored:
+    """Score one reconstruction against the true batch of the same (round, client).
+
+    With ``parity`` (binary models, trained on digit parity) labels are compared modulo 2.
+    """
     truth = oracle.inputs.float()
     images = _padded(reconstruction.images.detach().float().cpu(), truth.shape[0])
     labels = reconstruction.labels
     if labels is not None and labels.shape[0] < images.shape[0]:
         labels = torch.cat([labels, torch.full((images.shape[0] - labels.shape[0],), -1)])
-    summary = leak_summary(images, truth, labels, oracle.labels, threshold_db)
+    true_labels = oracle.labels % 2 if parity else oracle.labels
+    if parity and labels is not None:
+        labels = torch.where(labels >= 0, labels % 2, labels)
+    summary = leak_summary(images, truth, labels, true_labels, threshold_db)
     curve = psnr_curve(reconstruction, truth)
     trace = reconstruction.trace
     reached = next((it for it, value in curve if value >= threshold_db), None)
@@ -94,12 +102,15 @@ def score(reconstruction: Reconstruction, oracle: Oracle, threshold_db: float = 
 
 
 def score_round(
-    reconstructions: Sequence[Reconstruction], oracles: Sequence[Oracle], threshold_db: float = 30.0
+    reconstructions: Sequence[Reconstruction],
+    oracles: Sequence[Oracle],
+    threshold_db: float = 30.0,
+    parity: bool = False,
 ) -> list[Scored]:
     """Score every reconstruction whose client sent an oracle (absent outside simulation)."""
     truth = {(o.round, o.client_id): o for o in oracles}
     return [
-        score(r, truth[(r.round, r.client_id)], threshold_db)
+        score(r, truth[(r.round, r.client_id)], threshold_db, parity)
         for r in reconstructions
         if (r.round, r.client_id) in truth
     ]

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from attacks.server import MaliciousServer
 from simulator.interceptor import Interceptor, RoundTraffic
 from simulator.messages import CLIENT_ID_KEY, CONFIG_KEY, SCENARIO_KEY, from_record, to_record
-from simulator.models import build_model
+from simulator.models import build_model, is_binary
 from simulator.scenario import Scenario
 from simulator.scoring import score_round
 from simulator.strategies import make_strategy
@@ -158,9 +158,21 @@ class ServerRun:
             )
         for tap in self.taps:
             tap(traffic)
-        reconstructions = self.malicious.observe(traffic.observations)
+        try:
+            reconstructions = self.malicious.observe(traffic.observations)
+        except Exception as error:  # a failed attack must not end the federation it watches
+            self.emit(
+                {
+                    "kind": "attack_error",
+                    "round": traffic.round,
+                    "attack": self.scenario.attack.name,
+                    "error": f"{type(error).__name__}: {error}",
+                }
+            )
+            return
         threshold = self.scenario.attack.leak_threshold_db
-        for scored in score_round(reconstructions, traffic.oracles, threshold):
+        parity = is_binary(self.scenario.model_spec())
+        for scored in score_round(reconstructions, traffic.oracles, threshold, parity):
             self.emit(scored.record)
             name = f"attack-r{traffic.round}-c{scored.record['client']}"
             self.save_arrays(name, {"truth": scored.truth, "reconstruction": scored.reconstruction})

@@ -195,10 +195,18 @@ def test_label_multiset_from_a_one_step_fedavg_update() -> None:
     assert torch.equal(recover_labels(obs).labels, labels.sort().values)
 
 
+def test_binary_model_reveals_the_parity_multiset() -> None:
+    for start in range(6):
+        binary, _, labels = _fedsgd(ModelSpec("binary-fc"), start, 1)
+        assert recover_labels(binary).labels.tolist() == [int(labels[0]) % 2]
+    binary, _, labels = _fedsgd(ModelSpec("binary-fc"), 0, 8)
+    assert torch.equal(recover_labels(binary).labels, (labels % 2).sort().values)
+
+
 def test_label_recovery_says_why_it_cannot() -> None:
-    binary, _, _ = _fedsgd(ModelSpec("binary-fc"), 0, 1)
+    binary, _, _ = _fedsgd(ModelSpec("binary-fc", bias=False), 0, 2)
     result = recover_labels(binary)
-    assert result.labels is None and "parity" in result.reason
+    assert result.labels is None and "without a bias" in result.reason
     tanh = ModelSpec("mlp", widths=(16,), activation="tanh", bias=False)
     result = recover_labels(_fedsgd(tanh, 0, 4)[0])
     assert result.labels is None and "tanh" in result.reason
@@ -311,7 +319,7 @@ def test_run_returns_one_reconstruction_per_observation_in_order() -> None:
     results = make_attack("dlg", {"iterations": 5, "snapshots": 3}).run(mixed)
     assert [r.client_id for r in results] == [5, 3, 9]
     assert [r.images.shape[0] for r in results] == [1, 2, 1]
-    assert results[1].labels is None and "parity" in results[1].notes
+    assert results[1].labels is None and "parity" in results[1].notes  # DLG learns them
     for result in results:
         assert result.status in ("converged", "budget", "diverged")
         assert float(result.images.min()) >= 0 and float(result.images.max()) <= 1
