@@ -6,6 +6,7 @@ what it saw) goes to the scorer, which is the only place that joins them with th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,7 +61,29 @@ class MaliciousServer:
             return []
         from attacks.base import make_attack
 
-        return list(make_attack(self.attack_name, dict(self.attack_params)).run(targets))
+        attack = make_attack(self.attack_name, dict(self.attack_params))
+        return [flag_divergence(r) for r in attack.run(targets)]
+
+
+def flag_divergence(reconstruction: Any) -> Any:
+    """Mark a reconstruction diverged when its images or its last distance are not finite.
+
+    A safety net for every attack: non-finite images are replaced by mid-grey so that scoring
+    stays defined, and the run records a failed attack instead of stopping.
+    """
+    import torch
+
+    trace = reconstruction.trace
+    last = trace[-1]["gradient_distance"] if trace else 0.0
+    finite_images = bool(torch.isfinite(reconstruction.images).all())
+    if finite_images and math.isfinite(last):
+        return reconstruction
+    reconstruction.images = torch.nan_to_num(reconstruction.images, nan=0.5).clamp(0, 1)
+    reconstruction.status = "diverged"
+    reconstruction.notes = (
+        f"{reconstruction.notes}; diverged: non-finite distance or images".lstrip("; ")
+    )
+    return reconstruction
 
 
 def attack_catalog() -> dict[str, str]:

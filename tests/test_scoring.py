@@ -119,3 +119,22 @@ def test_landscape_is_zero_at_the_truth_and_positive_around_it(tmp_path) -> None
     assert centre < 1e-10 and np.all(np.delete(landscape.distance.ravel(), 24) > 1e3 * centre)
     path = render(landscape, tmp_path / "landscape.png")
     assert path.stat().st_size > 1000 and (tmp_path / "landscape.npz").is_file()
+
+
+def test_a_diverging_attack_is_recorded_as_failed_without_stopping_the_run() -> None:
+    from attacks.observation import Observation, PublicMeta
+    from simulator.models import ModelSpec, build_model
+
+    spec = ModelSpec("mlp", widths=(16,), activation="sigmoid")
+    weights = {k: v.detach() for k, v in build_model(spec, seed=0).named_parameters()}
+    poisoned = {k: torch.full_like(v, float("nan")) for k, v in weights.items()}
+    observation = Observation(1, 0, spec, weights, poisoned, PublicMeta("fedsgd", 1, 0.1, 1, 1))
+    records: list[dict] = []
+    run = ServerRun(
+        load("quickstart", {"attack.name": "dlg", "attack.params.iterations": 3}), records.append
+    )
+    oracle = Oracle(1, 0, batch(1), torch.tensor([2]))
+    run.intercept(RoundTraffic(1, (0,), (observation,), (oracle,), ()))
+    (attack,) = [r for r in records if r["kind"] == "attack"]
+    assert attack["status"] == "diverged" and attack["fraction_leaked"] == 0.0
+    assert "diverged" in attack["notes"] and math.isfinite(attack["mean_psnr"])
