@@ -66,17 +66,19 @@ class MaliciousServer:
 
 
 def flag_divergence(reconstruction: Any) -> Any:
-    """Mark a reconstruction diverged when its images or its last distance are not finite.
+    """Mark a reconstruction diverged when its images, or the distance it tracked, are not finite.
 
     A safety net for every attack: non-finite images are replaced by mid-grey so that scoring
-    stays defined, and the run records a failed attack instead of stopping.
+    stays defined, and the run records a failed attack instead of stopping. A NaN ``distance``
+    means "not computed" (closed-form attacks), so only a tracked, non-finite one counts.
     """
     import torch
 
     trace = reconstruction.trace
     last = trace[-1]["gradient_distance"] if trace else 0.0
+    tracked = not math.isnan(reconstruction.distance)
     finite_images = bool(torch.isfinite(reconstruction.images).all())
-    if finite_images and math.isfinite(last):
+    if finite_images and (math.isfinite(last) or not tracked):
         return reconstruction
     reconstruction.images = torch.nan_to_num(reconstruction.images, nan=0.5).clamp(0, 1)
     reconstruction.status = "diverged"

@@ -63,8 +63,10 @@ def run(
         except Exception as error:  # data missing, bad environment: one clear line, no traceback
             console.print(f"[red]run failed:[/red] {error}")
             raise typer.Exit(1) from None
-    _print_points(result.table())
+    _print_points(result.records)
     console.print(f"results: {result.folder.path}")
+    if result.report_error:
+        console.print(f"[yellow]report not drawn:[/yellow] {result.report_error}")
     failed = [r for r in result.table() if r["status"] == "failed"]
     if failed:
         for record in failed:
@@ -72,19 +74,26 @@ def run(
         raise typer.Exit(1)
 
 
-def _print_points(rows: list[dict]) -> None:
-    from simulator.report import point_table
+def _print_points(records: list[dict]) -> None:
+    """The run's summary tables: one row per sweep point, and the attack outcomes."""
+    from simulator.report import attack_table, point_table
 
-    rows, columns = point_table(rows)
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(
-            *(
-                f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c, ""))
-                for c in columns
-            )
-        )
-    Console().print(table)
+    for title, (rows, columns) in (
+        ("points", point_table(records)),
+        ("attacks", attack_table(records)),
+    ):
+        if not rows:
+            continue
+        table = Table(*(c.removeprefix("set:") for c in columns), title=title, title_justify="left")
+        for row in rows:
+            table.add_row(*(_cell(row.get(c)) for c in columns))
+        Console().print(table)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
 
 
 @app.command("list")

@@ -37,6 +37,7 @@ class RunResult:
 
     folder: RunFolder
     records: list[Record]
+    report_error: str | None = None
 
     def table(self, kind: str = "point") -> list[Record]:
         """Records of one kind (``point`` rows are the run's summary table)."""
@@ -153,8 +154,11 @@ def run(
         run_point(point, emit, lambda r, p=point: on_round(p, r), verbose, taps, folder)
     from simulator.report import write_report
 
-    write_report(folder.path)
     result = RunResult(folder, records)
+    try:
+        write_report(folder.path)
+    except Exception as error:  # the records are safe on disk; `leaksim report` can retry
+        result.report_error = f"{type(error).__name__}: {error}"
     failed = [r for r in result.table() if r["status"] == "failed"]
     if failed and raise_on_failure:
         lines = "\n".join(f"  point {r['point']}: {r['error']}" for r in failed)

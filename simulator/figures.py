@@ -70,7 +70,7 @@ def convergence_figure(attacks: Sequence[Record], points: Sequence[Record], path
         colour = colours(point_ids.index(record["point"]) / max(1, len(point_ids) - 1))
         label = None if record["point"] in seen else labels.get(record["point"])
         seen.add(record["point"])
-        trace = record.get("trace") or []
+        trace = [t for t in record.get("trace") or [] if t.get("gradient_distance") is not None]
         if trace:
             left.plot(
                 [t["iteration"] for t in trace],

@@ -28,7 +28,7 @@ SCENARIO_TOML = "scenario.toml"
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+        return None  # JSON has no NaN or infinity; null reads as "not available"
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

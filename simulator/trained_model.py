@@ -174,7 +174,7 @@ def train_victim(
             history.append(
                 {
                     "step": float(step),
-                    "loss": float(loss),
+                    "loss": float(loss.detach()),
                     "min_margin": float(margins.min()),
                     "accuracy": float((margins > 0).double().mean()),
                     "seconds": time.perf_counter() - start,

@@ -31,7 +31,7 @@ def test_flwr_run_streams_the_same_records(tmp_path: Path) -> None:
     scenario.write_text(
         (REPO / "scenarios" / "quickstart.toml")
         .read_text()
-        .replace("rounds = 3", "rounds = 2")
+        .replace("rounds = 10", "rounds = 2")
         .replace("fraction = 0.3", "fraction = 1.0")
     )
     flwr_home = tmp_path / "flwr-home"
