@@ -23,6 +23,7 @@ def small(**overrides: object) -> Scenario:
         "federation.rounds": 2,
         "federation.batch_size": 1,
         "federation.timeout_s": 120.0,
+        "federation.lr": 0.1,
         "data.test_examples": 500,
         "data.examples_per_client": 50,
         "model.widths": [32],
@@ -49,6 +50,7 @@ def fedsgd_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple:
             "faults.crash_rounds": [2],
             "attack.name": "analytic",
             "attack.max_clients": 2,
+            "attack.rounds": [],
         }
     )
     tmp = tmp_path_factory.mktemp("fedsgd")
