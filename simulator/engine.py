@@ -72,6 +72,24 @@ def quiet_flower(verbose: bool) -> Iterator[None]:
             logger.setLevel(previous)
 
 
+def defense_summary(scenario: Scenario) -> Record:
+    """How a point is defended, for tables and curves: names in order and a strength.
+
+    The strength is the first numeric parameter of the last defense (noise std, pruning
+    fraction, clipping norm, ...); the epsilon of DP-SGD is added by the server run.
+    """
+    names = [entry["name"] for entry in scenario.defenses]
+    strength = None
+    if scenario.defenses:
+        numbers = [v for k, v in scenario.defenses[-1].items() if k != "name" and _is_number(v)]
+        strength = numbers[0] if numbers else None
+    return {"defense": "+".join(names) or "none", "strength": strength}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def run_point(
     point: Point,
     emit: Callable[[Record], None],
@@ -119,6 +137,7 @@ def run_point(
         **{f"set:{k}": v for k, v in point.values.items()},
         "status": "failed" if error else "ok",
         "rounds_completed": max((r["round"] for r in rounds), default=0),
+        **defense_summary(scenario),
         "final_accuracy": final.get("test_accuracy"),
         "failed_updates": len(server.failures),
         "seconds": time.perf_counter() - started,

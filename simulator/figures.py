@@ -111,3 +111,90 @@ def save(figure: plt.Figure, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def privacy_utility_figure(rows: Sequence[Record], path: Path) -> None:
+    """Leakage (mean PSNR) against global accuracy, one curve per defense, labelled by strength."""
+    figure, axis = plt.subplots(figsize=(5.4, 3.8))
+    for curve, members in _curves(rows).items():
+        members = [
+            m for m in members if m["mean_psnr"] is not None and m["final_accuracy"] is not None
+        ]
+        if not members:
+            continue
+        xs = [m["final_accuracy"] for m in members]
+        ys = [m["mean_psnr"] for m in members]
+        axis.plot(xs, ys, "o-", label=curve)
+        for m, x, y in zip(members, xs, ys, strict=True):
+            if m["strength"] is not None:
+                axis.annotate(
+                    f"{m['strength']:g}"
+                    if isinstance(m["strength"], float)
+                    else str(m["strength"]),
+                    (x, y),
+                    fontsize=6,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+    axis.set(xlabel="global test accuracy (utility)", ylabel="mean PSNR of reconstructions (dB)")
+    axis.axhline(30, color="red", lw=0.7, ls="--")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    save(figure, path)
+
+
+def leakage_by_strength_figure(rows: Sequence[Record], path: Path) -> None:
+    """Per defense: mean PSNR and leaked fraction against its strength."""
+    curves = {c: m for c, m in _curves(rows).items() if any(r["strength"] is not None for r in m)}
+    if not curves:
+        return
+    figure, axes = plt.subplots(2, len(curves), figsize=(3.2 * len(curves), 5.0), squeeze=False)
+    for column, (curve, members) in enumerate(curves.items()):
+        members = [m for m in members if m["strength"] is not None]
+        xs = [m["strength"] for m in members]
+        numeric = all(isinstance(x, int | float) and x > 0 for x in xs)
+        for row, metric in enumerate(("mean_psnr", "leaked_fraction")):
+            axis = axes[row, column]
+            ys = [np.nan if m[metric] is None else m[metric] for m in members]
+            axis.plot(xs if numeric else [str(x) for x in xs], ys, "o-")
+            axis.set(xlabel=f"{curve} strength", ylabel=metric)
+            if numeric and max(xs) / max(min(xs), 1e-12) > 20:
+                axis.set_xscale("log")
+            axis.grid(alpha=0.3)
+    save(figure, path)
+
+
+def strength_grid_figure(
+    grids: Sequence[tuple[str, np.ndarray, Sequence[tuple[str, np.ndarray]]]],
+    path: Path,
+    images: int = 4,
+) -> None:
+    """Per defense: the true images, then the reconstructions at increasing strengths."""
+    rows = sum(1 + len(columns) for _, _, columns in grids)
+    figure, axes = plt.subplots(rows, images, figsize=(images * 1.0, rows * 1.05), squeeze=False)
+    row = 0
+    for curve, truth, columns in grids:
+        for label, stack in [("truth", truth), *columns]:
+            for column in range(images):
+                axis = axes[row, column]
+                axis.set_xticks([])
+                axis.set_yticks([])
+                if column < stack.shape[0]:
+                    axis.imshow(stack[column, 0], cmap="gray", vmin=0, vmax=1)
+            axes[row, 0].set_ylabel(f"{curve}\n{label}" if label == "truth" else label, fontsize=6)
+            row += 1
+    save(figure, path)
+
+
+def _curves(rows: Sequence[Record]) -> dict[str, list[Record]]:
+    from simulator.evaluation import strength_order
+
+    curves: dict[str, list[Record]] = defaultdict(list)
+    baseline = [r for r in rows if r["curve"] == "none"]
+    for record in rows:
+        if record["curve"] != "none":
+            curves[record["curve"]].append(record)
+    for members in curves.values():
+        members.sort(key=lambda r: strength_order(r["strength"]))
+        members[:0] = baseline[:1]  # every curve starts from the undefended run
+    return dict(curves)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from simulator import figures
+from simulator import evaluation, figures
 from simulator.results import ARTIFACTS_DIR, read_records
 
 Record = dict[str, Any]
@@ -72,6 +72,9 @@ def write_report(run_dir: Path | str) -> Path:
     if attacks:
         parts += ["", "## Attacks (per point, mean over attacked updates)", ""]
         parts += [markdown_table(attack_rows, attack_columns)]
+    if evaluation.is_evaluation(records):
+        parts += ["", "## Defense evaluation", ""]
+        parts += [markdown_table(evaluation.defense_table(records), list(evaluation.COLUMNS))]
     attack_errors = [r for r in records if r.get("kind") == "attack_error"]
     if attack_errors:
         parts += ["", f"## Attack errors ({len(attack_errors)})", ""]
@@ -81,6 +84,8 @@ def write_report(run_dir: Path | str) -> Path:
     figures_dir = run_dir / FIGURES_DIR
     if rounds:
         figures.accuracy_figure(rounds, rows, figures_dir / "accuracy.png")
+    if evaluation.is_evaluation(records):
+        evaluation.write_figures(run_dir, records, figures_dir)
     if attacks:
         figures.convergence_figure(attacks, rows, figures_dir / "convergence.png")
         _reconstruction_figures(run_dir, attacks, figures_dir)

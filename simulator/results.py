@@ -62,6 +62,7 @@ def scenario_toml(scenario: Scenario) -> str:
     """The resolved scenario as TOML, loadable again with ``leaksim run FILE``."""
     raw = scenario.to_dict()
     lines = [f"{key} = {_toml_value(raw.pop(key))}" for key in ("name", "description", "seed")]
+    lines.append(f"defenses = {_toml_value(raw.pop('defenses'))}")
     sweep = raw.pop("sweep")
     for section, table in raw.items():
         lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]

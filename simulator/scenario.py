@@ -1,7 +1,8 @@
 """Scenario files: the validated, immutable description of a run, its overrides and sweeps.
 
 A scenario is a TOML file with one table per section (``[data]``, ``[model]``,
-``[federation]``, ``[attack]``, ``[faults]``) and an optional ``[sweep]`` table mapping dotted
+``[federation]``, ``[attack]``, ``[faults]``), ``[[defenses]]`` tables applied in order by the
+clients, and an optional ``[sweep]`` table mapping dotted
 keys to lists of values; the sweep is the grid over those lists. Every key is checked on load:
 an unknown key, a wrong type or an out-of-range value stops the run with a message that names
 the key, the value and what is allowed.
@@ -130,6 +131,7 @@ class Scenario:
     federation: FederationConfig = field(default_factory=FederationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    defenses: tuple[Mapping[str, Any], ...] = ()
     sweep: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -254,6 +256,15 @@ def _validate_cross(scenario: Scenario) -> None:
         raise ScenarioError(f"attack.rounds = {bad_rounds} must be rounds in 1..{fed.rounds}")
     from attacks.server import validate_attack  # late: attacks import simulator.models
 
+    for index, entry in enumerate(scenario.defenses):
+        from defenses.base import make_defense
+
+        params = {k: v for k, v in entry.items() if k != "name"}
+        try:
+            make_defense(entry["name"], params)
+        except ValueError as error:
+            raise ScenarioError(f"defenses[{index}]: {error}") from error
+
     try:
         validate_attack(scenario.attack.name, scenario.attack.params)
     except ValueError as error:
@@ -274,6 +285,7 @@ def from_dict(raw: Mapping[str, Any]) -> Scenario:
         values["seed"] = _coerce(raw["seed"], int, "seed")
     for name in SECTIONS:
         values[name] = _section(name, raw.get(name, {}))
+    values["defenses"] = _defenses(raw.get("defenses", []))
     sweep = raw.get("sweep", {})
     if not isinstance(sweep, Mapping):
         raise ScenarioError(f"[sweep] must be a table of key = [values], got {sweep!r}")
@@ -284,6 +296,18 @@ def from_dict(raw: Mapping[str, Any]) -> Scenario:
         for option in options:  # every grid value must itself be valid
             _check_point(scenario, key, option)
     return scenario
+
+
+def _defenses(raw: Any) -> tuple[dict[str, Any], ...]:
+    """``[[defenses]]`` tables, applied in order: each a ``name`` and that defense's params."""
+    if not isinstance(raw, list | tuple):
+        raise ScenarioError(f"defenses must be a list of tables ([[defenses]]), got {raw!r}")
+    entries = []
+    for index, entry in enumerate(raw):
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
+            raise ScenarioError(f"defenses[{index}] must be a table with a name, got {entry!r}")
+        entries.append(dict(entry))
+    return tuple(entries)
 
 
 def _check_point(scenario: Scenario, key: str, value: Any) -> None:
@@ -313,6 +337,9 @@ def _sweep_values(key: str, values: Any) -> list[Any]:
 def _assign(raw: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     section, key = (parts[0], ".".join(parts[1:])) if len(parts) > 1 else ("", parts[0])
+    if section == "defenses" or dotted == "defenses":
+        _assign_defense(raw, parts[1:], value, dotted)
+        return
     if not section:
         if key not in {"name", "description", "seed"}:
             raise ScenarioError(
@@ -329,6 +356,20 @@ def _assign(raw: dict[str, Any], dotted: str, value: Any) -> None:
         table.setdefault("params", {})[key.removeprefix("params.")] = value
         return
     table[key] = value
+
+
+def _assign_defense(raw: dict[str, Any], path: list[str], value: Any, dotted: str) -> None:
+    """``defenses`` (the whole list) or ``defenses.<index>.<param>`` (one defense's param)."""
+    if not path:
+        raw["defenses"] = value
+        return
+    defenses = raw.setdefault("defenses", [])
+    if len(path) != 2 or not path[0].isdigit() or int(path[0]) >= len(defenses):
+        raise ScenarioError(
+            f"cannot set {dotted!r}: use defenses.<index>.<param> with an index below "
+            f"{len(defenses)} (the scenario's [[defenses]] tables, from 0)"
+        )
+    defenses[int(path[0])] = {**defenses[int(path[0])], path[1]: value}
 
 
 def parse_override(text: str) -> tuple[str, Any]:
