@@ -35,6 +35,8 @@ class ModelSpec:
     # Multiplies every initial weight (homogeneous-mlp only): small inits put gradient descent
     # in the rich regime whose limit is a KKT point of margin maximisation (Haim et al. 2022).
     init_scale: float = 1.0
+    # "uniform": every parameter drawn from U(-0.5, 0.5), the initialisation of the iDLG code.
+    init: str = "default"
 
     def to_dict(self) -> dict[str, object]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -170,10 +172,23 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
     if spec.kind not in MODELS:
         raise ValueError(f"unknown model kind {spec.kind!r}; choose one of {sorted(MODELS)}")
     if seed is None:
-        return MODELS[spec.kind].build(spec)
+        return _initialised(MODELS[spec.kind].build(spec), spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[spec.kind].build(spec)
+        return _initialised(MODELS[spec.kind].build(spec), spec)
+
+
+INITS = ("default", "uniform")
+
+
+def _initialised(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    if spec.init == "uniform":
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.uniform_(-0.5, 0.5)
+    elif spec.init != "default":
+        raise ValueError(f"unknown init {spec.init!r}; choose one of {INITS}")
+    return model
 
 
 def is_binary(spec: ModelSpec) -> bool:

@@ -63,6 +63,7 @@ class ModelConfig:
     bias: bool = True
     pooling: Literal["avg", "max"] = "avg"
     channels: tuple[int, ...] = (8, 16)
+    init: Literal["default", "uniform"] = "default"
 
     def spec(self, dataset_shape: tuple[int, int, int] = (1, 28, 28)) -> ModelSpec:
         return ModelSpec(
@@ -72,6 +73,7 @@ class ModelConfig:
             bias=self.bias,
             pooling=self.pooling,
             channels=self.channels,
+            init=self.init,
             input_shape=dataset_shape,
         )
 
