@@ -7,11 +7,8 @@ params dataclass so that a typo or an out-of-range value fails loudly before any
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import math
-import types
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +17,8 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 import torch
 
 from attacks.observation import Observation
+from simulator.params import build_params, check_params_class, params_rows
+from simulator.params import param as param  # re-exported: attack modules declare fields with it
 
 Status = Literal["converged", "budget", "diverged"]
 STATUSES: tuple[str, ...] = ("converged", "budget", "diverged")
@@ -98,28 +97,11 @@ _REGISTRY: dict[str, AttackEntry] = {}
 AttackT = TypeVar("AttackT", bound=type)
 
 
-def param(
-    default: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    help: str = "",
-) -> Any:
-    """Declare a params-dataclass field with an allowed range that :func:`make_attack` checks."""
-    meta = {"low": low, "high": high, "low_open": low_open, "help": help}
-    return field(default=default, metadata=meta)
-
-
 def register_attack(name: str, description: str) -> Callable[[AttackT], AttackT]:
     """Register an :class:`Attack` subclass (with a frozen ``Params`` dataclass) under ``name``."""
 
     def decorate(cls: AttackT) -> AttackT:
-        params_cls = getattr(cls, "Params", None)
-        if params_cls is None or not dataclasses.is_dataclass(params_cls):
-            raise TypeError(f"attack {name!r} needs a dataclass `Params` attribute")
-        if not params_cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
-            raise TypeError(f"attack {name!r}: Params must be a frozen dataclass")
+        params_cls = check_params_class(f"attack {name!r}", getattr(cls, "Params", None))
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise ValueError(f"attack {name!r} is already registered")
         cls.name = name  # type: ignore[attr-defined]
@@ -161,82 +143,10 @@ def attack_entry(name: str) -> AttackEntry:
     return _REGISTRY[name]
 
 
-def _describe_type(hint: Any) -> str:
-    if typing.get_origin(hint) is Literal:
-        return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
-    return getattr(hint, "__name__", str(hint))
-
-
-def _check_type(attack: str, key: str, value: Any, hint: Any) -> Any:
-    """Return ``value`` coerced to ``hint`` (int -> float only) or raise ValueError."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
-            raise ValueError(
-                f"attack {attack!r}: parameter {key!r} = {value!r} is not allowed; "
-                f"allowed: {_describe_type(hint)}"
-            )
-        return value
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(attack, key, value, option)
-            except ValueError:
-                continue
-        allowed = " or ".join(_describe_type(o) for o in options)
-        raise ValueError(
-            f"attack {attack!r}: parameter {key!r} = {value!r} has the wrong type; "
-            f"allowed: {allowed}"
-        )
-    ok = isinstance(value, hint) and not (isinstance(value, bool) and hint is not bool)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not ok:
-        raise ValueError(
-            f"attack {attack!r}: parameter {key!r} = {value!r} has type {type(value).__name__}; "
-            f"allowed: {_describe_type(hint)}"
-        )
-    return value
-
-
-def _check_range(attack: str, key: str, value: Any, meta: Mapping[str, Any]) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
-    low, high, low_open = meta.get("low"), meta.get("high"), meta.get("low_open", False)
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and value > high
-    if too_low or too_high:
-        lower = "-inf" if low is None else f"{low}"
-        upper = "inf" if high is None else f"{high}"
-        bracket = "(" if low_open else "["
-        raise ValueError(
-            f"attack {attack!r}: parameter {key!r} = {value!r} is out of range; "
-            f"allowed: {bracket}{lower}, {upper}]"
-        )
-
-
 def validate_params(name: str, raw: Mapping[str, Any]) -> Any:
     """Build the params dataclass of attack ``name`` from ``raw``, checking keys, types, ranges."""
     entry = attack_entry(name)
-    fields = {f.name: f for f in dataclasses.fields(entry.params)}
-    hints = typing.get_type_hints(entry.params)
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in fields:
-            raise ValueError(
-                f"attack {name!r}: unknown parameter {key!r} = {value!r}; "
-                f"allowed parameters: {sorted(fields)}"
-            )
-        value = _check_type(name, key, value, hints[key])
-        _check_range(name, key, value, fields[key].metadata)
-        values[key] = value
-    return entry.params(**values)
+    return build_params(f"attack {name!r}", entry.params, raw)
 
 
 def make_attack(name: str, params: Mapping[str, Any] | None = None) -> Attack[Any]:
@@ -247,9 +157,4 @@ def make_attack(name: str, params: Mapping[str, Any] | None = None) -> Attack[An
 
 def params_help(name: str) -> list[tuple[str, str, Any, str]]:
     """(parameter, type, default, help) rows describing attack ``name``'s parameters."""
-    entry = attack_entry(name)
-    hints = typing.get_type_hints(entry.params)
-    return [
-        (f.name, _describe_type(hints[f.name]), f.default, f.metadata.get("help", ""))
-        for f in dataclasses.fields(entry.params)
-    ]
+    return params_rows(attack_entry(name).params)

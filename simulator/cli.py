@@ -111,7 +111,7 @@ def list_() -> None:
         "models": {name: entry.description for name, entry in MODELS.items()},
         "partitions": dict(PARTITIONERS),
         "attacks": attack_catalog(),
-        "defenses": {name: entry.description for name, entry in DEFENSES.items()},
+        "defenses": dict(DEFENSES),
     }
     for title, entries in sections.items():
         table = Table("name", "description", title=title, title_justify="left")

@@ -11,6 +11,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from simulator.client_defenses import ClientDefenses
 from simulator.messages import (
     ARRAYS_KEY,
     CLIENT_ID_KEY,
@@ -25,7 +26,7 @@ from simulator.messages import (
 from simulator.models import build_model
 from simulator.oracle import ORACLE_KEY, Oracle
 from simulator.scenario import Scenario
-from simulator.task import batch_gradient, load_shard, load_weights, local_train, seeded_generator
+from simulator.task import load_shard, load_weights, seeded_generator
 
 app = ClientApp()
 
@@ -64,16 +65,19 @@ def train(msg: Message, context: Context) -> Message:
     model = load_weights(build_model(spec), from_record(msg.content[ARRAYS_KEY]))
     shard = load_shard(scenario.data, fed.clients, scenario.seed, client_id)
     generator = seeded_generator(scenario.seed, server_round, client_id)
+    defenses = ClientDefenses.from_scenario(scenario)
 
     if fed.protocol == "fedsgd":
-        batch = torch.randperm(len(shard.labels), generator=generator)[: fed.batch_size]
+        batch = defenses.batch(len(shard.labels), fed.batch_size, generator)
         inputs, labels = shard.inputs[batch], shard.labels[batch]
-        update = batch_gradient(model, spec, inputs, labels)
+        expected = min(fed.batch_size, len(shard.labels))
+        update = defenses.gradient(model, spec, inputs, labels, generator, expected)
         metrics = {NUM_EXAMPLES_KEY: len(labels)}
     else:
         inputs, labels = shard.inputs, shard.labels
-        loss = local_train(model, spec, shard, fed.local_epochs, fed.batch_size, fed.lr, generator)
-        update = {name: p.detach() for name, p in model.named_parameters()}
+        sent = {name: p.detach().clone() for name, p in model.named_parameters()}
+        loss = defenses.train(model, spec, shard, fed, generator)
+        update = defenses.weights(sent, model, generator)
         metrics = {NUM_EXAMPLES_KEY: len(labels), "train-loss": loss}
 
     oracle = Oracle(server_round, client_id, inputs, labels)

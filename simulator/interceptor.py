@@ -7,10 +7,12 @@ reply into the :class:`Observation` a real server holds and the simulation-only
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
@@ -50,9 +52,57 @@ def client_error_message(reason: str) -> str:
     """The client's own exception message out of Ray's wrapped traceback (no pids, no paths)."""
     marker = "Message: "
     if marker in reason:
-        return reason.rsplit(marker, 1)[1].strip().rstrip("'>").strip()
+        return reason.rsplit(marker, 1)[1].strip().removesuffix("'>").strip()
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "unknown client error"
+
+
+AGGREGATE_CLIENT_ID = -1
+
+
+def aggregated(traffic: RoundTraffic) -> RoundTraffic:
+    """What the server sees under secure aggregation: one update, the weighted mean.
+
+    Weights are the clients' example counts, as in FedAvg/FedSGD aggregation, so for FedSGD the
+    view is exactly the gradient of the union of the sampled batches. Its oracle is the union of
+    the true batches; its client id is :data:`AGGREGATE_CLIENT_ID`.
+    """
+    if not traffic.observations:
+        return traffic
+    first = traffic.observations[0]
+    counts = torch.tensor([float(o.meta.num_examples) for o in traffic.observations])
+    weights = counts / counts.sum()
+    update = {
+        name: torch.einsum(
+            "c,c...->...", weights, torch.stack([o.update[name] for o in traffic.observations])
+        )
+        for name in first.update
+    }
+    total = int(counts.sum())
+    batch = (
+        sum(o.meta.batch_size for o in traffic.observations)
+        if first.meta.protocol == "fedsgd"
+        else first.meta.batch_size
+    )
+    view = Observation(
+        round=traffic.round,
+        client_id=AGGREGATE_CLIENT_ID,
+        model=first.model,
+        global_weights=first.global_weights,
+        update=update,
+        meta=dataclasses.replace(first.meta, batch_size=batch, num_examples=total),
+    )
+    oracles = ()
+    if traffic.oracles:
+        oracles = (
+            Oracle(
+                traffic.round,
+                AGGREGATE_CLIENT_ID,
+                torch.cat([o.inputs for o in traffic.oracles]),
+                torch.cat([o.labels for o in traffic.oracles]),
+            ),
+        )
+    return dataclasses.replace(traffic, observations=(view,), oracles=oracles)
 
 
 class _SampledGrid:

@@ -6,7 +6,9 @@ ServerApp around it. The module-level ``app`` serves ``flwr run .`` from the run
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +26,7 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 
 from attacks.server import MaliciousServer
-from simulator.interceptor import Interceptor, RoundTraffic
+from simulator.interceptor import Interceptor, RoundTraffic, aggregated
 from simulator.messages import CLIENT_ID_KEY, CONFIG_KEY, SCENARIO_KEY, from_record, to_record
 from simulator.models import build_model, is_binary
 from simulator.scenario import Scenario
@@ -78,6 +80,12 @@ class ServerRun:
     failures: list[Record] = field(default_factory=list)
     _round_started: float = field(default=0.0, init=False)
     _round_failures: int = field(default=0, init=False)
+    _participations: Counter[int] = field(default_factory=Counter, init=False)
+
+    @property
+    def secure_aggregation(self) -> bool:
+        """Whether the scenario hides individual updates behind secure aggregation."""
+        return any(entry["name"] == "secure-aggregation" for entry in self.scenario.defenses)
 
     def __post_init__(self) -> None:
         attack = self.scenario.attack
@@ -130,6 +138,9 @@ class ServerRun:
             train_config=config,
             evaluate_fn=evaluate_global,
         )
+        privacy = privacy_spent(self.scenario, self._participations)
+        if privacy is not None:
+            self.emit(privacy)
 
     def intercept(self, traffic: RoundTraffic) -> None:
         """Per round: log each update, let the malicious server attack, score, record failures.
@@ -146,6 +157,12 @@ class ServerRun:
             }
             self.failures.append(record)
             self.emit(record)
+        for tap in self.taps:
+            tap(traffic)
+        for observation in traffic.observations:
+            self._participations[observation.client_id] += 1
+        if self.secure_aggregation:
+            traffic = aggregated(traffic)
         for observation in traffic.observations:
             self.emit(
                 {
@@ -156,8 +173,6 @@ class ServerRun:
                     "update_norm": observation.update_norm(),
                 }
             )
-        for tap in self.taps:
-            tap(traffic)
         try:
             reconstructions = self.malicious.observe(traffic.observations)
         except Exception as error:  # a failed attack must not end the federation it watches
@@ -176,6 +191,39 @@ class ServerRun:
             self.emit(scored.record)
             name = f"attack-r{traffic.round}-c{scored.record['client']}"
             self.save_arrays(name, {"truth": scored.truth, "reconstruction": scored.reconstruction})
+
+
+def privacy_spent(scenario: Scenario, participations: Mapping[int, int]) -> Record | None:
+    """The (epsilon, delta) of DP-SGD for the client that trained most, from the accountant.
+
+    Sample-level DP: each client's local steps sample ``batch_size`` of its own examples;
+    a FedSGD participation is one step, a FedAvg one ``local_epochs`` passes over the shard.
+    """
+    from simulator.client_defenses import build_defenses
+    from simulator.task import shard_size
+
+    training = [d for d in build_defenses(scenario) if d.kind == "training"]
+    if not training or not participations:
+        return None
+    from defenses.dp_sgd import epsilon
+
+    fed = scenario.federation
+    spent = {}
+    for client, times in participations.items():
+        examples = shard_size(scenario.data, fed.clients, scenario.seed, client)
+        batch = min(fed.batch_size, examples)
+        per_participation = (
+            1 if fed.protocol == "fedsgd" else fed.local_epochs * math.ceil(examples / batch)
+        )
+        spent[client] = epsilon(training[0].params, batch / examples, times * per_participation)
+    worst = max(spent, key=spent.__getitem__)
+    return {
+        "kind": "privacy",
+        "epsilon": spent[worst],
+        "delta": training[0].params.delta,
+        "client": worst,
+        "mean_epsilon": sum(spent.values()) / len(spent),
+    }
 
 
 def make_server_app(run: ServerRun) -> ServerApp:

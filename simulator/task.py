@@ -55,6 +55,11 @@ def load_shard(data: DataConfig, num_clients: int, seed: int, client_id: int) ->
     return Shard(to_tensor(images[indices]), torch.as_tensor(labels[indices], dtype=torch.int64))
 
 
+def shard_size(data: DataConfig, num_clients: int, seed: int, client_id: int) -> int:
+    """How many training examples client ``client_id`` holds."""
+    return len(_shard_indices(data, num_clients, seed)[client_id])
+
+
 def load_test_set(data: DataConfig) -> Shard:
     """The global test split (capped at ``data.test_examples`` when that is set)."""
     images, labels = load_split(data.dataset, "test", data.dir or None)

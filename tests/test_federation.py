@@ -195,3 +195,40 @@ def test_the_malicious_server_attacks_and_the_scorer_scores_against_the_truth(
     assert (folder / "artifacts" / "p0-attack-r1-c0.npz").is_file()
     assert (folder / "figures" / "reconstructions-p0-r1.png").stat().st_size > 1000
     assert "## Attacks" in (folder / "summary.md").read_text()
+
+
+def test_defenses_change_what_the_server_sees_and_dp_reports_its_epsilon(tmp_path: Path) -> None:
+    from defenses.base import make_defense
+    from defenses.dp_sgd import epsilon
+
+    dp = {"name": "dp-sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}
+    scenario = small(
+        **{
+            "defenses": [dp, {"name": "pruning", "fraction": 0.5}, {"name": "secure-aggregation"}],
+            "federation.batch_size": 4,
+            "attack.name": "analytic",
+            "attack.rounds": [],
+        }
+    )
+    result, traffic = run_with_traffic(scenario, tmp_path, "defended")
+    # what the clients sent: pruned (half the coordinates zero) and DP-noised
+    for round_traffic in traffic:
+        for observation in round_traffic.observations:
+            zeros = sum(int((v == 0).sum()) for v in observation.update.values())
+            total = sum(v.numel() for v in observation.update.values())
+            assert zeros == total // 2
+    # what the server saw: only the aggregate of the four clients, attacked as one batch
+    updates = result.table("update")
+    assert [(u["round"], u["client"]) for u in updates] == [(1, -1), (2, -1)]
+    attacks = result.table("attack")
+    assert [(a["round"], a["client"]) for a in attacks] == [(1, -1), (2, -1)]
+    for attack, round_traffic in zip(attacks, traffic, strict=True):
+        assert attack["batch_size"] == sum(len(o.labels) for o in round_traffic.oracles)
+        assert attack["fraction_leaked"] == 0.0
+    # epsilon from the accountant: 2 rounds of one Poisson step at rate 4/50 for every client
+    (privacy,) = result.table("privacy")
+    params = make_defense("dp-sgd", {k: v for k, v in dp.items() if k != "name"}).params
+    assert privacy["epsilon"] == pytest.approx(epsilon(params, 4 / 50, 2))
+    assert privacy["delta"] == 1e-5
+    (point,) = result.table("point")
+    assert point["defense"] == "dp-sgd+pruning+secure-aggregation"

@@ -1,0 +1,258 @@
+"""DP-SGD (Abadi et al. 2016) for the client's local training, with a real privacy accountant.
+
+Each step: per-sample gradients (``torch.func``: ``vmap`` of ``grad`` over a
+``functional_call``, no Python loop over samples), each clipped to L2 norm ``max_grad_norm``,
+summed, plus Gaussian noise of std ``noise_multiplier * max_grad_norm`` per coordinate, divided
+by the (expected) batch size.
+
+Batches are drawn by Poisson sampling: every example joins each step's batch independently with
+probability ``q = batch_size / n``, for ``ceil(n / batch_size)`` steps per epoch. That is the
+sampling the accountant assumes (``PoissonSampledDpEvent`` of a Gaussian, add-or-remove-one
+neighbouring datasets), so the reported epsilon holds for this training; shuffled fixed-size
+batches would need a different, less favourable analysis. The noisy sum is divided by the
+expected batch size ``q * n``, not the realised one, whose value depends on the data.
+
+The guarantee is example-level for one client's shard; across federated rounds the same shard is
+trained on again, so pass the client's total number of steps to :func:`epsilon`. Kind
+"training"; changes what the server observes (the update comes from noisy clipped gradients).
+Epsilon comes from Google's ``dp-accounting`` RDP accountant (the backend of Flower's
+``flwr[dp]`` accounting), never from a hand-written formula.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from defenses.base import Defense, Kind, register_defense
+from simulator.models import ModelSpec, task_loss
+from simulator.params import param
+
+
+@dataclass(frozen=True)
+class DpSgdParams:
+    """Parameters of "dp-sgd"."""
+
+    noise_multiplier: float = param(
+        1.0, low=0.0, help="noise std as a multiple of max_grad_norm (0: clipping only)"
+    )
+    max_grad_norm: float = param(
+        1.0, low=0.0, low_open=True, help="L2 bound on every per-sample gradient"
+    )
+    delta: float = param(
+        1e-5, low=0.0, high=1.0, low_open=True, high_open=True, help="delta epsilon is reported at"
+    )
+
+
+def _per_sample_step(
+    model: nn.Module,
+    spec: ModelSpec,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    params: DpSgdParams,
+    generator: torch.Generator,
+    denominator: float | None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(private gradient, per-sample losses) of one batch; see :func:`private_gradient`."""
+    weights = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+    batch = len(labels)
+    if batch:
+
+        def sample_loss(
+            w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+        ) -> torch.Tensor:
+            logits = functional_call(model, (w, buffers), (x.unsqueeze(0),))
+            return task_loss(spec, logits, y.unsqueeze(0))
+
+        per_sample: Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]] = vmap(
+            grad_and_value(sample_loss), in_dims=(None, 0, 0)
+        )
+        grads, losses = per_sample(weights, inputs, labels)
+        squared = sum(g.reshape(batch, -1).pow(2).sum(dim=1) for g in grads.values())
+        norms = torch.as_tensor(squared).sqrt()
+        # A zero gradient gives inf here, which the clamp turns into factor 1.
+        factors = (params.max_grad_norm / norms).clamp(max=1.0)
+        summed = {name: torch.tensordot(factors, g, dims=1) for name, g in grads.items()}
+    else:  # a Poisson batch may be empty: the release is then the noise alone
+        summed = {name: torch.zeros_like(w) for name, w in weights.items()}
+        losses = torch.empty(0)
+    std = params.noise_multiplier * params.max_grad_norm
+    scale = float(batch if denominator is None else denominator)
+    private: dict[str, torch.Tensor] = {}
+    for name, total in summed.items():
+        if std > 0:
+            noise = torch.randn(
+                total.shape, generator=generator, dtype=total.dtype, device=generator.device
+            )
+            total = total + std * noise.to(total.device)
+        private[name] = total / scale
+    return private, losses.detach()
+
+
+def private_gradient(
+    model: nn.Module,
+    spec: ModelSpec,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    params: DpSgdParams,
+    generator: torch.Generator,
+    *,
+    denominator: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """DP-SGD gradient of one batch, per parameter name.
+
+    ``(sum_i clip(g_i, max_grad_norm) + N(0, (noise_multiplier * max_grad_norm)^2)) / B``,
+    where ``g_i`` is sample i's gradient of the training loss and ``B`` is ``denominator``
+    (the expected batch size under Poisson sampling) or, by default, ``len(labels)``.
+    The model is not modified.
+    """
+    if len(labels) == 0 and denominator is None:
+        raise ValueError("an empty batch needs an explicit denominator (the expected batch size)")
+    gradient, _ = _per_sample_step(model, spec, inputs, labels, params, generator, denominator)
+    return gradient
+
+
+def dp_sgd_schedule(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """(sample rate q, number of steps) of :func:`private_local_train` on ``num_examples``.
+
+    q = min(1, batch_size / num_examples); ceil(num_examples / batch_size) steps per epoch.
+    Pass both to :func:`epsilon`.
+    """
+    if num_examples < 1 or batch_size < 1 or epochs < 0:
+        raise ValueError(
+            f"need num_examples >= 1, batch_size >= 1, epochs >= 0; got "
+            f"{num_examples}, {batch_size}, {epochs}"
+        )
+    rate = min(1.0, batch_size / num_examples)
+    return rate, epochs * math.ceil(num_examples / batch_size)
+
+
+def poisson_batch(num_examples: int, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a Poisson-sampled batch: each example kept independently with prob. ``rate``."""
+    keep = torch.rand(num_examples, generator=generator, device=generator.device) < rate
+    return keep.nonzero().squeeze(1).cpu()
+
+
+def private_local_train(
+    model: nn.Module,
+    spec: ModelSpec,
+    shard_inputs: torch.Tensor,
+    shard_labels: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    params: DpSgdParams,
+    generator: torch.Generator,
+) -> float:
+    """DP-SGD local training (FedAvg under DP) on Poisson-sampled batches; updates ``model``.
+
+    Plain SGD steps with :func:`private_gradient`; the schedule is :func:`dp_sgd_schedule`.
+    Returns the mean per-sample training loss over the last epoch's batches (NaN if all were
+    empty); the loss is a local statistic and is not part of what the client sends.
+    """
+    rate, steps = dp_sgd_schedule(len(shard_labels), batch_size, epochs)
+    steps_per_epoch = steps // epochs if epochs else 0
+    expected = rate * len(shard_labels)
+    named = dict(model.named_parameters())
+    last_epoch: list[torch.Tensor] = []
+    for step in range(steps):
+        if step % steps_per_epoch == 0:
+            last_epoch = []
+        batch = poisson_batch(len(shard_labels), rate, generator)
+        gradient, losses = _per_sample_step(
+            model,
+            spec,
+            shard_inputs[batch],
+            shard_labels[batch],
+            params,
+            generator,
+            expected,
+        )
+        with torch.no_grad():
+            for name, g in gradient.items():
+                named[name].sub_(lr * g)
+        last_epoch.append(losses)
+    seen = torch.cat(last_epoch) if last_epoch else torch.empty(0)
+    return float(seen.mean()) if seen.numel() else float(np.nan)
+
+
+def epsilon(params: DpSgdParams, sample_rate: float, steps: int) -> float:
+    """Epsilon at ``params.delta`` after ``steps`` Poisson-sampled Gaussian steps (RDP accountant).
+
+    0 for no steps; infinite without noise.
+    """
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate = {sample_rate!r} is out of range; allowed: (0, 1]")
+    if steps < 0:
+        raise ValueError(f"steps = {steps!r} is out of range; allowed: [0, inf)")
+    if steps == 0:
+        return 0.0
+    if params.noise_multiplier == 0.0:
+        return math.inf
+    # Imported here: dp-accounting takes about a second to import and only this needs it.
+    from dp_accounting import dp_event, privacy_accountant, rdp
+
+    gaussian = dp_event.GaussianDpEvent(params.noise_multiplier)
+    event: dp_event.DpEvent = gaussian
+    if sample_rate < 1.0:
+        event = dp_event.PoissonSampledDpEvent(sample_rate, gaussian)
+    accountant = rdp.RdpAccountant(
+        neighboring_relation=privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE
+    )
+    accountant.compose(event, steps)
+    return float(accountant.get_epsilon(params.delta))
+
+
+@register_defense(
+    "dp-sgd", "DP-SGD local training: per-sample clipping, Gaussian noise, RDP accounting."
+)
+class DpSgd(Defense):
+    """DP-SGD; acts in local training and changes the observation (a noisy, clipped update)."""
+
+    kind: ClassVar[Kind] = "training"
+    changes_observation: ClassVar[bool] = True
+    Params = DpSgdParams
+    params: DpSgdParams
+
+    def gradient(
+        self,
+        model: nn.Module,
+        spec: ModelSpec,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator,
+        *,
+        denominator: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """FedSGD under DP: :func:`private_gradient` with this defense's parameters."""
+        return private_gradient(
+            model, spec, inputs, labels, self.params, generator, denominator=denominator
+        )
+
+    def local_train(
+        self,
+        model: nn.Module,
+        spec: ModelSpec,
+        shard_inputs: torch.Tensor,
+        shard_labels: torch.Tensor,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        generator: torch.Generator,
+    ) -> float:
+        """FedAvg under DP: :func:`private_local_train` with this defense's parameters."""
+        return private_local_train(
+            model, spec, shard_inputs, shard_labels, epochs, batch_size, lr, self.params, generator
+        )
+
+    def epsilon(self, sample_rate: float, steps: int) -> float:
+        """:func:`epsilon` with this defense's parameters."""
+        return epsilon(self.params, sample_rate, steps)
