@@ -138,3 +138,28 @@ def test_a_diverging_attack_is_recorded_as_failed_without_stopping_the_run() -> 
     (attack,) = [r for r in records if r["kind"] == "attack"]
     assert attack["status"] == "diverged" and attack["fraction_leaked"] == 0.0
     assert "diverged" in attack["notes"] and math.isfinite(attack["mean_psnr"])
+
+
+def test_defense_table_measures_leakage_and_accuracy_loss_against_the_undefended_run() -> None:
+    from simulator.evaluation import defense_table, is_evaluation
+
+    def point(index: int, defense: str, strength: float | None, accuracy: float) -> dict:
+        return {"kind": "point", "point": index, "defense": defense, "strength": strength,
+                "final_accuracy": accuracy}  # fmt: skip
+
+    def attack(index: int, psnr: float) -> dict:
+        return {"kind": "attack", "point": index, "psnr": [psnr, psnr], "mean_ssim": 0.5,
+                "fraction_leaked": float(psnr >= 30), "label_accuracy": 1.0}  # fmt: skip
+
+    records = [
+        point(0, "none", None, 0.90), attack(0, 60.0),
+        point(1, "gaussian-noise", 0.01, 0.88), attack(1, 40.0),
+        point(2, "gaussian-noise", 0.1, 0.70), attack(2, 12.0),
+        {"kind": "privacy", "point": 2, "epsilon": 3.5},
+    ]  # fmt: skip
+    rows = defense_table(records)
+    assert [r["curve"] for r in rows] == ["none", "gaussian-noise", "gaussian-noise"]
+    assert [r["accuracy_loss"] for r in rows] == pytest.approx([0.0, 0.02, 0.20])
+    assert [r["leaked_fraction"] for r in rows] == [1.0, 1.0, 0.0]
+    assert rows[2]["epsilon"] == 3.5 and rows[1]["epsilon"] is None
+    assert is_evaluation(records)
