@@ -76,7 +76,7 @@ def run(
 
 def _print_points(records: list[dict]) -> None:
     """The run's summary tables: one row per sweep point, and the attack outcomes."""
-    from simulator.report import attack_table, point_table
+    from simulator.report import attack_table, format_value, point_table
 
     for title, (rows, columns) in (
         ("points", point_table(records)),
@@ -86,14 +86,8 @@ def _print_points(records: list[dict]) -> None:
             continue
         table = Table(*(c.removeprefix("set:") for c in columns), title=title, title_justify="left")
         for row in rows:
-            table.add_row(*(_cell(row.get(c)) for c in columns))
+            table.add_row(*(format_value(row.get(c)) for c in columns))
         Console().print(table)
-
-
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
 
 
 @app.command("list")

@@ -16,15 +16,28 @@ SUMMARY_FILE = "summary.md"
 FIGURES_DIR = "figures"
 
 
-def _cell(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A table cell: short floats, and defense lists as ``name(param=value)+...``."""
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list | tuple) and all(isinstance(v, dict) and "name" in v for v in value):
+        return (
+            "+".join(
+                f"{d['name']}({', '.join(f'{k}={format_value(v)}' for k, v in d.items() if k != 'name')})"
+                for d in value
+            )
+            or "none"
+        )
     return "" if value is None else str(value)
+
+
+def _params(defense: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={format_value(v)}" for k, v in defense.items() if k != "name")
 
 
 def markdown_table(rows: list[Record], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_value(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -90,7 +103,10 @@ def write_report(run_dir: Path | str) -> Path:
         figures.convergence_figure(attacks, rows, figures_dir / "convergence.png")
         _reconstruction_figures(run_dir, attacks, figures_dir)
         swept = [c for c in attack_columns if c.startswith("set:")]
-        if len(swept) == 1 and len(attack_rows) > 1:
+        scalar = all(
+            isinstance(row.get(c), int | float | str) for row in attack_rows for c in swept
+        )
+        if len(swept) == 1 and len(attack_rows) > 1 and scalar:
             metrics = ["success_rate", "mean_psnr", "median_iterations_to_threshold"]
             figures.by_value_figure(
                 attack_rows, swept[0], metrics, figures_dir / "attack-by-value.png"

@@ -101,6 +101,10 @@ class TrainConfig:
     lr: float = 0.5
     weight_decay: float = 0.0
     log_every: int = 100
+    # Fraction of the steps, at the end, over which the step size decays to 0 (cosine). With
+    # ReLU, many pre-activations settle on the kink and constant-step GD chatters around the
+    # stationary point; annealing lets it settle, which the KKT attack needs.
+    anneal: float = 0.5
 
 
 @dataclass
@@ -165,6 +169,14 @@ def train_victim(
     weights = {k: v.detach().clone().requires_grad_(True) for k, v in initial.items()}
     inputs = to_model_range(images)
     optimizer = torch.optim.SGD(list(weights.values()), lr=config.lr)
+    decay_from = config.steps * (1 - config.anneal)
+
+    def factor(step: int) -> float:
+        if step < decay_from:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - decay_from) / (config.steps - decay_from)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     history: list[dict[str, float]] = []
     for step in range(config.steps + 1):
         logits = functional_call(model, weights, (inputs,))
@@ -187,6 +199,7 @@ def train_victim(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
     return TrainedVictim(
         spec=spec,
         weights={k: v.detach().clone() for k, v in weights.items()},
