@@ -21,14 +21,12 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, list | tuple) and all(isinstance(v, dict) and "name" in v for v in value):
-        return (
-            "+".join(
-                f"{d['name']}({', '.join(f'{k}={format_value(v)}' for k, v in d.items() if k != 'name')})"
-                for d in value
-            )
-            or "none"
-        )
+        return "+".join(f"{d['name']}({_params(d)})" for d in value) or "none"
     return "" if value is None else str(value)
+
+
+def _params(defense: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={format_value(v)}" for k, v in defense.items() if k != "name")
 
 
 def _params(defense: dict[str, Any]) -> str:
