@@ -24,7 +24,7 @@ Status = Literal["converged", "budget", "diverged"]
 STATUSES: tuple[str, ...] = ("converged", "budget", "diverged")
 
 # Modules whose import registers the built-in attacks; loaded lazily to avoid import cycles.
-_BUILTIN_MODULES = ("attacks.gradient_matching", "attacks.analytic")
+_BUILTIN_MODULES = ("attacks.gradient_matching", "attacks.analytic", "attacks.kkt")
 
 
 @dataclass

@@ -145,3 +145,65 @@ def leak_summary(
         fraction_leaked=float((scores >= threshold_db).double().mean()),
         threshold_db=threshold_db,
     )
+
+
+@dataclass(frozen=True)
+class NearestCandidates:
+    """Per true image: its best candidate by SSIM, and how many images count as recovered."""
+
+    ssim: torch.Tensor
+    index: torch.Tensor
+    recovered: int
+    fraction: float
+    threshold: float
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly view."""
+        return {
+            "ssim": self.ssim.tolist(),
+            "index": self.index.tolist(),
+            "recovered": self.recovered,
+            "fraction": self.fraction,
+            "threshold": self.threshold,
+        }
+
+
+def nearest_candidates(
+    truth: torch.Tensor,
+    candidates: torch.Tensor,
+    threshold: float = 0.4,
+    shortlist: int = 5,
+    chunk: int = 4096,
+) -> NearestCandidates:
+    """For every true image, the candidate of highest SSIM (candidates may be reused).
+
+    SSIM against every candidate is costly, so each true image first shortlists its
+    ``shortlist`` best candidates by normalised cross-correlation (mean-removed cosine) and its
+    ``shortlist`` nearest by MSE -- NCC is blind to constant images (the red/blue toy set), MSE
+    to contrast -- and SSIM is computed on those pairs only, ``chunk`` pairs at a time. An
+    image is recovered when its best SSIM reaches ``threshold`` (Haim et al. use 0.4).
+    """
+    n, m = truth.shape[0], candidates.shape[0]
+    if n == 0 or m == 0:
+        raise ValueError(f"need true images and candidates, got {n} and {m}")
+    flat_t, flat_c = truth.flatten(1).double(), candidates.flatten(1).double()
+    cent_t = flat_t - flat_t.mean(1, keepdim=True)
+    cent_c = flat_c - flat_c.mean(1, keepdim=True)
+    unit_t = cent_t / cent_t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unit_c = cent_c / cent_c.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    k = min(shortlist, m)
+    by_ncc = (unit_t @ unit_c.T).topk(k, dim=1).indices
+    by_mse = torch.cdist(flat_t, flat_c).topk(k, dim=1, largest=False).indices
+    pairs = torch.cat([by_ncc, by_mse], dim=1)
+    rows = torch.arange(n).repeat_interleave(pairs.shape[1])
+    cols = pairs.flatten()
+    scores = torch.cat(
+        [
+            ssim(candidates[cols[i : i + chunk]], truth[rows[i : i + chunk]])
+            for i in range(0, rows.numel(), chunk)
+        ]
+    ).view(n, -1)
+    best, where = scores.max(1)
+    index = pairs.gather(1, where[:, None]).squeeze(1)
+    recovered = int((best >= threshold).sum())
+    return NearestCandidates(best, index, recovered, recovered / n, threshold)

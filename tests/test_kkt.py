@@ -98,7 +98,8 @@ def test_toy_red_blue_fully_recovered() -> None:
 def test_mnist_tiny_case_beats_random_candidates() -> None:
     images, labels = mnist_odd_even(per_class=10, seed=0)
     spec = homogeneous_spec((1, 28, 28), widths=(100, 100), init_scale=0.3)
-    config = TrainConfig(steps=8000, lr=0.05, weight_decay=3e-2, log_every=8000)
+    # Long annealed training: the closer theta is to a KKT point, the more digits come back.
+    config = TrainConfig(steps=12000, lr=0.05, weight_decay=3e-2, log_every=12000)
     victim = train_victim(spec, images, labels, config)
     assert victim.history[-1]["accuracy"] == 1.0
     rec = KKT(KKTParams(iterations=3000)).run([victim.observation(20, config)])[0]
@@ -106,7 +107,7 @@ def test_mnist_tiny_case_beats_random_candidates() -> None:
     noise = nearest_candidates(images, torch.rand_like(rec.images))
     assert noise.recovered == 0
     assert report.ssim.mean() > noise.ssim.mean() + 0.05
-    assert report.recovered >= 1
+    assert report.recovered >= 2  # 3 of 20 measured (seed 0, one thread)
 
 
 def test_loss_terms_switch_off_with_zero_weight() -> None:

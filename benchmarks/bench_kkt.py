@@ -1,0 +1,156 @@
+"""Benchmark of the KKT reconstruction attack: victim training plus reconstruction, timed.
+
+Records (written to ``benchmarks/results/kkt.json``):
+
+* ``toy``: 10 red + 10 blue 3x16x16 images, homogeneous MLP 768-100-100-1.
+* ``mnist_odd_even``: 250 odd + 250 even MNIST digits, homogeneous MLP 784-1000-1000-1 trained
+  with weight decay, 2 candidates per image. The full run needs more time than a benchmark
+  should take on a shared 2-core machine, so ``--odd-even-steps`` / ``--odd-even-iterations``
+  cap it; the record says what was run (``train_steps``, ``iterations``) and the measured
+  ``seconds_per_iteration`` so the full cost can be extrapolated.
+* ``fedavg_client``: one FedAvg client holding 32 MNIST digits that trains the global
+  homogeneous MLP 784-100-100-1 with full-batch GD and weight decay for its local epochs; the
+  server attacks the returned weights.
+
+Each record: ``train_images``, ``recovered`` (true images whose best candidate reaches SSIM 0.4),
+``seconds`` (training + reconstruction), and details. Run with ``python -m benchmarks.bench_kkt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from attacks.kkt import KKT, KKTParams
+from attacks.metrics import nearest_candidates
+from attacks.observation import Observation
+from simulator.trained_model import (
+    TrainConfig,
+    fedavg_client_observation,
+    homogeneous_spec,
+    mnist_odd_even,
+    toy_red_blue,
+    train_victim,
+)
+
+RESULTS = Path(__file__).parent / "results" / "kkt.json"
+THRESHOLD = 0.4
+
+
+def _score(
+    name: str,
+    images: torch.Tensor,
+    obs: Observation,
+    params: KKTParams,
+    train_seconds: float,
+    extra: dict[str, object],
+) -> dict[str, object]:
+    start = time.perf_counter()
+    rec = KKT(params).run([obs])[0]
+    attack_seconds = time.perf_counter() - start
+    report = nearest_candidates(images, rec.images, threshold=THRESHOLD)
+    noise = nearest_candidates(
+        images,
+        torch.rand(rec.images.shape, generator=torch.Generator().manual_seed(0)),
+        threshold=THRESHOLD,
+    )
+    record: dict[str, object] = {
+        "train_images": int(images.shape[0]),
+        "recovered": report.recovered,
+        "seconds": round(train_seconds + attack_seconds, 2),
+        "train_seconds": round(train_seconds, 2),
+        "attack_seconds": round(attack_seconds, 2),
+        "iterations": params.iterations,
+        "seconds_per_iteration": round(attack_seconds / params.iterations, 5),
+        "candidates": int(rec.images.shape[0]),
+        "mean_best_ssim": round(float(report.ssim.mean()), 4),
+        "random_candidates_recovered": noise.recovered,
+        "random_candidates_mean_best_ssim": round(float(noise.ssim.mean()), 4),
+        "final_stationarity": round(rec.distance, 5),
+        **extra,
+    }
+    print(name, json.dumps(record), flush=True)
+    return record
+
+
+def bench_toy() -> dict[str, object]:
+    """Red/blue toy set: train, reconstruct, score."""
+    images, labels = toy_red_blue()
+    spec = homogeneous_spec((3, 16, 16), widths=(100, 100), init_scale=1e-2)
+    config = TrainConfig(steps=500, lr=0.5, weight_decay=1e-3)
+    victim = train_victim(spec, images, labels, config)
+    params = KKTParams(iterations=2000, init_scale=0.1, alpha=500.0)
+    extra = {"train_steps": config.steps, "weight_decay": config.weight_decay}
+    return _score("toy", images, victim.observation(20, config), params, victim.seconds, extra)
+
+
+def bench_odd_even(steps: int, iterations: int) -> dict[str, object]:
+    """MNIST odd/even, 500 images, 784-1000-1000-1 with weight decay (possibly capped)."""
+    images, labels = mnist_odd_even(per_class=250, seed=0)
+    spec = homogeneous_spec((1, 28, 28), widths=(1000, 1000), init_scale=0.3)
+    config = TrainConfig(steps=steps, lr=0.05, weight_decay=3e-2, log_every=max(1, steps // 4))
+    victim = train_victim(spec, images, labels, config)
+    params = KKTParams(iterations=iterations, log_every=max(1, iterations // 5))
+    extra = {
+        "train_steps": steps,
+        "weight_decay": config.weight_decay,
+        "train_accuracy": victim.history[-1]["accuracy"],
+        "train_seconds_per_step": round(victim.seconds / max(steps, 1), 4),
+        "note": (
+            "capped run (one shared core): the authors train 1e6 epochs and reconstruct for "
+            "50000 iterations; see seconds_per_iteration to extrapolate"
+        ),
+    }
+    return _score(
+        "mnist_odd_even", images, victim.observation(500, config), params, victim.seconds, extra
+    )
+
+
+def bench_fedavg(local_epochs: int, iterations: int) -> dict[str, object]:
+    """One FedAvg client with 32 digits, many full-batch local epochs with weight decay."""
+    images, labels = mnist_odd_even(per_class=16, seed=1)
+    spec = homogeneous_spec((1, 28, 28), widths=(100, 100), init_scale=0.3)
+    config = TrainConfig(steps=local_epochs, lr=0.05, weight_decay=3e-2, log_every=local_epochs)
+    obs, victim = fedavg_client_observation(images, labels, spec, config, seed=3)
+    params = KKTParams(iterations=iterations)
+    extra = {
+        "local_epochs": local_epochs,
+        "batch_size": 32,
+        "weight_decay": config.weight_decay,
+        "train_accuracy": victim.history[-1]["accuracy"],
+        "note": "client trains many full-batch local epochs with weight decay from round 0",
+    }
+    return _score("fedavg_client", images, obs, params, victim.seconds, extra)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--odd-even-steps", type=int, default=2000)
+    parser.add_argument("--odd-even-iterations", type=int, default=1200)
+    parser.add_argument("--fedavg-epochs", type=int, default=12000)
+    parser.add_argument("--fedavg-iterations", type=int, default=3000)
+    parser.add_argument("--only", choices=["toy", "mnist_odd_even", "fedavg_client"])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("LEAKSIM_DATA_DIR", str(Path(__file__).parents[2] / "shared" / "data"))
+    runs = {
+        "toy": bench_toy,
+        "fedavg_client": lambda: bench_fedavg(args.fedavg_epochs, args.fedavg_iterations),
+        "mnist_odd_even": lambda: bench_odd_even(args.odd_even_steps, args.odd_even_iterations),
+    }
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for name, run in runs.items():
+        if args.only in (None, name):
+            results[name] = {**run(), "threads": args.threads}
+            RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
