@@ -56,6 +56,13 @@ def test_every_shipped_scenario_loads() -> None:
         ),
         ("[attack]\nname = 'magic'", "attack"),
         ("seed = 'x'", "seed = 'x' must be an integer"),
+        ("[[defenses]]\nname = 'pruning'\nfraction = 1.5", "defenses[0]: defense 'pruning'"),
+        (
+            "[[defenses]]\nname = 'gaussian-noise'\nstd = -0.1",
+            "defenses[0]: defense 'gaussian-noise'",
+        ),
+        ("[[defenses]]\nname = 'blur'", "defenses[0]: unknown defense 'blur'"),
+        ("defenses = [{ std = 0.1 }]", "defenses[0] must be a table with a name"),
         ("[federation\n", "not valid TOML"),
     ],
 )
