@@ -30,6 +30,13 @@ bias, ``db = mean_i sigmoid(z_i) - t_i`` gives the number of odd images ``n (sba
 (``sbar`` estimated by probes as above; at n = 1 the sign of ``db`` is exact). Its labels are
 returned as parity classes 0 (even) and 1 (odd), which is all the training loss depends on.
 
+When the counts are uncertain, :func:`label_candidates` ranks alternative multisets: on the
+iDLG LeNet with U(-0.5, 0.5) weights the network's softmax concentrates on two or three
+classes, whose probe estimates are off by ~0.1, so one sample is often moved between them
+(2 of 8 batches of 8 and 4 of 4 batches of 16 of the first MNIST training images); the true
+multiset was the best single move in half of those cases. Gradient matching tries the first
+few candidates and keeps the one whose images reproduce the update.
+
 Recovery is impossible (returns ``labels=None`` with a reason) for batches without a final
 bias whose features can be negative (tanh), and for the binary model without a bias.
 """
@@ -213,3 +220,44 @@ def recover_labels(obs: Observation, probes: int = 64, seed: int = 0) -> LabelRe
     mass = row_sums[positive].sum() / pbar[positive].sum()
     counts = _largest_remainder(n * (pbar - row_sums / mass), (row_sums < 0).long(), n)
     return LabelRecovery(_expand(counts), "weight-rowsum", "row-sum heuristic", False)
+
+
+def _count_estimate(obs: Observation, probes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real-valued count estimates and the per-class minimum of the bias-count rule."""
+    n = num_samples(obs)
+    layer = final_layer(obs.model)
+    assert layer is not None and layer.bias is not None
+    bias = pseudo_gradient(obs)[layer.bias].detach().double().cpu()
+    return n * (_probe_mean_softmax(obs, probes, seed) - bias), (bias < 0).long()
+
+
+def label_candidates(
+    obs: Observation, count: int, probes: int = 64, seed: int = 0
+) -> list[torch.Tensor]:
+    """Up to ``count`` label multisets (sorted (n,) int64), most likely first.
+
+    The first is :func:`recover_labels`' answer. Only the bias-count rule is uncertain enough
+    to have alternatives: single moves of one sample between classes, ranked by how much they
+    increase the squared deviation of the counts from their real-valued estimates.
+    """
+    first = recover_labels(obs, probes, seed)
+    if first.labels is None:
+        return []
+    if count <= 1 or first.method != "bias-counts":
+        return [first.labels]
+    estimate, minimum = _count_estimate(obs, probes, seed)
+    base = torch.bincount(first.labels, minlength=estimate.numel())
+    moves = []
+    for source in range(base.numel()):
+        if int(base[source]) <= max(int(minimum[source]), 0) or int(base[source]) == 0:
+            continue
+        for sink in range(base.numel()):
+            if sink == source:
+                continue
+            counts = base.clone()
+            counts[source] -= 1
+            counts[sink] += 1
+            cost = float(((counts - estimate) ** 2).sum() - ((base - estimate) ** 2).sum())
+            moves.append((cost, source, sink, counts))
+    moves.sort(key=lambda move: (move[0], move[1], move[2]))
+    return [first.labels] + [_expand(move[3]) for move in moves[: count - 1]]
