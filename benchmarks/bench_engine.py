@@ -57,7 +57,9 @@ def in_process_round_seconds(scenario: Scenario, rounds: int) -> float:
     return (time.perf_counter() - started) / rounds
 
 
-def measure(fraction: float, rounds: int, clients: int, out: Path) -> dict[str, float]:
+def measure(
+    fraction: float, rounds: int, clients: int, out: Path, cpus: float = 1.0
+) -> dict[str, float]:
     scenario = load(
         "quickstart",
         {
@@ -65,6 +67,8 @@ def measure(fraction: float, rounds: int, clients: int, out: Path) -> dict[str, 
             "federation.fraction": fraction,
             "federation.rounds": rounds,
             "data.test_examples": 2000,
+            "attack.name": "none",
+            "federation.cpus_per_client": cpus,
         },
     )
     started = time.perf_counter()
@@ -79,6 +83,7 @@ def measure(fraction: float, rounds: int, clients: int, out: Path) -> dict[str, 
         "clients": clients,
         "fraction": fraction,
         "sampled_per_round": max(1, int(clients * fraction)),
+        "cpus_per_client": cpus,
         "rounds": rounds,
         "total_s": round(total, 2),
         "startup_s": round(startup, 2),
@@ -95,9 +100,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
+    parser.add_argument("--cpus-per-client", type=float, default=1.0)
     args = parser.parse_args()
     rows = [
-        measure(f, args.rounds, args.clients, Path("runs") / f"bench-engine-{f}")
+        measure(
+            f, args.rounds, args.clients, Path("runs") / f"bench-engine-{f}", args.cpus_per_client
+        )
         for f in args.fractions
     ]
     for row in rows:
