@@ -7,17 +7,16 @@ params dataclass so that a typo or an out-of-range value fails loudly before any
 
 from __future__ import annotations
 
-import importlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 
 from attacks.observation import Observation
-from simulator.params import build_params, check_params_class, params_rows
+from simulator.params import PluginEntry, Registry, params_rows
 from simulator.params import param as param  # re-exported: attack modules declare fields with it
 
 Status = Literal["converged", "budget", "diverged"]
@@ -83,17 +82,8 @@ class Attack(ABC, Generic[ParamsT]):
         """Attack every observation; one reconstruction per observation, in order."""
 
 
-@dataclass(frozen=True)
-class AttackEntry:
-    """A registered attack: its class, params dataclass and the line `leaksim list` shows."""
-
-    name: str
-    description: str
-    cls: type[Attack[Any]]
-    params: type
-
-
-_REGISTRY: dict[str, AttackEntry] = {}
+AttackEntry = PluginEntry
+ATTACKS = Registry("attack", _BUILTIN_MODULES)
 AttackT = TypeVar("AttackT", bound=type)
 
 
@@ -101,52 +91,19 @@ def register_attack(name: str, description: str) -> Callable[[AttackT], AttackT]
     """Register an :class:`Attack` subclass (with a frozen ``Params`` dataclass) under ``name``."""
 
     def decorate(cls: AttackT) -> AttackT:
-        params_cls = check_params_class(f"attack {name!r}", getattr(cls, "Params", None))
-        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
-            raise ValueError(f"attack {name!r} is already registered")
-        cls.name = name  # type: ignore[attr-defined]
-        _REGISTRY[name] = AttackEntry(name, description, cls, params_cls)  # type: ignore[arg-type]
-        return cls
+        return ATTACKS.add(name, description, cls)  # type: ignore[return-value]
 
     return decorate
 
 
-def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
-
-
-class _Catalog(Mapping[str, str]):
-    """Read-only name -> description view of the registry, loading the built-ins on first use."""
-
-    def __getitem__(self, name: str) -> str:
-        _load_builtins()
-        return _REGISTRY[name].description
-
-    def __iter__(self) -> Iterator[str]:
-        _load_builtins()
-        return iter(sorted(_REGISTRY))
-
-    def __len__(self) -> int:
-        _load_builtins()
-        return len(_REGISTRY)
-
-
-ATTACKS: Mapping[str, str] = _Catalog()
-
-
-def attack_entry(name: str) -> AttackEntry:
+def attack_entry(name: str) -> PluginEntry:
     """The registry entry for ``name``; ValueError listing the known names otherwise."""
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown attack {name!r}; known attacks: {sorted(_REGISTRY)}")
-    return _REGISTRY[name]
+    return ATTACKS.entry(name)
 
 
 def validate_params(name: str, raw: Mapping[str, Any]) -> Any:
     """Build the params dataclass of attack ``name`` from ``raw``, checking keys, types, ranges."""
-    entry = attack_entry(name)
-    return build_params(f"attack {name!r}", entry.params, raw)
+    return ATTACKS.validate(name, raw)
 
 
 def make_attack(name: str, params: Mapping[str, Any] | None = None) -> Attack[Any]:

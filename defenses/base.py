@@ -17,15 +17,14 @@ attack parameters (:mod:`simulator.params`).
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 
-from simulator.params import build_params, check_params_class, params_rows
+from simulator.params import PluginEntry, Registry, params_rows
 
 Kind = Literal["update", "training", "aggregation"]
 KINDS: tuple[str, ...] = ("update", "training", "aggregation")
@@ -89,22 +88,8 @@ class UpdateDefense(Defense):
         """
 
 
-@dataclass(frozen=True)
-class DefenseEntry:
-    """A registered defense: its class, params dataclass and the line ``leaksim list`` shows."""
-
-    name: str
-    description: str
-    cls: type[Defense]
-    params: type
-
-    @property
-    def factory(self) -> type[Defense]:
-        """The class (kept for callers of the first registry, which stored a factory)."""
-        return self.cls
-
-
-_REGISTRY: dict[str, DefenseEntry] = {}
+DefenseEntry = PluginEntry
+DEFENSES = Registry("defense", _BUILTIN_MODULES)
 DefenseT = TypeVar("DefenseT", bound=type[Defense])
 
 
@@ -113,55 +98,23 @@ def register_defense(name: str, description: str) -> Callable[[DefenseT], Defens
 
     def decorate(cls: DefenseT) -> DefenseT:
         subject = f"defense {name!r}"
-        params_cls = check_params_class(subject, getattr(cls, "Params", None))
         if getattr(cls, "kind", None) not in KINDS:
             raise TypeError(f"{subject}: kind must be one of {KINDS}")
         if not isinstance(getattr(cls, "changes_observation", None), bool):
             raise TypeError(f"{subject}: set changes_observation (bool)")
-        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
-            raise ValueError(f"{subject} is already registered")
-        cls.name = name
-        _REGISTRY[name] = DefenseEntry(name, description, cls, params_cls)
-        return cls
+        return DEFENSES.add(name, description, cls)  # type: ignore[return-value]
 
     return decorate
 
 
-def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
-
-
-class _Catalog(Mapping[str, str]):
-    """Read-only name -> description view of the registry, loading the built-ins on first use."""
-
-    def __getitem__(self, name: str) -> str:
-        _load_builtins()
-        return _REGISTRY[name].description
-
-    def __iter__(self) -> Iterator[str]:
-        _load_builtins()
-        return iter(sorted(_REGISTRY))
-
-    def __len__(self) -> int:
-        _load_builtins()
-        return len(_REGISTRY)
-
-
-DEFENSES: Mapping[str, str] = _Catalog()
-
-
-def defense_entry(name: str) -> DefenseEntry:
+def defense_entry(name: str) -> PluginEntry:
     """The registry entry for ``name``; ValueError listing the known names otherwise."""
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown defense {name!r}; known defenses: {sorted(_REGISTRY)}")
-    return _REGISTRY[name]
+    return DEFENSES.entry(name)
 
 
 def validate_params(name: str, raw: Mapping[str, Any]) -> Any:
     """Build the params dataclass of defense ``name`` from ``raw``, checking keys, types, ranges."""
-    return build_params(f"defense {name!r}", defense_entry(name).params, raw)
+    return DEFENSES.validate(name, raw)
 
 
 def make_defense(name: str, params: Mapping[str, Any] | None = None) -> Defense:

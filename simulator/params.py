@@ -10,9 +10,10 @@ clients hold.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import field
 from typing import Any, Literal
 
@@ -134,3 +135,64 @@ def params_rows(params_cls: type) -> list[tuple[str, str, Any, str]]:
         (f.name, describe_type(hints[f.name]), f.default, f.metadata.get("help", ""))
         for f in dataclasses.fields(params_cls)
     ]
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginEntry:
+    """A registered plugin: its class, params dataclass and the line ``leaksim list`` shows."""
+
+    name: str
+    description: str
+    cls: type
+    params: type
+
+
+class Registry(Mapping[str, str]):
+    """Plugins of one kind (attacks, defenses) by the names scenario files use.
+
+    As a mapping it is name -> description. Built-in plugin modules are imported on first use,
+    so registering modules can import the registry without an import cycle.
+    """
+
+    def __init__(self, kind: str, builtin_modules: tuple[str, ...]) -> None:
+        self.kind = kind
+        self._builtin_modules = builtin_modules
+        self._entries: dict[str, PluginEntry] = {}
+
+    def add(self, name: str, description: str, cls: type) -> type:
+        """Register ``cls`` (which declares a frozen ``Params`` dataclass) under ``name``."""
+        subject = f"{self.kind} {name!r}"
+        params_cls = check_params_class(subject, getattr(cls, "Params", None))
+        if name in self._entries and self._entries[name].cls is not cls:
+            raise ValueError(f"{subject} is already registered")
+        cls.name = name  # type: ignore[attr-defined]
+        self._entries[name] = PluginEntry(name, description, cls, params_cls)
+        return cls
+
+    def _load(self) -> None:
+        for module in self._builtin_modules:
+            importlib.import_module(module)
+
+    def entry(self, name: str) -> PluginEntry:
+        """The entry for ``name``; ValueError listing the known names otherwise."""
+        self._load()
+        if name not in self._entries:
+            known = sorted(self._entries)
+            raise ValueError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}")
+        return self._entries[name]
+
+    def validate(self, name: str, raw: Mapping[str, Any]) -> Any:
+        """The params dataclass of plugin ``name`` built from ``raw`` (keys, types, ranges)."""
+        return build_params(f"{self.kind} {name!r}", self.entry(name).params, raw)
+
+    def __getitem__(self, name: str) -> str:
+        self._load()
+        return self._entries[name].description
+
+    def __iter__(self) -> Iterator[str]:
+        self._load()
+        return iter(sorted(self._entries))
+
+    def __len__(self) -> int:
+        self._load()
+        return len(self._entries)

@@ -39,6 +39,8 @@ def test_flwr_run_streams_the_same_records(tmp_path: Path) -> None:
         **os.environ,
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        # flwr launches flower-superlink by name: the venv's scripts must be on PATH
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     flwr = Path(sys.executable).parent / "flwr"
     command = [str(flwr), "run", str(REPO), "--stream", "--run-config", f'scenario="{scenario}"']
