@@ -65,11 +65,8 @@ class ClientDefenses:
     ) -> dict[str, torch.Tensor]:
         """The FedSGD update: the (private) batch gradient, then the update defenses."""
         if self.training is not None:
-            from defenses.dp_sgd import private_gradient
-
-            params = self.training.params
-            gradient = private_gradient(
-                model, spec, inputs, labels, params, generator, denominator=float(expected_batch)
+            gradient = self.training.gradient(  # type: ignore[attr-defined]
+                model, spec, inputs, labels, generator, denominator=float(expected_batch)
             )
         else:
             gradient = batch_gradient(model, spec, inputs, labels)
@@ -85,11 +82,9 @@ class ClientDefenses:
     ) -> float:
         """FedAvg local training, private when DP-SGD is on; returns the last epoch's loss."""
         if self.training is not None:
-            from defenses.dp_sgd import private_local_train
-
-            return private_local_train(
+            return self.training.local_train(  # type: ignore[attr-defined]
                 model, spec, shard.inputs, shard.labels, fed.local_epochs, fed.batch_size,
-                fed.lr, self.training.params, generator,
+                fed.lr, generator,
             )  # fmt: skip
         return local_train(model, spec, shard, fed.local_epochs, fed.batch_size, fed.lr, generator)
 

@@ -69,20 +69,15 @@ def aggregated(traffic: RoundTraffic) -> RoundTraffic:
     """
     if not traffic.observations:
         return traffic
+    from defenses.secure_aggregation import aggregate_view
+
     first = traffic.observations[0]
-    counts = torch.tensor([float(o.meta.num_examples) for o in traffic.observations])
-    weights = counts / counts.sum()
-    update = {
-        name: torch.einsum(
-            "c,c...->...", weights, torch.stack([o.update[name] for o in traffic.observations])
-        )
-        for name in first.update
-    }
-    total = int(counts.sum())
+    counts = [o.meta.num_examples for o in traffic.observations]
+    update = aggregate_view([o.update for o in traffic.observations], counts)
+    total = sum(counts)
+    fedsgd = first.meta.protocol == "fedsgd"
     batch = (
-        sum(o.meta.batch_size for o in traffic.observations)
-        if first.meta.protocol == "fedsgd"
-        else first.meta.batch_size
+        sum(o.meta.batch_size for o in traffic.observations) if fedsgd else first.meta.batch_size
     )
     view = Observation(
         round=traffic.round,
