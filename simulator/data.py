@@ -7,6 +7,7 @@ Missing files are downloaded from the official mirrors into the first of those l
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -270,6 +271,7 @@ def ensure_files(
     missing = [k for k in keys if _verify(target / info.files[k].name, info.files[k])]
     if download:
         urls = _mirrors(info, mirrors)
+        created = [p for p in (target, *target.parents) if not p.exists()]
         try:
             target.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -289,6 +291,10 @@ def ensure_files(
                 break
         if not urls and not problems:
             problems.append("no download mirrors configured")
+        if missing:  # leave no empty folders behind a failed download
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     if not missing:
         return {k: target / info.files[k].name for k in keys}
 

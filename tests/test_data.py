@@ -420,4 +420,15 @@ def test_corrupted_download_never_lands_under_the_final_name(
     with pytest.raises(DataNotFoundError) as info:
         ensure_files("mnist", ["test-labels"], mirrors=[mirror.url("only")])
     assert f"{mirror.url('only')}{name}: MD5 " in str(info.value)
-    assert list((env / "mnist").iterdir()) == []
+    assert not (env / "mnist").exists()  # no partial file, no empty folder
+
+
+def test_a_failed_download_leaves_no_empty_folders(tmp_path: Path, monkeypatch) -> None:
+    from simulator.data import DataNotFoundError, load_split
+
+    cache = tmp_path / "cache"
+    monkeypatch.delenv("LEAKSIM_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    with pytest.raises(DataNotFoundError):
+        load_split("mnist", "test", mirrors=["http://127.0.0.1:9/"])
+    assert not cache.exists()
