@@ -786,10 +786,11 @@ def _lbfgs(
 
 
 def _status(t: _Tracker, problem: int) -> Status:
-    if t.converged[problem]:
-        return "converged"
+    # Divergence first: a NaN distance also looks "stalled", which would read as converged.
     if t.diverged[problem] or not math.isfinite(float(t.best_distance[problem])):
         return "diverged"
+    if t.converged[problem]:
+        return "converged"
     return "budget"
 
 

@@ -99,7 +99,6 @@ def run_point(
     folder: RunFolder | None = None,
 ) -> Record:
     """Run one sweep point through Flower; returns its summary (``point``) record."""
-    from flwr.clientapp import ClientApp  # noqa: F401  (imported before Ray forks workers)
     from flwr.simulation import run_simulation
 
     from simulator.client_app import app as client_app
@@ -113,11 +112,11 @@ def run_point(
             rounds.append(record)
         emit(record)
 
-    def save(name: str, arrays: Mapping[str, np.ndarray]) -> None:
+    def save(record: Record, arrays: Mapping[str, np.ndarray]) -> None:
         if folder is not None:
-            folder.save_arrays(f"p{point.index}-{name}", arrays)
+            folder.save_attack({"point": point.index, **record}, arrays)
 
-    server = ServerRun(scenario, emit=tagged, on_progress=on_round, taps=taps, save_arrays=save)
+    server = ServerRun(scenario, emit=tagged, on_progress=on_round, taps=taps, save_attack=save)
     started = time.perf_counter()
     error: BaseException | None = None
     with quiet_flower(verbose):

@@ -105,7 +105,7 @@ def _strength_grids(
     run_dir: Path, records: list[Record], rows: list[Record], per_curve: int = 4
 ) -> list[tuple[str, np.ndarray, list[tuple[str, np.ndarray]]]]:
     """Per curve: the first attacked client's truth and its reconstructions at a few strengths."""
-    from simulator.results import ARTIFACTS_DIR
+    from simulator.results import attack_artifact
 
     first_attack: dict[int, Record] = {}
     for record in records:
@@ -123,9 +123,7 @@ def _strength_grids(
         ]
         truth, columns = None, []
         for row in picks:
-            attack = first_attack[row["point"]]
-            name = f"p{row['point']}-attack-r{attack['round']}-c{attack['client']}.npz"
-            path = run_dir / ARTIFACTS_DIR / name
+            path = attack_artifact(run_dir, first_attack[row["point"]])
             if not path.is_file():
                 continue
             with np.load(path) as arrays:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from simulator import evaluation, figures
-from simulator.results import ARTIFACTS_DIR, read_records
+from simulator.results import attack_artifact, read_records
 
 Record = dict[str, Any]
 SUMMARY_FILE = "summary.md"
@@ -166,7 +166,7 @@ def _reconstruction_figures(run_dir: Path, attacks: list[Record], figures_dir: P
     for (point, round_), group in sorted(groups.items()):
         pairs = []
         for record in sorted(group, key=lambda r: r["client"]):
-            path = run_dir / ARTIFACTS_DIR / f"p{point}-attack-r{round_}-c{record['client']}.npz"
+            path = attack_artifact(run_dir, record)
             if path.is_file():
                 with np.load(path) as arrays:
                     title = f"client {record['client']}: mean PSNR {record['mean_psnr']:.1f} dB"

@@ -115,11 +115,24 @@ class RunFolder:
         os.replace(partial, target)
         return target
 
+    def save_attack(self, record: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Path:
+        """Store the true batch and reconstruction behind an ``attack`` record."""
+        return self.save_arrays(_attack_name(record), arrays)
+
     def records(self) -> list[dict[str, Any]]:
         return list(read_records(self.path))
 
     def scenario(self) -> Scenario:
         return Scenario.from_json((self.path / SCENARIO_FILE).read_text())
+
+
+def _attack_name(record: Mapping[str, Any]) -> str:
+    return f"p{record['point']}-attack-r{record['round']}-c{record['client']}"
+
+
+def attack_artifact(run_dir: Path | str, record: Mapping[str, Any]) -> Path:
+    """Where :meth:`RunFolder.save_attack` put the arrays behind an ``attack`` record."""
+    return Path(run_dir) / ARTIFACTS_DIR / f"{_attack_name(record)}.npz"
 
 
 def read_records(run_dir: Path | str) -> Iterator[dict[str, Any]]:

@@ -75,7 +75,7 @@ class ServerRun:
     emit: Callable[[Record], None]
     on_progress: Callable[[int], None] = lambda _round: None
     taps: Sequence[Callable[[RoundTraffic], None]] = ()
-    save_arrays: Callable[[str, Mapping[str, np.ndarray]], object] = lambda _name, _arrays: None
+    save_attack: Callable[[Record, Mapping[str, np.ndarray]], object] = lambda _r, _arrays: None
     malicious: MaliciousServer = field(init=False)
     failures: list[Record] = field(default_factory=list)
     _round_started: float = field(default=0.0, init=False)
@@ -189,8 +189,8 @@ class ServerRun:
         parity = is_binary(self.scenario.model_spec())
         for scored in score_round(reconstructions, traffic.oracles, threshold, parity):
             self.emit(scored.record)
-            name = f"attack-r{traffic.round}-c{scored.record['client']}"
-            self.save_arrays(name, {"truth": scored.truth, "reconstruction": scored.reconstruction})
+            arrays = {"truth": scored.truth, "reconstruction": scored.reconstruction}
+            self.save_attack(scored.record, arrays)
 
 
 def privacy_spent(scenario: Scenario, participations: Mapping[int, int]) -> Record | None:
