@@ -21,9 +21,15 @@ from simulator.params import param as param  # re-exported: attack modules decla
 
 Status = Literal["converged", "budget", "diverged"]
 STATUSES: tuple[str, ...] = ("converged", "budget", "diverged")
+Matching = Literal["hungarian", "nearest"]
 
 # Modules whose import registers the built-in attacks; loaded lazily to avoid import cycles.
-_BUILTIN_MODULES = ("attacks.gradient_matching", "attacks.analytic", "attacks.kkt")
+_BUILTIN_MODULES = (
+    "attacks.gradient_matching",
+    "attacks.analytic",
+    "attacks.kkt",
+    "attacks.inversion",
+)
 
 
 @dataclass
@@ -37,6 +43,9 @@ class Reconstruction:
     the truth can plot quality against iterations. ``confident`` optionally flags (n,) the
     images the attack vouches for (the analytic attack's single-sample recoveries);
     ``distance`` is the gradient distance of the reported images (NaN when not computed).
+    ``matching``: "hungarian" pairs each true image with its own reconstruction (one-to-one);
+    "nearest" means the images are candidates, more or fewer than the truth, and each true
+    image is scored against its most similar candidate (dataset reconstruction, inversion).
     ``status``: "converged" (distance under tolerance, or the optimiser can make no further
     progress, or a closed form), "budget" (iterations spent), "diverged" (non-finite values
     met; the images are the best finite iterate).
@@ -53,6 +62,7 @@ class Reconstruction:
     notes: str = ""
     confident: torch.Tensor | None = None
     distance: float = math.nan
+    matching: Matching = "hungarian"
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

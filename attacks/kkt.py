@@ -18,7 +18,8 @@ side reproduces theta. Loss terms (each scaled by its weight in :class:`KKTParam
   the reported lambdas are ``s u``.
 * lambda: ``sum_i relu(lambda_min - u_i)^2``, keeping every candidate in play (a candidate
   whose lambda falls to 0 is unconstrained and drifts away from the data).
-* range: squared distance of every pixel outside ``[data_low, data_high]``, per candidate.
+* range: squared distance of every pixel outside the model's input range (``[-1, 1]`` for
+  ``centre_inputs`` models, else ``[0, 1]``), per candidate.
 
 Multiclass models use margins ``f_y - f_j`` with coefficients ``lambda_ij`` (``j != y``).
 Candidates get labels round-robin (binary: half +1, half -1). ReLU's derivative is replaced by
@@ -43,7 +44,12 @@ few digits reach SSIM 0.4 within the budgets we could afford.
 Modes: ``"weights"`` takes ``update`` as theta (a trained model, or a FedAvg client's returned
 weights); ``"difference"`` fits ``update - global_weights`` with gradients taken at the
 client's weights and free-signed per-sample coefficients (the lambda loss acts on ``|u|``).
-Returned images are candidates mapped from ``[data_low, data_high]`` to ``[0, 1]`` and clamped.
+``init="subspace"`` starts the candidates from the training inputs recovered from the first
+layer's change (:mod:`attacks.subspace`: that block of the stationarity condition is linear in
+the inputs) and labels them with the model's own predictions; with ``iterations = 0`` those
+candidates are returned as they are. A final stationarity residual above
+``stationarity_tolerance`` is reported in ``notes``: such weights are not at a KKT point.
+Returned images are candidates mapped from the model's input range to ``[0, 1]`` and clamped.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ from torch import nn
 
 from attacks.base import Attack, Reconstruction, Status, param, register_attack
 from attacks.observation import Observation
-from simulator.models import ModelSpec, build_model, is_binary
+from attacks.subspace import Subspace, first_layer_subspace, select_candidates, sparse_vectors
+from simulator.models import Centre, ModelSpec, build_model, is_binary
 
 Layer = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -73,7 +80,7 @@ class KKTParams:
     the fitted lambda scale); the red/blue toy set needs ``alpha`` ~500 and ``init_scale`` 0.1.
     """
 
-    iterations: int = param(3000, low=1, high=10_000_000, help="optimiser iterations")
+    iterations: int = param(3000, low=0, high=10_000_000, help="optimiser iterations")
     lr: float = param(0.01, low=0.0, low_open=True, high=10.0, help="Adam step for candidates")
     lambda_lr: float = param(0.01, low=0.0, low_open=True, high=10.0, help="Adam step, lambdas")
     lr_decay: bool = True
@@ -90,19 +97,19 @@ class KKTParams:
     stationarity_weight: float = param(1.0, low=0.0, high=1e9, help="weight of stationarity")
     lambda_weight: float = param(1.0, low=0.0, high=1e9, help="weight of the lambda loss")
     range_weight: float = param(1.0, low=0.0, high=1e9, help="weight of the range loss")
-    data_low: float = param(-1.0, low=-1e6, high=1e6, help="model input of a black pixel")
-    data_high: float = param(1.0, low=-1e6, high=1e6, help="model input of a white pixel")
     mode: Literal["weights", "difference"] = "weights"
+    init: Literal["random", "subspace"] = "random"
+    sparsity: float = param(
+        0.03, low=0.0, low_open=True, high=100.0, help="subspace init: threshold x sqrt(D)"
+    )
+    subspace_starts: int = param(4000, low=1, high=1_000_000, help="subspace init: random starts")
+    stationarity_tolerance: float = param(
+        0.5, low=0.0, low_open=True, high=1e9, help="residual above which theta is not a KKT point"
+    )
     normalise: Literal["layer", "global"] = "layer"
     seed: int = param(0, low=0, help="candidate initialisation seed")
     log_every: int = param(100, low=1, help="iterations between trace records")
     snapshots: int = param(0, low=0, high=1000, help="evenly spaced image snapshots to keep")
-
-    def __post_init__(self) -> None:
-        if self.data_high <= self.data_low:
-            raise ValueError(
-                f"attack 'kkt': data_high = {self.data_high} must exceed data_low = {self.data_low}"
-            )
 
 
 def mlp_parameter_names(spec: ModelSpec) -> list[tuple[str, str | None]]:
@@ -116,7 +123,7 @@ def mlp_parameter_names(spec: ModelSpec) -> list[tuple[str, str | None]]:
     for index, module in enumerate(modules):
         if isinstance(module, nn.Linear):
             names.append((f"{index}.weight", f"{index}.bias" if module.bias is not None else None))
-        elif not isinstance(module, (nn.Flatten, nn.ReLU)):
+        elif not isinstance(module, (nn.Flatten, nn.ReLU, Centre)):
             raise ValueError(
                 f"attack 'kkt' needs a ReLU MLP (Linear/ReLU layers); model {spec.kind!r} has "
                 f"{type(module).__name__}"
@@ -124,6 +131,11 @@ def mlp_parameter_names(spec: ModelSpec) -> list[tuple[str, str | None]]:
     if not names:
         raise ValueError(f"attack 'kkt': model {spec.kind!r} has no linear layer")
     return names
+
+
+def input_range(spec: ModelSpec) -> tuple[float, float]:
+    """Model-side values of a black and a white pixel: the units candidates live in."""
+    return (-1.0, 1.0) if spec.centre_inputs else (0.0, 1.0)
 
 
 def mlp_layers(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> list[Layer]:
@@ -198,6 +210,8 @@ class _Problem:
     classes: int
     dims: int
     count: int
+    low: float
+    high: float
 
 
 def _problem(obs: Observation, mode: str, candidates: float, normalise: str) -> _Problem:
@@ -222,6 +236,8 @@ def _problem(obs: Observation, mode: str, candidates: float, normalise: str) -> 
         classes=classes,
         dims=layers[0][0].shape[1],
         count=max(2, math.ceil(candidates * obs.meta.num_examples)),
+        low=input_range(spec)[0],
+        high=input_range(spec)[1],
     )
 
 
@@ -250,7 +266,7 @@ def kkt_losses(
         own = nn.functional.one_hot(labels, problem.classes).bool()
         magnitude = magnitude[~own]
     lam = (torch.relu(params.lambda_min - magnitude) ** 2).sum()
-    outside = torch.relu(inputs - params.data_high) + torch.relu(params.data_low - inputs)
+    outside = torch.relu(inputs - problem.high) + torch.relu(problem.low - inputs)
     rng = (outside**2).sum() / inputs.shape[0]
     terms = {"stationarity": stationarity, "lambda": lam, "range": rng}
     total = (
@@ -280,8 +296,8 @@ class KKT(Attack[KKTParams]):
         return [self._attack(obs) for obs in observations]
 
     def _images(self, obs: Observation, inputs: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        unit = (inputs.detach() - p.data_low) / (p.data_high - p.data_low)
+        low, high = input_range(obs.model)
+        unit = (inputs.detach() - low) / (high - low)
         return unit.clamp(0, 1).reshape(-1, *obs.model.input_shape).clone()
 
     def _attack(self, obs: Observation, initial: torch.Tensor | None = None) -> Reconstruction:
@@ -289,10 +305,23 @@ class KKT(Attack[KKTParams]):
         start = time.perf_counter()
         problem = _problem(obs, p.mode, p.candidates, p.normalise)
         generator = torch.Generator().manual_seed(p.seed)
-        centre = (p.data_low + p.data_high) / 2 if p.init_centre is None else p.init_centre
-        inputs = centre + p.init_scale * torch.randn(
-            problem.count, problem.dims, generator=generator
-        )
+        labels = candidate_labels(problem.count, problem.classes)
+        notes: list[str] = []
+        if p.init == "subspace":
+            unit, subspace = subspace_candidates(obs, problem.count, p, generator)
+            inputs = (problem.low + (problem.high - problem.low) * unit).float()
+            labels = predicted_labels(problem, inputs)
+            notes.append(
+                f"subspace init: rank {subspace.rank} of {problem.dims} input dims, decay "
+                f"{subspace.decay:.4g}, energy outside the span {subspace.outside:.2g}"
+            )
+            if subspace.rank + 1 >= problem.dims:
+                notes.append("subspace uninformative: as many examples as input dimensions")
+        else:
+            centre = (problem.low + problem.high) / 2 if p.init_centre is None else p.init_centre
+            inputs = centre + p.init_scale * torch.randn(
+                problem.count, problem.dims, generator=generator
+            )
         if initial is not None:  # warm start (diagnostics): first rows replaced
             inputs[: initial.shape[0]] = initial.reshape(initial.shape[0], -1)
         inputs.requires_grad_(True)
@@ -301,7 +330,6 @@ class KKT(Attack[KKTParams]):
         if p.mode == "difference":
             relative = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0)
         relative.requires_grad_(True)
-        labels = candidate_labels(problem.count, problem.classes)
         groups = [{"params": [inputs], "lr": p.lr}, {"params": [relative], "lr": p.lambda_lr}]
         optimizer = (
             torch.optim.Adam(groups)
@@ -359,23 +387,60 @@ class KKT(Attack[KKTParams]):
         with torch.no_grad():
             _, terms, _ = kkt_losses(problem, final_inputs, final_relative, labels, p)
         lambdas = final_relative * final_scale
+        # Without a fit the residual says nothing about theta (the lambdas were never solved).
+        residual = float(terms["stationarity"]) if p.iterations else math.nan
+        if residual > p.stationarity_tolerance:
+            notes.append(
+                f"theta is far from a KKT point: stationarity residual {residual:.3g} > "
+                f"{p.stationarity_tolerance:g}, so the KKT conditions do not explain these weights"
+            )
+        fitted = (
+            f"; lambda scale {final_scale:.3g}, {int((lambdas.abs() > 0).sum())} nonzero lambdas"
+            if p.iterations
+            else "; no KKT fit (iterations = 0)"
+        )
+        notes.insert(0, f"{problem.count} candidates, mode {p.mode}{fitted}")
+        if problem.classes == 1:
+            notes.append("binary model: candidate labels are parity only")
         return Reconstruction(
             round=obs.round,
             client_id=obs.client_id,
             images=self._images(obs, final_inputs),
-            labels=None if problem.classes == 1 else labels.clone(),
+            labels=labels.clone(),
             trace=trace,
             snapshots=snapshots,
             status=status,
             attack=self.name,
-            notes=(
-                f"{problem.count} candidates, mode {p.mode}; lambda scale {final_scale:.3g}, "
-                f"{int((lambdas.abs() > 0).sum())} nonzero lambdas"
-                + (
-                    "; binary model: candidate labels are parity only"
-                    if problem.classes == 1
-                    else ""
-                )
-            ),
-            distance=float(terms["stationarity"]),
+            notes="; ".join(notes),
+            distance=residual,
+            matching="nearest",
         )
+
+
+def subspace_candidates(
+    obs: Observation, count: int, params: KKTParams, generator: torch.Generator
+) -> tuple[torch.Tensor, Subspace]:
+    """``count`` candidates in [0, 1] (count, D) from the first layer's change (attacks.subspace).
+
+    Under FedSGD the update is the gradient itself; otherwise the sent-back first-layer weights
+    are compared with the global ones, the weight-decay factor fitted.
+    """
+    first = mlp_parameter_names(obs.model)[0][0]
+    initial = None if obs.meta.protocol == "fedsgd" else obs.global_weights[first]
+    subspace = first_layer_subspace(obs.update[first], initial, obs.meta.num_examples)
+    starts = max(params.subspace_starts, 2 * count)
+    vectors = sparse_vectors(subspace.basis, starts, params.sparsity, generator=generator)
+    return select_candidates(vectors, count), subspace
+
+
+def predicted_labels(problem: _Problem, inputs: torch.Tensor) -> torch.Tensor:
+    """The attacked model's own labels for ``inputs``: argmax, or parity 0/1 for one logit."""
+    with torch.no_grad():
+        hidden = inputs
+        for weight, bias in problem.layers[:-1]:
+            hidden = torch.relu(hidden @ weight.T + (0 if bias is None else bias))
+        weight, bias = problem.layers[-1]
+        logits = hidden @ weight.T + (0 if bias is None else bias)
+    if problem.classes == 1:
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(1)

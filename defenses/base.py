@@ -7,7 +7,9 @@ A defense acts at one of three places, its ``kind``:
   the caller adds the global weights back), so norms and thresholds mean the same in both.
 - "training": changes how the client trains locally (DP-SGD, :mod:`defenses.dp_sgd`).
 - "aggregation": changes what the server observes across clients (secure aggregation,
-  :mod:`defenses.secure_aggregation`).
+  :mod:`defenses.secure_aggregation`, which runs Flower's SecAgg+).
+- "message": a Flower client mod that rewrites the client's reply message after all of the
+  above (local DP through Flower's LocalDpMod, :mod:`defenses.local_dp`).
 
 ``changes_observation`` says whether the server's view differs from the undefended one: a
 client-side transformation does; a defense applied after the server has observed (central DP)
@@ -26,8 +28,8 @@ import torch
 
 from simulator.params import PluginEntry, Registry, params_rows
 
-Kind = Literal["update", "training", "aggregation"]
-KINDS: tuple[str, ...] = ("update", "training", "aggregation")
+Kind = Literal["update", "training", "aggregation", "message"]
+KINDS: tuple[str, ...] = ("update", "training", "aggregation", "message")
 
 # Modules whose import registers the built-in defenses; loaded lazily to avoid import cycles.
 _BUILTIN_MODULES = (
@@ -37,6 +39,7 @@ _BUILTIN_MODULES = (
     "defenses.quantization",
     "defenses.dp_sgd",
     "defenses.secure_aggregation",
+    "defenses.local_dp",
 )
 
 
@@ -67,6 +70,13 @@ class Defense(ABC):
         raise TypeError(
             f"defense {self.name!r} acts on {self.kind}, not on the update; see its module"
         )
+
+    def check_scenario(self, protocol: str, names: Sequence[str]) -> None:
+        """Raise ValueError when this defense cannot run under ``protocol`` with ``names``.
+
+        ``names`` are all the scenario's defenses; most defenses fit everywhere.
+        """
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"

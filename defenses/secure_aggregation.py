@@ -1,11 +1,14 @@
 """Secure aggregation: the server observes only the aggregate of the clients' updates.
 
-This plugin models what a secure-aggregation protocol such as Flower's SecAgg+ reveals to an
-honest-but-curious server: the sum of the masked updates of the clients that took part (or,
-with weights, the weighted mean FedAvg computes from it), and nothing about any single update.
-It does not run the protocol (no masks, secret sharing or dropouts); wiring Flower's SecAgg+ is
-separate. With fewer than ``min_clients`` updates the protocol would not reveal anything, so
-:func:`aggregate_view` refuses. Kind "aggregation"; changes what the server observes.
+When a scenario lists "secure-aggregation", the point runs Flower's own SecAgg+ protocol
+(:mod:`simulator.secagg_app`: ``SecAggPlusWorkflow`` on the server, ``secaggplus_mod`` on the
+clients): each client masks its quantized, example-weighted update, and the server can unmask
+only their sum, which the workflow turns into the weighted mean FedAvg (or FedSGD) needs.
+This plugin holds the protocol's parameters and :func:`aggregate_view`, the exact (unquantized)
+weighted mean, which tests compare the protocol's output with and which
+:func:`simulator.interceptor.aggregated` uses to model the view on the Message-API path.
+With fewer than ``min_clients`` updates nothing is revealed. Kind "aggregation"; changes what
+the server observes (one aggregate per round instead of one update per client).
 """
 
 from __future__ import annotations
@@ -22,11 +25,56 @@ from simulator.params import param
 
 @dataclass(frozen=True)
 class SecureAggregationParams:
-    """Parameters of "secure-aggregation"."""
+    """Parameters of "secure-aggregation" (the SecAgg+ ones are ``SecAggPlusWorkflow``'s)."""
 
     min_clients: int = param(
         2, low=1, help="fewest updates the aggregate is revealed for (1 reveals that update)"
     )
+    num_shares: float = param(
+        1.0,
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        help="fraction of the sampled clients each one secret-shares its keys with (1: all)",
+    )
+    reconstruction_threshold: float = param(
+        0.5,
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        help="fraction of the shares needed to rebuild a key (at least 2 shares)",
+    )
+    clipping_range: float = param(
+        8.0, low=0.0, low_open=True, help="each weighted coordinate is clipped to +-this first"
+    )
+    quantization_range: int = param(
+        2**22, low=2, high=2**28, help="integer levels over [-clipping_range, clipping_range]"
+    )
+    max_weight: float | None = param(
+        None,
+        low=0.0,
+        low_open=True,
+        help="largest example count a client reports (None: the batch size under FedSGD, "
+        "the largest shard under FedAvg); weights are quantized relative to it",
+    )
+
+
+def quantization_tolerance(
+    weights: Sequence[float], params: SecureAggregationParams, max_weight: float, largest: float
+) -> float:
+    """A bound on |SecAgg+ aggregate - exact weighted mean| per coordinate.
+
+    Each client sends round(w / max_weight * Q) / Q times its update, stochastically rounded
+    to a step of 2 C / Q (C the clipping range, Q the quantization range), so the unmasked sum
+    errs by under one step per client and the weights by half a level each; ``largest`` bounds
+    the updates' coordinates. Assumes no coordinate was clipped (|w / max_weight * x| <= C).
+    """
+    levels = params.quantization_range
+    ratios = [round(w / max_weight * levels) / levels for w in weights]
+    step = 2 * params.clipping_range / levels
+    rounding = len(weights) * step / sum(ratios)
+    reweighting = 2 * largest * len(weights) / (2 * levels) / sum(ratios)
+    return rounding + reweighting
 
 
 def aggregate_view(
@@ -68,10 +116,10 @@ def aggregate_view(
 
 
 @register_defense(
-    "secure-aggregation", "The server sees only the sum (or mean) of the clients' updates."
+    "secure-aggregation", "Flower's SecAgg+: the server sees only the clients' weighted mean."
 )
 class SecureAggregation(Defense):
-    """Models SecAgg+'s view; acts at aggregation and changes the observation (aggregate only)."""
+    """Runs SecAgg+; acts at aggregation and changes the observation (the aggregate only)."""
 
     kind: ClassVar[Kind] = "aggregation"
     changes_observation: ClassVar[bool] = True

@@ -2,7 +2,9 @@
 
 Update defenses (noise, clipping, pruning, quantization) transform what the client sends, in
 the scenario's order: the gradient under FedSGD, the weight change under FedAvg (the global
-weights are added back afterwards). Aggregation defenses act on the server side instead.
+weights are added back afterwards). Aggregation defenses act on the server side instead
+(SecAgg+, :mod:`simulator.secagg_app`); message defenses wrap the reply as Flower client mods
+(:mod:`simulator.client_mods`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ def build_defenses(scenario: Scenario) -> list[Defense]:
     ]
 
 
+def check_defenses(scenario: Scenario) -> None:
+    """Raise ValueError when a defense cannot run with the scenario's protocol or the others.
+
+    The checks that need more than a defense's own parameters (e.g. local-dp is FedAvg only).
+    """
+    defenses = build_defenses(scenario)
+    names = [d.name for d in defenses]
+    for defense in defenses:
+        defense.check_scenario(scenario.federation.protocol, names)
+
+
 @dataclass(frozen=True)
 class ClientDefenses:
     """The defenses one client applies: at most one training defense, then update defenses."""
@@ -36,6 +49,7 @@ class ClientDefenses:
 
     @classmethod
     def from_scenario(cls, scenario: Scenario) -> ClientDefenses:
+        check_defenses(scenario)
         defenses = build_defenses(scenario)
         training = [d for d in defenses if d.kind == "training"]
         if len(training) > 1:
@@ -86,7 +100,16 @@ class ClientDefenses:
                 model, spec, shard.inputs, shard.labels, fed.local_epochs, fed.batch_size,
                 fed.lr, generator,
             )  # fmt: skip
-        return local_train(model, spec, shard, fed.local_epochs, fed.batch_size, fed.lr, generator)
+        return local_train(
+            model,
+            spec,
+            shard,
+            fed.local_epochs,
+            fed.batch_size,
+            fed.lr,
+            generator,
+            fed.weight_decay,
+        )
 
     def weights(
         self, sent: dict[str, torch.Tensor], model: nn.Module, generator: torch.Generator

@@ -27,15 +27,18 @@ import torch
 
 __all__ = [
     "DATASETS",
+    "SYNTHETIC",
     "DataError",
     "DataNotFoundError",
     "DatasetInfo",
     "FileInfo",
     "candidate_dirs",
     "ensure_files",
+    "image_shape",
     "load_split",
     "md5sum",
     "read_idx",
+    "red_blue",
     "to_tensor",
 ]
 
@@ -116,11 +119,35 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+RED_BLUE_SIZE = 16  # the smallest power of two on which the 11x11 SSIM window fits
+SYNTHETIC: dict[str, str] = {
+    "red-blue": "toy set of Haim et al. 2022: 10 all-red and 10 all-blue 3x16x16 images "
+    "(label 1 red, 0 blue); its test split is the same 20 images",
+}
+
+
+def red_blue(per_class: int = 10, size: int = RED_BLUE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """``per_class`` all-red then ``per_class`` all-blue uint8 (3, size, size) images; red = 1."""
+    images = np.zeros((2 * per_class, 3, size, size), dtype=np.uint8)
+    images[:per_class, 0] = 255
+    images[per_class:, 2] = 255
+    labels = np.concatenate([np.ones(per_class), np.zeros(per_class)]).astype(np.int64)
+    return images, labels
+
+
+def image_shape(name: str) -> tuple[int, int, int]:
+    """(channels, height, width) of dataset ``name``'s images."""
+    if name == "red-blue":
+        return (3, RED_BLUE_SIZE, RED_BLUE_SIZE)
+    _dataset(name)
+    return (1, 28, 28)
+
+
 def _dataset(name: str) -> DatasetInfo:
     try:
         return DATASETS[name]
     except KeyError:
-        known = ", ".join(sorted(DATASETS))
+        known = ", ".join(sorted([*DATASETS, *SYNTHETIC]))
         raise DataError(f"unknown dataset {name!r}; known datasets: {known}") from None
 
 
@@ -337,10 +364,16 @@ def load_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 (N, 28, 28) and labels int64 (N,) of one split, both read-only.
 
-    Memoised per file path, as federated clients reload their data every round.
+    Memoised per file path, as federated clients reload their data every round. Synthetic
+    sets (:data:`SYNTHETIC`) are generated, not read, and may have channels (N, C, H, W).
     """
     if split not in ("train", "test"):
         raise DataError(f"unknown split {split!r}; use 'train' or 'test'")
+    if name in SYNTHETIC:
+        images, labels = red_blue()
+        images.flags.writeable = False
+        labels.flags.writeable = False
+        return images, labels
     paths = ensure_files(
         name, [f"{split}-images", f"{split}-labels"], data_dir, download, mirrors=mirrors
     )
@@ -348,8 +381,11 @@ def load_split(
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 images (N, 28, 28) -> float32 tensor (N, 1, 28, 28) scaled to [0, 1]."""
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(f"expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+    """uint8 images (N, H, W) or (N, C, H, W) -> float32 (N, C, H, W) scaled to [0, 1]."""
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise ValueError(
+            f"expected uint8 images (N, H, W) or (N, C, H, W), got {images.dtype} {images.shape}"
+        )
     # astype copies into a fresh writable array, so torch can share it without a warning.
-    return torch.from_numpy(images.astype(np.float32)).div_(255.0).unsqueeze(1)
+    tensor = torch.from_numpy(images.astype(np.float32)).div_(255.0)
+    return tensor.unsqueeze(1) if images.ndim == 3 else tensor

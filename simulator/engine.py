@@ -117,12 +117,18 @@ def run_point(
             folder.save_attack({"point": point.index, **record}, arrays)
 
     server = ServerRun(scenario, emit=tagged, on_progress=on_round, taps=taps, save_attack=save)
+    server_app = make_server_app(server)
+    if server.secure_aggregation:  # Flower's SecAgg+ through its legacy workflow
+        from simulator.secagg_app import app as client_app
+        from simulator.secagg_app import make_secagg_server_app
+
+        server_app = make_secagg_server_app(server)
     started = time.perf_counter()
     error: BaseException | None = None
     with quiet_flower(verbose):
         try:
             run_simulation(
-                server_app=make_server_app(server),
+                server_app=server_app,
                 client_app=client_app,
                 num_supernodes=scenario.federation.clients,
                 backend_config=backend_config(scenario),  # type: ignore[arg-type]

@@ -41,6 +41,14 @@ def accuracy_figure(rounds: Sequence[Record], points: Sequence[Record], path: Pa
     save(figure, path)
 
 
+def show(axis: Any, image: np.ndarray) -> None:
+    """Draw one (C, H, W) image in [0, 1]: grey for one channel, colour for three."""
+    if image.shape[0] == 3:
+        axis.imshow(np.clip(image.transpose(1, 2, 0), 0, 1))
+    else:
+        axis.imshow(image[0], cmap="gray", vmin=0, vmax=1)
+
+
 def reconstruction_figure(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path) -> None:
     """For each attacked client: its true images (top row) above the reconstructions (bottom)."""
     columns = max(truth.shape[0] for _, truth, _ in pairs)
@@ -54,8 +62,11 @@ def reconstruction_figure(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], p
                 axis = axes[2 * block + row, column]
                 axis.axis("off")
                 if column < images.shape[0]:
-                    axis.imshow(images[column, 0], cmap="gray", vmin=0, vmax=1)
-        axes[2 * block, 0].set_title(title, fontsize=7, loc="left")
+                    show(axis, images[column])
+        # Out of the layout: tight_layout would shrink every column to fit a long title.
+        first = axes[2 * block, 0]
+        label = first.text(0, 1.08, title, fontsize=7, transform=first.transAxes, va="bottom")
+        label.set_in_layout(False)
     save(figure, path)
 
 
@@ -84,8 +95,9 @@ def convergence_figure(attacks: Sequence[Record], points: Sequence[Record], path
             right.plot(*zip(*curve, strict=True), color=colour, alpha=0.6)
     left.set(xlabel="iteration", ylabel="gradient distance", yscale="log")
     right.set(xlabel="iteration", ylabel="PSNR (dB)")
-    if attacks:
-        right.axhline(attacks[0]["leak_threshold_db"], color="red", lw=0.8, ls="--")
+    thresholds = {r["leak_threshold_db"] for r in attacks if "leak_threshold_db" in r}
+    for threshold in thresholds:
+        right.axhline(threshold, color="red", lw=0.8, ls="--")
     if len(point_ids) > 1:
         left.legend(fontsize=7)
     for axis in (left, right):
@@ -180,7 +192,7 @@ def strength_grid_figure(
                 axis.set_xticks([])
                 axis.set_yticks([])
                 if column < stack.shape[0]:
-                    axis.imshow(stack[column, 0], cmap="gray", vmin=0, vmax=1)
+                    show(axis, stack[column])
             axes[row, 0].set_ylabel(f"{curve}\n{label}" if label == "truth" else label, fontsize=6)
             row += 1
     save(figure, path)

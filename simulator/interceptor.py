@@ -47,6 +47,12 @@ class RoundTraffic:
     oracles: tuple[Oracle, ...]
     failures: tuple[Failure, ...]
 
+    @property
+    def participants(self) -> tuple[int, ...]:
+        """Sampled clients that did not fail: whose data the round used, aggregated or not."""
+        failed = {f.client_id for f in self.failures}
+        return tuple(c for c in self.sampled if c not in failed)
+
 
 def client_error_message(reason: str) -> str:
     """The client's own exception message out of Ray's wrapped traceback (no pids, no paths)."""
@@ -60,12 +66,47 @@ def client_error_message(reason: str) -> str:
 AGGREGATE_CLIENT_ID = -1
 
 
+def sample_clients(
+    client_ids: Iterable[int], fraction: float, seed: int, server_round: int
+) -> tuple[int, ...]:
+    """Client ids trained in ``server_round``: a draw seeded by (seed, round), sorted."""
+    clients = sorted(client_ids)
+    count = max(1, int(len(clients) * fraction))
+    rng = np.random.default_rng([seed, server_round])
+    return tuple(sorted(int(c) for c in rng.choice(clients, size=count, replace=False)))
+
+
+def public_meta(federation: FederationConfig, num_examples: int) -> PublicMeta:
+    """What the server knows about one client's update: the protocol and its example count."""
+    return PublicMeta(
+        protocol=federation.protocol,
+        batch_size=federation.batch_size,
+        lr=federation.lr,
+        local_epochs=federation.local_epochs,
+        num_examples=num_examples,
+    )
+
+
+def aggregate_meta(metas: Sequence[PublicMeta]) -> PublicMeta:
+    """The metadata of the aggregate of updates with ``metas`` (of one meta: that meta).
+
+    The example counts add up; under FedSGD the batch is the union of the clients' batches.
+    """
+    first = metas[0]
+    fedsgd = first.protocol == "fedsgd"
+    batch = sum(m.batch_size for m in metas) if fedsgd else first.batch_size
+    total = sum(m.num_examples for m in metas)
+    return dataclasses.replace(first, batch_size=batch, num_examples=total)
+
+
 def aggregated(traffic: RoundTraffic) -> RoundTraffic:
     """What the server sees under secure aggregation: one update, the weighted mean.
 
     Weights are the clients' example counts, as in FedAvg/FedSGD aggregation, so for FedSGD the
     view is exactly the gradient of the union of the sampled batches. Its oracle is the union of
-    the true batches; its client id is :data:`AGGREGATE_CLIENT_ID`.
+    the true batches; its client id is :data:`AGGREGATE_CLIENT_ID`. The SecAgg+ path
+    (:mod:`simulator.secagg_app`) hands in its one aggregate, which this leaves as it is
+    (only its per-client oracles are joined).
     """
     if not traffic.observations:
         return traffic
@@ -74,18 +115,13 @@ def aggregated(traffic: RoundTraffic) -> RoundTraffic:
     first = traffic.observations[0]
     counts = [o.meta.num_examples for o in traffic.observations]
     update = aggregate_view([o.update for o in traffic.observations], counts)
-    total = sum(counts)
-    fedsgd = first.meta.protocol == "fedsgd"
-    batch = (
-        sum(o.meta.batch_size for o in traffic.observations) if fedsgd else first.meta.batch_size
-    )
     view = Observation(
         round=traffic.round,
         client_id=AGGREGATE_CLIENT_ID,
         model=first.model,
         global_weights=first.global_weights,
         update=update,
-        meta=dataclasses.replace(first.meta, batch_size=batch, num_examples=total),
+        meta=aggregate_meta([o.meta for o in traffic.observations]),
     )
     oracles = ()
     if traffic.oracles:
@@ -137,10 +173,9 @@ class Interceptor(Strategy):
 
     def sample(self, server_round: int) -> tuple[int, ...]:
         """Client ids trained in ``server_round``: a seeded draw, sorted."""
-        clients = sorted(self.client_to_node)
-        count = max(1, int(len(clients) * self.federation.fraction))
-        rng = np.random.default_rng([self.seed, server_round])
-        return tuple(sorted(int(c) for c in rng.choice(clients, size=count, replace=False)))
+        return sample_clients(
+            self.client_to_node, self.federation.fraction, self.seed, server_round
+        )
 
     def summary(self) -> None:
         self.inner.summary()
@@ -190,7 +225,7 @@ class Interceptor(Strategy):
 
     def _strip_oracle(self, server_round: int, client_id: int, reply: Message) -> Oracle | None:
         """Remove the oracle record (absent outside simulation) from the reply."""
-        record = reply.content.array_records.get(ORACLE_KEY)
+        record = reply.content.config_records.get(ORACLE_KEY)
         if record is None:
             return None
         del reply.content[ORACLE_KEY]
@@ -198,20 +233,13 @@ class Interceptor(Strategy):
 
     def _observe(self, server_round: int, client_id: int, reply: Message) -> Observation:
         metrics = reply.content[METRICS_KEY]
-        fed = self.federation
         return Observation(
             round=server_round,
             client_id=client_id,
             model=self.model,
             global_weights={k: v.clone() for k, v in self._sent.items()},  # type: ignore[union-attr]
             update=from_record(reply.content[ARRAYS_KEY]),
-            meta=PublicMeta(
-                protocol=fed.protocol,
-                batch_size=fed.batch_size,
-                lr=fed.lr,
-                local_epochs=fed.local_epochs,
-                num_examples=int(metrics[NUM_EXAMPLES_KEY]),
-            ),
+            meta=public_meta(self.federation, int(metrics[NUM_EXAMPLES_KEY])),  # type: ignore[arg-type]
         )
 
     def configure_evaluate(

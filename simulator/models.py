@@ -37,6 +37,9 @@ class ModelSpec:
     init_scale: float = 1.0
     # "uniform": every parameter drawn from U(-0.5, 0.5), the initialisation of the iDLG code.
     init: str = "default"
+    # The network first maps its [0, 1] input to 2 x - 1 (a fixed layer, no parameters): the
+    # centred inputs of Haim et al., whose KKT reconstruction depends on them.
+    centre_inputs: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -181,6 +184,13 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
 INITS = ("default", "uniform")
 
 
+class Centre(nn.Module):
+    """Maps [0, 1] images to [-1, 1]: the fixed first layer of ``centre_inputs`` models."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs * 2 - 1
+
+
 def _initialised(model: nn.Module, spec: ModelSpec) -> nn.Module:
     if spec.init == "uniform":
         with torch.no_grad():
@@ -188,6 +198,9 @@ def _initialised(model: nn.Module, spec: ModelSpec) -> nn.Module:
                 parameter.uniform_(-0.5, 0.5)
     elif spec.init != "default":
         raise ValueError(f"unknown init {spec.init!r}; choose one of {INITS}")
+    if spec.centre_inputs:
+        layers = list(model.children()) if isinstance(model, nn.Sequential) else [model]
+        return nn.Sequential(Centre(), *layers)
     return model
 
 

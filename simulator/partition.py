@@ -17,13 +17,47 @@ from types import ModuleType
 
 import numpy as np
 
-__all__ = ["PARTITIONERS", "partition"]
+__all__ = ["PARTITIONERS", "POOL_BALANCES", "partition", "training_pool"]
 
 PARTITIONERS: dict[str, str] = {
     "iid": "uniform random split: client sizes differ by at most one sample",
     "label-skew": "pathological non-IID: every client holds exactly classes_per_client classes",
     "dirichlet": "per-class shares drawn from Dirichlet(alpha): smaller alpha, more skew",
 }
+
+
+POOL_BALANCES: dict[str, str] = {
+    "none": "a uniform random subset",
+    "parity": "half odd, half even digits (the odd/even set of Haim et al. 2022)",
+}
+
+
+def training_pool(labels: np.ndarray, size: int, balance: str, seed: int) -> np.ndarray:
+    """Sorted indices of the training examples a run uses: all of them when ``size`` is 0.
+
+    Otherwise ``size`` examples drawn by ``seed``; with "parity", ``size // 2`` odd labels
+    (first) then ``size - size // 2`` even ones, so that small dataset-reconstruction studies
+    train on exactly the sets the papers describe.
+    """
+    labels = np.asarray(labels)
+    if size == 0:
+        return np.arange(len(labels))
+    if balance not in POOL_BALANCES:
+        raise ValueError(f"unknown balance {balance!r}; choose one of {sorted(POOL_BALANCES)}")
+    rng = np.random.default_rng(seed)
+    if balance == "none":
+        groups = [(np.arange(len(labels)), size)]
+    else:
+        groups = [
+            (np.flatnonzero(labels % 2 == 1), size // 2),
+            (np.flatnonzero(labels % 2 == 0), size - size // 2),
+        ]
+    chosen = []
+    for members, count in groups:
+        if count > len(members):
+            raise ValueError(f"asked for {count} examples of a group that has {len(members)}")
+        chosen.append(np.sort(rng.choice(members, count, replace=False)))
+    return np.concatenate(chosen)
 
 
 def partition(

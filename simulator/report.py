@@ -170,6 +170,12 @@ def _reconstruction_figures(run_dir: Path, attacks: list[Record], figures_dir: P
             if path.is_file():
                 with np.load(path) as arrays:
                     title = f"client {record['client']}: mean PSNR {record['mean_psnr']:.1f} dB"
+                    if record.get("matching") == "nearest":
+                        title = (
+                            f"client {record['client']}: best matches by SSIM, "
+                            f"{record['images_leaked']}/{record['batch_size']} at or above "
+                            f"{record['leak_threshold_ssim']}"
+                        )
                     pairs.append((title, arrays["truth"], arrays["reconstruction"]))
         if pairs:
             figures.reconstruction_figure(

@@ -44,8 +44,11 @@ def _bounded(
 class DataConfig:
     """Which dataset the clients hold and how it is sharded among them."""
 
-    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+    dataset: Literal["mnist", "fashion-mnist", "red-blue"] = "mnist"
     dir: str = ""
+    # The training pool the clients share out: 0 = the whole split, else this many examples.
+    train_examples: int = _bounded(0, 0)
+    train_balance: Literal["none", "parity"] = "none"
     partition: Literal["iid", "label-skew", "dirichlet"] = "iid"
     classes_per_client: int = _bounded(2, 1, 10)
     alpha: float = _bounded(0.5, 0.0, open_low=True)
@@ -64,10 +67,17 @@ class ModelConfig:
     pooling: Literal["avg", "max"] = "avg"
     channels: tuple[int, ...] = (8, 16)
     init: Literal["default", "uniform"] = "default"
+    init_scale: float = _bounded(1.0, 0.0, open_low=True)
+    # "parity": one logit trained on odd/even (binary cross-entropy); binary-fc always is.
+    task: Literal["classes", "parity"] = "classes"
+    centre_inputs: bool = False
 
     def spec(self, dataset_shape: tuple[int, int, int] = (1, 28, 28)) -> ModelSpec:
         return ModelSpec(
             kind=self.kind,
+            num_classes=1 if self.task == "parity" else 10,
+            init_scale=self.init_scale,
+            centre_inputs=self.centre_inputs,
             widths=self.widths,
             activation=self.activation,
             bias=self.bias,
@@ -89,6 +99,7 @@ class FederationConfig:
     batch_size: int = _bounded(8, 1)
     local_epochs: int = _bounded(1, 1)
     lr: float = _bounded(0.1, 0.0, open_low=True)
+    weight_decay: float = _bounded(0.0, 0.0)
     timeout_s: float = _bounded(600.0, 0.0, open_low=True)
     cpus_per_client: float = _bounded(1.0, 0.0, open_low=True)
 
@@ -101,6 +112,9 @@ class AttackConfig:
     rounds: tuple[int, ...] = ()
     max_clients: int = _bounded(0, 0)
     leak_threshold_db: float = _bounded(30.0, 0.0)
+    # Attacks that return candidates (KKT, inversion) leak an image when its best match
+    # reaches this SSIM (Haim et al. use 0.4).
+    leak_threshold_ssim: float = _bounded(0.4, -1.0, 1.0)
     params: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -161,7 +175,9 @@ class Scenario:
         return from_dict(raw)
 
     def model_spec(self) -> ModelSpec:
-        return self.model.spec()
+        from simulator.data import image_shape
+
+        return self.model.spec(image_shape(self.data.dataset))
 
 
 def _section(name: str, raw: Mapping[str, Any]) -> Any:
@@ -253,6 +269,13 @@ def _validate_cross(scenario: Scenario) -> None:
         bad = [c for c in getattr(scenario.faults, key) if not 0 <= c < fed.clients]
         if bad:
             raise ScenarioError(f"faults.{key} = {bad} must be client ids in 0..{fed.clients - 1}")
+    if scenario.model.task == "parity" and scenario.model.kind != "homogeneous-mlp":
+        raise ScenarioError(
+            f"model.task = 'parity' needs model.kind 'homogeneous-mlp' ('binary-fc' is always "
+            f"binary), got {scenario.model.kind!r}"
+        )
+    if fed.weight_decay and any(entry["name"] == "dp-sgd" for entry in scenario.defenses):
+        raise ScenarioError("federation.weight_decay is not supported with the dp-sgd defense")
     bad_rounds = [r for r in scenario.attack.rounds if not 1 <= r <= fed.rounds]
     if bad_rounds:
         raise ScenarioError(f"attack.rounds = {bad_rounds} must be rounds in 1..{fed.rounds}")
@@ -267,6 +290,12 @@ def _validate_cross(scenario: Scenario) -> None:
         except ValueError as error:
             raise ScenarioError(f"defenses[{index}]: {error}") from error
 
+    from simulator.client_defenses import check_defenses
+
+    try:
+        check_defenses(scenario)
+    except ValueError as error:
+        raise ScenarioError(str(error)) from error
     try:
         validate_attack(scenario.attack.name, scenario.attack.params)
     except ValueError as error:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -32,7 +33,7 @@ from simulator.models import build_model, is_binary
 from simulator.scenario import Scenario
 from simulator.scoring import score_round
 from simulator.strategies import make_strategy
-from simulator.task import evaluate, load_test_set, load_weights
+from simulator.task import Shard, evaluate, load_test_set, load_weights
 
 Record = dict[str, Any]
 
@@ -81,6 +82,7 @@ class ServerRun:
     _round_started: float = field(default=0.0, init=False)
     _round_failures: int = field(default=0, init=False)
     _participations: Counter[int] = field(default_factory=Counter, init=False)
+    _test_set: Shard | None = field(default=None, init=False)
 
     @property
     def secure_aggregation(self) -> bool:
@@ -96,48 +98,64 @@ class ServerRun:
     def main(self, grid: Grid, context: Context) -> None:
         """The ServerApp body: discovery, R rounds of train + intercept + global evaluation."""
         scenario, fed = self.scenario, self.scenario.federation
-        spec = scenario.model_spec()
-        test_set = load_test_set(scenario.data)
-        started = time.perf_counter()
-        node_to_client = discover_clients(grid, fed.clients, fed.timeout_s)
-        self.emit({"kind": "startup", "discovery_s": time.perf_counter() - started})
         interceptor = Interceptor(
             make_strategy(fed.protocol, fed.lr),
-            node_to_client,
+            self.discover(grid),
             fed,
-            spec,
+            scenario.model_spec(),
             scenario.seed,
             self.intercept,
         )
-        model = build_model(spec, seed=scenario.seed)
-
-        def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            loss, accuracy = evaluate(load_weights(model, from_record(arrays)), spec, test_set)
-            record = {
-                "kind": "round",
-                "round": server_round,
-                "test_accuracy": accuracy,
-                "test_loss": loss,
-            }
-            if server_round > 0:
-                record |= {
-                    "seconds": time.perf_counter() - self._round_started,
-                    "failures": self._round_failures,
-                }
-            self.emit(record)
-            self.on_progress(server_round)
-            self._round_started = time.perf_counter()
-            return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})
-
         config = ConfigRecord({SCENARIO_KEY: scenario.to_json()})
         interceptor.start(
             grid=grid,
-            initial_arrays=to_record(model.state_dict()),
+            initial_arrays=to_record(self.initial_weights()),
             num_rounds=fed.rounds,
             timeout=fed.timeout_s,
             train_config=config,
-            evaluate_fn=evaluate_global,
+            evaluate_fn=self.evaluate_round,
         )
+        self.finish()
+
+    # discover / initial_weights / evaluate_round / finish are also the steps of the SecAgg+
+    # ServerApp (simulator.secagg_app), which runs Flower's legacy workflow instead of main.
+    def discover(self, grid: Grid) -> dict[int, int]:
+        """{node id: client id} of every client; emits the "startup" record."""
+        fed = self.scenario.federation
+        started = time.perf_counter()
+        node_to_client = discover_clients(grid, fed.clients, fed.timeout_s)
+        self.emit({"kind": "startup", "discovery_s": time.perf_counter() - started})
+        return node_to_client
+
+    def initial_weights(self) -> dict[str, torch.Tensor]:
+        """The seeded initial global model's weights."""
+        return build_model(self.scenario.model_spec(), seed=self.scenario.seed).state_dict()
+
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Test the global model after ``server_round`` (0: initial); emits a "round" record."""
+        spec = self.scenario.model_spec()
+        if self._test_set is None:
+            self._test_set = load_test_set(self.scenario.data)
+        model = load_weights(build_model(spec), from_record(arrays))
+        loss, accuracy = evaluate(model, spec, self._test_set)
+        record = {
+            "kind": "round",
+            "round": server_round,
+            "test_accuracy": accuracy,
+            "test_loss": loss,
+        }
+        if server_round > 0:
+            record |= {
+                "seconds": time.perf_counter() - self._round_started,
+                "failures": self._round_failures,
+            }
+        self.emit(record)
+        self.on_progress(server_round)
+        self._round_started = time.perf_counter()
+        return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})
+
+    def finish(self) -> None:
+        """After the last round: the "privacy" record, when a training defense spent epsilon."""
         privacy = privacy_spent(self.scenario, self._participations)
         if privacy is not None:
             self.emit(privacy)
@@ -159,8 +177,8 @@ class ServerRun:
             self.emit(record)
         for tap in self.taps:
             tap(traffic)
-        for observation in traffic.observations:
-            self._participations[observation.client_id] += 1
+        for client in traffic.participants:  # known to the server even under secure aggregation
+            self._participations[client] += 1
         if self.secure_aggregation:
             traffic = aggregated(traffic)
         for observation in traffic.observations:
@@ -187,7 +205,13 @@ class ServerRun:
             return
         threshold = self.scenario.attack.leak_threshold_db
         parity = is_binary(self.scenario.model_spec())
-        for scored in score_round(reconstructions, traffic.oracles, threshold, parity):
+        for scored in score_round(
+            reconstructions,
+            traffic.oracles,
+            threshold,
+            parity,
+            self.scenario.attack.leak_threshold_ssim,
+        ):
             self.emit(scored.record)
             arrays = {"truth": scored.truth, "reconstruction": scored.reconstruction}
             self.save_attack(scored.record, arrays)

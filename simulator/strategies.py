@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -33,11 +34,17 @@ class FedSGD(FedAvg):
         mean_gradient, metrics = super().aggregate_train(server_round, replies)
         if mean_gradient is None or self._global is None:
             return None, metrics
-        stepped = {
-            name: Array(weights.numpy() - self.lr * mean_gradient[name].numpy())
-            for name, weights in self._global.items()
-        }
-        return ArrayRecord(stepped), metrics
+        gradient = {name: array.numpy() for name, array in mean_gradient.items()}
+        weights = {name: array.numpy() for name, array in self._global.items()}
+        stepped = sgd_step(weights, gradient, self.lr)
+        return ArrayRecord({name: Array(value) for name, value in stepped.items()}), metrics
+
+
+def sgd_step(
+    weights: Mapping[str, np.ndarray], gradient: Mapping[str, np.ndarray], lr: float
+) -> dict[str, np.ndarray]:
+    """The FedSGD server step ``w - lr * g`` per parameter (also under SecAgg+'s aggregate)."""
+    return {name: value - lr * gradient[name] for name, value in weights.items()}
 
 
 def make_strategy(protocol: str, lr: float) -> FedAvg:

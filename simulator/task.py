@@ -14,13 +14,13 @@ from torch import nn
 
 from simulator.data import load_split, to_tensor
 from simulator.models import ModelSpec, task_loss
-from simulator.partition import partition
+from simulator.partition import partition, training_pool
 from simulator.scenario import DataConfig
 
 
 @dataclass(frozen=True)
 class Shard:
-    """One client's training data: images in [0, 1], shape (n, 1, 28, 28), and labels."""
+    """One client's training data: images in [0, 1], shape (n, C, H, W), and labels."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
@@ -34,7 +34,9 @@ def seeded_generator(*keys: int) -> torch.Generator:
 
 @functools.lru_cache(maxsize=4)
 def _shard_indices(data: DataConfig, num_clients: int, seed: int) -> tuple[np.ndarray, ...]:
-    _, labels = load_split(data.dataset, "train", data.dir or None)
+    _, all_labels = load_split(data.dataset, "train", data.dir or None)
+    pool = training_pool(all_labels, data.train_examples, data.train_balance, seed)
+    labels = all_labels[pool]
     shards = partition(
         labels,
         num_clients,
@@ -45,7 +47,7 @@ def _shard_indices(data: DataConfig, num_clients: int, seed: int) -> tuple[np.nd
     )
     if data.examples_per_client:
         shards = [s[: data.examples_per_client] for s in shards]
-    return tuple(shards)
+    return tuple(pool[s] for s in shards)
 
 
 def load_shard(data: DataConfig, num_clients: int, seed: int, client_id: int) -> Shard:
@@ -89,12 +91,14 @@ def local_train(
     batch_size: int,
     lr: float,
     generator: torch.Generator,
+    weight_decay: float = 0.0,
 ) -> float:
     """Plain SGD for ``epochs`` over shuffled mini-batches (last partial batch kept) (FedAvg).
 
-    Returns the mean training loss of the last epoch.
+    ``weight_decay`` adds ``weight_decay / 2 ||theta||^2`` to the loss (Buzaglo et al.'s route
+    to a KKT point). Returns the mean training loss of the last epoch.
     """
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
     last_epoch_losses: list[float] = []
     for _ in range(epochs):
         order = torch.randperm(len(shard.labels), generator=generator)

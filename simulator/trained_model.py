@@ -7,10 +7,10 @@ of ``mean logistic loss + wd / 2 ||theta||^2`` satisfies
 ``theta = (1 / (n wd)) sum_i -l'(y_i f(x_i)) y_i grad f(x_i)`` exactly, and gradient descent
 reaches it in far fewer steps, with *every* training point carrying a positive coefficient.
 
-Data convention: images are stored in [0, 1]; models see ``2 x - 1`` in [-1, 1] (the paper's
-inputs are centred too; a fixed map keeps reconstructions comparable without knowing the
-dataset mean). The attack maps candidates back with ``(x + 1) / 2`` (its ``data_low`` /
-``data_high`` defaults), so SSIM is always computed on [0, 1] images.
+Data convention: images are [0, 1]; the victim's spec has ``centre_inputs``, so the network
+itself maps them to ``2 x - 1`` (the paper's inputs are centred too, and its reconstruction
+depends on it). The attack reads that from the spec and maps candidates back to [0, 1], so SSIM
+is always computed on [0, 1] images.
 
 Studies:
 
@@ -27,34 +27,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.func import functional_call
 
 from attacks.observation import Observation, PublicMeta
-from simulator.data import load_split, to_tensor
+from simulator.data import RED_BLUE_SIZE, load_split, red_blue, to_tensor
 from simulator.models import ModelSpec, build_model, is_binary
-
-TOY_SIZE = 16
-
-
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] images -> model inputs in [-1, 1]."""
-    return images * 2 - 1
+from simulator.partition import training_pool
 
 
-def to_unit_range(inputs: torch.Tensor) -> torch.Tensor:
-    """Model inputs in [-1, 1] -> [0, 1] images (clamped)."""
-    return ((inputs + 1) / 2).clamp(0, 1)
-
-
-def toy_red_blue(per_class: int = 10, size: int = TOY_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def toy_red_blue(
+    per_class: int = 10, size: int = RED_BLUE_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` all-red then ``per_class`` all-blue (3, size, size) images; red = 1."""
-    images = torch.zeros(2 * per_class, 3, size, size)
-    images[:per_class, 0] = 1.0
-    images[per_class:, 2] = 1.0
-    labels = torch.cat([torch.ones(per_class), torch.zeros(per_class)]).to(torch.int64)
-    return images, labels
+    images, labels = red_blue(per_class, size)
+    return to_tensor(images), torch.as_tensor(labels)
 
 
 def mnist_odd_even(
@@ -62,18 +49,12 @@ def mnist_odd_even(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` odd and ``per_class`` even MNIST training digits, chosen by ``seed``.
 
-    Returns images (2 per_class, 1, 28, 28) in [0, 1] and their digit labels, odd ones first.
+    Returns images (2 per_class, 1, 28, 28) in [0, 1] and their digit labels, odd ones first:
+    the pool a scenario with ``train_examples = 2 per_class``, ``train_balance = "parity"``
+    trains on.
     """
     raw, labels = load_split("mnist", "train", data_dir)
-    rng = np.random.default_rng(seed)
-    odd = np.flatnonzero(labels % 2 == 1)
-    even = np.flatnonzero(labels % 2 == 0)
-    chosen = np.concatenate(
-        [
-            np.sort(rng.choice(odd, per_class, replace=False)),
-            np.sort(rng.choice(even, per_class, replace=False)),
-        ]
-    )
+    chosen = training_pool(labels, 2 * per_class, "parity", seed)
     return to_tensor(raw[chosen]), torch.as_tensor(labels[chosen], dtype=torch.int64)
 
 
@@ -83,13 +64,15 @@ def homogeneous_spec(
     init_scale: float = 1e-2,
     num_classes: int = 1,
 ) -> ModelSpec:
-    """Spec of the paper's victim: ReLU MLP, bias on the first layer only, small init."""
+    """Spec of the paper's victim: ReLU MLP, bias on the first layer only, small init, inputs
+    centred by the network."""
     return ModelSpec(
         kind="homogeneous-mlp",
         widths=widths,
         input_shape=input_shape,
         num_classes=num_classes,
         init_scale=init_scale,
+        centre_inputs=True,
     )
 
 
@@ -167,19 +150,18 @@ def train_victim(
     if initial is None:
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     weights = {k: v.detach().clone().requires_grad_(True) for k, v in initial.items()}
-    inputs = to_model_range(images)
     optimizer = torch.optim.SGD(list(weights.values()), lr=config.lr)
     decay_from = config.steps * (1 - config.anneal)
 
     def factor(step: int) -> float:
-        if step < decay_from:
+        if step < decay_from or config.steps <= decay_from:
             return 1.0
         return 0.5 * (1 + math.cos(math.pi * (step - decay_from) / (config.steps - decay_from)))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     history: list[dict[str, float]] = []
     for step in range(config.steps + 1):
-        logits = functional_call(model, weights, (inputs,))
+        logits = functional_call(model, weights, (images,))
         loss = _loss(spec, logits, labels)
         if step % config.log_every == 0 or step == config.steps:
             margins = _margins(spec, logits.detach(), labels)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import time
 from decimal import Decimal
 
 import pytest
 import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +26,18 @@ from defenses.noise import GaussianNoise, GaussianNoiseParams, LaplaceNoise, Lap
 from defenses.pruning import Pruning, PruningParams
 from defenses.quantization import Quantization, QuantizationParams
 from defenses.secure_aggregation import aggregate_view
+from simulator.client_defenses import check_defenses
+from simulator.messages import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    ROUND_KEY,
+    SCENARIO_KEY,
+    from_record,
+    to_record,
+)
 from simulator.models import ModelSpec, build_model
+from simulator.oracle import ORACLE_KEY, Oracle
+from simulator.scenario import Scenario, load
 from simulator.task import Shard, batch_gradient, local_train
 
 Update = dict[str, torch.Tensor]
@@ -57,6 +70,7 @@ def test_registry_lists_every_family_with_its_kind() -> None:
         "quantization": "update",
         "dp-sgd": "training",
         "secure-aggregation": "aggregation",
+        "local-dp": "message",
     }
     for name, line in DEFENSES.items():
         assert isinstance(line, str) and line
@@ -82,6 +96,16 @@ def test_registry_lists_every_family_with_its_kind() -> None:
         ("dp-sgd", {"delta": 1.0}, ["'delta'", "1.0", "(0.0, 1.0)"]),
         ("dp-sgd", {"max_grad_norm": float("nan")}, ["'max_grad_norm'", "nan"]),
         ("secure-aggregation", {"min_clients": 0}, ["'min_clients'", "0", "[1"]),
+        ("secure-aggregation", {"num_shares": 0.0}, ["'num_shares'", "0.0", "(0.0, 1.0]"]),
+        ("secure-aggregation", {"reconstruction_threshold": 1.5}, ["'reconstruction_threshold'"]),
+        ("secure-aggregation", {"clipping_range": 0}, ["'clipping_range'", "(0.0"]),
+        ("secure-aggregation", {"quantization_range": 2**30}, ["'quantization_range'", "[2"]),
+        ("secure-aggregation", {"quantization_range": 4.5}, ["'quantization_range'", "int"]),
+        ("secure-aggregation", {"max_weight": -1.0}, ["'max_weight'", "-1.0"]),
+        ("local-dp", {"clipping_norm": 0.0}, ["'clipping_norm'", "(0.0"]),
+        ("local-dp", {"sensitivity": -1.0}, ["'sensitivity'", "[0.0"]),
+        ("local-dp", {"epsilon": 0.0}, ["'epsilon'", "(0.0"]),
+        ("local-dp", {"delta": 1.0}, ["'delta'", "(0.0, 1.0)"]),
     ],
 )
 def test_make_defense_rejects_bad_params_naming_key_value_and_allowed(
@@ -432,3 +456,83 @@ def test_secure_aggregation_refuses_too_few_or_mismatched_updates() -> None:
         aggregate_view([random_update(0), {"other": torch.zeros(1)}])
     with pytest.raises(ValueError, match="weights"):
         aggregate_view([random_update(0), random_update(1)], [1.0, -1.0])
+
+
+# --- local DP (Flower's LocalDpMod) ------------------------------------------------------------
+
+
+def local_dp_scenario(protocol: str = "fedavg", **params: float) -> Scenario:
+    overrides = {
+        "federation.protocol": protocol,
+        "federation.clients": 2,
+        "federation.batch_size": 5,
+        "federation.lr": 0.1,
+        "data.examples_per_client": 10,
+        "model.widths": [32],
+        "defenses": [{"name": "local-dp", **params}],
+    }
+    return load("quickstart", overrides)
+
+
+def test_local_dp_is_fedavg_only_and_not_under_secure_aggregation() -> None:
+    with pytest.raises(ValueError, match=r"'local-dp' needs federation.protocol = 'fedavg'"):
+        check_defenses(local_dp_scenario("fedsgd"))
+    both = local_dp_scenario().with_overrides(
+        {"defenses": [{"name": "local-dp"}, {"name": "secure-aggregation"}]}
+    )
+    with pytest.raises(ValueError, match="cannot be combined with 'secure-aggregation'"):
+        check_defenses(both)
+    check_defenses(local_dp_scenario())  # fedavg alone is fine
+
+
+def train_reply(scenario: Scenario, with_mod: bool) -> tuple[Update, Update, Message]:
+    """(sent weights, replied weights, reply) of client 0 in round 1, through the real train."""
+    from simulator.client_app import train
+    from simulator.client_mods import local_dp_mod
+
+    sent = build_model(scenario.model_spec(), seed=scenario.seed).state_dict()
+    content = RecordDict(
+        {
+            ARRAYS_KEY: to_record(sent),
+            CONFIG_KEY: ConfigRecord({SCENARIO_KEY: scenario.to_json(), ROUND_KEY: 1}),
+        }
+    )
+    metadata = Metadata(1, "m1", 0, 1, "", "1", time.time(), 3600.0, MessageType.TRAIN)
+    msg = Message(content, metadata=metadata)
+    context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
+    reply = local_dp_mod(msg, context, train) if with_mod else train(msg, context)
+    assert len(reply.content.array_records) == 1  # the oracle travels as bytes
+    return dict(sent), from_record(reply.content[ARRAYS_KEY]), reply
+
+
+def test_local_dp_mod_clips_the_weight_change_then_adds_the_documented_noise() -> None:
+    params = {"clipping_norm": 0.05, "sensitivity": 0.5, "epsilon": 2.0, "delta": 1e-4}
+    scenario = local_dp_scenario(**params)
+    sent, clean, _ = train_reply(scenario, with_mod=False)
+    _, noisy, reply = train_reply(scenario, with_mod=True)
+    change = flat({k: clean[k] - sent[k] for k in sent}).double()
+    assert change.norm() > 0.05  # so clipping acts
+    clipped = change * (0.05 / change.norm())
+    noise = flat({k: noisy[k] - sent[k] for k in sent}).double() - clipped
+    std = 0.5 * math.sqrt(2 * math.log(1.25 / 1e-4)) / 2.0
+    assert make_defense("local-dp", params).noise_std == pytest.approx(std)  # type: ignore[attr-defined]
+    # ~25k coordinates: the sample std is within 2 % of the std and the mean near 0
+    assert float(noise.std()) == pytest.approx(std, rel=0.02)
+    assert abs(float(noise.mean())) < 4 * std / math.sqrt(noise.numel())
+    # seeded from (seed, round, client): the same reply twice, and the oracle still rides along
+    _, again, _ = train_reply(scenario, with_mod=True)
+    assert all(torch.equal(noisy[k], again[k]) for k in noisy)
+    assert ORACLE_KEY in reply.content.config_records
+
+
+def test_local_dp_mod_without_noise_leaves_a_change_of_exactly_the_clipping_norm() -> None:
+    scenario = local_dp_scenario(clipping_norm=0.05, sensitivity=0.0)
+    sent, clipped, _ = train_reply(scenario, with_mod=True)
+    change = flat({k: clipped[k] - sent[k] for k in sent}).double()
+    assert float(change.norm()) == pytest.approx(0.05, rel=1e-4)
+
+
+def test_oracle_round_trips_through_bytes() -> None:
+    oracle = Oracle(3, 1, torch.rand(2, 1, 28, 28), torch.tensor([4, 7]))
+    back = Oracle.from_record(oracle.to_record(), 3, 1)
+    assert torch.equal(back.inputs, oracle.inputs) and torch.equal(back.labels, oracle.labels)

@@ -16,8 +16,6 @@ from simulator.trained_model import (
     TrainConfig,
     homogeneous_spec,
     mnist_odd_even,
-    to_model_range,
-    to_unit_range,
     toy_red_blue,
     train_victim,
 )
@@ -32,9 +30,9 @@ def test_homogeneous_mlp_has_bias_on_first_layer_only_and_scaled_init() -> None:
     spec = homogeneous_spec((1, 28, 28), widths=(7, 5), init_scale=1e-2)
     model = build_model(spec, seed=0)
     names = [n for n, _ in model.named_parameters()]
-    assert names == ["1.weight", "1.bias", "3.weight", "5.weight"]
+    assert names == ["2.weight", "2.bias", "4.weight", "6.weight"]  # 0: Centre, 1: Flatten
     reference = build_model(dataclasses.replace(spec, init_scale=1.0), seed=0)
-    assert torch.allclose(model[3].weight, reference[3].weight * 1e-2)
+    assert torch.allclose(model[4].weight, reference[4].weight * 1e-2)
     assert is_binary(spec) and model(torch.zeros(2, 1, 28, 28)).shape == (2, 1)
     assert ModelSpec().init_scale == 1.0 and not is_binary(ModelSpec())
 
@@ -48,7 +46,7 @@ def test_closed_form_combination_equals_autograd(classes: int) -> None:
     coeff = torch.randn(9, classes, dtype=torch.double)
     # A huge alpha makes sigmoid(alpha z) the exact ReLU derivative.
     closed = combination(mlp_layers(spec, weights), inputs, coeff, alpha=1e9)
-    out = model(inputs.view(9, 1, 4, 4))
+    out = model(((inputs + 1) / 2).view(9, 1, 4, 4))  # the model centres its [0, 1] input
     reference = torch.autograd.grad((out * coeff).sum(), list(model.parameters()))
     for a, b in zip(closed, reference, strict=True):
         assert torch.allclose(a, b, atol=1e-12)
@@ -85,7 +83,8 @@ def test_toy_red_blue_fully_recovered() -> None:
     images, obs = _toy_observation()
     params = KKTParams(iterations=2000, init_scale=0.1, alpha=500.0, log_every=500)
     rec = KKT(params).run([obs])[0]
-    assert rec.images.shape == (40, 3, 16, 16) and rec.labels is None
+    assert rec.images.shape == (40, 3, 16, 16) and rec.labels is not None
+    assert rec.matching == "nearest" and "far from a KKT point" not in rec.notes
     assert [t["iteration"] for t in rec.trace] == [0.0, 500.0, 1000.0, 1500.0, 2000.0]
     assert rec.trace[-1]["stationarity"] < rec.trace[0]["stationarity"]
     report = nearest_candidates(images, rec.images)
@@ -151,13 +150,14 @@ def test_unsupported_model_is_rejected() -> None:
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"iterations": 0}, "'iterations' = 0 is out of range"),
+        ({"iterations": -1}, "'iterations' = -1 is out of range"),
         ({"lr": 0.0}, "'lr' = 0.0 is out of range"),
         ({"mode": "gradients"}, "'mode' = 'gradients' is not allowed"),
         ({"candidates": -1.0}, "'candidates' = -1.0 is out of range"),
         ({"alpha": "big"}, "'alpha' = 'big' has type str"),
         ({"tolerance": 1.0}, "unknown parameter 'tolerance'"),
-        ({"data_low": 1.0, "data_high": 0.0}, "data_high = 0.0 must exceed data_low"),
+        ({"init": "zeros"}, "'init' = 'zeros' is not allowed"),
+        ({"sparsity": 0.0}, "'sparsity' = 0.0 is out of range"),
     ],
 )
 def test_bad_params_are_rejected_with_a_clear_message(params: dict, message: str) -> None:
@@ -165,6 +165,34 @@ def test_bad_params_are_rejected_with_a_clear_message(params: dict, message: str
         make_attack("kkt", params)
 
 
-def test_range_maps_round_trip() -> None:
-    images = torch.rand(3, 1, 4, 4)
-    assert torch.allclose(to_unit_range(to_model_range(images)), images)
+def test_centred_model_sees_two_x_minus_one() -> None:
+    spec = homogeneous_spec((1, 4, 4), widths=(3,), init_scale=1.0)
+    plain = build_model(dataclasses.replace(spec, centre_inputs=False), seed=0)
+    centred = build_model(spec, seed=0)
+    images = torch.rand(5, 1, 4, 4)
+    assert torch.allclose(centred(images), plain(images * 2 - 1))
+
+
+def test_multiclass_form_recovers_three_colour_classes() -> None:
+    images = torch.zeros(9, 3, 16, 16)
+    for colour in range(3):
+        images[3 * colour : 3 * colour + 3, colour] = 1.0
+    labels = torch.arange(9) // 3
+    spec = homogeneous_spec((3, 16, 16), widths=(50, 50), init_scale=1e-2, num_classes=3)
+    config = TrainConfig(steps=500, lr=0.5, weight_decay=1e-3)
+    obs = train_victim(spec, images, labels, config).observation(9, config)
+    params = KKTParams(iterations=1000, init_scale=0.1, alpha=500.0)
+    rec = KKT(params).run([obs])[0]
+    report = nearest_candidates(images, rec.images)
+    assert report.recovered == 9, report.ssim  # 0.44-1.0 measured
+    assert rec.labels is not None and torch.equal(rec.labels[report.index], labels)
+
+
+def test_a_model_far_from_a_kkt_point_is_reported() -> None:
+    images, labels = toy_red_blue(per_class=4)
+    spec = homogeneous_spec((3, 16, 16), widths=(30, 30), init_scale=1.0)
+    untrained = train_victim(spec, images, labels, TrainConfig(steps=0))
+    obs = untrained.observation(8, TrainConfig(steps=0))
+    rec = KKT(KKTParams(iterations=200, log_every=100)).run([obs])[0]
+    assert rec.distance > KKTParams().stationarity_tolerance
+    assert "far from a KKT point" in rec.notes and f"{rec.distance:.3g}" in rec.notes

@@ -1,0 +1,152 @@
+"""First-layer subspace recovery: a client's training inputs span its first layer's change.
+
+Every gradient step on a network whose first layer is ``Linear`` adds ``sum_i g_i x_i^T`` to
+that layer's weight matrix (``g_i`` is the signal back-propagated to the layer for sample
+``i``), and weight decay only shrinks what is already there. After any number of local steps,
+full-batch or not, converged or not:
+
+    W_sent_back - c W_global = sum_i g_i x_i^T,   c = prod_t (1 - lr_t wd)   (c = 1 without decay)
+
+so the weight change has rank at most ``n``, the number of training examples, and its row
+space contains every training input. This is the first-layer block of the KKT stationarity
+condition ``theta = sum_i lambda_i y_i grad f(x_i)`` with free per-sample coefficients, which
+is why the KKT attack uses it as its initialisation.
+
+Recovery, all batched:
+
+1. ``c`` by golden-section search: the value that leaves the least energy outside the top
+   ``n`` singular directions (``c`` need not be known; under FedSGD the gradient is used as is).
+2. An orthonormal basis of that ``n``-dimensional row space, plus the constant image so that
+   centred inputs (``2 x - 1``) are covered too.
+3. Sparse non-negative vectors in the span: the alternating-direction method of Qu, Sun and
+   Wright (2014, "Finding a sparse vector in a subspace") from many random starts at once, with
+   a one-sided soft threshold because images are non-negative above their background.
+4. Candidates ranked by how little negative mass they carry, near-duplicates dropped.
+
+It needs ``n`` below the input dimension and images that are sparse above a uniform
+background (MNIST digits are; natural photographs are not).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+@dataclass(frozen=True)
+class Subspace:
+    """The row space recovered from a first-layer change.
+
+    ``basis`` (r, D) has orthonormal rows; ``decay`` is the fitted ``c``; ``outside`` the
+    fraction of the change's energy beyond the top ``rank`` directions (0 when the update is
+    exactly a combination of ``rank`` inputs); ``energy`` the change's squared norm.
+    """
+
+    basis: torch.Tensor
+    decay: float
+    outside: float
+    rank: int
+    energy: float
+
+
+def _outside_energy(matrix: torch.Tensor, rank: int) -> float:
+    values = torch.linalg.svdvals(matrix)
+    total = float((values**2).sum())
+    return float((values[rank:] ** 2).sum()) / total if total > 0 else 0.0
+
+
+def fit_decay(sent: torch.Tensor, initial: torch.Tensor, rank: int, steps: int = 48) -> float:
+    """The ``c`` in [0, 1] minimising the energy of ``sent - c initial`` outside rank ``rank``.
+
+    A coarse grid finds the basin, golden-section search refines it to about 1e-9.
+    """
+    sent, initial = sent.double(), initial.double()
+    grid = torch.linspace(0.0, 1.0, 41, dtype=torch.float64)
+    values = [_outside_energy(sent - c * initial, rank) for c in grid]
+    best = int(torch.tensor(values).argmin())
+    low, high = float(grid[max(best - 1, 0)]), float(grid[min(best + 1, len(grid) - 1)])
+    for _ in range(steps):
+        left, right = high - GOLDEN * (high - low), low + GOLDEN * (high - low)
+        if _outside_energy(sent - left * initial, rank) <= _outside_energy(
+            sent - right * initial, rank
+        ):
+            high = right
+        else:
+            low = left
+    return (low + high) / 2
+
+
+def first_layer_subspace(
+    sent: torch.Tensor, initial: torch.Tensor | None, rank: int, with_constant: bool = True
+) -> Subspace:
+    """Row space of the first-layer change ``sent - c initial`` (``initial`` None: ``sent``).
+
+    ``sent``/``initial`` are (out, D) weight matrices (or a gradient and None). ``rank`` is the
+    number of training examples behind the update; it is capped at ``min(out, D)``.
+    """
+    sent = sent.detach().double().reshape(sent.shape[0], -1)
+    rank = max(1, min(rank, *sent.shape))
+    decay = 0.0
+    change = sent
+    if initial is not None:
+        initial = initial.detach().double().reshape(sent.shape)
+        decay = fit_decay(sent, initial, rank)
+        change = sent - decay * initial
+    energy = float((change**2).sum())
+    _, _, right = torch.linalg.svd(change, full_matrices=False)
+    rows = right[:rank]
+    if with_constant:
+        constant = torch.full((1, rows.shape[1]), rows.shape[1] ** -0.5, dtype=rows.dtype)
+        rows = torch.cat([rows, constant])
+    basis = torch.linalg.qr(rows.T).Q.T.contiguous()
+    return Subspace(basis, decay, _outside_energy(change, rank), rank, energy)
+
+
+def sparse_vectors(
+    basis: torch.Tensor,
+    starts: int,
+    threshold: float = 0.03,
+    iterations: int = 300,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``starts`` sparse non-negative unit vectors in the span of ``basis`` (r, D), (starts, D).
+
+    Alternating directions: ``x = relu(q Y - lambda)``, ``q = normalise(x Y^T)`` with
+    ``lambda = threshold / sqrt(D)``; each start converges to a sparse vector of the span.
+    """
+    dims = basis.shape[1]
+    shrink = threshold / math.sqrt(dims)
+    coords = torch.randn(starts, basis.shape[0], generator=generator, dtype=basis.dtype)
+    coords = coords / coords.norm(dim=1, keepdim=True)
+    for _ in range(iterations):
+        vectors = torch.relu(coords @ basis - shrink)
+        coords = vectors @ basis.T
+        coords = coords / coords.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    vectors = coords @ basis
+    return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def select_candidates(
+    vectors: torch.Tensor, count: int, duplicate_cosine: float = 0.98
+) -> torch.Tensor:
+    """The ``count`` most non-negative distinct vectors, as images in [0, 1] (count, D).
+
+    A true image has no mass below its background; mixtures of images do. Vectors are ranked by
+    negative over positive mass, a vector within ``duplicate_cosine`` of a better one is dropped
+    (refilled from the dropped ones if too few remain), and each is scaled so its peak is 1.
+    """
+    positive = vectors.clamp(min=0).sum(1)
+    negative = (-vectors).clamp(min=0).sum(1)
+    order = (negative / positive.clamp_min(1e-30)).argsort()
+    ranked = vectors[order]
+    unit = ranked.clamp(min=0)
+    unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    # A vector goes if any better-ranked one is too similar (kept or not: one matmul, no loop).
+    kept = ~((unit @ unit.T) > duplicate_cosine).tril(-1).any(1)
+    chosen = torch.cat([ranked[kept], ranked[~kept]])[:count]
+    peak = chosen.amax(1, keepdim=True).clamp_min(1e-30)
+    return (chosen / peak).clamp(0, 1)

@@ -1,0 +1,76 @@
+"""Local differential privacy through Flower's own ``LocalDpMod`` on the client's reply.
+
+The mod (``flwr.clientapp.mod.LocalDpMod``, the Message-API twin of ``flwr.client.mod``'s) clips
+the change ``reply - sent`` of the client's weights to ``clipping_norm`` and adds Gaussian
+noise of std ``sensitivity * sqrt(2 ln(1.25 / delta)) / epsilon`` to every coordinate of the
+weights it sends. It needs weights in the reply, so it runs under FedAvg only. It acts after
+every other client defense, whatever its place in ``[[defenses]]``, because it wraps the whole
+train function. Kind "message"; changes what the server observes (the noisy, clipped weights).
+
+Seeding: Flower draws the noise from numpy's global generator. :mod:`simulator.client_mods`
+seeds that generator from (seed, round, client) around the mod and restores it afterwards, so
+reruns repeat; a client built outside leaksim gets Flower's unseeded noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from defenses.base import Defense, Kind, register_defense
+from simulator.params import param
+
+if TYPE_CHECKING:
+    from flwr.clientapp.mod import LocalDpMod
+
+
+@dataclass(frozen=True)
+class LocalDpParams:
+    """Parameters of "local-dp" (those of Flower's LocalDpMod)."""
+
+    clipping_norm: float = param(
+        1.0, low=0.0, low_open=True, help="L2 bound on the change of the weights before noise"
+    )
+    sensitivity: float = param(1.0, low=0.0, help="sensitivity of the clipped update")
+    epsilon: float = param(1.0, low=0.0, low_open=True, help="privacy budget per release")
+    delta: float = param(
+        1e-5, low=0.0, high=1.0, low_open=True, high_open=True, help="failure probability"
+    )
+
+
+@register_defense("local-dp", "Flower's LocalDpMod: clip the weight change, add Gaussian noise.")
+class LocalDp(Defense):
+    """Flower's LocalDpMod as a client mod; changes the observation (clipped, noisy weights)."""
+
+    kind: ClassVar[Kind] = "message"
+    changes_observation: ClassVar[bool] = True
+    Params = LocalDpParams
+    params: LocalDpParams
+
+    @property
+    def noise_std(self) -> float:
+        """The per-coordinate noise std LocalDpMod adds (the Gaussian mechanism's)."""
+        p = self.params
+        return p.sensitivity * math.sqrt(2 * math.log(1.25 / p.delta)) / p.epsilon
+
+    def mod(self) -> LocalDpMod:
+        """Flower's mod with these parameters."""
+        from flwr.clientapp.mod import LocalDpMod
+
+        p = self.params
+        return LocalDpMod(p.clipping_norm, p.sensitivity, p.epsilon, p.delta)
+
+    def check_scenario(self, protocol: str, names: Sequence[str]) -> None:
+        """FedAvg only (the mod clips a weight change); not under SecAgg+'s legacy messages."""
+        if protocol != "fedavg":
+            raise ValueError(
+                f"defense 'local-dp' needs federation.protocol = 'fedavg' (got {protocol!r}): "
+                "Flower's LocalDpMod clips and noises the weights a client sends back"
+            )
+        if "secure-aggregation" in names:
+            raise ValueError(
+                "defense 'local-dp' cannot be combined with 'secure-aggregation': SecAgg+ runs "
+                "Flower's legacy message format, which the Message-API LocalDpMod does not read"
+            )
