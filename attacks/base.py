@@ -21,7 +21,7 @@ from simulator.params import param as param  # re-exported: attack modules decla
 
 Status = Literal["converged", "budget", "diverged"]
 STATUSES: tuple[str, ...] = ("converged", "budget", "diverged")
-Matching = Literal["hungarian", "nearest"]
+Matching = Literal["hungarian", "nearest", "training"]
 
 # Modules whose import registers the built-in attacks; loaded lazily to avoid import cycles.
 _BUILTIN_MODULES = (
@@ -45,7 +45,9 @@ class Reconstruction:
     ``distance`` is the gradient distance of the reported images (NaN when not computed).
     ``matching``: "hungarian" pairs each true image with its own reconstruction (one-to-one);
     "nearest" means the images are candidates, more or fewer than the truth, and each true
-    image is scored against its most similar candidate (dataset reconstruction, inversion).
+    image is scored against its most similar candidate (dataset reconstruction); "training"
+    means class samples, each scored against the nearest training image of its class
+    (network inversion).
     ``status``: "converged" (distance under tolerance, or the optimiser can make no further
     progress, or a closed form), "budget" (iterations spent), "diverged" (non-finite values
     met; the images are the best finite iterate).

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Literal
@@ -70,6 +71,11 @@ class InversionParams:
     weight_pixel_range: float = _weight(0.1, "pixel_range")
     weight_perturbation: float = _weight(1.0, "perturbation")
     weight_kkt: float = _weight(2.0, "kkt")
+    # One term switched off by name, so that an ablation study is one sweep over this key.
+    ablate: Literal[
+        "none", "cross_entropy", "kl", "diversity", "orthogonality", "total_variation",
+        "pixel_range", "perturbation", "kkt",
+    ] = "none"  # fmt: skip
     noise_std: float = param(0.1, low=0.0, high=10.0, help="input noise std, perturbation loss")
     range_bound: float = param(
         6.0, low=0.0, high=100.0, help="pre-sigmoid magnitude free of the pixel_range loss"
@@ -106,13 +112,17 @@ class InversionParams:
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of every term of LOSSES, by term name (0 for terms switched off)."""
-        return {term: float(getattr(self, f"weight_{term}")) for term in LOSSES}
+        return {
+            term: 0.0 if term == self.ablate else float(getattr(self, f"weight_{term}"))
+            for term in LOSSES
+        }
 
 
 # Every loss has a weight field and every weight field a loss: checked at import.
 assert {f.name for f in fields(InversionParams) if f.name.startswith("weight_")} == {
     f"weight_{t}" for t in LOSSES
 }
+assert set(typing.get_args(typing.get_type_hints(InversionParams)["ablate"])) == {"none", *LOSSES}
 
 
 def classifier_confidence(
@@ -323,6 +333,7 @@ class Inversion(Attack[InversionParams]):
             snapshots=snapshots,
             status=status,
             attack=self.name,
+            matching="training",
             notes=(
                 f"{images.shape[0]} generated images ({p.samples_per_class} per class), target "
                 f"{p.target}, terms {', '.join(problem.weights)}; classifier confidence mean "

@@ -210,3 +210,59 @@ def _curves(rows: Sequence[Record]) -> dict[str, list[Record]]:
         members.sort(key=lambda r: strength_order(r["strength"]))
         members[:0] = baseline[:1]  # every curve starts from the undefended run
     return dict(curves)
+
+
+def inversion_figure(
+    generated: np.ndarray,
+    nearest: np.ndarray,
+    labels: np.ndarray,
+    ssim: Sequence[float],
+    path: Path,
+    per_class: int = 4,
+) -> None:
+    """One column per class: generated samples, each above its nearest training image.
+
+    The ``per_class`` samples of highest NN-SSIM are shown, best first, with their SSIM.
+    """
+    classes = sorted(set(labels.tolist()))
+    scores = np.asarray(ssim, dtype=float)
+    figure, axes = plt.subplots(
+        2 * per_class, len(classes), figsize=(len(classes) * 0.9, per_class * 1.9), squeeze=False
+    )
+    for column, cls in enumerate(classes):
+        mine = np.flatnonzero(labels == cls)
+        mine = mine[np.argsort(-np.nan_to_num(scores[mine], nan=-1.0))][:per_class]
+        axes[0, column].set_title(str(cls), fontsize=8)
+        for row in range(per_class):
+            for offset, stack in enumerate((generated, nearest)):
+                axis = axes[2 * row + offset, column]
+                axis.set_xticks([])
+                axis.set_yticks([])
+                if row < len(mine):
+                    show(axis, stack[mine[row]])
+                    if offset == 1:
+                        axis.set_xlabel(f"{scores[mine[row]]:.2f}", fontsize=6, labelpad=1)
+        for row in range(per_class):
+            axes[2 * row, 0].set_ylabel("generated", fontsize=6)
+            axes[2 * row + 1, 0].set_ylabel("nearest", fontsize=6)
+    save(figure, path)
+
+
+def inversion_comparison_figure(rows: Sequence[Record], path: Path) -> None:
+    """Mean and top-k NN-SSIM of the inverted samples per sweep point, noise as the floor."""
+    labels = point_labels(rows)
+    names = [labels.get(r["point"], str(r["point"])) for r in rows]
+    positions = np.arange(len(rows))
+    figure, axis = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 1.5), 3.4))
+    for offset, (key, name) in enumerate(
+        [("mean_nn_ssim", "mean NN-SSIM"), ("top_k_nn_ssim", "top-k NN-SSIM")]
+    ):
+        values = [r.get(key) if r.get(key) is not None else np.nan for r in rows]
+        axis.bar(positions + (offset - 0.5) * 0.38, values, width=0.38, label=name)
+    floor = [r.get("noise_nn_ssim") if r.get("noise_nn_ssim") is not None else np.nan for r in rows]
+    axis.scatter(positions, floor, color="black", marker="_", s=200, label="noise", zorder=3)
+    axis.set_xticks(positions, names, rotation=30, ha="right", fontsize=7)
+    axis.set(ylabel="SSIM with nearest training image")
+    axis.grid(alpha=0.3, axis="y")
+    axis.legend(fontsize=7)
+    save(figure, path)

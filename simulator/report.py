@@ -80,6 +80,9 @@ def write_report(run_dir: Path | str) -> Path:
         ]
     attacks = [r for r in records if r.get("kind") == "attack"]
     attack_rows, attack_columns = attack_table(records)
+    if any(r.get("matching") == "training" for r in attacks):
+        parts += ["", "## Network inversion (generated samples against the training data)", ""]
+        parts += [markdown_table(*inversion_table(records))]
     if attacks:
         parts += ["", "## Attacks (per point, mean over attacked updates)", ""]
         parts += [markdown_table(attack_rows, attack_columns)]
@@ -97,6 +100,14 @@ def write_report(run_dir: Path | str) -> Path:
         figures.accuracy_figure(rounds, rows, figures_dir / "accuracy.png")
     if evaluation.is_evaluation(records):
         evaluation.write_figures(run_dir, records, figures_dir)
+    inversions = [r for r in attacks if r.get("matching") == "training"]
+    attacks = [r for r in attacks if r.get("matching") != "training"]
+    if inversions:
+        inversion_rows, _ = inversion_table(records)
+        figures.inversion_comparison_figure(
+            inversion_rows, figures_dir / "inversion-comparison.png"
+        )
+        _inversion_figures(run_dir, inversions, figures_dir)
     if attacks:
         figures.convergence_figure(attacks, rows, figures_dir / "convergence.png")
         _reconstruction_figures(run_dir, attacks, figures_dir)
@@ -156,6 +167,66 @@ def attack_table(records: list[Record]) -> tuple[list[Record], list[str]]:
     swept = sorted({k for row in rows for k in row if k.startswith("set:")})
     columns = ["point", *swept, *ATTACK_COLUMNS]
     return rows, columns
+
+
+INVERSION_COLUMNS = (
+    "final_accuracy", "mean_nn_ssim", "top_k_nn_ssim", "max_nn_ssim", "images_above",
+    "generated", "noise_nn_ssim", "confidence", "diversity", "mean_seconds",
+)  # fmt: skip
+
+
+def inversion_table(records: list[Record]) -> tuple[list[Record], list[str]]:
+    """Per sweep point: how training-like the inverted samples are (mean over attacked rounds).
+
+    NN-SSIM is each sample's SSIM with its nearest training image of the same class;
+    ``images_above`` counts samples at or above the run's SSIM threshold; ``noise_nn_ssim`` is
+    the same score for uniform noise, the floor.
+    """
+    points = {r["point"]: r for r in records if r.get("kind") == "point"}
+    attacks = [r for r in records if r.get("kind") == "attack" and r.get("matching") == "training"]
+    rows = []
+    for point in sorted({r["point"] for r in attacks}):
+        mine = [r for r in attacks if r["point"] == point]
+        summary = points.get(point, {})
+
+        def mean(key: str, mine: list[Record] = mine) -> float | None:
+            values = [r[key] for r in mine if isinstance(r.get(key), int | float)]
+            return float(np.mean(values)) if values else None
+
+        rows.append(
+            {
+                "point": point,
+                **{k: v for k, v in summary.items() if k.startswith("set:")},
+                "final_accuracy": summary.get("final_accuracy"),
+                "mean_nn_ssim": mean("mean_ssim"),
+                "top_k_nn_ssim": mean("top_k_ssim"),
+                "max_nn_ssim": mean("max_ssim"),
+                "images_above": mean("images_leaked"),
+                "generated": mean("batch_size"),
+                "noise_nn_ssim": mean("noise_ssim"),
+                "confidence": mean("confidence"),
+                "diversity": mean("diversity"),
+                "mean_seconds": mean("seconds"),
+            }
+        )
+    swept = sorted({k for row in rows for k in row if k.startswith("set:")})
+    return rows, ["point", *swept, *INVERSION_COLUMNS]
+
+
+def _inversion_figures(run_dir: Path, inversions: list[Record], figures_dir: Path) -> None:
+    """Per inverted model: generated samples per class above their nearest training images."""
+    for record in inversions:
+        path = attack_artifact(run_dir, record)
+        if not path.is_file():
+            continue
+        with np.load(path) as arrays:
+            figures.inversion_figure(
+                arrays["reconstruction"],
+                arrays["truth"],
+                arrays["labels"],
+                record["ssim"],
+                figures_dir / f"inversion-p{record['point']}-r{record['round']}.png",
+            )
 
 
 def _reconstruction_figures(run_dir: Path, attacks: list[Record], figures_dir: Path) -> None:

@@ -1,5 +1,9 @@
 """The scorer: the one place where reconstructions meet the oracle (the clients' truth).
 
+Three ways, by :attr:`Reconstruction.matching`: "hungarian" (one reconstruction per true
+image), "nearest" (candidate sets: each true image against its best candidate, by SSIM) and
+"training" (network inversion's class samples against the clients' whole training data).
+
 Each reconstruction is matched to its client's true batch (Hungarian on MSE) and scored per
 image (MSE, PSNR, SSIM with a Gaussian window), with label accuracy and the fraction leaked
 (PSNR >= threshold). Snapshots taken during the attack give PSNR against iteration.
@@ -8,7 +12,7 @@ image (MSE, PSNR, SSIM with a Gaussian window), with label accuracy and the frac
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,18 +21,28 @@ import torch
 
 from attacks.base import Reconstruction
 from attacks.metrics import leak_summary, match, nearest_candidates, psnr
+from simulator.inversion_scoring import random_noise_baseline, score_inversion
 from simulator.oracle import Oracle
 
 Record = dict[str, Any]
 
 
+TrainingSet = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
 @dataclass(frozen=True)
 class Scored:
-    """One scored reconstruction: its record and the image pair for figures."""
+    """One scored reconstruction: its record and the image pairs (and labels) for figures."""
 
     record: Record
     truth: np.ndarray
     reconstruction: np.ndarray
+    labels: np.ndarray | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What the run folder stores beside the record."""
+        arrays = {"truth": self.truth, "reconstruction": self.reconstruction}
+        return arrays if self.labels is None else arrays | {"labels": self.labels}
 
 
 def _padded(images: torch.Tensor, count: int) -> torch.Tensor:
@@ -166,17 +180,92 @@ def score_candidates(
     return Scored(record, truth[order].numpy(), paired[order].numpy())
 
 
+def score_training_like(
+    reconstruction: Reconstruction,
+    training: tuple[torch.Tensor, torch.Tensor],
+    threshold_ssim: float,
+    top_k: int = 10,
+) -> Scored:
+    """Score class samples (network inversion) against the clients' training data.
+
+    Each generated image is paired with its nearest training image of its target class
+    (:func:`simulator.inversion_scoring.score_inversion`); uniform noise scored the same way
+    gives the floor. The saved pairs keep the attack's class-major order, with labels.
+    """
+    if reconstruction.labels is None:
+        raise ValueError("training-set scoring needs the target class of every image")
+    images = reconstruction.images.detach().float().cpu()
+    labels = reconstruction.labels.detach().cpu()
+    train_images, train_labels = training
+    found = score_inversion(images, labels, train_images, train_labels, threshold_ssim, top_k)
+    noise = random_noise_baseline(labels, train_images, train_labels, 0, threshold_ssim, top_k)
+    trace = reconstruction.trace
+    last = trace[-1] if trace else {}
+    psnrs = torch.tensor(found["nn_psnr"]).clamp(max=100)
+    index = torch.tensor(found["nn_index"])
+    record: Record = {
+        "kind": "attack",
+        "round": reconstruction.round,
+        "client": reconstruction.client_id,
+        "attack": reconstruction.attack,
+        "status": reconstruction.status,
+        "notes": reconstruction.notes,
+        "matching": "training",
+        "batch_size": int(images.shape[0]),
+        "recovered": int(images.shape[0]),
+        "mean_psnr": found["mean_nn_psnr"],
+        "median_psnr": float(psnrs.nanmedian()),
+        "mean_ssim": found["mean_nn_ssim"],
+        "top_k_ssim": found["top_k_nn_ssim"],
+        "max_ssim": found["max_nn_ssim"],
+        "noise_ssim": noise["mean_nn_ssim"],
+        "confidence": last.get("confidence"),
+        "diversity": found["diversity"],
+        "label_accuracy": None,
+        "fraction_leaked": found["fraction_above_threshold"],
+        "images_leaked": found["above_threshold"],
+        "leak_threshold_ssim": threshold_ssim,
+        "per_class": found["per_class"],
+        "psnr": psnrs.tolist(),
+        "ssim": found["nn_ssim"],
+        "training_images": int(train_images.shape[0]),
+        "iterations": int(last.get("iteration", 0)),
+        "seconds": float(last.get("seconds", math.nan)),
+        "iterations_to_threshold": None,
+        "seconds_to_threshold": None,
+        "trace": [
+            {"iteration": int(t["iteration"]), "gradient_distance": float(t["gradient_distance"])}
+            for t in trace
+        ],
+        "psnr_curve": [],
+    }
+    nearest = train_images[index.clamp(min=0)].float()
+    return Scored(record, nearest.numpy(), images.numpy(), labels.numpy())
+
+
 def score_round(
     reconstructions: Sequence[Reconstruction],
     oracles: Sequence[Oracle],
     threshold_db: float = 30.0,
     parity: bool = False,
     threshold_ssim: float = 0.4,
+    training: TrainingSet | None = None,
 ) -> list[Scored]:
-    """Score every reconstruction whose client sent an oracle (absent outside simulation)."""
+    """Score every reconstruction whose client sent an oracle (absent outside simulation).
+
+    Training-like samples (``matching == "training"``) are scored against ``training()``,
+    the union of the clients' training data, loaded only when such a reconstruction exists.
+    """
     truth = {(o.round, o.client_id): o for o in oracles}
-    return [
-        score(r, truth[(r.round, r.client_id)], threshold_db, parity, threshold_ssim)
-        for r in reconstructions
-        if (r.round, r.client_id) in truth
-    ]
+    scored = []
+    for reconstruction in reconstructions:
+        if (reconstruction.round, reconstruction.client_id) not in truth:
+            continue
+        if reconstruction.matching == "training":
+            if training is None:
+                raise ValueError("training-like samples need the clients' training data to score")
+            scored.append(score_training_like(reconstruction, training(), threshold_ssim))
+            continue
+        oracle = truth[(reconstruction.round, reconstruction.client_id)]
+        scored.append(score(reconstruction, oracle, threshold_db, parity, threshold_ssim))
+    return scored

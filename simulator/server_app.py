@@ -33,7 +33,7 @@ from simulator.models import build_model, is_binary
 from simulator.scenario import Scenario
 from simulator.scoring import score_round
 from simulator.strategies import make_strategy
-from simulator.task import Shard, evaluate, load_test_set, load_weights
+from simulator.task import Shard, evaluate, load_shard, load_test_set, load_weights
 
 Record = dict[str, Any]
 
@@ -83,6 +83,7 @@ class ServerRun:
     _round_failures: int = field(default=0, init=False)
     _participations: Counter[int] = field(default_factory=Counter, init=False)
     _test_set: Shard | None = field(default=None, init=False)
+    _training_set: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False)
 
     @property
     def secure_aggregation(self) -> bool:
@@ -211,10 +212,24 @@ class ServerRun:
             threshold,
             parity,
             self.scenario.attack.leak_threshold_ssim,
+            self.training_set,
         ):
             self.emit(scored.record)
-            arrays = {"truth": scored.truth, "reconstruction": scored.reconstruction}
-            self.save_attack(scored.record, arrays)
+            self.save_attack(scored.record, scored.arrays())
+
+    def training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The union of every client's shard (images, labels), for scoring network inversion.
+
+        Loaded on first use and kept: the scorer's truth, never handed to an attack.
+        """
+        if self._training_set is None:
+            scenario, clients = self.scenario, self.scenario.federation.clients
+            shards = [load_shard(scenario.data, clients, scenario.seed, c) for c in range(clients)]
+            self._training_set = (
+                torch.cat([shard.inputs for shard in shards]),
+                torch.cat([shard.labels for shard in shards]),
+            )
+        return self._training_set
 
 
 def privacy_spent(scenario: Scenario, participations: Mapping[int, int]) -> Record | None:

@@ -191,27 +191,35 @@ def train_victim(
     )
 
 
-def fedavg_client_observation(
+def fedavg_client_update(
     images: torch.Tensor,
     labels: torch.Tensor,
     spec: ModelSpec,
-    config: TrainConfig,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
     seed: int = 0,
-    round_number: int = 1,
     client_id: int = 0,
-) -> tuple[Observation, TrainedVictim]:
-    """One FedAvg client's round: global model ``build_model(spec, seed)`` sent by the server,
-    ``config.steps`` local epochs of full-batch GD (batch = the client's whole shard) with weight
-    decay, and the Observation the server receives (``update`` = returned weights).
+) -> Observation:
+    """One FedAvg client's round, run by the clients' own code (:func:`simulator.task.local_train`).
+
+    The server sends ``build_model(spec, seed)``; the client trains ``epochs`` epochs of
+    shuffled mini-batch SGD with weight decay on its images and sends its weights back: the
+    Observation the server receives (round 1).
     """
-    victim = train_victim(spec, images, labels, config, seed=seed)
-    obs = victim.observation(images.shape[0], config)
-    obs = Observation(
-        round=round_number,
+    from simulator.task import Shard, local_train, seeded_generator
+
+    model = build_model(spec, seed=seed)
+    sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    generator = seeded_generator(seed, 1, client_id)
+    shard = Shard(images, labels)
+    local_train(model, spec, shard, epochs, batch_size, lr, generator, weight_decay)
+    return Observation(
+        round=1,
         client_id=client_id,
-        model=obs.model,
-        global_weights=obs.global_weights,
-        update=obs.update,
-        meta=obs.meta,
+        model=spec,
+        global_weights=sent,
+        update={k: v.detach().clone() for k, v in model.state_dict().items()},
+        meta=PublicMeta("fedavg", batch_size, lr, epochs, num_examples=int(images.shape[0])),
     )
-    return obs, victim

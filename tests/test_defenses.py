@@ -37,7 +37,7 @@ from simulator.messages import (
 )
 from simulator.models import ModelSpec, build_model
 from simulator.oracle import ORACLE_KEY, Oracle
-from simulator.scenario import Scenario, load
+from simulator.scenario import Scenario, ScenarioError, load
 from simulator.task import Shard, batch_gradient, local_train
 
 Update = dict[str, torch.Tensor]
@@ -475,13 +475,13 @@ def local_dp_scenario(protocol: str = "fedavg", **params: float) -> Scenario:
 
 
 def test_local_dp_is_fedavg_only_and_not_under_secure_aggregation() -> None:
-    with pytest.raises(ValueError, match=r"'local-dp' needs federation.protocol = 'fedavg'"):
-        check_defenses(local_dp_scenario("fedsgd"))
-    both = local_dp_scenario().with_overrides(
-        {"defenses": [{"name": "local-dp"}, {"name": "secure-aggregation"}]}
-    )
-    with pytest.raises(ValueError, match="cannot be combined with 'secure-aggregation'"):
-        check_defenses(both)
+    """Both mistakes stop the scenario at load, before any client runs."""
+    with pytest.raises(ScenarioError, match=r"'local-dp' needs federation.protocol = 'fedavg'"):
+        local_dp_scenario("fedsgd")
+    with pytest.raises(ScenarioError, match="cannot be combined with 'secure-aggregation'"):
+        local_dp_scenario().with_overrides(
+            {"defenses": [{"name": "local-dp"}, {"name": "secure-aggregation"}]}
+        )
     check_defenses(local_dp_scenario())  # fedavg alone is fine
 
 

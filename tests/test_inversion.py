@@ -254,13 +254,18 @@ def test_generated_images_are_nearer_training_data_than_noise(
 
 
 @pytest.mark.parametrize("term", list(LOSSES))
-def test_each_term_can_be_switched_off(term: str, weights: dict[str, torch.Tensor]) -> None:
-    params = {"steps": 2, "batch_size": 10, "samples_per_class": 1, f"weight_{term}": 0.0}
+@pytest.mark.parametrize("switch", ["weight", "ablate"])
+def test_each_term_can_be_switched_off(
+    term: str, switch: str, weights: dict[str, torch.Tensor]
+) -> None:
+    off = {f"weight_{term}": 0.0} if switch == "weight" else {"ablate": term}
+    params = {"steps": 2, "batch_size": 10, "samples_per_class": 1, **off}
     rec = make_attack("inversion", params).run([_observation(weights)])[0]
     assert all(f"loss_{term}" not in record for record in rec.trace)
     others = set(LOSSES) - {term}
     assert all({f"loss_{t}" for t in others} <= set(record) for record in rec.trace)
     assert math.isfinite(rec.distance) and rec.images.shape == (10, 1, 28, 28)
+    assert rec.matching == "training"
 
 
 def test_reruns_with_the_same_seed_are_identical(weights: dict[str, torch.Tensor]) -> None:

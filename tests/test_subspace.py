@@ -10,11 +10,9 @@ from hypothesis import strategies as st
 import attacks.kkt  # noqa: F401  (registers "kkt")
 from attacks.base import make_attack
 from attacks.metrics import nearest_candidates
-from attacks.observation import Observation, PublicMeta
 from attacks.subspace import first_layer_subspace, fit_decay, select_candidates
-from simulator.models import ModelSpec, build_model
-from simulator.task import Shard, local_train, seeded_generator
-from simulator.trained_model import mnist_odd_even
+from simulator.models import ModelSpec
+from simulator.trained_model import fedavg_client_update, mnist_odd_even
 
 
 @pytest.fixture(autouse=True)
@@ -64,17 +62,7 @@ def test_subspace_init_recovers_a_fedavg_clients_digits() -> None:
     """A real client: 16 digits, 5 local epochs of mini-batch SGD (batch 4), weight decay."""
     images, labels = mnist_odd_even(per_class=8, seed=2)
     spec = ModelSpec(kind="mlp", widths=(64,), activation="relu")
-    model = build_model(spec, seed=0)
-    sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    local_train(model, spec, Shard(images, labels), 5, 4, 0.05, seeded_generator(0), 1e-3)
-    obs = Observation(
-        round=1,
-        client_id=3,
-        model=spec,
-        global_weights=sent,
-        update={k: v.detach().clone() for k, v in model.state_dict().items()},
-        meta=PublicMeta("fedavg", batch_size=4, lr=0.05, local_epochs=5, num_examples=16),
-    )
+    obs = fedavg_client_update(images, labels, spec, 5, 4, 0.05, weight_decay=1e-3)
     attack = make_attack("kkt", {"init": "subspace", "iterations": 0, "subspace_starts": 1000})
     rec = attack.run([obs])[0]
     report = nearest_candidates(images, rec.images)
