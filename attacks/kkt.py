@@ -102,7 +102,9 @@ class KKTParams:
     sparsity: float = param(
         0.03, low=0.0, low_open=True, high=100.0, help="subspace init: threshold x sqrt(D)"
     )
-    subspace_starts: int = param(4000, low=1, high=1_000_000, help="subspace init: random starts")
+    subspace_starts: int = param(
+        1000, low=0, high=1_000_000, help="subspace init: random starts besides the pixel ones"
+    )
     stationarity_tolerance: float = param(
         0.5, low=0.0, low_open=True, high=1e9, help="residual above which theta is not a KKT point"
     )
@@ -428,8 +430,9 @@ def subspace_candidates(
     first = mlp_parameter_names(obs.model)[0][0]
     initial = None if obs.meta.protocol == "fedsgd" else obs.global_weights[first]
     subspace = first_layer_subspace(obs.update[first], initial, obs.meta.num_examples)
-    starts = max(params.subspace_starts, 2 * count)
-    vectors = sparse_vectors(subspace.basis, starts, params.sparsity, generator=generator)
+    vectors = sparse_vectors(
+        subspace.basis, params.subspace_starts, params.sparsity, generator=generator
+    )
     return select_candidates(vectors, count), subspace
 
 

@@ -8,6 +8,8 @@ Records (written to ``benchmarks/results/kkt.json``):
   should take on a shared 2-core machine, so ``--odd-even-steps`` / ``--odd-even-iterations``
   cap it; the record says what was run (``train_steps``, ``iterations``) and the measured
   ``seconds_per_iteration`` so the full cost can be extrapolated.
+* ``mnist_odd_even_subspace``: the same victim, candidates from the first-layer subspace.
+* ``subspace_capacity``: digits the subspace init recovers for n = 32, 100, 200, 500.
 * ``fedavg_client``: one FedAvg client holding 32 MNIST digits trains the global ReLU MLP
   784-100-10 for 20 epochs of mini-batch SGD (batch 8) with weight decay; the server recovers
   the digits from the returned weights with the subspace initialisation.
@@ -113,6 +115,53 @@ def bench_odd_even(steps: int, iterations: int) -> dict[str, object]:
     )
 
 
+def bench_odd_even_subspace(steps: int) -> dict[str, object]:
+    """MNIST odd/even as above, candidates from the first-layer subspace (no KKT fit)."""
+    images, labels = mnist_odd_even(per_class=250, seed=0)
+    spec = homogeneous_spec((1, 28, 28), widths=(1000, 1000), init_scale=0.3)
+    config = TrainConfig(steps=steps, lr=0.05, weight_decay=3e-2, log_every=max(1, steps // 4))
+    victim = train_victim(spec, images, labels, config)
+    params = KKTParams(iterations=0, init="subspace")
+    extra = {"train_steps": steps, "weight_decay": config.weight_decay, "init": "subspace"}
+    return _score(
+        "mnist_odd_even_subspace",
+        images,
+        victim.observation(500, config),
+        params,
+        victim.seconds,
+        extra,
+    )
+
+
+def bench_subspace_capacity(steps: int) -> dict[str, object]:
+    """Digits recovered by the subspace init against the training-set size (784 pixels).
+
+    The odd/even victim (784-1000-1000-1, weight decay) trained ``steps`` full-batch steps on
+    n = 32 ... 500 digits; the first layer's change pins the span of the digits at any step.
+    """
+    rows = []
+    for per_class in (16, 50, 100, 250):
+        images, labels = mnist_odd_even(per_class=per_class, seed=0)
+        spec = homogeneous_spec((1, 28, 28), widths=(1000, 1000), init_scale=0.3)
+        config = TrainConfig(steps=steps, lr=0.05, weight_decay=3e-2, log_every=steps)
+        victim = train_victim(spec, images, labels, config)
+        obs = victim.observation(2 * per_class, config)
+        start = time.perf_counter()
+        rec = KKT(KKTParams(iterations=0, init="subspace")).run([obs])[0]
+        seconds = time.perf_counter() - start
+        report = nearest_candidates(images, rec.images, threshold=THRESHOLD)
+        rows.append(
+            {
+                "train_images": 2 * per_class,
+                "recovered": report.recovered,
+                "mean_best_ssim": round(float(report.ssim.mean()), 4),
+                "attack_seconds": round(seconds, 2),
+            }
+        )
+        print("subspace_capacity", json.dumps(rows[-1]), flush=True)
+    return {"train_steps": steps, "rows": rows}
+
+
 def bench_fedavg(local_epochs: int, iterations: int) -> dict[str, object]:
     """One FedAvg client with 32 digits: mini-batch SGD with weight decay, the scenario's setup.
 
@@ -125,7 +174,10 @@ def bench_fedavg(local_epochs: int, iterations: int) -> dict[str, object]:
     obs = fedavg_client_update(images, labels, spec, local_epochs, 8, 0.05, 5e-4, seed=3)
     train_seconds = time.perf_counter() - start
     params = KKTParams(iterations=iterations, init="subspace", mode="difference")
+    # The paper's method on the same update, for comparison: random candidates, 3000 iterations.
+    paper = KKT(KKTParams(iterations=3000, mode="difference")).run([obs])[0]
     extra = {
+        "random_init_recovered": nearest_candidates(images, paper.images, THRESHOLD).recovered,
         "local_epochs": local_epochs,
         "batch_size": 8,
         "weight_decay": 5e-4,
@@ -141,7 +193,16 @@ def main() -> None:
     parser.add_argument("--odd-even-iterations", type=int, default=1200)
     parser.add_argument("--fedavg-epochs", type=int, default=20)
     parser.add_argument("--fedavg-iterations", type=int, default=0)
-    parser.add_argument("--only", choices=["toy", "mnist_odd_even", "fedavg_client"])
+    parser.add_argument(
+        "--only",
+        choices=[
+            "toy",
+            "mnist_odd_even",
+            "fedavg_client",
+            "mnist_odd_even_subspace",
+            "subspace_capacity",
+        ],
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,6 +211,8 @@ def main() -> None:
         "toy": bench_toy,
         "fedavg_client": lambda: bench_fedavg(args.fedavg_epochs, args.fedavg_iterations),
         "mnist_odd_even": lambda: bench_odd_even(args.odd_even_steps, args.odd_even_iterations),
+        "mnist_odd_even_subspace": lambda: bench_odd_even_subspace(args.odd_even_steps),
+        "subspace_capacity": lambda: bench_subspace_capacity(300),
     }
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for name, run in runs.items():

@@ -250,10 +250,13 @@ def inversion_figure(
 
 def inversion_comparison_figure(rows: Sequence[Record], path: Path) -> None:
     """Mean and top-k NN-SSIM of the inverted samples per sweep point, noise as the floor."""
-    labels = point_labels(rows)
-    names = [labels.get(r["point"], str(r["point"])) for r in rows]
+    names = [
+        ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in r.items() if k.startswith("set:"))
+        or "run"
+        for r in rows
+    ]
     positions = np.arange(len(rows))
-    figure, axis = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 1.5), 3.4))
+    figure, axis = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 1.5), 4.0))
     for offset, (key, name) in enumerate(
         [("mean_nn_ssim", "mean NN-SSIM"), ("top_k_nn_ssim", "top-k NN-SSIM")]
     ):
@@ -262,7 +265,7 @@ def inversion_comparison_figure(rows: Sequence[Record], path: Path) -> None:
     floor = [r.get("noise_nn_ssim") if r.get("noise_nn_ssim") is not None else np.nan for r in rows]
     axis.scatter(positions, floor, color="black", marker="_", s=200, label="noise", zorder=3)
     axis.set_xticks(positions, names, rotation=30, ha="right", fontsize=7)
-    axis.set(ylabel="SSIM with nearest training image")
+    axis.set(ylabel="NN-SSIM")
     axis.grid(alpha=0.3, axis="y")
     axis.legend(fontsize=7)
     save(figure, path)

@@ -152,7 +152,7 @@ def build_binary_fc(spec: ModelSpec) -> nn.Module:
 @register_model(
     "homogeneous-mlp",
     "ReLU MLP, bias on the first layer only, weights scaled by `init_scale`; "
-    "`num_classes` = 1 gives one logit (binary parity).",
+    '`task = "parity"` gives one logit (binary parity).',
     uses=("widths", "init_scale"),
 )
 def build_homogeneous_mlp(spec: ModelSpec) -> nn.Module:
