@@ -115,7 +115,17 @@ def list_() -> None:
 
 
 def _first_comment(path: Path) -> str:
-    for line in path.read_text().splitlines():
+    """A scenario's one-line ``description`` (else its first comment line), unvalidated."""
+    import tomllib
+
+    text = path.read_text()
+    try:
+        description = tomllib.loads(text).get("description")
+    except tomllib.TOMLDecodeError:
+        description = None
+    if isinstance(description, str) and description:
+        return description
+    for line in text.splitlines():
         if line.startswith("#"):
             return line.lstrip("# ").strip()
     return ""
