@@ -10,6 +10,8 @@ Records (written to ``benchmarks/results/kkt.json``):
   ``seconds_per_iteration`` so the full cost can be extrapolated.
 * ``mnist_odd_even_subspace``: the same victim, candidates from the first-layer subspace.
 * ``subspace_capacity``: digits the subspace init recovers for n = 32, 100, 200, 500.
+* ``converged_victim``: 100 digits at a stationary point; the true digits' own residual, and
+  what the KKT fit does to the subspace candidates there.
 * ``fedavg_client``: one FedAvg client holding 32 MNIST digits trains the global ReLU MLP
   784-100-10 for 20 epochs of mini-batch SGD (batch 8) with weight decay; the server recovers
   the digits from the returned weights with the subspace initialisation.
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from attacks.kkt import KKT, KKTParams
+from attacks.kkt import KKT, KKTParams, _problem, combination
 from attacks.metrics import nearest_candidates
 from attacks.observation import Observation
 from simulator.models import ModelSpec
@@ -162,6 +164,57 @@ def bench_subspace_capacity(steps: int) -> dict[str, object]:
     return {"train_steps": steps, "rows": rows}
 
 
+def truth_residual(obs: Observation, images: torch.Tensor) -> float:
+    """Stationarity residual of the true images with least-squares coefficients (KKTParams'
+    per-tensor normalisation): near 0 only when the weights sit at a KKT point."""
+    problem = _problem(obs, "weights", 1.0, "layer")
+    layers = [(w.double(), None if b is None else b.double()) for w, b in problem.layers]
+    inputs = (images.flatten(1) * 2 - 1).double()  # the victim centres its inputs
+    columns = []
+    for index in range(
+        inputs.shape[0]
+    ):  # one per-sample gradient each: a benchmark, not a hot path
+        coeff = torch.zeros(inputs.shape[0], 1, dtype=torch.double)
+        coeff[index] = 1.0
+        grads = combination(layers, inputs, coeff, alpha=1e6)
+        columns.append(
+            torch.cat([g.flatten() / n**0.5 for g, n in zip(grads, problem.norms, strict=True)])
+        )
+    design = torch.stack(columns, 1)
+    target = torch.cat(
+        [t.flatten().double() / n**0.5 for t, n in zip(problem.targets, problem.norms, strict=True)]
+    )
+    solution = torch.linalg.lstsq(design, target[:, None]).solution
+    return float(((target - (design @ solution).squeeze(1)) ** 2).sum())
+
+
+def bench_converged_victim() -> dict[str, object]:
+    """100 odd/even digits, trained to a stationary point (lr 0.1, 6000 annealed epochs).
+
+    Does the KKT fit, started from the subspace candidates, keep the digits once the weights
+    really are at a KKT point? Records the true digits' own residual and both recoveries.
+    """
+    images, labels = mnist_odd_even(per_class=50, seed=0)
+    spec = homogeneous_spec((1, 28, 28), widths=(1000, 1000), init_scale=0.3)
+    config = TrainConfig(steps=6000, lr=0.1, weight_decay=3e-2, anneal=0.7, log_every=6000)
+    victim = train_victim(spec, images, labels, config)
+    obs = victim.observation(100, config)
+    record: dict[str, object] = {
+        "train_images": 100,
+        "train_seconds": round(victim.seconds, 2),
+        "truth_residual": round(truth_residual(obs, images), 4),
+    }
+    for iterations in (0, 800):
+        rec = KKT(KKTParams(iterations=iterations, init="subspace")).run([obs])[0]
+        report = nearest_candidates(images, rec.images, threshold=THRESHOLD)
+        record[f"recovered_after_{iterations}"] = report.recovered
+        record[f"residual_after_{iterations}"] = (
+            None if math.isnan(rec.distance) else round(rec.distance, 4)
+        )
+    print("converged_victim", json.dumps(record), flush=True)
+    return record
+
+
 def bench_fedavg(local_epochs: int, iterations: int) -> dict[str, object]:
     """One FedAvg client with 32 digits: mini-batch SGD with weight decay, the scenario's setup.
 
@@ -201,6 +254,7 @@ def main() -> None:
             "fedavg_client",
             "mnist_odd_even_subspace",
             "subspace_capacity",
+            "converged_victim",
         ],
     )
     parser.add_argument("--threads", type=int, default=1)
@@ -213,6 +267,7 @@ def main() -> None:
         "mnist_odd_even": lambda: bench_odd_even(args.odd_even_steps, args.odd_even_iterations),
         "mnist_odd_even_subspace": lambda: bench_odd_even_subspace(args.odd_even_steps),
         "subspace_capacity": lambda: bench_subspace_capacity(300),
+        "converged_victim": bench_converged_victim,
     }
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for name, run in runs.items():
