@@ -28,6 +28,7 @@ _BUILTIN_MODULES = (
     "attacks.gradient_matching",
     "attacks.analytic",
     "attacks.kkt",
+    "attacks.subspace",
     "attacks.inversion",
 )
 

@@ -65,7 +65,7 @@ from torch import nn
 
 from attacks.base import Attack, Reconstruction, Status, param, register_attack
 from attacks.observation import Observation
-from attacks.subspace import Subspace, first_layer_subspace, select_candidates, sparse_vectors
+from attacks.subspace import recover_inputs
 from simulator.models import Centre, ModelSpec, build_model, is_binary
 
 Layer = tuple[torch.Tensor, torch.Tensor | None]
@@ -310,8 +310,11 @@ class KKT(Attack[KKTParams]):
         labels = candidate_labels(problem.count, problem.classes)
         notes: list[str] = []
         if p.init == "subspace":
-            unit, subspace = subspace_candidates(obs, problem.count, p, generator)
-            inputs = (problem.low + (problem.high - problem.low) * unit).float()
+            unit, subspace = recover_inputs(
+                obs, problem.count, p.sparsity, p.subspace_starts, generator
+            )
+            inputs = problem.low + (problem.high - problem.low) * unit.flatten(1)
+            problem.count = inputs.shape[0]  # fewer when the span has fewer distinct vectors
             labels = predicted_labels(problem, inputs)
             notes.append(
                 f"subspace init: rank {subspace.rank} of {problem.dims} input dims, decay "
@@ -417,23 +420,6 @@ class KKT(Attack[KKTParams]):
             distance=residual,
             matching="nearest",
         )
-
-
-def subspace_candidates(
-    obs: Observation, count: int, params: KKTParams, generator: torch.Generator
-) -> tuple[torch.Tensor, Subspace]:
-    """``count`` candidates in [0, 1] (count, D) from the first layer's change (attacks.subspace).
-
-    Under FedSGD the update is the gradient itself; otherwise the sent-back first-layer weights
-    are compared with the global ones, the weight-decay factor fitted.
-    """
-    first = mlp_parameter_names(obs.model)[0][0]
-    initial = None if obs.meta.protocol == "fedsgd" else obs.global_weights[first]
-    subspace = first_layer_subspace(obs.update[first], initial, obs.meta.num_examples)
-    vectors = sparse_vectors(
-        subspace.basis, params.subspace_starts, params.sparsity, generator=generator
-    )
-    return select_candidates(vectors, count), subspace
 
 
 def predicted_labels(problem: _Problem, inputs: torch.Tensor) -> torch.Tensor:

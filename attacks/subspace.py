@@ -10,7 +10,8 @@ full-batch or not, converged or not:
 so the weight change has rank at most ``n``, the number of training examples, and its row
 space contains every training input. This is the first-layer block of the KKT stationarity
 condition ``theta = sum_i lambda_i y_i grad f(x_i)`` with free per-sample coefficients, which
-is why the KKT attack uses it as its initialisation.
+is why the KKT attack uses it as its initialisation. Under FedSGD the first layer's gradient of
+a batch of ``n`` is the same kind of sum, so the attack ("subspace") applies to it too.
 
 Recovery, all batched:
 
@@ -33,9 +34,16 @@ benchmarks/bench_kkt.py): every digit of a 32-image client, about half of 100, a
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from attacks.base import Attack, Reconstruction, param, register_attack
+from attacks.observation import Observation
+from simulator.models import ModelSpec, build_model
 
 GOLDEN = (math.sqrt(5) - 1) / 2
 
@@ -143,12 +151,16 @@ def select_candidates(
     """The ``count`` most non-negative distinct vectors, as images in [0, 1] (count, D).
 
     A true image has no mass below its background; mixtures of images do. Vectors are ranked by
-    negative over positive mass, a vector within ``duplicate_cosine`` of a better one is dropped
-    (refilled from the dropped ones if too few remain), and each is scaled so its peak is 1.
+    negative over positive mass (zero vectors last), a vector within ``duplicate_cosine`` of a
+    better one is dropped (refilled from the dropped ones if too few remain), and each is scaled
+    so its peak is 1.
     """
     positive = vectors.clamp(min=0).sum(1)
     negative = (-vectors).clamp(min=0).sum(1)
-    order = (negative / positive.clamp_min(1e-30)).argsort()
+    mixed = negative / positive.clamp_min(1e-30)
+    # A start the threshold killed (nothing above it) converges to zero: rank it last.
+    mixed = torch.where(positive > 1e-9, mixed, torch.inf)
+    order = mixed.argsort()
     ranked = vectors[order]
     unit = ranked.clamp(min=0)
     unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-30)
@@ -157,3 +169,100 @@ def select_candidates(
     chosen = torch.cat([ranked[kept], ranked[~kept]])[:count]
     peak = chosen.amax(1, keepdim=True).clamp_min(1e-30)
     return (chosen / peak).clamp(0, 1)
+
+
+def first_linear(spec: ModelSpec) -> str:
+    """Name of the weight of the network's first parameterised layer, which must be Linear.
+
+    ValueError otherwise (convolutions mix pixels before any dense layer sees them).
+    """
+    model = build_model(spec, seed=0)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            return f"{name}.weight"
+        if any(True for _ in module.parameters(recurse=False)):
+            break
+    raise ValueError(
+        f"the first-layer subspace needs a fully-connected first layer; model {spec.kind!r} "
+        "starts with another parameterised layer"
+    )
+
+
+def recover_inputs(
+    obs: Observation,
+    count: int,
+    sparsity: float = 0.03,
+    starts: int = 1000,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, Subspace]:
+    """``count`` candidate images in [0, 1], (count, C, H, W), from one observation.
+
+    Under FedSGD the first layer's gradient is the change itself; under FedAvg the returned
+    first-layer weights are compared with the global ones and the weight-decay factor fitted.
+    """
+    first = first_linear(obs.model)
+    initial = None if obs.meta.protocol == "fedsgd" else obs.global_weights[first]
+    subspace = first_layer_subspace(obs.update[first], initial, obs.meta.num_examples)
+    vectors = sparse_vectors(subspace.basis, starts, sparsity, generator=generator)
+    images = select_candidates(vectors, count).float()
+    return images.reshape(-1, *obs.model.input_shape), subspace
+
+
+@dataclass(frozen=True)
+class SubspaceParams:
+    """Settings of the first-layer subspace attack."""
+
+    candidates: float = param(
+        2.0, low=0.0, low_open=True, high=100.0, help="candidates per training example"
+    )
+    sparsity: float = param(0.03, low=0.0, low_open=True, high=100.0, help="threshold x sqrt(D)")
+    starts: int = param(1000, low=0, high=1_000_000, help="random starts besides the pixel ones")
+    seed: int = param(0, low=0, help="seed of the random starts")
+
+
+@register_attack(
+    "subspace",
+    "Training inputs as the sparse non-negative vectors spanning the first layer's change "
+    "(FedSGD gradient or FedAvg weights); needs a fully-connected first layer.",
+)
+class SubspaceAttack(Attack[SubspaceParams]):
+    """Candidates from :func:`recover_inputs`, scored by nearest match (``matching="nearest"``).
+
+    Labels: under FedAvg the client's own model labels each candidate (argmax, or parity for one
+    logit); a FedSGD update carries no trained model, so labels are left out.
+    """
+
+    Params = SubspaceParams
+
+    def run(self, observations: Sequence[Observation]) -> list[Reconstruction]:
+        return [self._attack(obs) for obs in observations]
+
+    def _attack(self, obs: Observation) -> Reconstruction:
+        p = self.params
+        start = time.perf_counter()
+        count = max(2, math.ceil(p.candidates * obs.meta.num_examples))
+        generator = torch.Generator().manual_seed(p.seed)
+        images, subspace = recover_inputs(obs, count, p.sparsity, p.starts, generator)
+        labels = None
+        if obs.meta.protocol == "fedavg":
+            model = build_model(obs.model)
+            model.load_state_dict({k: v.float() for k, v in obs.update.items()})
+            with torch.no_grad():
+                logits = model(images)
+            labels = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+        seconds = time.perf_counter() - start
+        return Reconstruction(
+            round=obs.round,
+            client_id=obs.client_id,
+            images=images,
+            labels=labels,
+            trace=[{"iteration": 0.0, "gradient_distance": subspace.outside, "seconds": seconds}],
+            status="converged",
+            attack=self.name,
+            notes=(
+                f"{images.shape[0]} candidates; rank {subspace.rank} of "
+                f"{subspace.basis.shape[1]} input dims, decay {subspace.decay:.4g}, energy "
+                f"outside the span {subspace.outside:.2g}"
+            ),
+            matching="nearest",
+        )

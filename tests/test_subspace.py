@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 import attacks.kkt  # noqa: F401  (registers "kkt")
 from attacks.base import make_attack
 from attacks.metrics import nearest_candidates
+from attacks.observation import Observation, PublicMeta
 from attacks.subspace import first_layer_subspace, fit_decay, select_candidates
-from simulator.models import ModelSpec
+from simulator.models import ModelSpec, build_model
+from simulator.task import batch_gradient
 from simulator.trained_model import fedavg_client_update, mnist_odd_even
 
 
@@ -69,3 +71,31 @@ def test_subspace_init_recovers_a_fedavg_clients_digits() -> None:
     assert rec.images.shape == (32, 1, 28, 28) and rec.matching == "nearest"
     assert report.recovered >= 15, report.ssim  # 16 of 16 measured
     assert "decay 0.9" in rec.notes  # (1 - 0.05 * 1e-3) ** 20 steps
+
+
+def test_subspace_attack_recovers_a_fedsgd_batch_of_32() -> None:
+    """A FedSGD batch of 32 through the real client gradient: batch size is no defense here."""
+    images, labels = mnist_odd_even(per_class=16, seed=3)
+    spec = ModelSpec(kind="mlp", widths=(256,), activation="sigmoid")
+    model = build_model(spec, seed=0)
+    gradient = batch_gradient(model, spec, images, labels)
+    obs = Observation(
+        round=1,
+        client_id=0,
+        model=spec,
+        global_weights={k: v.detach().clone() for k, v in model.state_dict().items()},
+        update=gradient,
+        meta=PublicMeta("fedsgd", batch_size=32, lr=0.1, local_epochs=1, num_examples=32),
+    )
+    rec = make_attack("subspace", {"starts": 500}).run([obs])[0]
+    report = nearest_candidates(images, rec.images)
+    assert rec.matching == "nearest" and rec.labels is None and rec.images.shape[0] == 64
+    assert report.recovered >= 30, report.ssim  # 32 of 32 measured
+
+
+def test_subspace_attack_needs_a_dense_first_layer() -> None:
+    obs = fedavg_client_update(
+        torch.rand(4, 1, 28, 28), torch.arange(4), ModelSpec(kind="lenet"), 1, 2, 0.1
+    )
+    with pytest.raises(ValueError, match="fully-connected first layer"):
+        make_attack("subspace").run([obs])
