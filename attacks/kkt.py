@@ -37,9 +37,10 @@ activation pattern), relative lambdas at 1; Adam (or SGD with momentum) with sep
 candidates and lambdas, cosine-annealed to 0 when ``lr_decay``.
 
 Known limits (measured, see benchmarks/bench_kkt.py): the toy set is recovered exactly, but on
-MNIST the loss has spurious minima whose stationarity is *lower* than that of the true images
-(a warm start at the true images stays there and recovers them), so from a cold start only a
-few digits reach SSIM 0.4 within the budgets we could afford.
+MNIST the fit does not find the data: from random candidates few digits reach SSIM 0.4, and
+started from the subspace candidates of a model at a stationary point it loses digits (51 to
+37 of 100) while its residual stays above that of the true digits. The subspace start alone
+recovers every digit of a 32-image FedAvg client.
 
 Modes: ``"weights"`` takes ``update`` as theta (a trained model, or a FedAvg client's returned
 weights); ``"difference"`` fits ``update - global_weights`` with gradients taken at the
