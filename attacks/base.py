@@ -95,6 +95,11 @@ class Attack(ABC, Generic[ParamsT]):
         """Attack every observation; one reconstruction per observation, in order."""
 
 
+def snapshot_steps(total: int, count: int) -> set[int]:
+    """``count`` evenly spaced steps in 1..``total`` at which an attack keeps image snapshots."""
+    return {round(k * total / count) for k in range(1, count + 1)} if count else set()
+
+
 AttackEntry = PluginEntry
 ATTACKS = Registry("attack", _BUILTIN_MODULES)
 AttackT = TypeVar("AttackT", bound=type)

@@ -36,7 +36,7 @@ from typing import Literal
 
 import torch
 
-from attacks.base import Attack, Reconstruction, Status, param, register_attack
+from attacks.base import Attack, Reconstruction, Status, param, register_attack, snapshot_steps
 from attacks.generator import ConditionalGenerator, soft_labels
 from attacks.inversion_losses import LOSSES, FrozenClassifier, LossContext
 from attacks.observation import Observation
@@ -277,11 +277,7 @@ class Inversion(Attack[InversionParams]):
         learned = [problem.class_logits] if p.kkt_coefficients == "learned" else []
         trained = [*problem.generator.parameters(), *learned]
         optimizer = torch.optim.Adam(trained, lr=p.lr)
-        snap_at = (
-            {round(k * p.steps / p.snapshots) for k in range(1, p.snapshots + 1)}
-            if p.snapshots
-            else set()
-        )
+        snap_at = snapshot_steps(p.steps, p.snapshots)
         trace: list[dict[str, float]] = []
         snapshots: list[tuple[int, torch.Tensor]] = []
         status: Status = "budget"

@@ -64,9 +64,16 @@ from typing import Literal
 import torch
 from torch import nn
 
-from attacks.base import Attack, Reconstruction, Status, param, register_attack
+from attacks.base import (
+    Attack,
+    Reconstruction,
+    Status,
+    param,
+    register_attack,
+    snapshot_steps,
+)
 from attacks.observation import Observation
-from attacks.subspace import recover_inputs
+from attacks.subspace import model_labels, recover_inputs
 from simulator.models import Centre, ModelSpec, build_model, is_binary
 
 Layer = tuple[torch.Tensor, torch.Tensor | None]
@@ -308,7 +315,7 @@ class KKT(Attack[KKTParams]):
         start = time.perf_counter()
         problem = _problem(obs, p.mode, p.candidates, p.normalise)
         generator = torch.Generator().manual_seed(p.seed)
-        labels = candidate_labels(problem.count, problem.classes)
+        labels: torch.Tensor | None = None
         notes: list[str] = []
         if p.init == "subspace":
             unit, subspace = recover_inputs(
@@ -316,7 +323,7 @@ class KKT(Attack[KKTParams]):
             )
             inputs = problem.low + (problem.high - problem.low) * unit.flatten(1)
             problem.count = inputs.shape[0]  # fewer when the span has fewer distinct vectors
-            labels = predicted_labels(problem, inputs)
+            labels = model_labels(obs, unit)
             notes.append(
                 f"subspace init: rank {subspace.rank} of {problem.dims} input dims, decay "
                 f"{subspace.decay:.4g}, energy outside the span {subspace.outside:.2g}"
@@ -336,6 +343,8 @@ class KKT(Attack[KKTParams]):
         if p.mode == "difference":
             relative = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0)
         relative.requires_grad_(True)
+        if labels is None:
+            labels = candidate_labels(problem.count, problem.classes)
         groups = [{"params": [inputs], "lr": p.lr}, {"params": [relative], "lr": p.lambda_lr}]
         optimizer = (
             torch.optim.Adam(groups)
@@ -347,11 +356,7 @@ class KKT(Attack[KKTParams]):
             if p.lr_decay
             else None
         )
-        snap_at = (
-            {round(k * p.iterations / p.snapshots) for k in range(1, p.snapshots + 1)}
-            if p.snapshots
-            else set()
-        )
+        snap_at = snapshot_steps(p.iterations, p.snapshots)
         trace: list[dict[str, float]] = []
         snapshots: list[tuple[int, torch.Tensor]] = []
         status: Status = "budget"
@@ -421,16 +426,3 @@ class KKT(Attack[KKTParams]):
             distance=residual,
             matching="nearest",
         )
-
-
-def predicted_labels(problem: _Problem, inputs: torch.Tensor) -> torch.Tensor:
-    """The attacked model's own labels for ``inputs``: argmax, or parity 0/1 for one logit."""
-    with torch.no_grad():
-        hidden = inputs
-        for weight, bias in problem.layers[:-1]:
-            hidden = torch.relu(hidden @ weight.T + (0 if bias is None else bias))
-        weight, bias = problem.layers[-1]
-        logits = hidden @ weight.T + (0 if bias is None else bias)
-    if problem.classes == 1:
-        return (logits[:, 0] > 0).long()
-    return logits.argmax(1)

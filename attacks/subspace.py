@@ -208,6 +208,20 @@ def recover_inputs(
     return images.reshape(-1, *obs.model.input_shape), subspace
 
 
+def model_labels(obs: Observation, images: torch.Tensor) -> torch.Tensor | None:
+    """The client's own model's labels for [0, 1] ``images``: argmax, or parity for one logit.
+
+    None under FedSGD: a gradient carries no trained model to ask.
+    """
+    if obs.meta.protocol != "fedavg":
+        return None
+    model = build_model(obs.model)
+    model.load_state_dict({k: v.float() for k, v in obs.update.items()})
+    with torch.no_grad():
+        logits = model(images.reshape(-1, *obs.model.input_shape).float())
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+
+
 @dataclass(frozen=True)
 class SubspaceParams:
     """Settings of the first-layer subspace attack."""
@@ -243,13 +257,7 @@ class SubspaceAttack(Attack[SubspaceParams]):
         count = max(2, math.ceil(p.candidates * obs.meta.num_examples))
         generator = torch.Generator().manual_seed(p.seed)
         images, subspace = recover_inputs(obs, count, p.sparsity, p.starts, generator)
-        labels = None
-        if obs.meta.protocol == "fedavg":
-            model = build_model(obs.model)
-            model.load_state_dict({k: v.float() for k, v in obs.update.items()})
-            with torch.no_grad():
-                logits = model(images)
-            labels = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+        labels = model_labels(obs, images)
         seconds = time.perf_counter() - start
         return Reconstruction(
             round=obs.round,

@@ -17,7 +17,7 @@ import os
 import tempfile
 import urllib.request
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -120,14 +120,13 @@ DATASETS: dict[str, DatasetInfo] = {
 
 
 RED_BLUE_SIZE = 16  # the smallest power of two on which the 11x11 SSIM window fits
-SYNTHETIC: dict[str, str] = {
-    "red-blue": "toy set of Haim et al. 2022: 10 all-red and 10 all-blue 3x16x16 images "
-    "(label 1 red, 0 blue); its test split is the same 20 images",
-}
 
 
 def red_blue(per_class: int = 10, size: int = RED_BLUE_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """``per_class`` all-red then ``per_class`` all-blue uint8 (3, size, size) images; red = 1."""
+    """``per_class`` all-red then ``per_class`` all-blue uint8 (3, size, size) images; red = 1.
+
+    The toy set of Haim et al. 2022; as a dataset its test split is the same 20 images.
+    """
     images = np.zeros((2 * per_class, 3, size, size), dtype=np.uint8)
     images[:per_class, 0] = 255
     images[per_class:, 2] = 255
@@ -135,10 +134,15 @@ def red_blue(per_class: int = 10, size: int = RED_BLUE_SIZE) -> tuple[np.ndarray
     return images, labels
 
 
+# Generated datasets: name -> builder of (uint8 images (N, C, H, W), int64 labels).
+SYNTHETIC: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {"red-blue": red_blue}
+
+
 def image_shape(name: str) -> tuple[int, int, int]:
     """(channels, height, width) of dataset ``name``'s images."""
-    if name == "red-blue":
-        return (3, RED_BLUE_SIZE, RED_BLUE_SIZE)
+    if name in SYNTHETIC:
+        channels, height, width = SYNTHETIC[name]()[0].shape[1:]
+        return (channels, height, width)
     _dataset(name)
     return (1, 28, 28)
 
@@ -370,7 +374,7 @@ def load_split(
     if split not in ("train", "test"):
         raise DataError(f"unknown split {split!r}; use 'train' or 'test'")
     if name in SYNTHETIC:
-        images, labels = red_blue()
+        images, labels = SYNTHETIC[name]()
         images.flags.writeable = False
         labels.flags.writeable = False
         return images, labels

@@ -45,6 +45,26 @@ class Scored:
         return arrays if self.labels is None else arrays | {"labels": self.labels}
 
 
+def _identity(reconstruction: Reconstruction) -> Record:
+    """The fields every attack record starts with: which update, which attack, how it ended."""
+    return {
+        "kind": "attack",
+        "round": reconstruction.round,
+        "client": reconstruction.client_id,
+        "attack": reconstruction.attack,
+        "status": reconstruction.status,
+        "notes": reconstruction.notes,
+    }
+
+
+def _distance_trace(trace: Sequence[dict[str, float]]) -> list[dict[str, float]]:
+    """The attack's trace reduced to (iteration, gradient distance) for the convergence plot."""
+    return [
+        {"iteration": int(t["iteration"]), "gradient_distance": float(t["gradient_distance"])}
+        for t in trace
+    ]
+
+
 def _padded(images: torch.Tensor, count: int) -> torch.Tensor:
     """Fill missing reconstructions with mid-grey images, which score as not leaked."""
     if images.shape[0] >= count:
@@ -92,12 +112,7 @@ def score(
     seconds_at = {int(t["iteration"]): t["seconds"] for t in trace}
     finite_psnr = summary.psnr.clamp(max=100)
     record: Record = {
-        "kind": "attack",
-        "round": reconstruction.round,
-        "client": reconstruction.client_id,
-        "attack": reconstruction.attack,
-        "status": reconstruction.status,
-        "notes": reconstruction.notes,
+        **_identity(reconstruction),
         "batch_size": int(truth.shape[0]),
         "recovered": int(reconstruction.images.shape[0]),
         "mean_psnr": float(finite_psnr.mean()),
@@ -112,10 +127,7 @@ def score(
         "seconds": float(trace[-1]["seconds"]) if trace else math.nan,
         "iterations_to_threshold": reached,
         "seconds_to_threshold": seconds_at.get(reached) if reached is not None else None,
-        "trace": [
-            {"iteration": int(t["iteration"]), "gradient_distance": float(t["gradient_distance"])}
-            for t in trace
-        ],
+        "trace": _distance_trace(trace),
         "psnr_curve": curve,
     }
     paired = images[summary.permutation]
@@ -146,12 +158,7 @@ def score_candidates(
         accuracy = float((guessed == true_labels).double().mean())
     trace = reconstruction.trace
     record: Record = {
-        "kind": "attack",
-        "round": reconstruction.round,
-        "client": reconstruction.client_id,
-        "attack": reconstruction.attack,
-        "status": reconstruction.status,
-        "notes": reconstruction.notes,
+        **_identity(reconstruction),
         "matching": "nearest",
         "batch_size": int(truth.shape[0]),
         "recovered": int(candidates.shape[0]),
@@ -170,10 +177,7 @@ def score_candidates(
         "seconds": float(trace[-1]["seconds"]) if trace else math.nan,
         "iterations_to_threshold": None,
         "seconds_to_threshold": None,
-        "trace": [
-            {"iteration": int(t["iteration"]), "gradient_distance": float(t["gradient_distance"])}
-            for t in trace
-        ],
+        "trace": _distance_trace(trace),
         "psnr_curve": psnr_curve(reconstruction, truth),
     }
     order = nearest.ssim.argsort(descending=True)
@@ -204,12 +208,7 @@ def score_training_like(
     psnrs = torch.tensor(found["nn_psnr"]).clamp(max=100)
     index = torch.tensor(found["nn_index"])
     record: Record = {
-        "kind": "attack",
-        "round": reconstruction.round,
-        "client": reconstruction.client_id,
-        "attack": reconstruction.attack,
-        "status": reconstruction.status,
-        "notes": reconstruction.notes,
+        **_identity(reconstruction),
         "matching": "training",
         "batch_size": int(images.shape[0]),
         "recovered": int(images.shape[0]),
@@ -233,10 +232,7 @@ def score_training_like(
         "seconds": float(last.get("seconds", math.nan)),
         "iterations_to_threshold": None,
         "seconds_to_threshold": None,
-        "trace": [
-            {"iteration": int(t["iteration"]), "gradient_distance": float(t["gradient_distance"])}
-            for t in trace
-        ],
+        "trace": _distance_trace(trace),
         "psnr_curve": [],
     }
     nearest = train_images[index.clamp(min=0)].float()

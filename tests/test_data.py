@@ -432,3 +432,13 @@ def test_a_failed_download_leaves_no_empty_folders(tmp_path: Path, monkeypatch) 
     with pytest.raises(DataNotFoundError):
         load_split("mnist", "test", mirrors=["http://127.0.0.1:9/"])
     assert not cache.exists()
+
+
+def test_red_blue_is_generated_with_its_own_shape() -> None:
+    from simulator.data import image_shape
+
+    images, labels = load_split("red-blue", "train")
+    assert image_shape("red-blue") == (3, 16, 16) and images.shape == (20, 3, 16, 16)
+    tensor = to_tensor(images)
+    assert torch.equal(tensor[:10, 0], torch.ones(10, 16, 16)) and tensor[:10, 1:].sum() == 0
+    assert labels.tolist() == [1] * 10 + [0] * 10

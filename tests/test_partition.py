@@ -221,3 +221,15 @@ def test_property_disjoint_cover(
             assert len(np.unique(y[s])) == k
         if num_clients + k - 1 >= present:  # client i holds classes i..i+k-1 (mod classes)
             assert sum(len(s) for s in shards) == n
+
+
+def test_training_pool_parity_draws_half_odd_half_even_by_seed() -> None:
+    from simulator.partition import training_pool
+
+    labels = np.random.default_rng(0).integers(0, 10, size=1000)
+    pool = training_pool(labels, 50, "parity", seed=3)
+    assert len(set(pool.tolist())) == 50
+    assert (labels[pool[:25]] % 2 == 1).all() and (labels[pool[25:]] % 2 == 0).all()
+    assert np.array_equal(pool, training_pool(labels, 50, "parity", seed=3))
+    assert not np.array_equal(pool, training_pool(labels, 50, "parity", seed=4))
+    assert np.array_equal(training_pool(labels, 0, "parity", seed=3), np.arange(1000))
