@@ -1,5 +1,10 @@
-"""The malicious server's side: what it observes, the attacks it runs, and leakage metrics.
+"""The malicious server's attacks: each module registers its attacks with ``register_attack``.
 
-Nothing in this package may import the simulator's oracle (the clients' ground truth); a test
-walks the imports to enforce it. Attacks see :class:`attacks.observation.Observation` only.
+Attacks import only :mod:`simulator.core` (the types that cross the trust boundary, the model
+zoo, the registry); ``tests/unit/test_layers.py`` enforces it. Importing this package
+registers every built-in attack.
 """
+
+from attacks import analytic, gradient_matching, inversion, kkt, none, subspace
+
+__all__ = ["analytic", "gradient_matching", "inversion", "kkt", "none", "subspace"]

@@ -38,10 +38,11 @@ from scipy.sparse.csgraph import connected_components
 from torch import nn
 from torch.func import functional_call
 
-from attacks.base import Attack, Reconstruction, param, register_attack
+from attacks.base import Attack, register_attack
 from attacks.labels import final_layer, num_samples, pseudo_gradient
-from attacks.observation import Observation
-from simulator.models import ModelSpec, build_model, is_binary, task_loss
+from simulator.core.fields import param
+from simulator.core.models import ModelSpec, build_model, is_binary, task_loss
+from simulator.core.protocol import Observation, Reconstruction
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,13 @@ from typing import Literal
 
 import torch
 
-from attacks.base import Attack, Reconstruction, Status, param, register_attack, snapshot_steps
+from attacks.base import Attack, register_attack, snapshot_steps
 from attacks.generator import ConditionalGenerator, soft_labels
 from attacks.inversion_losses import LOSSES, FrozenClassifier, LossContext
-from attacks.observation import Observation
-from simulator.models import ModelSpec, is_binary
+from simulator.core.fields import param
+from simulator.core.models import ModelSpec, is_binary
+from simulator.core.protocol import Observation, Reconstruction, Status
+from simulator.core.registry import INVERSION_LOSSES
 
 SUBJECT = "attack 'inversion'"
 
@@ -229,7 +231,7 @@ class _Problem:
             coefficients=self.coefficients(labels),
             theta=self.theta,
         )
-        terms = {t: LOSSES[t].fn(ctx) for t in self.weights}
+        terms = {t: INVERSION_LOSSES.entry(t).value.fn(ctx) for t in self.weights}
         total = sum(w * terms[t] for t, w in self.weights.items())
         confidence = torch.softmax(logits.detach(), 1).gather(1, labels[:, None]).squeeze(1)
         return _Evaluation(total, terms, confidence, images.detach())  # type: ignore[arg-type]

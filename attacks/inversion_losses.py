@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from simulator.models import ModelSpec, build_model
+from simulator.core.models import ModelSpec, build_model
+from simulator.core.registry import INVERSION_LOSSES
 
 
 class FrozenClassifier:
@@ -204,7 +205,8 @@ class LossTerm:
     description: str
 
 
-LOSSES: dict[str, LossTerm] = {
+# The built-in terms, registered in the one plugin registry (``leaksim list`` shows them).
+_BUILTIN_TERMS: dict[str, LossTerm] = {
     "cross_entropy": LossTerm(cross_entropy, "CE to the target class: mean_i -log p_i[y_i]"),
     "kl": LossTerm(kl, "KL to the soft target: mean_i sum_k q_ik log(q_ik / p_ik)"),
     "diversity": LossTerm(
@@ -231,3 +233,6 @@ LOSSES: dict[str, LossTerm] = {
         "(x_i))",
     ),
 }
+for _name, _term in _BUILTIN_TERMS.items():
+    INVERSION_LOSSES.add(_name, _term.description, _term)
+LOSSES: tuple[str, ...] = tuple(_BUILTIN_TERMS)

@@ -64,17 +64,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from attacks.base import (
-    Attack,
-    Reconstruction,
-    Status,
-    param,
-    register_attack,
-    snapshot_steps,
-)
-from attacks.observation import Observation
+from attacks.base import Attack, register_attack, snapshot_steps
 from attacks.subspace import model_labels, recover_inputs
-from simulator.models import Centre, ModelSpec, build_model, is_binary
+from simulator.core.fields import param
+from simulator.core.models import Centre, ModelSpec, build_model, is_binary
+from simulator.core.protocol import Observation, Reconstruction, Status
 
 Layer = tuple[torch.Tensor, torch.Tensor | None]
 

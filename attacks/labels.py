@@ -50,8 +50,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from attacks.observation import Observation
-from simulator.models import ModelSpec, build_model, is_binary
+from simulator.core.models import ModelSpec, build_model, is_binary
+from simulator.core.protocol import Observation
 
 
 @dataclass(frozen=True)

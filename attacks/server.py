@@ -11,20 +11,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from attacks.observation import Observation
+import torch
+
+from attacks.base import Attack
+from simulator.core.protocol import Observation, Reconstruction
+from simulator.core.registry import ATTACKS
 
 NO_ATTACK = "none"
-
-
-def validate_attack(name: str, params: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` if ``name``/``params`` do not describe a runnable attack."""
-    if name == NO_ATTACK:
-        if params:
-            raise ValueError(f"attack 'none' takes no params, got {sorted(params)}")
-        return
-    from attacks.base import make_attack
-
-    make_attack(name, dict(params))
 
 
 @dataclass
@@ -43,14 +36,14 @@ class MaliciousServer:
 
     def targets(self, observations: Sequence[Observation]) -> list[Observation]:
         """The observations of this round the schedule selects for an attack."""
-        if self.attack_name == NO_ATTACK or not observations:
+        if self.attack_name == NO_ATTACK or not observations:  # the registered no-op
             return []
         if self.rounds and observations[0].round not in self.rounds:
             return []
         ordered = sorted(observations, key=lambda o: o.client_id)
         return ordered[: self.max_clients] if self.max_clients else ordered
 
-    def observe(self, observations: Sequence[Observation]) -> list[Any]:
+    def observe(self, observations: Sequence[Observation]) -> list[Reconstruction]:
         """Record one round's updates and attack the selected ones, all in one batch."""
         for observation in observations:
             if not isinstance(observation, Observation):
@@ -59,21 +52,17 @@ class MaliciousServer:
         targets = self.targets(observations)
         if not targets:
             return []
-        from attacks.base import make_attack
-
-        attack = make_attack(self.attack_name, dict(self.attack_params))
+        attack: Attack[Any] = ATTACKS.create(self.attack_name, dict(self.attack_params))
         return [flag_divergence(r) for r in attack.run(targets)]
 
 
-def flag_divergence(reconstruction: Any) -> Any:
+def flag_divergence(reconstruction: Reconstruction) -> Reconstruction:
     """Mark a reconstruction diverged when its images, or the distance it tracked, are not finite.
 
     A safety net for every attack: non-finite images are replaced by mid-grey so that scoring
     stays defined, and the run records a failed attack instead of stopping. A NaN ``distance``
     means "not computed" (closed-form attacks), so only a tracked, non-finite one counts.
     """
-    import torch
-
     trace = reconstruction.trace
     last = trace[-1]["gradient_distance"] if trace else 0.0
     tracked = not math.isnan(reconstruction.distance)
@@ -86,13 +75,3 @@ def flag_divergence(reconstruction: Any) -> Any:
         f"{reconstruction.notes}; diverged: non-finite distance or images".lstrip("; ")
     )
     return reconstruction
-
-
-def attack_catalog() -> dict[str, str]:
-    """Attack names scenario files accept, with the line ``leaksim list`` shows."""
-    catalog = {NO_ATTACK: "No attack: the server only logs what it intercepts."}
-    try:
-        from attacks.base import ATTACKS
-    except ImportError:
-        return catalog
-    return catalog | dict(ATTACKS)

@@ -41,9 +41,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attacks.base import Attack, Reconstruction, param, register_attack
-from attacks.observation import Observation
-from simulator.models import ModelSpec, build_model
+from attacks.base import Attack, register_attack
+from simulator.core.fields import param
+from simulator.core.models import ModelSpec, build_model
+from simulator.core.protocol import Observation, Reconstruction
 
 GOLDEN = (math.sqrt(5) - 1) / 2
 

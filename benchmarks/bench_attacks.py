@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attacks.base import make_attack
-from attacks.metrics import leak_summary
-from attacks.observation import Observation, PublicMeta
-from simulator.models import ModelSpec, build_model, task_loss
+from simulator.core.models import ModelSpec, build_model, task_loss
+from simulator.core.protocol import Observation, PublicMeta
+from simulator.core.registry import ATTACKS
+from simulator.scoring.metrics import leak_summary
 
 RESULTS = Path(__file__).parent / "results" / "attacks.json"
 MNIST = Path("/work/shared/data/mnist")
@@ -112,7 +112,7 @@ def measure(
     repeats: int,
 ) -> list[dict[str, object]]:
     images, labels = digits(max(counts) * batch)
-    attack = make_attack(name, params)
+    attack = ATTACKS.create(name, params)
     attack.run(observations(spec, batch, 1, images, labels))  # warm-up (allocations, caches)
     rows = []
     for clients in counts:

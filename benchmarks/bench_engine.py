@@ -17,12 +17,15 @@ from pathlib import Path
 
 import torch
 
-from simulator import engine
-from simulator.interceptor import Interceptor
-from simulator.models import build_model
-from simulator.scenario import Scenario, load
-from simulator.strategies import make_strategy
-from simulator.task import batch_gradient, load_shard, seeded_generator
+from simulator.core.config import Scenario
+from simulator.core.models import build_model
+from simulator.core.scenario import load
+from simulator.core.seeding import seeded_generator
+from simulator.data.shards import load_shard
+from simulator.federation.interceptor import Interceptor
+from simulator.federation.strategies import make_strategy
+from simulator.federation.training import batch_gradient
+from simulator.run import engine
 
 RESULTS = Path(__file__).parent / "results" / "engine.json"
 
@@ -30,7 +33,7 @@ RESULTS = Path(__file__).parent / "results" / "engine.json"
 def in_process_round_seconds(scenario: Scenario, rounds: int) -> float:
     """Mean seconds per round for the clients' work alone, with no Flower or Ray."""
     fed = scenario.federation
-    spec = scenario.model_spec()
+    spec = scenario.model
     model = build_model(spec, seed=scenario.seed)
     sampler = Interceptor(
         make_strategy(fed.protocol, fed.lr),

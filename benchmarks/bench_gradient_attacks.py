@@ -6,7 +6,7 @@ batch of the first training images (batch 1: images 0..19, one observation each;
 images [kB, (k+1)B)). An image counts as leaked at PSNR >= 30 dB (``leak_summary``, images
 matched to the truth by the scorer's assignment).
 
-* ours: ``make_attack(ATTACK, PARAMS[B])`` per observation, timed per attacked batch;
+* ours: ``ATTACKS.create(ATTACK, PARAMS[B])`` per observation, timed per attacked batch;
 * baseline: the papers' configuration in the same process: ``torch.optim.LBFGS(lr=1)`` (its
   defaults: 20 inner iterations per step, no line search) on Gaussian dummy images (+ free
   soft labels for DLG at B > 1; the iDLG label rule at B = 1), squared-L2 gradient distance,
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from attacks.base import make_attack
-from attacks.metrics import leak_summary
-from attacks.observation import Observation, PublicMeta
-from simulator.data import load_split, to_tensor
-from simulator.models import ModelSpec, build_model, task_loss
+from simulator.core.models import ModelSpec, build_model, task_loss
+from simulator.core.protocol import Observation, PublicMeta
+from simulator.core.registry import ATTACKS
+from simulator.data.datasets import load_split, to_tensor
+from simulator.scoring.metrics import leak_summary
 
 RESULTS = Path(__file__).parent / "results" / "gradient_attacks.json"
 SPEC = ModelSpec("lenet")
@@ -133,7 +133,7 @@ def measure_batch(
     images: torch.Tensor,
     labels: torch.Tensor,
 ) -> dict[str, object]:
-    attack = make_attack(ATTACK, PARAMS[size])
+    attack = ATTACKS.create(ATTACK, PARAMS[size])
     seconds, psnrs, distances = [], [], []
     for start in starts:
         truth = images[start : start + size]
@@ -181,7 +181,7 @@ def measure_batch(
 def measure_batched(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, clients: int, repeats: int
 ) -> dict[str, object]:
-    attack = make_attack(ATTACK, PARAMS[1])
+    attack = ATTACKS.create(ATTACK, PARAMS[1])
     observations = [observe(model, images[k : k + 1], labels[k : k + 1], k) for k in range(clients)]
     batched, separate = [], []
     for _ in range(repeats):
@@ -238,7 +238,7 @@ def main() -> None:
     images = to_tensor(pixels[:count])
     labels = torch.tensor(digit_labels[:count].copy()).long()
     model = uniform_lenet(args.seed)
-    make_attack(ATTACK, PARAMS[1]).run([observe(model, images[:1], labels[:1], 0)])  # warm-up
+    ATTACKS.create(ATTACK, PARAMS[1]).run([observe(model, images[:1], labels[:1], 0)])  # warm-up
     began = time.perf_counter()
     report: dict[str, object] = {
         "setting": "MNIST train images, LeNet (sigmoid, 1 channel), weights U(-0.5, 0.5), "

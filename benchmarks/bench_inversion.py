@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-from attacks.base import make_attack
 from attacks.inversion import classifier_confidence
 from attacks.inversion_losses import LOSSES
-from attacks.observation import Observation, PublicMeta
-from simulator.data import load_split, to_tensor
-from simulator.inversion_scoring import random_noise_baseline, score_inversion
-from simulator.models import ModelSpec, build_model
+from simulator.core.models import ModelSpec, build_model
+from simulator.core.protocol import Observation, PublicMeta
+from simulator.core.registry import ATTACKS
+from simulator.data.datasets import load_split, to_tensor
+from simulator.scoring.inversion import random_noise_baseline, score_inversion
 
 RESULTS = Path(__file__).parent / "results" / "inversion.json"
 
@@ -90,7 +90,7 @@ def bench(
     obs = Observation(0, 0, spec, weights, weights, meta)
     params = {"steps": args.steps, **attack_params}
     start = time.perf_counter()
-    rec = make_attack("inversion", params).run([obs])[0]
+    rec = ATTACKS.create("inversion", params).run([obs])[0]
     attack_seconds = time.perf_counter() - start
     assert rec.labels is not None
     confidence = classifier_confidence(spec, weights, rec.images, rec.labels)

@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 from attacks.kkt import KKT, KKTParams, _problem, combination
-from attacks.metrics import nearest_candidates
-from attacks.observation import Observation
-from simulator.models import ModelSpec
-from simulator.trained_model import (
+from simulator.core.models import ModelSpec
+from simulator.core.protocol import Observation
+from simulator.scoring.metrics import nearest_candidates
+from tests.fixtures.trained_model import (
     TrainConfig,
     fedavg_client_update,
     homogeneous_spec,

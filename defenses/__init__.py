@@ -1,1 +1,16 @@
-"""Defense plugins: transformations of a client's update (or its training) that cut leakage."""
+"""Defense plugins, one module per defense; importing this package registers them all.
+
+Defenses import only :mod:`simulator.core`; ``tests/unit/test_layers.py`` enforces it.
+"""
+
+from defenses import clipping, dp_sgd, local_dp, noise, pruning, quantization, secure_aggregation
+
+__all__ = [
+    "clipping",
+    "dp_sgd",
+    "local_dp",
+    "noise",
+    "pruning",
+    "quantization",
+    "secure_aggregation",
+]

@@ -1,20 +1,20 @@
-"""Defense interface and registry, keyed by the names scenario files use.
+"""Defense plugin kinds, typed by where they act, and their registration.
 
-A defense acts at one of three places, its ``kind``:
-
-- "update": transforms the update a client is about to send (:meth:`UpdateDefense.apply`).
-  The update is the batch gradient (FedSGD) or the weight difference ``new - global`` (FedAvg;
-  the caller adds the global weights back), so norms and thresholds mean the same in both.
-- "training": changes how the client trains locally (DP-SGD, :mod:`defenses.dp_sgd`).
-- "aggregation": changes what the server observes across clients (secure aggregation,
-  :mod:`defenses.secure_aggregation`, which runs Flower's SecAgg+).
-- "message": a Flower client mod that rewrites the client's reply message after all of the
-  above (local DP through Flower's LocalDpMod, :mod:`defenses.local_dp`).
+- :class:`UpdateDefense` transforms the update a client is about to send (noise, clipping,
+  pruning, quantization). The update is the batch gradient (FedSGD) or the weight difference
+  ``new - global`` (FedAvg; the caller adds the global weights back), so norms and thresholds
+  mean the same in both.
+- :class:`TrainingDefense` replaces the client's local training (DP-SGD) and reports the
+  privacy it spent.
+- :class:`ClientModDefense` wraps the client's reply as a Flower client mod after everything
+  above (Flower's LocalDpMod).
+- :class:`AggregationDefense` changes what the server receives across clients (Flower's
+  SecAgg+: the aggregate only).
 
 ``changes_observation`` says whether the server's view differs from the undefended one: a
 client-side transformation does; a defense applied after the server has observed (central DP)
-would not, and so would not stop a malicious server. Scenario parameters are validated like
-attack parameters (:mod:`simulator.params`).
+would not, and so would not stop a malicious server. Parameters are validated by the one
+plugin registry (:data:`simulator.core.registry.DEFENSES`), like attack parameters.
 """
 
 from __future__ import annotations
@@ -25,22 +25,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
+from torch import nn
 
-from simulator.params import PluginEntry, Registry, params_rows
-
-Kind = Literal["update", "training", "aggregation", "message"]
-KINDS: tuple[str, ...] = ("update", "training", "aggregation", "message")
-
-# Modules whose import registers the built-in defenses; loaded lazily to avoid import cycles.
-_BUILTIN_MODULES = (
-    "defenses.noise",
-    "defenses.clipping",
-    "defenses.pruning",
-    "defenses.quantization",
-    "defenses.dp_sgd",
-    "defenses.secure_aggregation",
-    "defenses.local_dp",
-)
+from simulator.core.models import ModelSpec
+from simulator.core.registry import DEFENSES
 
 
 @dataclass(frozen=True)
@@ -48,33 +36,24 @@ class NoParams:
     """Params of a defense that takes none."""
 
 
-class Defense(ABC):
-    """A defense: validated, immutable parameters, where it acts, and whether the server sees it.
+class Defense(ABC):  # noqa: B024 (the four kinds below declare the abstract methods)
+    """A defense: validated, immutable parameters and whether the server's view changes.
 
-    Subclasses set ``Params`` (a frozen dataclass), ``kind`` and ``changes_observation`` and are
-    registered with :func:`register_defense`.
+    Subclass one of the four kinds below (not this class) and register it with
+    :func:`register_defense`.
     """
 
     name: ClassVar[str] = ""
-    kind: ClassVar[Kind]
-    changes_observation: ClassVar[bool]
+    changes_observation: ClassVar[bool] = True
     Params: ClassVar[type] = NoParams
 
     def __init__(self, params: Any = None) -> None:
         self.params: Any = params if params is not None else self.Params()
 
-    def apply(
-        self, update: dict[str, torch.Tensor], generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
-        """Only "update" defenses transform an update; the others act elsewhere."""
-        raise TypeError(
-            f"defense {self.name!r} acts on {self.kind}, not on the update; see its module"
-        )
+    def check_scenario(self, protocol: str, defenses: Sequence[Defense]) -> None:
+        """Raise ValueError when this defense cannot run under ``protocol`` beside ``defenses``.
 
-    def check_scenario(self, protocol: str, names: Sequence[str]) -> None:
-        """Raise ValueError when this defense cannot run under ``protocol`` with ``names``.
-
-        ``names`` are all the scenario's defenses; most defenses fit everywhere.
+        ``defenses`` are all of the scenario's defenses (this one included); most fit anywhere.
         """
         return None
 
@@ -83,10 +62,7 @@ class Defense(ABC):
 
 
 class UpdateDefense(Defense):
-    """A defense that transforms the update the client sends (so the server sees the result)."""
-
-    kind: ClassVar[Kind] = "update"
-    changes_observation: ClassVar[bool] = True
+    """Transforms the update the client sends (so the server sees the result)."""
 
     @abstractmethod
     def apply(
@@ -98,55 +74,115 @@ class UpdateDefense(Defense):
         """
 
 
-DefenseEntry = PluginEntry
-DEFENSES = Registry("defense", _BUILTIN_MODULES)
+class TrainingDefense(Defense):
+    """Replaces local training (FedSGD's batch gradient and FedAvg's local epochs)."""
+
+    @abstractmethod
+    def fedsgd_batch(
+        self, shard_size: int, batch_size: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Indices of the FedSGD batch this defense's accounting assumes."""
+
+    @abstractmethod
+    def gradient(
+        self,
+        model: nn.Module,
+        spec: ModelSpec,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator,
+        *,
+        denominator: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The FedSGD update computed from one batch."""
+
+    @abstractmethod
+    def local_train(
+        self,
+        model: nn.Module,
+        spec: ModelSpec,
+        shard_inputs: torch.Tensor,
+        shard_labels: torch.Tensor,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        generator: torch.Generator,
+    ) -> float:
+        """FedAvg local training of ``model`` in place; returns the last epoch's mean loss."""
+
+    @abstractmethod
+    def epsilon(self, sample_rate: float, steps: int) -> float:
+        """The privacy spent by ``steps`` steps that sample each example with ``sample_rate``."""
+
+    @property
+    @abstractmethod
+    def delta(self) -> float:
+        """The delta of the (epsilon, delta) guarantee."""
+
+    def check_scenario(self, protocol: str, defenses: Sequence[Defense]) -> None:
+        training = [d.name for d in defenses if isinstance(d, TrainingDefense)]
+        if len(training) > 1:
+            raise ValueError(f"at most one training defense per scenario, got {training}")
+
+
+ClientMod = Callable[[Any, Any, Callable[[Any, Any], Any]], Any]
+
+
+class ClientModDefense(Defense):
+    """Wraps the client's reply as a Flower client mod, after every other client defense."""
+
+    @abstractmethod
+    def mod(self) -> ClientMod:
+        """The Flower mod ``(message, context, call_next) -> message``."""
+
+
+class AggregationDefense(Defense):
+    """Changes what the server receives across clients (it sees only their aggregate)."""
+
+    @abstractmethod
+    def view(
+        self,
+        updates: Sequence[Mapping[str, torch.Tensor]],
+        weights: Sequence[float] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The one update the server observes for a round with these client ``updates``."""
+
+
+DEFENSE_KINDS: tuple[type[Defense], ...] = (
+    UpdateDefense,
+    TrainingDefense,
+    ClientModDefense,
+    AggregationDefense,
+)
 DefenseT = TypeVar("DefenseT", bound=type[Defense])
 
 
 def register_defense(name: str, description: str) -> Callable[[DefenseT], DefenseT]:
-    """Register a :class:`Defense` subclass (with a frozen ``Params`` dataclass) under ``name``."""
+    """Register a defense class (a subclass of one of the four kinds) under ``name``."""
 
     def decorate(cls: DefenseT) -> DefenseT:
-        subject = f"defense {name!r}"
-        if getattr(cls, "kind", None) not in KINDS:
-            raise TypeError(f"{subject}: kind must be one of {KINDS}")
-        if not isinstance(getattr(cls, "changes_observation", None), bool):
-            raise TypeError(f"{subject}: set changes_observation (bool)")
-        return DEFENSES.add(name, description, cls)  # type: ignore[return-value]
+        if not (isinstance(cls, type) and issubclass(cls, DEFENSE_KINDS)):
+            kinds = ", ".join(k.__name__ for k in DEFENSE_KINDS)
+            raise TypeError(f"defense {name!r}: {cls!r} must subclass one of {kinds}")
+        return DEFENSES.decorator(name, description)(cls)
 
     return decorate
 
 
-def defense_entry(name: str) -> PluginEntry:
-    """The registry entry for ``name``; ValueError listing the known names otherwise."""
-    return DEFENSES.entry(name)
-
-
-def validate_params(name: str, raw: Mapping[str, Any]) -> Any:
-    """Build the params dataclass of defense ``name`` from ``raw``, checking keys, types, ranges."""
-    return DEFENSES.validate(name, raw)
-
-
-def make_defense(name: str, params: Mapping[str, Any] | None = None) -> Defense:
-    """Instantiate the defense a scenario names, with validated parameters."""
-    return defense_entry(name).cls(validate_params(name, params or {}))
-
-
-def params_help(name: str) -> list[tuple[str, str, Any, str]]:
-    """(parameter, type, default, help) rows describing defense ``name``'s parameters."""
-    return params_rows(defense_entry(name).params)
+def build_defenses(entries: Sequence[Mapping[str, Any]]) -> list[Defense]:
+    """A scenario's ``[[defenses]]`` tables (``name`` plus parameters) as defenses, in order."""
+    return [
+        DEFENSES.create(entry["name"], {k: v for k, v in entry.items() if k != "name"})
+        for entry in entries
+    ]
 
 
 def compose(
-    defenses: Sequence[Defense], update: dict[str, torch.Tensor], generator: torch.Generator
+    defenses: Sequence[UpdateDefense], update: dict[str, torch.Tensor], generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
-    """Apply the "update" defenses in order; the others act in training or aggregation instead.
-
-    Order matters (clip then noise is the DP recipe; noise then clip is not).
-    """
+    """Apply update defenses in order (clip then noise is the DP recipe; noise then clip is not)."""
     for defense in defenses:
-        if defense.kind == "update":
-            update = defense.apply(update, generator)
+        update = defense.apply(update, generator)
     return update
 
 

@@ -13,8 +13,8 @@ batches would need a different, less favourable analysis. The noisy sum is divid
 expected batch size ``q * n``, not the realised one, whose value depends on the data.
 
 The guarantee is example-level for one client's shard; across federated rounds the same shard is
-trained on again, so pass the client's total number of steps to :func:`epsilon`. Kind
-"training"; changes what the server observes (the update comes from noisy clipped gradients).
+trained on again, so pass the client's total number of steps to :func:`epsilon`. A training
+defense; it changes what the server observes (the update comes from noisy clipped gradients).
 Epsilon comes from Google's ``dp-accounting`` RDP accountant (the backend of Flower's
 ``flwr[dp]`` accounting), never from a hand-written formula.
 """
@@ -24,16 +24,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from defenses.base import Defense, Kind, register_defense
-from simulator.models import ModelSpec, task_loss
-from simulator.params import param
+from defenses.base import TrainingDefense, register_defense
+from simulator.core.fields import param
+from simulator.core.models import ModelSpec, task_loss
 
 
 @dataclass(frozen=True)
@@ -214,13 +213,22 @@ def epsilon(params: DpSgdParams, sample_rate: float, steps: int) -> float:
 @register_defense(
     "dp-sgd", "DP-SGD local training: per-sample clipping, Gaussian noise, RDP accounting."
 )
-class DpSgd(Defense):
-    """DP-SGD; acts in local training and changes the observation (a noisy, clipped update)."""
+class DpSgd(TrainingDefense):
+    """DP-SGD; replaces local training and changes the observation (a noisy, clipped update)."""
 
-    kind: ClassVar[Kind] = "training"
-    changes_observation: ClassVar[bool] = True
     Params = DpSgdParams
     params: DpSgdParams
+
+    def fedsgd_batch(
+        self, shard_size: int, batch_size: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """A Poisson batch: the accountant assumes each example joins a step independently
+        with probability batch_size / shard size, so the batch must be drawn that way."""
+        return poisson_batch(shard_size, min(1.0, batch_size / shard_size), generator)
+
+    @property
+    def delta(self) -> float:
+        return self.params.delta
 
     def gradient(
         self,

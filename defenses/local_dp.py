@@ -5,7 +5,7 @@ the change ``reply - sent`` of the client's weights to ``clipping_norm`` and add
 noise of std ``sensitivity * sqrt(2 ln(1.25 / delta)) / epsilon`` to every coordinate of the
 weights it sends. It needs weights in the reply, so it runs under FedAvg only. It acts after
 every other client defense, whatever its place in ``[[defenses]]``, because it wraps the whole
-train function. Kind "message"; changes what the server observes (the noisy, clipped weights).
+train function. A client-mod defense; changes what the server observes (the noisy, clipped weights).
 
 Seeding: Flower draws the noise from numpy's global generator. :mod:`simulator.client_mods`
 seeds that generator from (seed, round, client) around the mod and restores it afterwards, so
@@ -17,13 +17,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
 
-from defenses.base import Defense, Kind, register_defense
-from simulator.params import param
+from flwr.clientapp.mod import LocalDpMod
 
-if TYPE_CHECKING:
-    from flwr.clientapp.mod import LocalDpMod
+from defenses.base import AggregationDefense, ClientModDefense, Defense, register_defense
+from simulator.core.fields import param
 
 
 @dataclass(frozen=True)
@@ -41,11 +39,9 @@ class LocalDpParams:
 
 
 @register_defense("local-dp", "Flower's LocalDpMod: clip the weight change, add Gaussian noise.")
-class LocalDp(Defense):
+class LocalDp(ClientModDefense):
     """Flower's LocalDpMod as a client mod; changes the observation (clipped, noisy weights)."""
 
-    kind: ClassVar[Kind] = "message"
-    changes_observation: ClassVar[bool] = True
     Params = LocalDpParams
     params: LocalDpParams
 
@@ -57,19 +53,17 @@ class LocalDp(Defense):
 
     def mod(self) -> LocalDpMod:
         """Flower's mod with these parameters."""
-        from flwr.clientapp.mod import LocalDpMod
-
         p = self.params
         return LocalDpMod(p.clipping_norm, p.sensitivity, p.epsilon, p.delta)
 
-    def check_scenario(self, protocol: str, names: Sequence[str]) -> None:
+    def check_scenario(self, protocol: str, defenses: Sequence[Defense]) -> None:
         """FedAvg only (the mod clips a weight change); not under SecAgg+'s legacy messages."""
         if protocol != "fedavg":
             raise ValueError(
                 f"defense 'local-dp' needs federation.protocol = 'fedavg' (got {protocol!r}): "
                 "Flower's LocalDpMod clips and noises the weights a client sends back"
             )
-        if "secure-aggregation" in names:
+        if any(isinstance(d, AggregationDefense) for d in defenses):
             raise ValueError(
                 "defense 'local-dp' cannot be combined with 'secure-aggregation': SecAgg+ runs "
                 "Flower's legacy message format, which the Message-API LocalDpMod does not read"

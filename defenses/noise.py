@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from defenses.base import UpdateDefense, flatten, noise_like, register_defense, unflatten
-from simulator.params import param
+from simulator.core.fields import param
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from fractions import Fraction
 import torch
 
 from defenses.base import UpdateDefense, flatten, register_defense, unflatten
-from simulator.params import param
+from simulator.core.fields import param
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from defenses.base import UpdateDefense, register_defense
-from simulator.params import param
+from simulator.core.fields import param
 
 INT8_LEVELS = 127
 FP16_MAX = float(torch.finfo(torch.float16).max)

@@ -7,7 +7,7 @@ only their sum, which the workflow turns into the weighted mean FedAvg (or FedSG
 This plugin holds the protocol's parameters and :func:`aggregate_view`, the exact (unquantized)
 weighted mean, which tests compare the protocol's output with and which
 :func:`simulator.interceptor.aggregated` uses to model the view on the Message-API path.
-With fewer than ``min_clients`` updates nothing is revealed. Kind "aggregation"; changes what
+With fewer than ``min_clients`` updates nothing is revealed. An aggregation defense; changes what
 the server observes (one aggregate per round instead of one update per client).
 """
 
@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from defenses.base import Defense, Kind, register_defense
-from simulator.params import param
+from defenses.base import AggregationDefense, register_defense
+from simulator.core.fields import param
 
 
 @dataclass(frozen=True)
@@ -118,11 +117,9 @@ def aggregate_view(
 @register_defense(
     "secure-aggregation", "Flower's SecAgg+: the server sees only the clients' weighted mean."
 )
-class SecureAggregation(Defense):
+class SecureAggregation(AggregationDefense):
     """Runs SecAgg+; acts at aggregation and changes the observation (the aggregate only)."""
 
-    kind: ClassVar[Kind] = "aggregation"
-    changes_observation: ClassVar[bool] = True
     Params = SecureAggregationParams
     params: SecureAggregationParams
 

@@ -6,10 +6,30 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
+import tomllib
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from simulator.api import report as write_report
+from simulator.api import run as run_scenario
+from simulator.core.config import ScenarioError
+from simulator.core.plugins import PluginError, load_plugins
+from simulator.core.registry import REGISTRIES
+from simulator.core.scenario import SCENARIO_DIR, expand, load
+from simulator.data.datasets import DataError
+from simulator.report import landscape as landscapes
+from simulator.report.summary import attack_table, format_value, point_table
+from simulator.run.folder import read_records
+
+PluginOption = Annotated[
+    list[Path],
+    typer.Option(
+        "--plugin", help="A Python file that registers attacks, defenses, models or datasets."
+    ),
+]
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False
@@ -30,16 +50,14 @@ def run(
     ] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Where the MNIST IDX files are.")] = None,  # noqa: UP045
     verbose: Annotated[bool, typer.Option(help="Show Flower's own logs.")] = False,
+    plugin: PluginOption = [],  # noqa: B006
 ) -> None:
     """Run a scenario (every point of its sweep) and write its results folder."""
-    from simulator import engine
-    from simulator.scenario import ScenarioError, expand, load
-
     overrides = list(set_) + ([f'data.dir="{data_dir}"'] if data_dir else [])
     try:
-        loaded = load(scenario, overrides)
+        loaded = load(scenario, overrides, plugins=plugin)
     except ScenarioError as error:
-        console.print(f"[red]invalid scenario:[/red] {error}")
+        console.print(f"[red]invalid scenario:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
     points = expand(loaded)
     total = len(points) * loaded.federation.rounds
@@ -57,11 +75,11 @@ def run(
                 progress.advance(task)
 
         try:
-            result = engine.run(
+            result = run_scenario(
                 loaded, out_dir=out, on_round=on_round, verbose=verbose, raise_on_failure=False
             )
         except Exception as error:  # data missing, bad environment: one clear line, no traceback
-            console.print(f"[red]run failed:[/red] {error}")
+            console.print(f"[red]run failed:[/red] {escape(str(error))}")
             raise typer.Exit(1) from None
     _print_points(result.records)
     console.print(f"results: {result.folder.path}")
@@ -76,8 +94,6 @@ def run(
 
 def _print_points(records: list[dict]) -> None:
     """The run's summary tables: one row per sweep point, and the attack outcomes."""
-    from simulator.report import attack_table, format_value, point_table
-
     for title, (rows, columns) in (
         ("points", point_table(records)),
         ("attacks", attack_table(records)),
@@ -91,33 +107,27 @@ def _print_points(records: list[dict]) -> None:
 
 
 @app.command("list")
-def list_() -> None:
-    """List scenarios, models, partitioners, attacks and defenses."""
-    from attacks.server import attack_catalog
-    from defenses.base import DEFENSES
-    from simulator.models import MODELS
-    from simulator.partition import PARTITIONERS
-    from simulator.scenario import SCENARIO_DIR
-
+def list_(plugin: PluginOption = []) -> None:  # noqa: B006
+    """List scenarios and every plugin registry: models, datasets, attacks, defenses..."""
+    try:
+        load_plugins(plugin)
+    except PluginError as error:
+        console.print(f"[red]invalid plugin:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from None
     out = Console()
     sections = {
         "scenarios": {p.stem: _first_comment(p) for p in sorted(SCENARIO_DIR.glob("*.toml"))},
-        "models": {name: entry.description for name, entry in MODELS.items()},
-        "partitions": dict(PARTITIONERS),
-        "attacks": attack_catalog(),
-        "defenses": dict(DEFENSES),
+        **{title: dict(registry) for title, registry in REGISTRIES.items()},
     }
     for title, entries in sections.items():
         table = Table("name", "description", title=title, title_justify="left")
         for name, description in entries.items():
-            table.add_row(name, description)
+            table.add_row(escape(name), escape(description))
         out.print(table)
 
 
 def _first_comment(path: Path) -> str:
     """A scenario's one-line ``description`` (else its first comment line), unvalidated."""
-    import tomllib
-
     text = path.read_text()
     try:
         description = tomllib.loads(text).get("description")
@@ -136,13 +146,10 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by leaksim run.")],
 ) -> None:
     """Redraw a run's summary table and figures from its results.jsonl."""
-    from simulator.report import write_report
-    from simulator.results import read_records
-
     try:
         summary = write_report(run_dir)
     except FileNotFoundError as error:
-        console.print(f"[red]{error}[/red]")
+        console.print(f"[red]{escape(str(error))}[/red]")
         raise typer.Exit(2) from None
     _print_points(list(read_records(run_dir)))
     console.print(f"summary: {summary}")
@@ -161,19 +168,15 @@ def landscape(
     ] = Path("landscape.png"),
 ) -> None:
     """Render the gradient-matching loss over a 2-D slice of input space through the true batch."""
-    from simulator import landscape as landscapes
-    from simulator.data import DataError
-    from simulator.scenario import ScenarioError, load
-
     try:
         loaded = load(scenario, set_)
     except ScenarioError as error:
-        console.print(f"[red]invalid scenario:[/red] {error}")
+        console.print(f"[red]invalid scenario:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
     try:
         result = landscapes.compute(loaded, resolution, radius)
     except DataError as error:
-        console.print(f"[red]landscape failed:[/red] {error}")
+        console.print(f"[red]landscape failed:[/red] {escape(str(error))}")
         raise typer.Exit(1) from None
     landscapes.render(result, out)
     at_truth = result.distance[resolution // 2, resolution // 2]

@@ -1,0 +1,42 @@
+"""leaksim from Python: what the CLI does, in a few lines.
+
+    from simulator.api import load, run
+    result = run(load("quickstart"))
+    print(result.table())          # one row per sweep point
+
+``load`` validates a scenario (a shipped name or a file, with overrides and plugin files);
+``run`` runs every sweep point, writes the run folder and its report, and returns the records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from simulator.core.config import Scenario
+from simulator.core.scenario import load
+from simulator.report.summary import write_report
+from simulator.run.engine import ProgressHook, RunResult, execute
+from simulator.run.referee import Tap
+
+__all__ = ["RunResult", "load", "report", "run"]
+
+
+def run(
+    scenario: Scenario,
+    out_dir: Path | str | None = None,
+    runs_root: Path | str = "runs",
+    on_round: ProgressHook = lambda _p, _r: None,
+    verbose: bool = False,
+    raise_on_failure: bool = True,
+    taps: Sequence[Tap] = (),
+) -> RunResult:
+    """Run every point of ``scenario`` (see :func:`simulator.run.engine.execute`), then report."""
+    return execute(
+        scenario, out_dir, runs_root, on_round, verbose, raise_on_failure, taps, finish=report
+    )
+
+
+def report(run_dir: Path | str) -> Path:
+    """Redraw a run folder's summary and figures from its records; returns the summary path."""
+    return write_report(run_dir)

@@ -1,0 +1,219 @@
+"""Model zoo: the classifiers clients train and attacks invert, built from a public spec.
+
+A model is described by a small, hashable :class:`ModelSpec` that travels in messages and
+observations, so the server (and the attacker sitting in it) rebuilds exactly the network the
+clients train without ever touching client state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from simulator.core.fields import derived, param
+from simulator.core.registry import MODELS
+
+Activation = Literal["relu", "sigmoid", "tanh"]
+Pooling = Literal["avg", "max"]
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The ``[model]`` section: the public description of the classifier everyone rebuilds.
+
+    ``input_shape`` and ``num_classes`` are derived when a scenario is validated (from the
+    dataset and ``task``), never written in a scenario file.
+    """
+
+    kind: str = "mlp"
+    widths: tuple[int, ...] = (100,)
+    activation: Activation = "relu"
+    bias: bool = True
+    pooling: Pooling = "avg"
+    channels: tuple[int, ...] = (8, 16)
+    # "uniform": every parameter drawn from U(-0.5, 0.5), the initialisation of the iDLG code.
+    init: Literal["default", "uniform"] = "default"
+    # Multiplies every initial weight (homogeneous-mlp only): small inits put gradient descent
+    # in the rich regime whose limit is a KKT point of margin maximisation (Haim et al. 2022).
+    init_scale: float = param(1.0, low=0.0, low_open=True)
+    # "parity": one logit trained on odd/even (binary cross-entropy); binary-fc always is.
+    task: Literal["classes", "parity"] = "classes"
+    # The network first maps its [0, 1] input to 2 x - 1 (a fixed layer, no parameters): the
+    # centred inputs of Haim et al., whose KKT reconstruction depends on them.
+    centre_inputs: bool = False
+    input_shape: tuple[int, int, int] = derived((1, 28, 28))
+    num_classes: int = derived(10)
+
+
+@dataclass(frozen=True)
+class ModelBuilder:
+    """What the model registry holds: the builder and the ``[model]`` keys it reads."""
+
+    build: Callable[[ModelSpec], nn.Module]
+    uses: frozenset[str] = field(default_factory=frozenset)
+
+
+def register_model(
+    name: str, description: str, uses: tuple[str, ...] = ()
+) -> Callable[[Callable[[ModelSpec], nn.Module]], Callable[[ModelSpec], nn.Module]]:
+    """Register a builder under the name scenario files use for ``model.kind``."""
+
+    def decorate(build: Callable[[ModelSpec], nn.Module]) -> Callable[[ModelSpec], nn.Module]:
+        MODELS.add(name, description, ModelBuilder(build, frozenset(uses)))
+        return build
+
+    return decorate
+
+
+def _flat_size(shape: tuple[int, int, int]) -> int:
+    channels, height, width = shape
+    return channels * height * width
+
+
+@register_model(
+    "mlp",
+    "Fully-connected network: hidden `widths`, `activation`, `bias` on or off.",
+    uses=("widths", "activation", "bias"),
+)
+def build_mlp(spec: ModelSpec) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width_in = _flat_size(spec.input_shape)
+    for width in spec.widths:
+        layers += [nn.Linear(width_in, width, bias=spec.bias), ACTIVATIONS[spec.activation]()]
+        width_in = width
+    layers.append(nn.Linear(width_in, spec.num_classes, bias=spec.bias))
+    return nn.Sequential(*layers)
+
+
+class _LeNet(nn.Module):
+    """LeNet of DLG/iDLG: three stride-2/1 5x5 convolutions with sigmoid, one linear layer."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        channels, height, width = spec.input_shape
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 12, kernel_size=5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(12, 12, kernel_size=5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(12, 12, kernel_size=5, padding=2, stride=1),
+            nn.Sigmoid(),
+        )
+        feature_size = 12 * ((height + 3) // 4) * ((width + 3) // 4)
+        self.head = nn.Linear(feature_size, spec.num_classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(inputs).flatten(1))
+
+
+@register_model("lenet", "LeNet of DLG/iDLG: sigmoid convolutions, one linear head.")
+def build_lenet(spec: ModelSpec) -> nn.Module:
+    return _LeNet(spec)
+
+
+@register_model(
+    "cnn",
+    "Small CNN: 3x3 conv blocks of `channels`, `pooling` avg or max, `activation`, linear head.",
+    uses=("channels", "pooling", "activation"),
+)
+def build_cnn(spec: ModelSpec) -> nn.Module:
+    channels_in, height, width = spec.input_shape
+    pool = nn.AvgPool2d if spec.pooling == "avg" else nn.MaxPool2d
+    layers: list[nn.Module] = []
+    for channels_out in spec.channels:
+        layers += [
+            nn.Conv2d(channels_in, channels_out, kernel_size=3, padding=1),
+            ACTIVATIONS[spec.activation](),
+            pool(2),
+        ]
+        channels_in, height, width = channels_out, height // 2, width // 2
+    layers += [nn.Flatten(), nn.Linear(channels_in * height * width, spec.num_classes)]
+    return nn.Sequential(*layers)
+
+
+@register_model(
+    "binary-fc",
+    "One fully-connected layer to a single logit: the binary classifier of the seed study.",
+    uses=("bias",),
+)
+def build_binary_fc(spec: ModelSpec) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(_flat_size(spec.input_shape), 1, bias=spec.bias))
+
+
+@register_model(
+    "homogeneous-mlp",
+    "ReLU MLP, bias on the first layer only, weights scaled by `init_scale`; "
+    '`task = "parity"` gives one logit (binary parity).',
+    uses=("widths", "init_scale"),
+)
+def build_homogeneous_mlp(spec: ModelSpec) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width_in = _flat_size(spec.input_shape)
+    for index, width in enumerate(spec.widths):
+        layers += [nn.Linear(width_in, width, bias=index == 0), nn.ReLU()]
+        width_in = width
+    layers.append(nn.Linear(width_in, spec.num_classes, bias=not spec.widths))
+    model = nn.Sequential(*layers)
+    if spec.init_scale != 1.0:
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.mul_(spec.init_scale)
+    return model
+
+
+def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
+    """Build the model ``spec`` names; with ``seed``, its initial weights are reproducible."""
+    builder: ModelBuilder = MODELS.entry(spec.kind).value
+    if seed is None:
+        return _initialised(builder.build(spec), spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _initialised(builder.build(spec), spec)
+
+
+INITS = ("default", "uniform")
+
+
+class Centre(nn.Module):
+    """Maps [0, 1] images to [-1, 1]: the fixed first layer of ``centre_inputs`` models."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs * 2 - 1
+
+
+def _initialised(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    if spec.init == "uniform":
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.uniform_(-0.5, 0.5)
+    elif spec.init != "default":
+        raise ValueError(f"unknown init {spec.init!r}; choose one of {INITS}")
+    if spec.centre_inputs:
+        layers = list(model.children()) if isinstance(model, nn.Sequential) else [model]
+        return nn.Sequential(Centre(), *layers)
+    return model
+
+
+def is_binary(spec: ModelSpec) -> bool:
+    """Binary models emit one logit and train with binary cross-entropy."""
+    return spec.kind == "binary-fc" or (spec.kind == "homogeneous-mlp" and spec.num_classes == 1)
+
+
+def task_targets(spec: ModelSpec, labels: torch.Tensor) -> torch.Tensor:
+    """Training targets for dataset labels: binary models learn parity (odd = 1, even = 0)."""
+    return (labels % 2).float() if is_binary(spec) else labels
+
+
+def task_loss(spec: ModelSpec, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean training loss the clients minimise: cross-entropy, or BCE for binary models."""
+    if is_binary(spec):
+        return nn.functional.binary_cross_entropy_with_logits(
+            logits.squeeze(-1), task_targets(spec, labels)
+        )
+    return nn.functional.cross_entropy(logits, labels)

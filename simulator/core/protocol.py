@@ -1,0 +1,95 @@
+"""The types that cross the trust boundary: what a real FL server receives from one client in
+one round (:class:`Observation`), and what an attack returns (:class:`Reconstruction`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from simulator.core.models import ModelSpec
+
+Protocol = Literal["fedsgd", "fedavg"]
+
+
+@dataclass(frozen=True)
+class PublicMeta:
+    """Protocol settings a server knows because it sent them (or the client reports them)."""
+
+    protocol: Protocol
+    batch_size: int
+    lr: float
+    local_epochs: int
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One intercepted client update.
+
+    ``update`` holds, per parameter name, the gradient (fedsgd) or the client's new weights
+    (fedavg), exactly as the client sent them. ``global_weights`` is what the server sent.
+    """
+
+    round: int
+    client_id: int
+    model: ModelSpec
+    global_weights: dict[str, torch.Tensor]
+    update: dict[str, torch.Tensor]
+    meta: PublicMeta
+
+    def update_norm(self) -> float:
+        """L2 norm of the update over all parameters (of the weight change under fedavg)."""
+        if self.meta.protocol == "fedavg":
+            deltas = [self.update[k] - self.global_weights[k] for k in self.update]
+        else:
+            deltas = list(self.update.values())
+        return float(torch.sqrt(sum((d.double() ** 2).sum() for d in deltas)))
+
+
+Status = Literal["converged", "budget", "diverged"]
+STATUSES: tuple[str, ...] = ("converged", "budget", "diverged")
+Matching = Literal["hungarian", "nearest", "training"]
+
+
+@dataclass
+class Reconstruction:
+    """What an attack recovered from one observation.
+
+    ``images`` is (n, C, H, W) in [0, 1]; ``labels`` is (n,) int64 dataset labels, or None when
+    the attack could not recover them (``notes`` says why). ``trace`` holds one dict per logged
+    iteration (at least "iteration", "gradient_distance" and "seconds": wall time since the
+    batched run started). ``snapshots`` are (iteration, images) pairs so that a scorer holding
+    the truth can plot quality against iterations. ``confident`` optionally flags (n,) the
+    images the attack vouches for (the analytic attack's single-sample recoveries);
+    ``distance`` is the gradient distance of the reported images (NaN when not computed).
+    ``matching``: "hungarian" pairs each true image with its own reconstruction (one-to-one);
+    "nearest" means the images are candidates, more or fewer than the truth, and each true
+    image is scored against its most similar candidate (dataset reconstruction); "training"
+    means class samples, each scored against the nearest training image of its class
+    (network inversion).
+    ``status``: "converged" (distance under tolerance, or the optimiser can make no further
+    progress, or a closed form), "budget" (iterations spent), "diverged" (non-finite values
+    met; the images are the best finite iterate).
+    """
+
+    round: int
+    client_id: int
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    trace: list[dict[str, float]] = field(default_factory=list)
+    snapshots: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    status: Status = "budget"
+    attack: str = ""
+    notes: str = ""
+    confident: torch.Tensor | None = None
+    distance: float = math.nan
+    matching: Matching = "hungarian"
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status {self.status!r} is not one of {STATUSES}")
+        if self.images.dim() != 4:
+            raise ValueError(f"images must be (n, C, H, W), got shape {tuple(self.images.shape)}")

@@ -1,0 +1,74 @@
+"""A client's shard and the global test set, read through the dataset and partition layers.
+
+Deterministic for (data config, number of clients, seed), so the referee and tests can rebuild
+exactly what a client holds without asking it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from simulator.core.config import DataConfig
+from simulator.data.datasets import load_labels, load_split, to_tensor
+from simulator.data.partition import partition, training_pool
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One client's training data: images in [0, 1], shape (n, C, H, W), and labels."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+
+@functools.lru_cache(maxsize=4)
+def _shard_indices(data: DataConfig, num_clients: int, seed: int) -> tuple[np.ndarray, ...]:
+    all_labels = load_labels(data.dataset, "train", data.dir or None)
+    pool = training_pool(all_labels, data.train_examples, data.train_balance, seed)
+    labels = all_labels[pool]
+    shards = partition(
+        labels,
+        num_clients,
+        data.partition,
+        seed=seed,
+        classes_per_client=data.classes_per_client,
+        alpha=data.alpha,
+    )
+    if data.examples_per_client:
+        shards = [s[: data.examples_per_client] for s in shards]
+    return tuple(pool[s] for s in shards)
+
+
+def load_shard(data: DataConfig, num_clients: int, seed: int, client_id: int) -> Shard:
+    """Client ``client_id``'s shard, deterministic for (data config, number of clients, seed)."""
+    images, labels = load_split(data.dataset, "train", data.dir or None)
+    indices = _shard_indices(data, num_clients, seed)[client_id]
+    return Shard(to_tensor(images[indices]), torch.as_tensor(labels[indices], dtype=torch.int64))
+
+
+def shard_size(data: DataConfig, num_clients: int, seed: int, client_id: int) -> int:
+    """How many training examples client ``client_id`` holds."""
+    return len(_shard_indices(data, num_clients, seed)[client_id])
+
+
+def load_test_set(data: DataConfig) -> Shard:
+    """The global test split (capped at ``data.test_examples`` when that is set)."""
+    images, labels = load_split(data.dataset, "test", data.dir or None)
+    if data.test_examples:
+        images, labels = images[: data.test_examples], labels[: data.test_examples]
+    return Shard(to_tensor(images), torch.as_tensor(labels, dtype=torch.int64))
+
+
+def load_training_union(data: DataConfig, num_clients: int, seed: int) -> Shard:
+    """Every client's shard, concatenated in client order, read without memoising.
+
+    The referee scores network inversion against it and drops it afterwards, so the server
+    process holds no copy of the clients' data while the next attack runs.
+    """
+    images, labels = load_split(data.dataset, "train", data.dir or None, memoise=False)
+    indices = np.concatenate(_shard_indices(data, num_clients, seed))
+    return Shard(to_tensor(images[indices]), torch.as_tensor(labels[indices], dtype=torch.int64))

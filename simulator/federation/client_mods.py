@@ -1,0 +1,68 @@
+"""Client mods of ours around Flower's: local DP when the scenario asks for it, seeded numpy.
+
+The scenario arrives in each train message, so the ClientApp cannot pick its mods when it is
+built; :func:`local_dp_mod` reads the scenario and delegates to Flower's LocalDpMod when the
+"local-dp" defense is there. Flower's mods draw from numpy's global generator (LocalDpMod's
+noise, SecAgg+'s stochastic quantization); a Ray worker handles one message at a time, so
+seeding that generator from (seed, round, client) around the call and restoring it afterwards
+makes them repeat across reruns without disturbing anything else in the process.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable
+
+from defenses.base import ClientModDefense, build_defenses
+from simulator.core.config import Scenario
+from simulator.core.seeding import seeded_numpy
+from simulator.federation.messages import CONFIG_KEY, ROUND_KEY, SCENARIO_KEY
+
+# Where flwr.compat puts a legacy FitIns' config (the SecAgg+ workflow's train messages).
+FITINS_CONFIG_KEY = "fitins.config"
+
+
+def client_id_of(context: Context) -> int:
+    """This node's client id: its partition id in the simulation."""
+    return int(context.node_config["partition-id"])
+
+
+def message_scenario(msg: Message) -> tuple[Scenario, int] | None:
+    """The scenario and round a train message carries (ours or a legacy FitIns), else None."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return None
+    for key in (CONFIG_KEY, FITINS_CONFIG_KEY):
+        config = msg.content.config_records.get(key)
+        if config is not None and SCENARIO_KEY in config:
+            return Scenario.from_json(str(config[SCENARIO_KEY])), int(config[ROUND_KEY])  # type: ignore[arg-type]
+    return None
+
+
+def seeded_numpy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run the rest of the chain with numpy seeded from (seed, round, client) when known."""
+    found = message_scenario(msg)
+    if found is None:
+        return call_next(msg, context)
+    scenario, server_round = found
+    with seeded_numpy(scenario.seed, server_round, client_id_of(context)):
+        return call_next(msg, context)
+
+
+def local_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's LocalDpMod around the train function when the scenario has "local-dp"."""
+    found = message_scenario(msg)
+    if found is None:
+        return call_next(msg, context)
+    scenario, server_round = found
+    defenses = build_defenses(scenario.defenses)
+    mods = [d.mod() for d in defenses if isinstance(d, ClientModDefense)]
+    if not mods:
+        return call_next(msg, context)
+
+    def chain(index: int) -> ClientAppCallable:
+        if index == len(mods):
+            return call_next
+        return lambda m, c: mods[index](m, c, chain(index + 1))
+
+    with seeded_numpy(scenario.seed, server_round, client_id_of(context)):
+        return chain(0)(msg, context)

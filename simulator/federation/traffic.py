@@ -1,0 +1,174 @@
+"""One round's traffic as the server holds it, built the same way by every strategy.
+
+:class:`TrafficPath` is the one path from a round's replies to what the malicious server and
+the referee get: the seeded client sample, the :class:`Observation` a real server holds for
+each update, the failures (errors and missing replies), and :class:`RoundTraffic`. The plain
+Message-API strategy (:mod:`simulator.federation.interceptor`) and the SecAgg+ strategy
+(:mod:`simulator.federation.secagg`) both drive it; only what they observe differs (each
+update, or the one aggregate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from simulator.core.config import FederationConfig
+from simulator.core.models import ModelSpec
+from simulator.core.protocol import Observation, PublicMeta
+
+Weights = dict[str, torch.Tensor]
+
+# The client id of an observation that is the aggregate of several clients' updates.
+AGGREGATE_CLIENT_ID = -1
+
+
+class AllClientsFailed(RuntimeError):
+    """Every sampled client of a round failed: there is nothing to aggregate."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A sampled client that sent an error, or nothing within the timeout."""
+
+    round: int
+    client_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RoundTraffic:
+    """What the server received in one round, sorted by client id (no ground truth)."""
+
+    round: int
+    sampled: tuple[int, ...]
+    observations: tuple[Observation, ...]
+    failures: tuple[Failure, ...]
+
+    @property
+    def participants(self) -> tuple[int, ...]:
+        """Sampled clients that did not fail: whose data the round used, aggregated or not."""
+        failed = {f.client_id for f in self.failures}
+        return tuple(c for c in self.sampled if c not in failed)
+
+
+def client_error_message(reason: str) -> str:
+    """The client's own exception message out of Ray's wrapped traceback (no pids, no paths)."""
+    marker = "Message: "
+    if marker in reason:
+        return reason.rsplit(marker, 1)[1].strip().removesuffix("'>").strip()
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown client error"
+
+
+def sample_clients(
+    client_ids: Iterable[int], fraction: float, seed: int, server_round: int
+) -> tuple[int, ...]:
+    """Client ids trained in ``server_round``: a draw seeded by (seed, round), sorted."""
+    clients = sorted(client_ids)
+    count = max(1, int(len(clients) * fraction))
+    rng = np.random.default_rng([seed, server_round])
+    return tuple(sorted(int(c) for c in rng.choice(clients, size=count, replace=False)))
+
+
+def public_meta(federation: FederationConfig, num_examples: int) -> PublicMeta:
+    """What the server knows about one client's update: the protocol and its example count."""
+    return PublicMeta(
+        protocol=federation.protocol,
+        batch_size=federation.batch_size,
+        lr=federation.lr,
+        local_epochs=federation.local_epochs,
+        num_examples=num_examples,
+    )
+
+
+def aggregate_meta(metas: Sequence[PublicMeta]) -> PublicMeta:
+    """The metadata of the aggregate of updates with ``metas`` (of one meta: that meta).
+
+    The example counts add up; under FedSGD the batch is the union of the clients' batches.
+    """
+    first = metas[0]
+    fedsgd = first.protocol == "fedsgd"
+    batch = sum(m.batch_size for m in metas) if fedsgd else first.batch_size
+    total = sum(m.num_examples for m in metas)
+    return dataclasses.replace(first, batch_size=batch, num_examples=total)
+
+
+class TrafficPath:
+    """Samples a round's clients, builds its observations and failures, hands them on."""
+
+    def __init__(
+        self,
+        client_ids: Iterable[int],
+        federation: FederationConfig,
+        model: ModelSpec,
+        seed: int,
+        on_round: Callable[[RoundTraffic], None],
+    ) -> None:
+        self.client_ids = tuple(sorted(client_ids))
+        self.federation = federation
+        self.model = model
+        self.seed = seed
+        self.on_round = on_round
+        self.sent: Weights = {}
+        self.sampled: tuple[int, ...] = ()
+
+    def open_round(self, server_round: int, sent: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+        """Remember the global weights sent and draw this round's clients (seeded, sorted)."""
+        self.sent = {k: v.detach().clone() for k, v in sent.items()}
+        self.sampled = sample_clients(
+            self.client_ids, self.federation.fraction, self.seed, server_round
+        )
+        return self.sampled
+
+    def observe(
+        self,
+        server_round: int,
+        client_id: int,
+        update: Weights,
+        metas: Sequence[PublicMeta],
+    ) -> Observation:
+        """The observation of one update (of an aggregate when ``metas`` has several)."""
+        return Observation(
+            round=server_round,
+            client_id=client_id,
+            model=self.model,
+            global_weights={k: v.clone() for k, v in self.sent.items()},
+            update=update,
+            meta=aggregate_meta(metas),
+        )
+
+    def close_round(
+        self,
+        server_round: int,
+        observations: Sequence[Observation],
+        failures: Sequence[Failure],
+        answered: Iterable[int],
+    ) -> RoundTraffic:
+        """Hand the round on; sampled clients neither answering nor failing timed out."""
+        seen = set(answered) | {f.client_id for f in failures}
+        missing = [
+            Failure(server_round, c, f"no reply within {self.federation.timeout_s:g} s")
+            for c in self.sampled
+            if c not in seen
+        ]
+        traffic = RoundTraffic(
+            server_round,
+            self.sampled,
+            tuple(sorted(observations, key=lambda o: o.client_id)),
+            tuple(sorted([*failures, *missing], key=lambda f: f.client_id)),
+        )
+        self.on_round(traffic)
+        return traffic
+
+
+def all_failed(traffic: RoundTraffic) -> AllClientsFailed:
+    """The error that ends a point whose round had no surviving client."""
+    reasons = "; ".join(f"client {f.client_id}: {f.reason}" for f in traffic.failures)
+    return AllClientsFailed(
+        f"round {traffic.round}: all {len(traffic.sampled)} sampled clients failed ({reasons})"
+    )

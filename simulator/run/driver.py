@@ -1,0 +1,197 @@
+"""The federation driver: discovers the clients, runs the rounds, tests the global model.
+
+It runs one sweep point's federation through Flower, either the Message-API strategy
+(:class:`simulator.federation.interceptor.Interceptor`) or, when the scenario has an
+aggregation defense, Flower's SecAgg+ legacy workflow
+(:class:`simulator.federation.secagg.SecAggStrategy`). Each round's traffic goes to the
+referee; the driver writes the "startup" and "round" records and, at the end, the privacy
+ledger's "privacy" record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
+from flwr.serverapp import Grid
+
+from defenses.base import AggregationDefense, build_defenses
+from simulator.core.config import Scenario
+from simulator.core.models import build_model
+from simulator.data.shards import Shard, load_test_set
+from simulator.federation.interceptor import Interceptor
+from simulator.federation.messages import (
+    CLIENT_ID_KEY,
+    CONFIG_KEY,
+    SCENARIO_KEY,
+    from_record,
+    to_record,
+)
+from simulator.federation.secagg import SecAggStrategy, secagg_workflow
+from simulator.federation.strategies import make_strategy
+from simulator.federation.traffic import RoundTraffic
+from simulator.federation.training import evaluate, load_weights
+from simulator.run.referee import Referee
+
+Record = dict[str, Any]
+
+
+class DiscoveryError(RuntimeError):
+    """Not every client answered the identification query in time."""
+
+
+def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[int, int]:
+    """Ask every node which client it is: {node id: client id}, within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise DiscoveryError(
+                f"only {len(node_ids)} of {expected} clients connected in {timeout:g} s"
+            )
+        time.sleep(0.1)
+    queries = [
+        Message(
+            RecordDict({CONFIG_KEY: ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY
+        )
+        for n in node_ids
+    ]
+    replies = list(grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic())))
+    mapping = {
+        m.metadata.src_node_id: int(m.content[CONFIG_KEY][CLIENT_ID_KEY])  # type: ignore[arg-type]
+        for m in replies
+        if not m.has_error()
+    }
+    if len(mapping) < expected:
+        raise DiscoveryError(f"only {len(mapping)} of {expected} clients identified themselves")
+    return mapping
+
+
+def connected_nodes(grid: Grid, settle_s: float = 1.0, timeout: float = 30.0) -> int:
+    """How many nodes the federation has, once the count has stopped changing."""
+    deadline = time.monotonic() + timeout
+    count, stable_since = 0, time.monotonic()
+    while time.monotonic() < deadline:
+        now = len(list(grid.get_node_ids()))
+        if now != count:
+            count, stable_since = now, time.monotonic()
+        elif count and time.monotonic() - stable_since >= settle_s:
+            return count
+        time.sleep(0.1)
+    if not count:
+        raise DiscoveryError(f"no client connected within {timeout:g} s")
+    return count
+
+
+@dataclass
+class FederationDriver:
+    """Runs one sweep point's rounds; ``emit`` receives the startup, round and privacy records."""
+
+    scenario: Scenario
+    emit: Callable[[Record], None]
+    referee: Referee
+    on_progress: Callable[[int], None] = lambda _round: None
+    _round_started: float = field(default=0.0, init=False)
+    _round_failures: int = field(default=0, init=False)
+    _test_set: Shard | None = field(default=None, init=False)
+
+    @property
+    def secure_aggregation(self) -> bool:
+        """Whether the scenario hides individual updates behind an aggregation defense."""
+        return any(
+            isinstance(d, AggregationDefense) for d in build_defenses(self.scenario.defenses)
+        )
+
+    def main(self, grid: Grid, context: Context) -> None:
+        """The ServerApp body: discovery, then the rounds, then the privacy record."""
+        if self.secure_aggregation:
+            self._run_secagg(grid, context)
+        else:
+            self._run_plain(grid)
+        privacy = self.referee.privacy.spent()
+        if privacy is not None:
+            self.emit(privacy)
+
+    def _run_plain(self, grid: Grid) -> None:
+        scenario, fed = self.scenario, self.scenario.federation
+        interceptor = Interceptor(
+            make_strategy(fed.protocol, fed.lr),
+            self.discover(grid),
+            fed,
+            scenario.model,
+            scenario.seed,
+            self.on_round,
+        )
+        interceptor.start(
+            grid=grid,
+            initial_arrays=to_record(self.initial_weights()),
+            num_rounds=fed.rounds,
+            timeout=fed.timeout_s,
+            train_config=ConfigRecord({SCENARIO_KEY: scenario.to_json()}),
+            evaluate_fn=self.evaluate_round,
+        )
+
+    def _run_secagg(self, grid: Grid, context: Context) -> None:
+        """Flower's legacy DefaultWorkflow with SecAgg+ as its fit workflow."""
+        scenario = self.scenario
+        strategy = SecAggStrategy(
+            scenario, self.discover(grid), self.initial_weights(), self.on_round,
+            self.evaluate_round,
+        )  # fmt: skip
+        legacy = LegacyContext(
+            context, config=ServerConfig(num_rounds=scenario.federation.rounds), strategy=strategy
+        )
+        DefaultWorkflow(fit_workflow=secagg_workflow(scenario))(grid, legacy)
+
+    def discover(self, grid: Grid) -> dict[int, int]:
+        """{node id: client id} of every client; emits the "startup" record."""
+        fed = self.scenario.federation
+        started = time.perf_counter()
+        node_to_client = discover_clients(grid, fed.clients, fed.timeout_s)
+        self.emit({"kind": "startup", "discovery_s": time.perf_counter() - started})
+        return node_to_client
+
+    def initial_weights(self) -> dict[str, torch.Tensor]:
+        """The seeded initial global model's weights."""
+        return build_model(self.scenario.model, seed=self.scenario.seed).state_dict()
+
+    def on_round(self, traffic: RoundTraffic) -> None:
+        """Each round's traffic: counted for the round record, then refereed."""
+        self._round_failures = len(traffic.failures)
+        self.referee.on_round(traffic)
+
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Test the global model after ``server_round`` (0: initial); emits a "round" record."""
+        spec = self.scenario.model
+        if self._test_set is None:
+            self._test_set = load_test_set(self.scenario.data)
+        model = load_weights(build_model(spec), from_record(arrays))
+        loss, accuracy = evaluate(model, spec, self._test_set)
+        record = {
+            "kind": "round",
+            "round": server_round,
+            "test_accuracy": accuracy,
+            "test_loss": loss,
+        }
+        if server_round > 0:
+            record |= {
+                "seconds": time.perf_counter() - self._round_started,
+                "failures": self._round_failures,
+            }
+        self.emit(record)
+        self.on_progress(server_round)
+        self._round_started = time.perf_counter()
+        return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})

@@ -1,0 +1,221 @@
+"""Runs a scenario: each sweep point is one Flower simulation (one Ray start) on the grid.
+
+:func:`execute` runs every point into a run folder and returns the folder and the records;
+:func:`simulator.api.run` (behind ``leaksim run``) calls it and then writes the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.simulation import run_simulation
+
+from simulator.core.config import Scenario
+from simulator.core.scenario import Point, expand
+from simulator.federation.client_app import app as client_app
+from simulator.federation.secagg import app as secagg_client_app
+from simulator.federation.truth import TRUTH_DIR_ENV, TruthStore
+from simulator.run.driver import FederationDriver
+from simulator.run.folder import RunFolder
+from simulator.run.privacy import PrivacyLedger
+from simulator.run.referee import Referee, Tap
+from simulator.run.server_app import make_server_app
+
+Record = dict[str, Any]
+ProgressHook = Callable[[Point, int], None]
+
+
+class RunFailed(RuntimeError):
+    """At least one sweep point could not finish; its record holds the reason."""
+
+
+@dataclass
+class RunResult:
+    """What a run left behind: its folder and every record it wrote."""
+
+    folder: RunFolder
+    records: list[Record]
+    report_error: str | None = None
+
+    def table(self, kind: str = "point") -> list[Record]:
+        """Records of one kind (``point`` rows are the run's summary table)."""
+        return [r for r in self.records if r.get("kind") == kind]
+
+
+def backend_config(scenario: Scenario) -> dict[str, Any]:
+    """Ray settings: one actor per ``cpus_per_client`` cores, quiet logs, no dashboard."""
+    return {
+        "client_resources": {"num_cpus": scenario.federation.cpus_per_client, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+        },
+    }
+
+
+@contextlib.contextmanager
+def quiet_flower(verbose: bool) -> Iterator[None]:
+    """Keep Flower's per-round INFO chatter out of the user's terminal unless asked for."""
+    logger = logging.getLogger("flwr")
+    previous = logger.level
+    if not verbose:
+        logger.setLevel(logging.CRITICAL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logger.setLevel(previous)
+
+
+def defense_summary(scenario: Scenario) -> Record:
+    """How a point is defended, for tables and curves: names in order and a strength.
+
+    The strength is the first numeric parameter of the last defense (noise std, pruning
+    fraction, clipping norm, ...); the epsilon of DP-SGD is added by the server run.
+    """
+    names = [entry["name"] for entry in scenario.defenses]
+    strength = None
+    if scenario.defenses:
+        numbers = [v for k, v in scenario.defenses[-1].items() if k != "name" and _is_number(v)]
+        strength = numbers[0] if numbers else None
+    return {"defense": "+".join(names) or "none", "strength": strength}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@contextlib.contextmanager
+def truth_store(folder: RunFolder | None, point: int) -> Iterator[TruthStore]:
+    """A fresh truth store for one point, named to the clients through the environment.
+
+    Ray's workers inherit the driver's environment when Ray starts, which ``run_simulation``
+    does once per point, so the variable is set before and removed after.
+    """
+    parent = folder.path if folder is not None else None
+    root = Path(tempfile.mkdtemp(prefix=f".truth-point-{point}-", dir=parent))
+    store = TruthStore(root)
+    previous = os.environ.get(TRUTH_DIR_ENV)
+    os.environ[TRUTH_DIR_ENV] = str(root)
+    try:
+        yield store
+    finally:
+        store.clear()
+        if previous is None:
+            os.environ.pop(TRUTH_DIR_ENV, None)
+        else:
+            os.environ[TRUTH_DIR_ENV] = previous
+
+
+def run_point(
+    point: Point,
+    emit: Callable[[Record], None],
+    on_round: Callable[[int], None] = lambda _r: None,
+    verbose: bool = False,
+    taps: Sequence[Tap] = (),
+    folder: RunFolder | None = None,
+) -> Record:
+    """Run one sweep point through Flower; returns its summary (``point``) record.
+
+    The point's truth store is a private temporary folder (inside the run folder when there
+    is one) named to the clients by :data:`TRUTH_DIR_ENV`; it is deleted when the point ends.
+    """
+    scenario = point.scenario
+    rounds: list[Record] = []
+
+    def tagged(record: Record) -> None:
+        record = {"point": point.index, **record}
+        if record["kind"] == "round":
+            rounds.append(record)
+        emit(record)
+
+    def save(record: Record, arrays: Mapping[str, np.ndarray]) -> None:
+        if folder is not None:
+            folder.save_attack({"point": point.index, **record}, arrays)
+
+    started = time.perf_counter()
+    error: BaseException | None = None
+    with quiet_flower(verbose), truth_store(folder, point.index) as store:
+        referee = Referee(scenario, tagged, PrivacyLedger(scenario), store, taps, save)
+        driver = FederationDriver(scenario, tagged, referee, on_progress=on_round)
+        clients = secagg_client_app if driver.secure_aggregation else client_app
+        try:
+            run_simulation(
+                server_app=make_server_app(driver),
+                client_app=clients,
+                num_supernodes=scenario.federation.clients,
+                backend_config=backend_config(scenario),  # type: ignore[arg-type]
+            )
+        except Exception as raised:  # Flower re-raises the ServerApp's error; keep its cause
+            error = raised.__cause__ or raised
+    final = rounds[-1] if rounds else {}
+    summary: Record = {
+        "kind": "point",
+        "point": point.index,
+        **{f"set:{k}": v for k, v in point.values.items()},
+        "status": "failed" if error else "ok",
+        "rounds_completed": max((r["round"] for r in rounds), default=0),
+        **defense_summary(scenario),
+        "final_accuracy": final.get("test_accuracy"),
+        "failed_updates": len(referee.failures),
+        "seconds": time.perf_counter() - started,
+    }
+    if error is not None:
+        summary["error"] = f"{type(error).__name__}: {error}"
+    emit(summary)
+    return summary
+
+
+def execute(
+    scenario: Scenario,
+    out_dir: Path | str | None = None,
+    runs_root: Path | str = "runs",
+    on_round: ProgressHook = lambda _p, _r: None,
+    verbose: bool = False,
+    raise_on_failure: bool = True,
+    taps: Sequence[Tap] = (),
+    finish: Callable[[Path], object] = lambda _path: None,
+) -> RunResult:
+    """Run every point of ``scenario``'s sweep, writing records as they complete.
+
+    ``finish`` is called with the run folder once every point has ended (the report layer's
+    summary writer, from :func:`simulator.api.run`); its error is kept, not raised.
+
+    ``taps`` are called with each refereed round (its traffic, then its truths, read after
+    the attacks returned).
+    """
+    folder = RunFolder.create(scenario, root=runs_root, path=out_dir)
+    records: list[Record] = []
+
+    def emit(record: Mapping[str, Any]) -> None:
+        folder.append(record)
+        records.append(dict(record))
+
+    points = expand(scenario)
+    for point in points:
+        run_point(point, emit, lambda r, p=point: on_round(p, r), verbose, taps, folder)
+    result = RunResult(folder, records)
+    try:
+        finish(folder.path)
+    except Exception as error:  # the records are safe on disk; `leaksim report` can retry
+        result.report_error = f"{type(error).__name__}: {error}"
+    failed = [r for r in result.table() if r["status"] == "failed"]
+    if failed and raise_on_failure:
+        lines = "\n".join(f"  point {r['point']}: {r['error']}" for r in failed)
+        raise RunFailed(
+            f"{len(failed)} of {len(points)} points failed (records in {folder.path}):\n{lines}"
+        )
+    return result

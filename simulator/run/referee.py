@@ -1,0 +1,153 @@
+"""The referee: runs the malicious server on each round's traffic, then scores it.
+
+Per round, in this order: the failures and one "update" record per observation; the malicious
+server's attacks (on :class:`Observation` objects only); and only after they have returned, the
+truth of each observed update, read from the simulation's truth store, for scoring and for the
+taps. The round's truths are then deleted, so while an attack runs the server process holds no
+true batch of that round. Without a truth store (a real deployment under ``flwr run``) nothing
+is scored: attack records carry the reconstruction's own status but no quality figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from attacks.server import MaliciousServer
+from simulator.core.config import Scenario
+from simulator.core.models import is_binary
+from simulator.core.protocol import Reconstruction
+from simulator.data.shards import load_training_union
+from simulator.federation.traffic import AGGREGATE_CLIENT_ID, RoundTraffic
+from simulator.federation.truth import Truth, TruthStore
+from simulator.run.privacy import PrivacyLedger
+from simulator.scoring.score import score_round
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RefereedRound:
+    """One round as the referee saw it after the attacks: the traffic and its truths.
+
+    ``truths`` holds one entry per observation (in the same order) whose client wrote one;
+    the aggregate's truth is the union of its participants' batches, in client order.
+    """
+
+    traffic: RoundTraffic
+    truths: tuple[Truth, ...]
+    reconstructions: tuple[Reconstruction, ...]
+
+
+Tap = Callable[[RefereedRound], None]
+
+
+@dataclass
+class Referee:
+    """Attacks and scores each round of one sweep point; ``emit`` receives its records."""
+
+    scenario: Scenario
+    emit: Callable[[Record], None]
+    privacy: PrivacyLedger
+    truth_store: TruthStore | None
+    taps: Sequence[Tap] = ()
+    save_attack: Callable[[Record, Mapping[str, np.ndarray]], object] = lambda _r, _a: None
+    failures: list[Record] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        attack = self.scenario.attack
+        self.malicious = MaliciousServer(
+            attack.name, attack.params, attack.rounds, attack.max_clients
+        )
+
+    def on_round(self, traffic: RoundTraffic) -> None:
+        """Log the round's traffic, let the malicious server attack, then score against truth."""
+        try:
+            reconstructions = self._attack(traffic)
+            truths = self._truths(traffic) if self.truth_store is not None else ()
+            self._score(reconstructions, truths)
+            for tap in self.taps:
+                tap(RefereedRound(traffic, truths, tuple(reconstructions)))
+        finally:
+            if self.truth_store is not None:
+                self.truth_store.discard_round(traffic.round)
+
+    def _attack(self, traffic: RoundTraffic) -> list[Reconstruction]:
+        for failure in traffic.failures:
+            record = {
+                "kind": "failure",
+                "round": failure.round,
+                "client": failure.client_id,
+                "reason": failure.reason,
+            }
+            self.failures.append(record)
+            self.emit(record)
+        self.privacy.count(traffic.participants)  # known to the server even under SecAgg+
+        for observation in traffic.observations:
+            self.emit(
+                {
+                    "kind": "update",
+                    "round": observation.round,
+                    "client": observation.client_id,
+                    "num_examples": observation.meta.num_examples,
+                    "update_norm": observation.update_norm(),
+                }
+            )
+        try:
+            return self.malicious.observe(traffic.observations)
+        except Exception as error:  # a failed attack must not end the federation it watches
+            self.emit(
+                {
+                    "kind": "attack_error",
+                    "round": traffic.round,
+                    "attack": self.scenario.attack.name,
+                    "error": f"{type(error).__name__}: {error}",
+                }
+            )
+            return []
+
+    def _truths(self, traffic: RoundTraffic) -> tuple[Truth, ...]:
+        """The truth of every observation whose clients wrote one (read after the attacks)."""
+        assert self.truth_store is not None
+        store, found = self.truth_store, []
+        for observation in traffic.observations:
+            if observation.client_id != AGGREGATE_CLIENT_ID:
+                truth = store.get(traffic.round, observation.client_id)
+                if truth is not None:
+                    found.append(truth)
+                continue
+            parts = [store.get(traffic.round, c) for c in traffic.participants]
+            if parts and all(p is not None for p in parts):
+                found.append(
+                    Truth(
+                        traffic.round,
+                        AGGREGATE_CLIENT_ID,
+                        torch.cat([p.inputs for p in parts if p is not None]),
+                        torch.cat([p.labels for p in parts if p is not None]),
+                    )
+                )
+        return tuple(found)
+
+    def _score(self, reconstructions: Sequence[Reconstruction], truths: Sequence[Truth]) -> None:
+        attack = self.scenario.attack
+        for scored in score_round(
+            reconstructions,
+            truths,
+            attack.leak_threshold_db,
+            is_binary(self.scenario.model),
+            attack.leak_threshold_ssim,
+            self._training_set,
+        ):
+            self.emit(scored.record)
+            self.save_attack(scored.record, scored.arrays())
+
+    def _training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The union of every client's shard, for scoring network inversion (not kept)."""
+        scenario = self.scenario
+        union = load_training_union(scenario.data, scenario.federation.clients, scenario.seed)
+        return union.inputs, union.labels

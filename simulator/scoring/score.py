@@ -1,0 +1,267 @@
+"""The scorer: the one place where reconstructions meet the oracle (the clients' truth).
+
+Three ways, by :attr:`Reconstruction.matching`: "hungarian" (one reconstruction per true
+image), "nearest" (candidate sets: each true image against its best candidate, by SSIM) and
+"training" (network inversion's class samples against the clients' whole training data).
+
+Each reconstruction is matched to its client's true batch (Hungarian on MSE) and scored per
+image (MSE, PSNR, SSIM with a Gaussian window), with label accuracy and the fraction leaked
+(PSNR >= threshold). Snapshots taken during the attack give PSNR against iteration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from simulator.core.protocol import Reconstruction
+from simulator.federation.truth import Truth
+from simulator.scoring.inversion import random_noise_baseline, score_inversion
+from simulator.scoring.metrics import leak_summary, match, nearest_candidates, psnr
+
+Record = dict[str, Any]
+
+
+TrainingSet = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One scored reconstruction: its record and the image pairs (and labels) for figures."""
+
+    record: Record
+    truth: np.ndarray
+    reconstruction: np.ndarray
+    labels: np.ndarray | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What the run folder stores beside the record."""
+        arrays = {"truth": self.truth, "reconstruction": self.reconstruction}
+        return arrays if self.labels is None else arrays | {"labels": self.labels}
+
+
+def _identity(reconstruction: Reconstruction) -> Record:
+    """The fields every attack record starts with: which update, which attack, how it ended."""
+    return {
+        "kind": "attack",
+        "round": reconstruction.round,
+        "client": reconstruction.client_id,
+        "attack": reconstruction.attack,
+        "status": reconstruction.status,
+        "notes": reconstruction.notes,
+    }
+
+
+def _distance_trace(trace: Sequence[dict[str, float]]) -> list[dict[str, float]]:
+    """The attack's trace reduced to (iteration, gradient distance) for the convergence plot."""
+    return [
+        {"iteration": int(t["iteration"]), "gradient_distance": float(t["gradient_distance"])}
+        for t in trace
+    ]
+
+
+def _padded(images: torch.Tensor, count: int) -> torch.Tensor:
+    """Fill missing reconstructions with mid-grey images, which score as not leaked."""
+    if images.shape[0] >= count:
+        return images
+    filler = torch.full((count - images.shape[0], *images.shape[1:]), 0.5, dtype=images.dtype)
+    return torch.cat([images, filler])
+
+
+def psnr_curve(reconstruction: Reconstruction, truth: torch.Tensor) -> list[tuple[int, float]]:
+    """Mean PSNR (after matching) of each snapshot the attack kept, by iteration."""
+    curve = []
+    for iteration, images in reconstruction.snapshots:
+        images = _padded(images.float(), truth.shape[0])
+        paired = images[match(images, truth)]
+        curve.append((int(iteration), float(psnr(paired, truth).clamp(max=100).mean())))
+    return curve
+
+
+def score(
+    reconstruction: Reconstruction,
+    oracle: Truth,
+    threshold_db: float = 30.0,
+    parity: bool = False,
+    threshold_ssim: float = 0.4,
+) -> Scored:
+    """Score one reconstruction against the true batch of the same (round, client).
+
+    With ``parity`` (binary models, trained on digit parity) labels are compared modulo 2.
+    Candidate sets (``matching == "nearest"``) are scored by :func:`score_candidates`.
+    """
+    if reconstruction.matching == "nearest":
+        return score_candidates(reconstruction, oracle, threshold_ssim, parity)
+    truth = oracle.inputs.float()
+    images = _padded(reconstruction.images.detach().float().cpu(), truth.shape[0])
+    labels = reconstruction.labels
+    if labels is not None and labels.shape[0] < images.shape[0]:
+        labels = torch.cat([labels, torch.full((images.shape[0] - labels.shape[0],), -1)])
+    true_labels = oracle.labels % 2 if parity else oracle.labels
+    if parity and labels is not None:
+        labels = torch.where(labels >= 0, labels % 2, labels)
+    summary = leak_summary(images, truth, labels, true_labels, threshold_db)
+    curve = psnr_curve(reconstruction, truth)
+    trace = reconstruction.trace
+    reached = next((it for it, value in curve if value >= threshold_db), None)
+    seconds_at = {int(t["iteration"]): t["seconds"] for t in trace}
+    finite_psnr = summary.psnr.clamp(max=100)
+    record: Record = {
+        **_identity(reconstruction),
+        "batch_size": int(truth.shape[0]),
+        "recovered": int(reconstruction.images.shape[0]),
+        "mean_psnr": float(finite_psnr.mean()),
+        "median_psnr": float(finite_psnr.median()),
+        "mean_ssim": float(summary.ssim.mean()),
+        "label_accuracy": summary.label_accuracy,
+        "fraction_leaked": summary.fraction_leaked,
+        "leak_threshold_db": threshold_db,
+        "psnr": finite_psnr.tolist(),
+        "ssim": summary.ssim.tolist(),
+        "iterations": int(trace[-1]["iteration"]) if trace else 0,
+        "seconds": float(trace[-1]["seconds"]) if trace else math.nan,
+        "iterations_to_threshold": reached,
+        "seconds_to_threshold": seconds_at.get(reached) if reached is not None else None,
+        "trace": _distance_trace(trace),
+        "psnr_curve": curve,
+    }
+    paired = images[summary.permutation]
+    return Scored(record, truth.numpy(), paired.numpy())
+
+
+def score_candidates(
+    reconstruction: Reconstruction, oracle: Truth, threshold_ssim: float, parity: bool = False
+) -> Scored:
+    """Score a candidate set as dataset-reconstruction papers do (Haim et al. 2022).
+
+    Every true image is paired with its most similar candidate (shortlist by normalised
+    cross-correlation and MSE, then SSIM; a candidate may serve several images), and counts
+    as leaked when that SSIM reaches ``threshold_ssim``. The saved pairs are sorted by SSIM,
+    best first, for the figure of best matches beside their originals.
+    """
+    truth = oracle.inputs.float()
+    candidates = reconstruction.images.detach().float().cpu()
+    nearest = nearest_candidates(truth, candidates, threshold=threshold_ssim)
+    paired = candidates[nearest.index]
+    scores = psnr(paired, truth).clamp(max=100)
+    accuracy = None
+    if reconstruction.labels is not None:
+        guessed = reconstruction.labels[nearest.index]
+        true_labels = oracle.labels
+        if parity:
+            guessed, true_labels = guessed % 2, true_labels % 2
+        accuracy = float((guessed == true_labels).double().mean())
+    trace = reconstruction.trace
+    record: Record = {
+        **_identity(reconstruction),
+        "matching": "nearest",
+        "batch_size": int(truth.shape[0]),
+        "recovered": int(candidates.shape[0]),
+        "mean_psnr": float(scores.mean()),
+        "median_psnr": float(scores.median()),
+        "mean_ssim": float(nearest.ssim.mean()),
+        "median_ssim": float(nearest.ssim.median()),
+        "label_accuracy": accuracy,
+        "fraction_leaked": nearest.fraction,
+        "images_leaked": nearest.recovered,
+        "leak_threshold_ssim": threshold_ssim,
+        "psnr": scores.tolist(),
+        "ssim": nearest.ssim.tolist(),
+        "residual": reconstruction.distance,
+        "iterations": int(trace[-1]["iteration"]) if trace else 0,
+        "seconds": float(trace[-1]["seconds"]) if trace else math.nan,
+        "iterations_to_threshold": None,
+        "seconds_to_threshold": None,
+        "trace": _distance_trace(trace),
+        "psnr_curve": psnr_curve(reconstruction, truth),
+    }
+    order = nearest.ssim.argsort(descending=True)
+    return Scored(record, truth[order].numpy(), paired[order].numpy())
+
+
+def score_training_like(
+    reconstruction: Reconstruction,
+    training: tuple[torch.Tensor, torch.Tensor],
+    threshold_ssim: float,
+    top_k: int = 10,
+) -> Scored:
+    """Score class samples (network inversion) against the clients' training data.
+
+    Each generated image is paired with its nearest training image of its target class
+    (:func:`simulator.inversion_scoring.score_inversion`); uniform noise scored the same way
+    gives the floor. The saved pairs keep the attack's class-major order, with labels.
+    """
+    if reconstruction.labels is None:
+        raise ValueError("training-set scoring needs the target class of every image")
+    images = reconstruction.images.detach().float().cpu()
+    labels = reconstruction.labels.detach().cpu()
+    train_images, train_labels = training
+    found = score_inversion(images, labels, train_images, train_labels, threshold_ssim, top_k)
+    noise = random_noise_baseline(labels, train_images, train_labels, 0, threshold_ssim, top_k)
+    trace = reconstruction.trace
+    last = trace[-1] if trace else {}
+    psnrs = torch.tensor(found["nn_psnr"]).clamp(max=100)
+    index = torch.tensor(found["nn_index"])
+    record: Record = {
+        **_identity(reconstruction),
+        "matching": "training",
+        "batch_size": int(images.shape[0]),
+        "recovered": int(images.shape[0]),
+        "mean_psnr": found["mean_nn_psnr"],
+        "median_psnr": float(psnrs.nanmedian()),
+        "mean_ssim": found["mean_nn_ssim"],
+        "top_k_ssim": found["top_k_nn_ssim"],
+        "max_ssim": found["max_nn_ssim"],
+        "noise_ssim": noise["mean_nn_ssim"],
+        "confidence": last.get("confidence"),
+        "diversity": found["diversity"],
+        "label_accuracy": None,
+        "fraction_leaked": found["fraction_above_threshold"],
+        "images_leaked": found["above_threshold"],
+        "leak_threshold_ssim": threshold_ssim,
+        "per_class": found["per_class"],
+        "psnr": psnrs.tolist(),
+        "ssim": found["nn_ssim"],
+        "training_images": int(train_images.shape[0]),
+        "iterations": int(last.get("iteration", 0)),
+        "seconds": float(last.get("seconds", math.nan)),
+        "iterations_to_threshold": None,
+        "seconds_to_threshold": None,
+        "trace": _distance_trace(trace),
+        "psnr_curve": [],
+    }
+    nearest = train_images[index.clamp(min=0)].float()
+    return Scored(record, nearest.numpy(), images.numpy(), labels.numpy())
+
+
+def score_round(
+    reconstructions: Sequence[Reconstruction],
+    oracles: Sequence[Truth],
+    threshold_db: float = 30.0,
+    parity: bool = False,
+    threshold_ssim: float = 0.4,
+    training: TrainingSet | None = None,
+) -> list[Scored]:
+    """Score every reconstruction whose client sent an oracle (absent outside simulation).
+
+    Training-like samples (``matching == "training"``) are scored against ``training()``,
+    the union of the clients' training data, loaded only when such a reconstruction exists.
+    """
+    truth = {(o.round, o.client_id): o for o in oracles}
+    scored = []
+    for reconstruction in reconstructions:
+        if (reconstruction.round, reconstruction.client_id) not in truth:
+            continue
+        if reconstruction.matching == "training":
+            if training is None:
+                raise ValueError("training-like samples need the clients' training data to score")
+            scored.append(score_training_like(reconstruction, training(), threshold_ssim))
+            continue
+        oracle = truth[(reconstruction.round, reconstruction.client_id)]
+        scored.append(score(reconstruction, oracle, threshold_db, parity, threshold_ssim))
+    return scored

@@ -1,0 +1,236 @@
+"""End-to-end federations through Flower's Simulation Engine (each run starts Ray: ~10 s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from simulator.core.config import Scenario
+from simulator.core.scenario import load
+from simulator.data.shards import load_shard
+from simulator.federation.traffic import RoundTraffic
+from simulator.run import engine
+from simulator.run.folder import read_records
+
+TIMING_KEYS = {"seconds", "discovery_s"}
+
+
+def small(**overrides: object) -> Scenario:
+    base = {
+        "federation.clients": 4,
+        "federation.fraction": 1.0,
+        "federation.rounds": 2,
+        "federation.batch_size": 1,
+        "federation.timeout_s": 120.0,
+        "federation.lr": 0.1,
+        "data.test_examples": 500,
+        "data.examples_per_client": 50,
+        "model.widths": [32],
+    }
+    return load("quickstart", {**base, **overrides})
+
+
+def run_with_traffic(
+    scenario: Scenario, tmp_path: Path, name: str
+) -> tuple[engine.RunResult, list[RoundTraffic]]:
+    traffic: list[RoundTraffic] = []
+    result = engine.run(
+        scenario, out_dir=tmp_path / name, taps=[traffic.append], raise_on_failure=False
+    )
+    return result, traffic
+
+
+@pytest.fixture(scope="module")
+def fedsgd_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """Two runs of one FedSGD scenario (batch size 1) where client 2 crashes in round 2."""
+    scenario = small(
+        **{
+            "faults.crash_clients": [2],
+            "faults.crash_rounds": [2],
+            "attack.name": "analytic",
+            "attack.max_clients": 2,
+            "attack.rounds": [],
+        }
+    )
+    tmp = tmp_path_factory.mktemp("fedsgd")
+    return scenario, run_with_traffic(scenario, tmp, "a"), run_with_traffic(scenario, tmp, "b")
+
+
+def test_every_update_reaches_the_hook_once_per_round_with_its_client_id(
+    fedsgd_runs: tuple,
+) -> None:
+    scenario, (_, traffic), _ = fedsgd_runs
+    seen = [(o.round, o.client_id) for t in traffic for o in t.observations]
+    assert sorted(seen) == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 3)]
+    for t in traffic:
+        for observation, oracle in zip(t.observations, t.oracles, strict=True):
+            assert (observation.round, observation.client_id) == (oracle.round, oracle.client_id)
+            shard = load_shard(scenario.data, 4, scenario.seed, observation.client_id)
+            # the true image is in that client's own shard, and in no other client's
+            owners = [
+                c
+                for c in range(4)
+                if (load_shard(scenario.data, 4, scenario.seed, c).inputs == oracle.inputs[0])
+                .all((1, 2, 3))
+                .any()
+            ]
+            assert owners == [observation.client_id]
+            assert (shard.inputs == oracle.inputs[0]).all((1, 2, 3)).any()
+
+
+def test_fedsgd_gradient_is_real_first_layer_over_bias_gives_the_image(fedsgd_runs: tuple) -> None:
+    _, (_, traffic), _ = fedsgd_runs
+    for observation, oracle in zip(traffic[0].observations, traffic[0].oracles, strict=True):
+        weight_grad, bias_grad = observation.update["1.weight"], observation.update["1.bias"]
+        row = bias_grad.abs().argmax()
+        recovered = weight_grad[row] / bias_grad[row]
+        torch.testing.assert_close(recovered, oracle.inputs[0].flatten(), atol=1e-4, rtol=1e-4)
+
+
+def test_observations_hold_the_sent_global_weights_and_public_meta(fedsgd_runs: tuple) -> None:
+    _, (_, traffic), _ = fedsgd_runs
+    round1, round2 = traffic
+    sent1 = round1.observations[0].global_weights
+    assert all(o.global_weights.keys() == sent1.keys() for o in round1.observations)
+    # FedSGD: the next global model is the old one minus lr times the mean gradient
+    mean_grad = {k: torch.stack([o.update[k] for o in round1.observations]).mean(0) for k in sent1}
+    expected = {k: sent1[k] - 0.1 * mean_grad[k] for k in sent1}
+    for key, value in round2.observations[0].global_weights.items():
+        torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=1e-5)
+    meta = round1.observations[0].meta
+    assert (meta.protocol, meta.batch_size, meta.num_examples) == ("fedsgd", 1, 1)
+
+
+def test_a_crashed_client_is_recorded_and_the_round_goes_on(fedsgd_runs: tuple) -> None:
+    _, ((result, traffic)), _ = fedsgd_runs
+    failures = result.table("failure")
+    assert [(f["round"], f["client"]) for f in failures] == [(2, 2)]
+    assert "injected crash of client 2 in round 2" in failures[0]["reason"]
+    assert traffic[1].failures[0].client_id == 2
+    (point,) = result.table("point")
+    assert (
+        point["status"] == "ok" and point["rounds_completed"] == 2 and point["failed_updates"] == 1
+    )
+    summary = (result.folder.path / "summary.md").read_text()
+    assert "Failed client updates (1)" in summary and "injected crash" in summary
+
+
+def test_the_same_seed_gives_the_same_results_twice(fedsgd_runs: tuple) -> None:
+    _, (first, traffic_a), (second, traffic_b) = fedsgd_runs
+
+    def stable(records: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+    assert stable(first.records) == stable(second.records)
+    for a, b in zip(traffic_a, traffic_b, strict=True):
+        for oa, ob in zip(a.observations, b.observations, strict=True):
+            assert all(torch.equal(oa.update[k], ob.update[k]) for k in oa.update)
+
+
+def test_results_file_is_written_record_by_record(fedsgd_runs: tuple) -> None:
+    _, (result, _), _ = fedsgd_runs
+    on_disk = list(read_records(result.folder.path))
+    assert on_disk == result.records
+    kinds = [r["kind"] for r in on_disk]
+    assert kinds[0] == "startup" and kinds[-1] == "point" and kinds.count("round") == 3
+    assert (result.folder.path / "scenario.toml").is_file()
+    assert (result.folder.path / "figures" / "accuracy.png").stat().st_size > 1000
+
+
+def test_a_run_where_every_client_fails_stops_with_a_clear_error(tmp_path: Path) -> None:
+    scenario = small(**{"faults.crash_clients": [0, 1, 2, 3], "federation.rounds": 3})
+    with pytest.raises(engine.RunFailed) as info:
+        engine.run(scenario, out_dir=tmp_path / "run")
+    message = str(info.value)
+    assert "AllClientsFailed: round 1: all 4 sampled clients failed" in message
+    assert "injected crash of client 0 in round 1" in message
+    (point,) = [r for r in read_records(tmp_path / "run") if r["kind"] == "point"]
+    assert point["status"] == "failed" and point["rounds_completed"] == 0
+
+
+def test_fedavg_sweep_observes_real_weights_after_local_training(tmp_path: Path) -> None:
+    from simulator.core.models import build_model
+    from simulator.core.seeding import seeded_generator
+    from simulator.data.shards import Shard
+    from simulator.federation.training import load_weights, local_train
+
+    scenario = small(
+        **{
+            "federation.protocol": "fedavg",
+            "federation.batch_size": 10,
+            "federation.fraction": 0.5,
+            "federation.rounds": 1,
+            "data.examples_per_client": 20,
+        }
+    )
+    sweep = scenario.with_sweep({"federation.local_epochs": [1, 2]})
+    result, traffic = run_with_traffic(sweep, tmp_path, "sweep")
+    assert [p["status"] for p in result.table("point")] == ["ok", "ok"]
+    assert [p["set:federation.local_epochs"] for p in result.table("point")] == [1, 2]
+    torch.set_num_threads(1)  # as the clients do, for bit-identical replay
+    for point_traffic, epochs in zip(traffic, (1, 2), strict=True):
+        for observation, oracle in zip(
+            point_traffic.observations, point_traffic.oracles, strict=True
+        ):
+            spec = scenario.model
+            model = load_weights(build_model(spec), observation.global_weights)
+            generator = seeded_generator(scenario.seed, 1, observation.client_id)
+            local_train(
+                model, spec, Shard(oracle.inputs, oracle.labels), epochs, 10, 0.1, generator
+            )
+            for name, value in model.named_parameters():
+                torch.testing.assert_close(observation.update[name], value.detach())
+            assert observation.meta.local_epochs == epochs and observation.meta.num_examples == 20
+
+
+def test_the_malicious_server_attacks_and_the_scorer_scores_against_the_truth(
+    fedsgd_runs: tuple,
+) -> None:
+    _, (result, _), _ = fedsgd_runs
+    attacks = result.table("attack")
+    assert [(a["round"], a["client"]) for a in attacks] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for record in attacks:
+        assert record["attack"] == "analytic" and record["fraction_leaked"] == 1.0
+        assert record["mean_psnr"] > 60 and record["mean_ssim"] > 0.99
+    folder = result.folder.path
+    assert (folder / "artifacts" / "p0-attack-r1-c0.npz").is_file()
+    assert (folder / "figures" / "reconstructions-p0-r1.png").stat().st_size > 1000
+    assert "## Attacks" in (folder / "summary.md").read_text()
+
+
+def test_defenses_change_what_the_server_sees_and_dp_reports_its_epsilon(tmp_path: Path) -> None:
+    from defenses.dp_sgd import epsilon
+    from simulator.core.registry import DEFENSES
+
+    dp = {"name": "dp-sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}
+    scenario = small(
+        **{
+            "defenses": [dp, {"name": "pruning", "fraction": 0.5}, {"name": "secure-aggregation"}],
+            "federation.batch_size": 4,
+            "attack.name": "analytic",
+            "attack.rounds": [],
+        }
+    )
+    result, traffic = run_with_traffic(scenario, tmp_path, "defended")
+    # under Flower's SecAgg+ the server never holds a client's (pruned, DP-noised) update:
+    # even the taps get one aggregate per round, beside the four clients' oracles
+    for round_traffic in traffic:
+        (observation,) = round_traffic.observations
+        assert observation.client_id == -1 and len(round_traffic.oracles) == 4
+    # what the server saw: only the aggregate of the four clients, attacked as one batch
+    updates = result.table("update")
+    assert [(u["round"], u["client"]) for u in updates] == [(1, -1), (2, -1)]
+    attacks = result.table("attack")
+    assert [(a["round"], a["client"]) for a in attacks] == [(1, -1), (2, -1)]
+    for attack, round_traffic in zip(attacks, traffic, strict=True):
+        assert attack["batch_size"] == sum(len(o.labels) for o in round_traffic.oracles)
+        assert attack["fraction_leaked"] == 0.0
+    # epsilon from the accountant: 2 rounds of one Poisson step at rate 4/50 for every client
+    (privacy,) = result.table("privacy")
+    params = DEFENSES.create("dp-sgd", {k: v for k, v in dp.items() if k != "name"}).params
+    assert privacy["epsilon"] == pytest.approx(epsilon(params, 4 / 50, 2))
+    assert privacy["delta"] == 1e-5
+    (point,) = result.table("point")
+    assert point["defense"] == "dp-sgd+pruning+secure-aggregation"

@@ -1,0 +1,261 @@
+"""Defenses that run through Flower's own machinery, end to end: SecAgg+ and LocalDpMod.
+
+Each run starts Ray (~20-30 s here), so there are three small ones: SecAgg+ under FedSGD (3
+clients, 2 rounds), SecAgg+ under FedAvg with a client crashing (4 clients, 1 round), and
+LocalDpMod under FedAvg (2 clients, 1 round).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.common import FitRes
+
+from defenses.secure_aggregation import aggregate_view, quantization_tolerance
+from simulator.core.config import Scenario
+from simulator.core.models import build_model
+from simulator.core.registry import DEFENSES
+from simulator.core.scenario import load
+from simulator.core.seeding import seeded_generator
+from simulator.data.shards import Shard, load_shard
+from simulator.federation import secagg as secagg_app
+from simulator.federation.traffic import AGGREGATE_CLIENT_ID, RoundTraffic
+from simulator.federation.training import batch_gradient, load_weights, local_train
+from simulator.federation.truth import ORACLE_KEY
+from simulator.run import engine
+from simulator.run.folder import attack_artifact
+
+Update = dict[str, torch.Tensor]
+
+
+def small(**overrides: object) -> Scenario:
+    base = {
+        "federation.clients": 3,
+        "federation.fraction": 1.0,
+        "federation.rounds": 2,
+        "federation.batch_size": 2,
+        "federation.timeout_s": 60.0,
+        "federation.lr": 0.1,
+        "data.test_examples": 200,
+        "data.examples_per_client": 10,
+        "model.widths": [16],
+        "attack.rounds": [],
+    }
+    return load("quickstart", {**base, **overrides})
+
+
+class Spy:
+    """Records what SecAggStrategy.aggregate_fit receives, before it reads anything."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def wrap(self, original: Any) -> Any:
+        def aggregate_fit(strategy: Any, server_round: int, results: list, failures: list) -> Any:
+            fitres: list[FitRes] = [res for _, res in results]
+            self.calls.append(
+                {
+                    "round": server_round,
+                    "clients": sorted(strategy.node_to_client[p.node_id] for p, _ in results),
+                    "tensors": [list(res.parameters.tensors) for res in fitres],
+                    "metric_keys": [set(res.metrics) for res in fitres],
+                }
+            )
+            returned = original(strategy, server_round, results, failures)
+            self.calls[-1]["left_metric_keys"] = [set(res.metrics) for res in fitres]
+            return returned
+
+        return aggregate_fit
+
+
+def run_spied(scenario: Scenario, out: Path) -> tuple[engine.RunResult, list[RoundTraffic], Spy]:
+    traffic: list[RoundTraffic] = []
+    spy = Spy()
+    with pytest.MonkeyPatch.context() as patch:
+        original = secagg_app.SecAggStrategy.aggregate_fit
+        patch.setattr(secagg_app.SecAggStrategy, "aggregate_fit", spy.wrap(original))
+        result = engine.run(scenario, out_dir=out, taps=[traffic.append], raise_on_failure=False)
+    return result, traffic, spy
+
+
+@pytest.fixture(scope="module")
+def fedsgd_secagg(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    scenario = small(**{"defenses": [{"name": "secure-aggregation"}], "attack.name": "analytic"})
+    tmp = tmp_path_factory.mktemp("secagg")
+    return scenario, run_spied(scenario, tmp / "a"), run_spied(scenario, tmp / "b")
+
+
+def true_gradients(scenario: Scenario, server_round: int, sent: Update) -> list[Update]:
+    """Each client's FedSGD gradient, recomputed from its seeded batch (client order)."""
+    torch.set_num_threads(1)
+    spec, fed = scenario.model, scenario.federation
+    gradients = []
+    for client in range(fed.clients):
+        shard = load_shard(scenario.data, fed.clients, scenario.seed, client)
+        generator = seeded_generator(scenario.seed, server_round, client)
+        batch = torch.randperm(len(shard.labels), generator=generator)[: fed.batch_size]
+        model = load_weights(build_model(spec), sent)
+        gradients.append(batch_gradient(model, spec, shard.inputs[batch], shard.labels[batch]))
+    return gradients
+
+
+def max_error(observed: Update, expected: Update) -> float:
+    return max(float((observed[k].double() - expected[k].double()).abs().max()) for k in expected)
+
+
+def tolerance(scenario: Scenario, weights: list[float], updates: list[Update]) -> float:
+    params = DEFENSES.create("secure-aggregation").params
+    largest = max(float(v.abs().max()) for u in updates for v in u.values())
+    bound = quantization_tolerance(weights, params, secagg_app.max_weight(scenario), largest)
+    return bound + 1e-6 * max(1.0, largest)  # the aggregate is cast to float32 at the end
+
+
+def test_aggregate_fit_gets_only_the_aggregate_once_per_round(fedsgd_secagg: tuple) -> None:
+    scenario, (_, traffic, spy), _ = fedsgd_secagg
+    assert [call["round"] for call in spy.calls] == [1, 2]
+    for call, round_traffic in zip(spy.calls, traffic, strict=True):
+        assert call["clients"] == [0, 1, 2]
+        # one FitRes per client for num_examples, but all carry the same parameters: the aggregate
+        assert all(tensors == call["tensors"][0] for tensors in call["tensors"])
+        aggregate = np.concatenate([np.load(io.BytesIO(t)).ravel() for t in call["tensors"][0]])
+        sent = round_traffic.observations[0].global_weights
+        for gradient in true_gradients(scenario, call["round"], sent):
+            individual = np.concatenate([g.numpy().ravel() for g in gradient.values()])
+            assert np.abs(aggregate - individual).max() > 1e-3
+        # the oracle rode in the metrics and was stripped before anything else read them
+        assert all(ORACLE_KEY in keys for keys in call["metric_keys"])
+        assert not any(ORACLE_KEY in keys for keys in call["left_metric_keys"])
+    for round_traffic in traffic:
+        (observation,) = round_traffic.observations
+        assert observation.client_id == AGGREGATE_CLIENT_ID
+        assert [o.client_id for o in round_traffic.oracles] == [0, 1, 2]
+
+
+def test_the_observed_aggregate_is_the_true_mean_within_quantization(fedsgd_secagg: tuple) -> None:
+    scenario, (_, traffic, _), _ = fedsgd_secagg
+    initial = build_model(scenario.model, seed=scenario.seed).state_dict()
+    for round_traffic in traffic:
+        (observation,) = round_traffic.observations
+        sent = observation.global_weights
+        if round_traffic.round == 1:
+            assert all(torch.equal(sent[k], initial[k]) for k in initial)
+        gradients = true_gradients(scenario, round_traffic.round, sent)
+        expected = aggregate_view(gradients, [2.0, 2.0, 2.0])
+        error = max_error(observation.update, expected)
+        assert error <= tolerance(scenario, [2.0, 2.0, 2.0], gradients)
+        assert observation.update["1.weight"].dtype == torch.float32
+        assert (observation.meta.batch_size, observation.meta.num_examples) == (6, 6)
+    # FedSGD under SecAgg+: the server steps w - lr * aggregate
+    first, second = traffic
+    for name, weights in first.observations[0].global_weights.items():
+        stepped = weights - 0.1 * first.observations[0].update[name]
+        torch.testing.assert_close(second.observations[0].global_weights[name], stepped)
+
+
+def test_an_attack_on_the_aggregate_is_scored_against_the_union(fedsgd_secagg: tuple) -> None:
+    scenario, (result, traffic, _), _ = fedsgd_secagg
+    attacks = result.table("attack")
+    assert [(a["round"], a["client"]) for a in attacks] == [(1, -1), (2, -1)]
+    for record, round_traffic in zip(attacks, traffic, strict=True):
+        assert record["attack"] == "analytic" and record["batch_size"] == 6
+        union = torch.cat([o.inputs for o in round_traffic.oracles])
+        truth = np.load(attack_artifact(result.folder.path, record))["truth"]
+        np.testing.assert_array_equal(truth, union.numpy())
+        # the union is the clients' own seeded batches
+        fed = scenario.federation
+        for client, oracle in enumerate(round_traffic.oracles):
+            shard = load_shard(scenario.data, fed.clients, scenario.seed, client)
+            generator = seeded_generator(scenario.seed, round_traffic.round, client)
+            batch = torch.randperm(len(shard.labels), generator=generator)[: fed.batch_size]
+            assert torch.equal(oracle.inputs, shard.inputs[batch])
+
+
+def test_a_secagg_run_records_rounds_with_test_accuracy(fedsgd_secagg: tuple) -> None:
+    result = fedsgd_secagg[1][0]
+    rounds = result.table("round")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 and math.isfinite(r["test_loss"]) for r in rounds)
+    assert [(u["round"], u["client"]) for u in result.table("update")] == [(1, -1), (2, -1)]
+    (point,) = result.table("point")
+    assert point["status"] == "ok" and point["defense"] == "secure-aggregation"
+    assert point["final_accuracy"] == rounds[-1]["test_accuracy"]
+
+
+def test_secagg_runs_repeat_bit_for_bit(fedsgd_secagg: tuple) -> None:
+    """SecAgg+'s stochastic rounding draws from numpy, seeded per (seed, round, client)."""
+    _, (first, traffic_a, _), (second, traffic_b, _) = fedsgd_secagg
+
+    def stable(records: list[dict]) -> list[dict]:
+        return [
+            {k: v for k, v in r.items() if k not in {"seconds", "discovery_s"}} for r in records
+        ]
+
+    assert stable(first.records) == stable(second.records)
+    for a, b in zip(traffic_a, traffic_b, strict=True):
+        update_a, update_b = a.observations[0].update, b.observations[0].update
+        assert all(torch.equal(update_a[k], update_b[k]) for k in update_a)
+
+
+def test_fedavg_secagg_aggregates_the_weights_of_the_clients_that_stayed(tmp_path: Path) -> None:
+    scenario = small(
+        **{
+            "federation.protocol": "fedavg",
+            "federation.clients": 4,
+            "federation.rounds": 1,
+            "federation.batch_size": 5,
+            "faults.crash_clients": [3],
+            "defenses": [{"name": "secure-aggregation"}],
+        }
+    )
+    result, traffic, spy = run_spied(scenario, tmp_path / "fedavg")
+    assert [(f["round"], f["client"]) for f in result.table("failure")] == [(1, 3)]
+    assert "injected crash of client 3" in result.table("failure")[0]["reason"]
+    assert spy.calls[0]["clients"] == [0, 1, 2]
+    (observation,) = traffic[0].observations
+    spec = scenario.model
+    torch.set_num_threads(1)
+    trained = []
+    for client in range(3):
+        model = load_weights(build_model(spec), observation.global_weights)
+        shard = load_shard(scenario.data, 4, scenario.seed, client)
+        local_train(model, spec, shard, 1, 5, 0.1, seeded_generator(scenario.seed, 1, client))
+        trained.append({k: v.detach() for k, v in model.named_parameters()})
+    expected = aggregate_view(trained, [10.0, 10.0, 10.0])
+    assert max_error(observation.update, expected) <= tolerance(scenario, [10.0] * 3, trained)
+    assert observation.meta.num_examples == 30
+    assert [r["round"] for r in result.table("round")] == [0, 1]
+
+
+def test_local_dp_run_sends_clipped_weights_with_the_documented_noise(tmp_path: Path) -> None:
+    params = {"clipping_norm": 0.05, "sensitivity": 0.1, "epsilon": 1.0, "delta": 1e-5}
+    scenario = small(
+        **{
+            "federation.protocol": "fedavg",
+            "federation.clients": 2,
+            "federation.rounds": 1,
+            "federation.batch_size": 5,
+            "defenses": [{"name": "local-dp", **params}],
+        }
+    )
+    traffic: list[RoundTraffic] = []
+    result = engine.run(scenario, out_dir=tmp_path / "ldp", taps=[traffic.append])
+    assert [p["status"] for p in result.table("point")] == ["ok"]
+    spec, std = scenario.model, DEFENSES.create("local-dp", params).noise_std  # type: ignore[attr-defined]
+    torch.set_num_threads(1)
+    for observation, oracle in zip(traffic[0].observations, traffic[0].oracles, strict=True):
+        sent = observation.global_weights
+        model = load_weights(build_model(spec), sent)
+        generator = seeded_generator(scenario.seed, 1, observation.client_id)
+        local_train(model, spec, Shard(oracle.inputs, oracle.labels), 1, 5, 0.1, generator)
+        change = torch.cat([(p.detach() - sent[k]).ravel() for k, p in model.named_parameters()])
+        clipped = change.double() * min(1.0, 0.05 / float(change.norm()))
+        seen = torch.cat([(observation.update[k] - sent[k]).ravel() for k in sent]).double()
+        noise = seen - clipped
+        assert float(noise.std()) == pytest.approx(std, rel=0.03)
+        assert abs(float(noise.mean())) < 4 * std / math.sqrt(noise.numel())

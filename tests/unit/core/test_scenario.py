@@ -1,0 +1,129 @@
+"""Scenario files: validation errors name the key and the allowed values; overrides; sweeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from simulator.core.config import Scenario, ScenarioError
+from simulator.core.scenario import expand, load, parse_override
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    return path
+
+
+def test_quickstart_is_the_default_and_valid() -> None:
+    scenario = load()
+    assert scenario.name == "quickstart"
+    assert scenario.federation.protocol == "fedsgd"
+
+
+def test_every_shipped_scenario_loads() -> None:
+    from simulator.core.scenario import SCENARIO_DIR
+
+    for path in SCENARIO_DIR.glob("*.toml"):
+        assert expand(load(path)), path
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "[federation]\nprotocl = 'fedsgd'",
+            "unknown key federation.protocl (did you mean 'protocol'?)",
+        ),
+        (
+            "[federation]\nprotocol = 'fedprox'",
+            "federation.protocol = 'fedprox' is not allowed; choose one of 'fedsgd', 'fedavg'",
+        ),
+        (
+            "[federation]\nbatch_size = 0",
+            "federation.batch_size = 0 is out of range; allowed: [1, inf)",
+        ),
+        (
+            "[federation]\nfraction = 1.5",
+            "federation.fraction = 1.5 is out of range; allowed: (0.0, 1.0]",
+        ),
+        ("[federation]\nlr = 'fast'", "federation.lr = 'fast' has type str; allowed: float"),
+        ("[model]\nkind = 'resnet'", "model.kind = 'resnet' is not a known model"),
+        ("[modle]\nkind = 'mlp'", "unknown top-level key 'modle' (did you mean 'model'?)"),
+        ("[data]\ndataset = 'cifar'", "data.dataset = 'cifar' is not a known dataset"),
+        (
+            "[faults]\ncrash_clients = [99]",
+            "faults.crash_clients = [99] must be client ids in 0..9",
+        ),
+        (
+            "[sweep]\n'federation.batch_size' = [1, -2]",
+            "federation.batch_size = -2 is out of range; allowed: [1, inf)",
+        ),
+        (
+            "[sweep]\n'federation.batch_size' = 4",
+            "sweep.federation.batch_size must be a non-empty list",
+        ),
+        ("[attack]\nname = 'magic'", "attack"),
+        ("seed = 'x'", "seed = 'x' has type str; allowed: int"),
+        ("[[defenses]]\nname = 'pruning'\nfraction = 1.5", "defenses[0]: defense 'pruning'"),
+        (
+            "[[defenses]]\nname = 'gaussian-noise'\nstd = -0.1",
+            "defenses[0]: defense 'gaussian-noise'",
+        ),
+        ("[[defenses]]\nname = 'blur'", "defenses[0]: unknown defense 'blur'"),
+        ("defenses = [{ std = 0.1 }]", "defenses[0] must be a table with a name"),
+        ("[federation\n", "not valid TOML"),
+    ],
+)
+def test_bad_files_get_errors_that_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ScenarioError) as info:
+        load(write(tmp_path, text))
+    assert expected in str(info.value)
+    assert str(info.value).startswith("s.toml")
+
+
+def test_missing_scenario_lists_shipped_ones() -> None:
+    with pytest.raises(ScenarioError, match=r"shipped scenarios: .*quickstart"):
+        load("no-such-scenario")
+
+
+def test_overrides_parse_toml_values_and_revalidate() -> None:
+    assert parse_override("federation.lr=1e-3") == ("federation.lr", 1e-3)
+    assert parse_override("model.widths=[10, 20]") == ("model.widths", [10, 20])
+    assert parse_override("data.dataset=fashion-mnist") == ("data.dataset", "fashion-mnist")
+    scenario = load("quickstart", ["federation.batch_size=1", "model.widths=[32]"])
+    assert scenario.federation.batch_size == 1
+    assert scenario.model.widths == (32,)
+    with pytest.raises(ScenarioError, match=r"federation\.batch_size = 0"):
+        load("quickstart", ["federation.batch_size=0"])
+    with pytest.raises(ScenarioError, match="unknown section 'federaton'"):
+        load("quickstart", ["federaton.lr=1"])
+
+
+def test_sweep_is_the_grid_over_its_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[sweep]\n'federation.batch_size' = [1, 2, 4]\n"
+        "[sweep.model]\nactivation = ['relu', 'tanh']\n",
+    )
+    points = expand(load(path))
+    assert len(points) == 6
+    combos = {(p.scenario.federation.batch_size, p.scenario.model.activation) for p in points}
+    assert combos == {(b, a) for b in (1, 2, 4) for a in ("relu", "tanh")}
+    assert all(not p.scenario.sweep for p in points)
+    assert [p.index for p in points] == list(range(6))
+
+
+def test_scenarios_are_immutable_and_roundtrip_through_json() -> None:
+    scenario = load("quickstart")
+    with pytest.raises(AttributeError):
+        scenario.federation.lr = 1.0  # type: ignore[misc]
+    assert Scenario.from_json(scenario.to_json()) == scenario
+
+
+def test_resolved_scenario_toml_loads_back(tmp_path: Path) -> None:
+    from simulator.run.folder import scenario_toml
+
+    scenario = load("fedavg-label-skew")
+    assert load(write(tmp_path, scenario_toml(scenario))) == scenario

@@ -1,0 +1,113 @@
+"""simulator.run.referee: attacks first, truth afterwards, every failure recorded."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from simulator.core.models import ModelSpec, build_model
+from simulator.core.protocol import Observation, PublicMeta
+from simulator.core.scenario import load
+from simulator.federation.traffic import AGGREGATE_CLIENT_ID, RoundTraffic
+from simulator.federation.truth import Truth, TruthStore
+from simulator.run.privacy import PrivacyLedger
+from simulator.run.referee import Referee, RefereedRound
+
+
+def batch(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand((n, 1, 28, 28), generator=torch.Generator().manual_seed(seed))
+
+
+def referee(overrides: dict, store: TruthStore | None, records: list[dict], **kw) -> Referee:
+    scenario = load("quickstart", overrides)
+    return Referee(scenario, records.append, PrivacyLedger(scenario), store, **kw)
+
+
+def poisoned_observation(client: int = 0) -> Observation:
+    spec = ModelSpec("mlp", widths=(16,), activation="sigmoid")
+    weights = {k: v.detach() for k, v in build_model(spec, seed=0).named_parameters()}
+    poisoned = {k: torch.full_like(v, float("nan")) for k, v in weights.items()}
+    return Observation(1, client, spec, weights, poisoned, PublicMeta("fedsgd", 1, 0.1, 1, 1))
+
+
+def test_a_crashing_attack_is_recorded_and_the_federation_goes_on() -> None:
+    records: list[dict] = []
+    judge = referee({"attack.name": "analytic"}, None, records)
+
+    def explode(_observations: object) -> list:
+        raise RuntimeError("attack blew up")
+
+    judge.malicious.observe = explode  # type: ignore[method-assign]
+    judge.on_round(RoundTraffic(3, (), (), ()))
+    assert records == [
+        {
+            "kind": "attack_error",
+            "round": 3,
+            "attack": "analytic",
+            "error": "RuntimeError: attack blew up",
+        }
+    ]
+
+
+def test_a_diverging_attack_is_recorded_as_failed_without_stopping_the_run(
+    tmp_path: Path,
+) -> None:
+    store = TruthStore(tmp_path / "truth")
+    store.put(Truth(1, 0, batch(1), torch.tensor([2])))
+    records: list[dict] = []
+    judge = referee({"attack.name": "dlg", "attack.params.iterations": 3}, store, records)
+    judge.on_round(RoundTraffic(1, (0,), (poisoned_observation(),), ()))
+    (attack,) = [r for r in records if r["kind"] == "attack"]
+    assert attack["status"] == "diverged" and attack["fraction_leaked"] == 0.0
+    assert "diverged" in attack["notes"] and math.isfinite(attack["mean_psnr"])
+    assert not (tmp_path / "truth" / "round-1").exists()  # the round's truth is gone
+
+
+class OrderedStore(TruthStore):
+    """A truth store that logs when it is read."""
+
+    def __init__(self, root: Path, log: list[str]) -> None:
+        super().__init__(root)
+        self.log = log
+
+    def get(self, server_round: int, client_id: int) -> Truth | None:
+        self.log.append(f"truth {client_id}")
+        return super().get(server_round, client_id)
+
+
+def test_truth_is_read_only_after_the_attack_returned(tmp_path: Path) -> None:
+    log: list[str] = []
+    store = OrderedStore(tmp_path, log)
+    store.put(Truth(1, 0, batch(1), torch.tensor([2])))
+    records: list[dict] = []
+    judge = referee({"attack.name": "dlg", "attack.params.iterations": 2}, store, records)
+    real_observe = judge.malicious.observe
+
+    def observe(observations: list[Observation]) -> list:
+        log.append("attack starts")
+        try:
+            return real_observe(observations)
+        finally:
+            log.append("attack returned")
+
+    judge.malicious.observe = observe  # type: ignore[method-assign]
+    judge.on_round(RoundTraffic(1, (0,), (poisoned_observation(),), ()))
+    assert log == ["attack starts", "attack returned", "truth 0"]
+
+
+def test_the_aggregate_is_scored_against_the_union_of_its_participants(tmp_path: Path) -> None:
+    store = TruthStore(tmp_path)
+    truths = [Truth(1, c, batch(2, seed=c), torch.tensor([c, c])) for c in (0, 1, 3)]
+    for truth in truths:
+        store.put(truth)
+    seen: list[RefereedRound] = []
+    judge = referee({}, store, [], taps=[seen.append])
+    observation = poisoned_observation(AGGREGATE_CLIENT_ID)
+    judge.on_round(RoundTraffic(1, (0, 1, 3), (observation,), ()))
+    ((union,),) = [r.truths for r in seen]
+    assert union.client_id == AGGREGATE_CLIENT_ID
+    assert torch.equal(union.inputs, torch.cat([t.inputs for t in truths]))
+    assert union.labels.tolist() == [0, 0, 1, 1, 3, 3]
+    assert judge.privacy.participations == {0: 1, 1: 1, 3: 1}
