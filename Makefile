@@ -33,7 +33,7 @@ quickstart: setup
 	$(BIN)/leaksim run quickstart
 
 bench: setup
-	$(BIN)/python benchmarks/bench_engine.py
+	$(BIN)/python -m benchmarks.bench_engine
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

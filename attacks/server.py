@@ -53,7 +53,10 @@ class MaliciousServer:
         if not targets:
             return []
         attack: Attack[Any] = ATTACKS.create(self.attack_name, dict(self.attack_params))
-        return [flag_divergence(r) for r in attack.run(targets)]
+        reconstructions = attack.run(targets)
+        for reconstruction in reconstructions:  # named here, so a plugin need not name itself
+            reconstruction.attack = self.attack_name
+        return [flag_divergence(r) for r in reconstructions]
 
 
 def flag_divergence(reconstruction: Reconstruction) -> Reconstruction:

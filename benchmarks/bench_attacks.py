@@ -6,29 +6,27 @@ test digits under the same global model (one round), then times one ``run`` on a
 reports the mean PSNR each reaches. Best of ``--repeats`` timings, since the CPU is shared.
 Writes ``benchmarks/results/attacks.json``.
 
-    python benchmarks/bench_attacks.py                # the three default configurations
+    python -m benchmarks.bench_attacks                # the three default configurations
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from simulator.core.models import ModelSpec, build_model, task_loss
 from simulator.core.protocol import Observation, PublicMeta
 from simulator.core.registry import ATTACKS
+from simulator.data.datasets import load_split
 from simulator.scoring.metrics import leak_summary
 
 RESULTS = Path(__file__).parent / "results" / "attacks.json"
-MNIST = Path("/work/shared/data/mnist")
 
 # (label, attack, params, model spec, batch size); Adam runs exactly `iterations` steps,
 # L-BFGS may stop a problem early (converged or stalled), batched or not.
@@ -58,14 +56,13 @@ CONFIGS: list[tuple[str, str, dict[str, object], ModelSpec, int]] = [
 
 
 def digits(count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``count`` MNIST test digits in [0, 1] and their labels, read from the IDX."""
-    with gzip.open(MNIST / "t10k-images-idx3-ubyte.gz") as f:
-        f.read(16)
-        pixels = np.frombuffer(f.read(784 * count), np.uint8).reshape(count, 1, 28, 28)
-    with gzip.open(MNIST / "t10k-labels-idx1-ubyte.gz") as f:
-        f.read(8)
-        labels = np.frombuffer(f.read(count), np.uint8)
-    return torch.tensor(pixels / 255.0, dtype=torch.float32), torch.tensor(labels).long()
+    """The first ``count`` MNIST test digits in [0, 1] and their labels (the data layer).
+
+    Scaled in float64 before the cast, as the recorded results were.
+    """
+    images, labels = load_split("mnist", "test")
+    pixels = images[:count, None]
+    return torch.tensor(pixels / 255.0, dtype=torch.float32), torch.tensor(labels[:count]).long()
 
 
 def observations(

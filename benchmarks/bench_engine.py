@@ -4,7 +4,7 @@ Compares each round's wall time under Flower + Ray with the same client work don
 (shard lookup, one batch gradient per sampled client, aggregation), so the difference is what
 the simulation engine costs. Writes ``benchmarks/results/engine.json``.
 
-    python benchmarks/bench_engine.py            # 100 clients, fractions 0.1 and 1.0
+    python -m benchmarks.bench_engine            # 100 clients, fractions 0.1 and 1.0
 """
 
 from __future__ import annotations

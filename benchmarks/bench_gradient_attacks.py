@@ -17,7 +17,7 @@ matched to the truth by the scorer's assignment).
 
 Prints a table and writes ``benchmarks/results/gradient_attacks.json``.
 
-    LEAKSIM_DATA_DIR=/work/shared/data python benchmarks/bench_gradient_attacks.py
+    LEAKSIM_DATA_DIR=../shared/data python -m benchmarks.bench_gradient_attacks
 """
 
 from __future__ import annotations
@@ -231,7 +231,6 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("LEAKSIM_DATA_DIR", "/work/shared/data")
     pixels, digit_labels = load_split("mnist", "train")
     batches = {size: args.batches or BATCHES.get(size, 2) for size in args.sizes}
     count = max(max(size * batches[size] for size in args.sizes), 20, args.clients)

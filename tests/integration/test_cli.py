@@ -20,7 +20,7 @@ def output(result: object) -> str:
 def test_bad_scenario_override_is_a_clear_error_not_a_traceback() -> None:
     result = runner.invoke(app, ["run", "quickstart", "--set", "federation.batch_size=-1"])
     assert result.exit_code == 2
-    assert "federation.batch_size = -1 must be >= 1" in output(result)
+    assert "federation.batch_size = -1 is out of range; allowed: [1, inf)" in output(result)
     assert "Traceback" not in output(result)
 
 

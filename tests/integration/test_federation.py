@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from simulator import api
 from simulator.core.config import Scenario
 from simulator.core.scenario import load
 from simulator.data.shards import load_shard
-from simulator.federation.traffic import RoundTraffic
 from simulator.run import engine
+from simulator.run.engine import RunResult
 from simulator.run.folder import read_records
+from simulator.run.referee import RefereedRound
 
 TIMING_KEYS = {"seconds", "discovery_s"}
 
@@ -34,9 +36,9 @@ def small(**overrides: object) -> Scenario:
 
 def run_with_traffic(
     scenario: Scenario, tmp_path: Path, name: str
-) -> tuple[engine.RunResult, list[RoundTraffic]]:
-    traffic: list[RoundTraffic] = []
-    result = engine.run(
+) -> tuple[RunResult, list[RefereedRound]]:
+    traffic: list[RefereedRound] = []
+    result = api.run(
         scenario, out_dir=tmp_path / name, taps=[traffic.append], raise_on_failure=False
     )
     return result, traffic
@@ -62,36 +64,36 @@ def test_every_update_reaches_the_hook_once_per_round_with_its_client_id(
     fedsgd_runs: tuple,
 ) -> None:
     scenario, (_, traffic), _ = fedsgd_runs
-    seen = [(o.round, o.client_id) for t in traffic for o in t.observations]
+    seen = [(o.round, o.client_id) for t in traffic for o in t.traffic.observations]
     assert sorted(seen) == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 3)]
     for t in traffic:
-        for observation, oracle in zip(t.observations, t.oracles, strict=True):
-            assert (observation.round, observation.client_id) == (oracle.round, oracle.client_id)
+        for observation, truth in zip(t.traffic.observations, t.truths, strict=True):
+            assert (observation.round, observation.client_id) == (truth.round, truth.client_id)
             shard = load_shard(scenario.data, 4, scenario.seed, observation.client_id)
             # the true image is in that client's own shard, and in no other client's
             owners = [
                 c
                 for c in range(4)
-                if (load_shard(scenario.data, 4, scenario.seed, c).inputs == oracle.inputs[0])
+                if (load_shard(scenario.data, 4, scenario.seed, c).inputs == truth.inputs[0])
                 .all((1, 2, 3))
                 .any()
             ]
             assert owners == [observation.client_id]
-            assert (shard.inputs == oracle.inputs[0]).all((1, 2, 3)).any()
+            assert (shard.inputs == truth.inputs[0]).all((1, 2, 3)).any()
 
 
 def test_fedsgd_gradient_is_real_first_layer_over_bias_gives_the_image(fedsgd_runs: tuple) -> None:
     _, (_, traffic), _ = fedsgd_runs
-    for observation, oracle in zip(traffic[0].observations, traffic[0].oracles, strict=True):
+    for observation, truth in zip(traffic[0].traffic.observations, traffic[0].truths, strict=True):
         weight_grad, bias_grad = observation.update["1.weight"], observation.update["1.bias"]
         row = bias_grad.abs().argmax()
         recovered = weight_grad[row] / bias_grad[row]
-        torch.testing.assert_close(recovered, oracle.inputs[0].flatten(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(recovered, truth.inputs[0].flatten(), atol=1e-4, rtol=1e-4)
 
 
 def test_observations_hold_the_sent_global_weights_and_public_meta(fedsgd_runs: tuple) -> None:
     _, (_, traffic), _ = fedsgd_runs
-    round1, round2 = traffic
+    round1, round2 = (t.traffic for t in traffic)
     sent1 = round1.observations[0].global_weights
     assert all(o.global_weights.keys() == sent1.keys() for o in round1.observations)
     # FedSGD: the next global model is the old one minus lr times the mean gradient
@@ -108,7 +110,7 @@ def test_a_crashed_client_is_recorded_and_the_round_goes_on(fedsgd_runs: tuple) 
     failures = result.table("failure")
     assert [(f["round"], f["client"]) for f in failures] == [(2, 2)]
     assert "injected crash of client 2 in round 2" in failures[0]["reason"]
-    assert traffic[1].failures[0].client_id == 2
+    assert traffic[1].traffic.failures[0].client_id == 2
     (point,) = result.table("point")
     assert (
         point["status"] == "ok" and point["rounds_completed"] == 2 and point["failed_updates"] == 1
@@ -125,7 +127,7 @@ def test_the_same_seed_gives_the_same_results_twice(fedsgd_runs: tuple) -> None:
 
     assert stable(first.records) == stable(second.records)
     for a, b in zip(traffic_a, traffic_b, strict=True):
-        for oa, ob in zip(a.observations, b.observations, strict=True):
+        for oa, ob in zip(a.traffic.observations, b.traffic.observations, strict=True):
             assert all(torch.equal(oa.update[k], ob.update[k]) for k in oa.update)
 
 
@@ -142,7 +144,7 @@ def test_results_file_is_written_record_by_record(fedsgd_runs: tuple) -> None:
 def test_a_run_where_every_client_fails_stops_with_a_clear_error(tmp_path: Path) -> None:
     scenario = small(**{"faults.crash_clients": [0, 1, 2, 3], "federation.rounds": 3})
     with pytest.raises(engine.RunFailed) as info:
-        engine.run(scenario, out_dir=tmp_path / "run")
+        api.run(scenario, out_dir=tmp_path / "run")
     message = str(info.value)
     assert "AllClientsFailed: round 1: all 4 sampled clients failed" in message
     assert "injected crash of client 0 in round 1" in message
@@ -171,15 +173,13 @@ def test_fedavg_sweep_observes_real_weights_after_local_training(tmp_path: Path)
     assert [p["set:federation.local_epochs"] for p in result.table("point")] == [1, 2]
     torch.set_num_threads(1)  # as the clients do, for bit-identical replay
     for point_traffic, epochs in zip(traffic, (1, 2), strict=True):
-        for observation, oracle in zip(
-            point_traffic.observations, point_traffic.oracles, strict=True
+        for observation, truth in zip(
+            point_traffic.traffic.observations, point_traffic.truths, strict=True
         ):
             spec = scenario.model
             model = load_weights(build_model(spec), observation.global_weights)
             generator = seeded_generator(scenario.seed, 1, observation.client_id)
-            local_train(
-                model, spec, Shard(oracle.inputs, oracle.labels), epochs, 10, 0.1, generator
-            )
+            local_train(model, spec, Shard(truth.inputs, truth.labels), epochs, 10, 0.1, generator)
             for name, value in model.named_parameters():
                 torch.testing.assert_close(observation.update[name], value.detach())
             assert observation.meta.local_epochs == epochs and observation.meta.num_examples == 20
@@ -215,17 +215,19 @@ def test_defenses_change_what_the_server_sees_and_dp_reports_its_epsilon(tmp_pat
     )
     result, traffic = run_with_traffic(scenario, tmp_path, "defended")
     # under Flower's SecAgg+ the server never holds a client's (pruned, DP-noised) update:
-    # even the taps get one aggregate per round, beside the four clients' oracles
+    # even the taps get one aggregate per round; its truth is the union of the four batches
     for round_traffic in traffic:
-        (observation,) = round_traffic.observations
-        assert observation.client_id == -1 and len(round_traffic.oracles) == 4
+        (observation,) = round_traffic.traffic.observations
+        (truth,) = round_traffic.truths
+        assert observation.client_id == -1 == truth.client_id
+        assert round_traffic.traffic.participants == (0, 1, 2, 3)
     # what the server saw: only the aggregate of the four clients, attacked as one batch
     updates = result.table("update")
     assert [(u["round"], u["client"]) for u in updates] == [(1, -1), (2, -1)]
     attacks = result.table("attack")
     assert [(a["round"], a["client"]) for a in attacks] == [(1, -1), (2, -1)]
     for attack, round_traffic in zip(attacks, traffic, strict=True):
-        assert attack["batch_size"] == sum(len(o.labels) for o in round_traffic.oracles)
+        assert attack["batch_size"] == sum(len(t.labels) for t in round_traffic.truths)
         assert attack["fraction_leaked"] == 0.0
     # epsilon from the accountant: 2 rounds of one Poisson step at rate 4/50 for every client
     (privacy,) = result.table("privacy")

@@ -18,6 +18,7 @@ import torch
 from flwr.common import FitRes
 
 from defenses.secure_aggregation import aggregate_view, quantization_tolerance
+from simulator import api
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
 from simulator.core.registry import DEFENSES
@@ -25,11 +26,12 @@ from simulator.core.scenario import load
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import Shard, load_shard
 from simulator.federation import secagg as secagg_app
-from simulator.federation.traffic import AGGREGATE_CLIENT_ID, RoundTraffic
+from simulator.federation.messages import NUM_EXAMPLES_KEY
+from simulator.federation.traffic import AGGREGATE_CLIENT_ID
 from simulator.federation.training import batch_gradient, load_weights, local_train
-from simulator.federation.truth import ORACLE_KEY
-from simulator.run import engine
+from simulator.run.engine import RunResult
 from simulator.run.folder import attack_artifact
+from simulator.run.referee import RefereedRound
 
 Update = dict[str, torch.Tensor]
 
@@ -67,20 +69,18 @@ class Spy:
                     "metric_keys": [set(res.metrics) for res in fitres],
                 }
             )
-            returned = original(strategy, server_round, results, failures)
-            self.calls[-1]["left_metric_keys"] = [set(res.metrics) for res in fitres]
-            return returned
+            return original(strategy, server_round, results, failures)
 
         return aggregate_fit
 
 
-def run_spied(scenario: Scenario, out: Path) -> tuple[engine.RunResult, list[RoundTraffic], Spy]:
-    traffic: list[RoundTraffic] = []
+def run_spied(scenario: Scenario, out: Path) -> tuple[RunResult, list[RefereedRound], Spy]:
+    traffic: list[RefereedRound] = []
     spy = Spy()
     with pytest.MonkeyPatch.context() as patch:
         original = secagg_app.SecAggStrategy.aggregate_fit
         patch.setattr(secagg_app.SecAggStrategy, "aggregate_fit", spy.wrap(original))
-        result = engine.run(scenario, out_dir=out, taps=[traffic.append], raise_on_failure=False)
+        result = api.run(scenario, out_dir=out, taps=[traffic.append], raise_on_failure=False)
     return result, traffic, spy
 
 
@@ -124,23 +124,23 @@ def test_aggregate_fit_gets_only_the_aggregate_once_per_round(fedsgd_secagg: tup
         # one FitRes per client for num_examples, but all carry the same parameters: the aggregate
         assert all(tensors == call["tensors"][0] for tensors in call["tensors"])
         aggregate = np.concatenate([np.load(io.BytesIO(t)).ravel() for t in call["tensors"][0]])
-        sent = round_traffic.observations[0].global_weights
+        sent = round_traffic.traffic.observations[0].global_weights
         for gradient in true_gradients(scenario, call["round"], sent):
             individual = np.concatenate([g.numpy().ravel() for g in gradient.values()])
             assert np.abs(aggregate - individual).max() > 1e-3
-        # the oracle rode in the metrics and was stripped before anything else read them
-        assert all(ORACLE_KEY in keys for keys in call["metric_keys"])
-        assert not any(ORACLE_KEY in keys for keys in call["left_metric_keys"])
+        # the clients' metrics hold their example counts, and nothing of their data
+        assert all(keys == {NUM_EXAMPLES_KEY} for keys in call["metric_keys"])
     for round_traffic in traffic:
-        (observation,) = round_traffic.observations
-        assert observation.client_id == AGGREGATE_CLIENT_ID
-        assert [o.client_id for o in round_traffic.oracles] == [0, 1, 2]
+        (observation,) = round_traffic.traffic.observations
+        (truth,) = round_traffic.truths
+        assert observation.client_id == AGGREGATE_CLIENT_ID == truth.client_id
+        assert round_traffic.traffic.participants == (0, 1, 2)
 
 
 def test_the_observed_aggregate_is_the_true_mean_within_quantization(fedsgd_secagg: tuple) -> None:
     scenario, (_, traffic, _), _ = fedsgd_secagg
     initial = build_model(scenario.model, seed=scenario.seed).state_dict()
-    for round_traffic in traffic:
+    for round_traffic in (t.traffic for t in traffic):
         (observation,) = round_traffic.observations
         sent = observation.global_weights
         if round_traffic.round == 1:
@@ -152,7 +152,7 @@ def test_the_observed_aggregate_is_the_true_mean_within_quantization(fedsgd_seca
         assert observation.update["1.weight"].dtype == torch.float32
         assert (observation.meta.batch_size, observation.meta.num_examples) == (6, 6)
     # FedSGD under SecAgg+: the server steps w - lr * aggregate
-    first, second = traffic
+    first, second = (t.traffic for t in traffic)
     for name, weights in first.observations[0].global_weights.items():
         stepped = weights - 0.1 * first.observations[0].update[name]
         torch.testing.assert_close(second.observations[0].global_weights[name], stepped)
@@ -164,16 +164,16 @@ def test_an_attack_on_the_aggregate_is_scored_against_the_union(fedsgd_secagg: t
     assert [(a["round"], a["client"]) for a in attacks] == [(1, -1), (2, -1)]
     for record, round_traffic in zip(attacks, traffic, strict=True):
         assert record["attack"] == "analytic" and record["batch_size"] == 6
-        union = torch.cat([o.inputs for o in round_traffic.oracles])
+        (union,) = round_traffic.truths
         truth = np.load(attack_artifact(result.folder.path, record))["truth"]
-        np.testing.assert_array_equal(truth, union.numpy())
-        # the union is the clients' own seeded batches
+        np.testing.assert_array_equal(truth, union.inputs.numpy())
+        # the union is the clients' own seeded batches, in client order
         fed = scenario.federation
-        for client, oracle in enumerate(round_traffic.oracles):
+        for client, part in enumerate(union.inputs.split(fed.batch_size)):
             shard = load_shard(scenario.data, fed.clients, scenario.seed, client)
-            generator = seeded_generator(scenario.seed, round_traffic.round, client)
+            generator = seeded_generator(scenario.seed, round_traffic.traffic.round, client)
             batch = torch.randperm(len(shard.labels), generator=generator)[: fed.batch_size]
-            assert torch.equal(oracle.inputs, shard.inputs[batch])
+            assert torch.equal(part, shard.inputs[batch])
 
 
 def test_a_secagg_run_records_rounds_with_test_accuracy(fedsgd_secagg: tuple) -> None:
@@ -198,7 +198,7 @@ def test_secagg_runs_repeat_bit_for_bit(fedsgd_secagg: tuple) -> None:
 
     assert stable(first.records) == stable(second.records)
     for a, b in zip(traffic_a, traffic_b, strict=True):
-        update_a, update_b = a.observations[0].update, b.observations[0].update
+        update_a, update_b = a.traffic.observations[0].update, b.traffic.observations[0].update
         assert all(torch.equal(update_a[k], update_b[k]) for k in update_a)
 
 
@@ -217,7 +217,7 @@ def test_fedavg_secagg_aggregates_the_weights_of_the_clients_that_stayed(tmp_pat
     assert [(f["round"], f["client"]) for f in result.table("failure")] == [(1, 3)]
     assert "injected crash of client 3" in result.table("failure")[0]["reason"]
     assert spy.calls[0]["clients"] == [0, 1, 2]
-    (observation,) = traffic[0].observations
+    (observation,) = traffic[0].traffic.observations
     spec = scenario.model
     torch.set_num_threads(1)
     trained = []
@@ -243,16 +243,16 @@ def test_local_dp_run_sends_clipped_weights_with_the_documented_noise(tmp_path: 
             "defenses": [{"name": "local-dp", **params}],
         }
     )
-    traffic: list[RoundTraffic] = []
-    result = engine.run(scenario, out_dir=tmp_path / "ldp", taps=[traffic.append])
+    traffic: list[RefereedRound] = []
+    result = api.run(scenario, out_dir=tmp_path / "ldp", taps=[traffic.append])
     assert [p["status"] for p in result.table("point")] == ["ok"]
     spec, std = scenario.model, DEFENSES.create("local-dp", params).noise_std  # type: ignore[attr-defined]
     torch.set_num_threads(1)
-    for observation, oracle in zip(traffic[0].observations, traffic[0].oracles, strict=True):
+    for observation, truth in zip(traffic[0].traffic.observations, traffic[0].truths, strict=True):
         sent = observation.global_weights
         model = load_weights(build_model(spec), sent)
         generator = seeded_generator(scenario.seed, 1, observation.client_id)
-        local_train(model, spec, Shard(oracle.inputs, oracle.labels), 1, 5, 0.1, generator)
+        local_train(model, spec, Shard(truth.inputs, truth.labels), 1, 5, 0.1, generator)
         change = torch.cat([(p.detach() - sent[k]).ravel() for k, p in model.named_parameters()])
         clipped = change.double() * min(1.0, 0.05 / float(change.norm()))
         seen = torch.cat([(observation.update[k] - sent[k]).ravel() for k in sent]).double()

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -58,3 +58,5 @@ def test_flwr_run_streams_the_same_records(tmp_path: Path) -> None:
     # a fresh FLWR_HOME's local simulation has 2 SuperNodes: both train in both rounds
     assert sorted(updates) == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert rounds[-1]["test_accuracy"] > rounds[0]["test_accuracy"]
+    # a real federation has no truth store: the attack runs, but nothing can be scored
+    assert not [r for r in records if r["kind"] == "attack"]

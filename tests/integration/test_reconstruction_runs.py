@@ -8,17 +8,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from simulator import api
 from simulator.core.scenario import load
-from simulator.run import engine
+from simulator.run.engine import RunResult
 
 
-def attack_records(result: engine.RunResult) -> list[dict]:
+def attack_records(result: RunResult) -> list[dict]:
     assert [p["status"] for p in result.table("point")] == ["ok"], result.table("point")
     return result.table("attack")
 
 
 def test_kkt_toy_scenario_recovers_the_red_blue_set(tmp_path: Path) -> None:
-    result = engine.run(load("kkt-toy"), out_dir=tmp_path / "toy")
+    result = api.run(load("kkt-toy"), out_dir=tmp_path / "toy")
     [record] = attack_records(result)
     assert record["matching"] == "nearest" and record["batch_size"] == 20
     assert record["images_leaked"] == 20 and min(record["ssim"]) > 0.9
@@ -35,7 +36,7 @@ def test_kkt_fedavg_client_scenario_recovers_most_digits(tmp_path: Path) -> None
         "attack.rounds": [1],
         "attack.params.subspace_starts": 1000,
     }
-    result = engine.run(load("kkt-fedavg-client", overrides), out_dir=tmp_path / "fedavg")
+    result = api.run(load("kkt-fedavg-client", overrides), out_dir=tmp_path / "fedavg")
     records = attack_records(result)
     assert len(records) == 2
     for record in records:
@@ -51,7 +52,7 @@ def test_inversion_scenario_is_scored_against_the_clients_training_union(tmp_pat
         "attack.params.samples_per_class": 2,
     }
     scenario = load("inversion-pooling", overrides).with_sweep({})
-    result = engine.run(scenario, out_dir=tmp_path / "inversion")
+    result = api.run(scenario, out_dir=tmp_path / "inversion")
     [record] = attack_records(result)
     assert record["matching"] == "training" and record["training_images"] == 1800
     assert record["batch_size"] == 20 and record["mean_ssim"] > record["noise_ssim"]

@@ -25,8 +25,7 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from simulator.core.plugins import load_plugin
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.conftest import ROOT, leaksim, read_results
 
 PROBE = '''
 """A malicious plugin attack that searches the server process for the clients' images."""
@@ -203,21 +202,7 @@ def test_an_attack_searching_the_server_process_finds_no_true_image(tmp_path: Pa
     )
     needles = json.loads((tmp_path / "targets.json").read_text())
     assert len(needles) == 2 * 2 * 3 * 4  # two forms of each of 4 images, 3 clients, 2 rounds
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "simulator.cli",
-            "run",
-            str(scenario),
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    run = leaksim("run", str(scenario), "--out", str(tmp_path / "o"))
     assert run.returncode == 0, run.stdout + run.stderr
     reports = [json.loads(line) for line in (tmp_path / "report.jsonl").read_text().splitlines()]
     assert len(reports) == 2  # the probe ran in both rounds
@@ -227,7 +212,7 @@ def test_an_attack_searching_the_server_process_finds_no_true_image(tmp_path: Pa
         assert counts["frames"] > 10 and counts["modules"] > 500
         assert counts["objects"] > 100_000 and counts["buffers"] > 100
     # The truth reached the referee afterwards: every probed update was scored against it.
-    records = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").open()]
+    records = read_results(tmp_path / "o")
     attacks = [r for r in records if r["kind"] == "attack"]
     expected = [(server_round, client) for server_round in (1, 2) for client in (0, 1, 2)]
     assert [(r["round"], r["client"]) for r in attacks] == expected
