@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 from torch import nn
 
+from simulator.core.config import FederationConfig
 from simulator.core.models import ModelSpec
 from simulator.core.registry import DEFENSES
 
@@ -50,8 +51,8 @@ class Defense(ABC):  # noqa: B024 (the four kinds below declare the abstract met
     def __init__(self, params: Any = None) -> None:
         self.params: Any = params if params is not None else self.Params()
 
-    def check_scenario(self, protocol: str, defenses: Sequence[Defense]) -> None:
-        """Raise ValueError when this defense cannot run under ``protocol`` beside ``defenses``.
+    def check_scenario(self, federation: FederationConfig, defenses: Sequence[Defense]) -> None:
+        """Raise ValueError when this defense cannot run in ``federation`` beside ``defenses``.
 
         ``defenses`` are all of the scenario's defenses (this one included); most fit anywhere.
         """
@@ -119,7 +120,7 @@ class TrainingDefense(Defense):
     def delta(self) -> float:
         """The delta of the (epsilon, delta) guarantee."""
 
-    def check_scenario(self, protocol: str, defenses: Sequence[Defense]) -> None:
+    def check_scenario(self, federation: FederationConfig, defenses: Sequence[Defense]) -> None:
         training = [d.name for d in defenses if isinstance(d, TrainingDefense)]
         if len(training) > 1:
             raise ValueError(f"at most one training defense per scenario, got {training}")

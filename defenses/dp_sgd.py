@@ -22,7 +22,7 @@ Epsilon comes from Google's ``dp-accounting`` RDP accountant (the backend of Flo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from defenses.base import TrainingDefense, register_defense
+from defenses.base import Defense, TrainingDefense, register_defense
+from simulator.core.config import FederationConfig
 from simulator.core.fields import param
 from simulator.core.models import ModelSpec, task_loss
 
@@ -229,6 +230,11 @@ class DpSgd(TrainingDefense):
     @property
     def delta(self) -> float:
         return self.params.delta
+
+    def check_scenario(self, federation: FederationConfig, defenses: Sequence[Defense]) -> None:
+        super().check_scenario(federation, defenses)
+        if federation.weight_decay:
+            raise ValueError("federation.weight_decay is not supported with the dp-sgd defense")
 
     def gradient(
         self,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from flwr.clientapp.mod import LocalDpMod
 
 from defenses.base import AggregationDefense, ClientModDefense, Defense, register_defense
+from simulator.core.config import FederationConfig
 from simulator.core.fields import param
 
 
@@ -56,7 +57,8 @@ class LocalDp(ClientModDefense):
         p = self.params
         return LocalDpMod(p.clipping_norm, p.sensitivity, p.epsilon, p.delta)
 
-    def check_scenario(self, protocol: str, defenses: Sequence[Defense]) -> None:
+    def check_scenario(self, federation: FederationConfig, defenses: Sequence[Defense]) -> None:
+        protocol = federation.protocol
         """FedAvg only (the mod clips a weight change); not under SecAgg+'s legacy messages."""
         if protocol != "fedavg":
             raise ValueError(

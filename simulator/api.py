@@ -10,31 +10,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from simulator.core.config import Scenario
 from simulator.core.scenario import load
 from simulator.report.summary import write_report
-from simulator.run.engine import ProgressHook, RunResult, execute
-from simulator.run.referee import Tap
+from simulator.run.engine import RunResult, execute
 
 __all__ = ["RunResult", "load", "report", "run"]
 
 
-def run(
-    scenario: Scenario,
-    out_dir: Path | str | None = None,
-    runs_root: Path | str = "runs",
-    on_round: ProgressHook = lambda _p, _r: None,
-    verbose: bool = False,
-    raise_on_failure: bool = True,
-    taps: Sequence[Tap] = (),
-) -> RunResult:
-    """Run every point of ``scenario`` (see :func:`simulator.run.engine.execute`), then report."""
-    return execute(
-        scenario, out_dir, runs_root, on_round, verbose, raise_on_failure, taps, finish=report
-    )
+def run(scenario: Scenario, out_dir: Path | str | None = None, **options: Any) -> RunResult:
+    """Run every point of ``scenario``, then write the report.
+
+    ``options`` are those of :func:`simulator.run.engine.execute` (``runs_root``,
+    ``on_round``, ``verbose``, ``raise_on_failure``, ``taps``).
+    """
+    return execute(scenario, out_dir, finish=report, **options)
 
 
 def report(run_dir: Path | str) -> Path:

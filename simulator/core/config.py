@@ -240,11 +240,9 @@ def check_rules(scenario: Scenario) -> None:
             defenses.append(DEFENSES.create(entry["name"], params))
         except ValueError as error:
             raise ScenarioError(f"defenses[{index}]: {error}") from None
-    if fed.weight_decay and any(d.name == "dp-sgd" for d in defenses):
-        raise ScenarioError("federation.weight_decay is not supported with the dp-sgd defense")
     for defense in defenses:
         try:
-            defense.check_scenario(fed.protocol, defenses)
+            defense.check_scenario(fed, defenses)
         except ValueError as error:
             raise ScenarioError(str(error)) from None
     try:

@@ -273,12 +273,24 @@ def _label_skew(
     return shards
 
 
-@register_partitioner("iid", "uniform random split: client sizes differ by at most one sample")
-def _iid(request: PartitionRequest) -> tuple[np.ndarray, ...]:
-    return _flower_partition(
-        request.labels, request.order, request.num_clients, "iid", request.seed, request.alpha,
-        request.min_size,
-    )  # fmt: skip
+def _flower_scheme(scheme: str) -> Split:
+    """The partitioner that runs Flower's own partitioner for ``scheme``."""
+
+    def split(request: PartitionRequest) -> tuple[np.ndarray, ...]:
+        return _flower_partition(
+            request.labels, request.order, request.num_clients, scheme, request.seed,
+            request.alpha, request.min_size,
+        )  # fmt: skip
+
+    return split
+
+
+register_partitioner("iid", "uniform random split: client sizes differ by at most one sample")(
+    _flower_scheme("iid")
+)
+register_partitioner(
+    "dirichlet", "per-class shares drawn from Dirichlet(alpha): smaller alpha, more skew"
+)(_flower_scheme("dirichlet"))
 
 
 @register_partitioner(
@@ -288,14 +300,4 @@ def _skewed(request: PartitionRequest) -> tuple[np.ndarray, ...]:
     return _label_skew(
         request.labels, request.order, request.num_clients, request.classes_per_client,
         request.seed,
-    )  # fmt: skip
-
-
-@register_partitioner(
-    "dirichlet", "per-class shares drawn from Dirichlet(alpha): smaller alpha, more skew"
-)
-def _dirichlet(request: PartitionRequest) -> tuple[np.ndarray, ...]:
-    return _flower_partition(
-        request.labels, request.order, request.num_clients, "dirichlet", request.seed,
-        request.alpha, request.min_size,
     )  # fmt: skip

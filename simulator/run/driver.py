@@ -10,10 +10,10 @@ ledger's "privacy" record.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from flwr.app import (
@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from defenses.base import AggregationDefense, build_defenses
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
+from simulator.core.records import Record, RoundRecord, StartupRecord
 from simulator.data.shards import Shard, load_test_set
 from simulator.federation.interceptor import Interceptor
 from simulator.federation.messages import (
@@ -46,8 +47,6 @@ from simulator.federation.strategies import make_strategy
 from simulator.federation.traffic import RoundTraffic
 from simulator.federation.training import evaluate, load_weights
 from simulator.run.referee import Referee
-
-Record = dict[str, Any]
 
 
 class DiscoveryError(RuntimeError):
@@ -161,7 +160,7 @@ class FederationDriver:
         fed = self.scenario.federation
         started = time.perf_counter()
         node_to_client = discover_clients(grid, fed.clients, fed.timeout_s)
-        self.emit({"kind": "startup", "discovery_s": time.perf_counter() - started})
+        self.emit(StartupRecord(time.perf_counter() - started))
         return node_to_client
 
     def initial_weights(self) -> dict[str, torch.Tensor]:
@@ -180,17 +179,10 @@ class FederationDriver:
             self._test_set = load_test_set(self.scenario.data)
         model = load_weights(build_model(spec), from_record(arrays))
         loss, accuracy = evaluate(model, spec, self._test_set)
-        record = {
-            "kind": "round",
-            "round": server_round,
-            "test_accuracy": accuracy,
-            "test_loss": loss,
-        }
+        record = RoundRecord(server_round, accuracy, loss)
         if server_round > 0:
-            record |= {
-                "seconds": time.perf_counter() - self._round_started,
-                "failures": self._round_failures,
-            }
+            seconds = time.perf_counter() - self._round_started
+            record = dataclasses.replace(record, seconds=seconds, failures=self._round_failures)
         self.emit(record)
         self.on_progress(server_round)
         self._round_started = time.perf_counter()

@@ -21,6 +21,7 @@ import numpy as np
 from flwr.simulation import run_simulation
 
 from simulator.core.config import Scenario
+from simulator.core.records import AttackRecord, PointRecord, Record, RoundRecord
 from simulator.core.scenario import Point, expand
 from simulator.federation.client_app import app as client_app
 from simulator.federation.secagg import app as secagg_client_app
@@ -31,7 +32,8 @@ from simulator.run.privacy import PrivacyLedger
 from simulator.run.referee import Referee, Tap
 from simulator.run.server_app import make_server_app
 
-Record = dict[str, Any]
+# A record as written to results.jsonl (and read back): the JSON object of a typed record.
+Written = dict[str, Any]
 ProgressHook = Callable[[Point, int], None]
 
 
@@ -44,10 +46,10 @@ class RunResult:
     """What a run left behind: its folder and every record it wrote."""
 
     folder: RunFolder
-    records: list[Record]
+    records: list[Written]
     report_error: str | None = None
 
-    def table(self, kind: str = "point") -> list[Record]:
+    def table(self, kind: str = "point") -> list[Written]:
         """Records of one kind (``point`` rows are the run's summary table)."""
         return [r for r in self.records if r.get("kind") == kind]
 
@@ -80,7 +82,7 @@ def quiet_flower(verbose: bool) -> Iterator[None]:
             logger.setLevel(previous)
 
 
-def defense_summary(scenario: Scenario) -> Record:
+def defense_summary(scenario: Scenario) -> tuple[str, Any]:
     """How a point is defended, for tables and curves: names in order and a strength.
 
     The strength is the first numeric parameter of the last defense (noise std, pruning
@@ -91,7 +93,7 @@ def defense_summary(scenario: Scenario) -> Record:
     if scenario.defenses:
         numbers = [v for k, v in scenario.defenses[-1].items() if k != "name" and _is_number(v)]
         strength = numbers[0] if numbers else None
-    return {"defense": "+".join(names) or "none", "strength": strength}
+    return "+".join(names) or "none", strength
 
 
 def _is_number(value: object) -> bool:
@@ -122,29 +124,28 @@ def truth_store(folder: RunFolder | None, point: int) -> Iterator[TruthStore]:
 
 def run_point(
     point: Point,
-    emit: Callable[[Record], None],
+    emit: Callable[[Written], None],
     on_round: Callable[[int], None] = lambda _r: None,
     verbose: bool = False,
     taps: Sequence[Tap] = (),
     folder: RunFolder | None = None,
-) -> Record:
+) -> Written:
     """Run one sweep point through Flower; returns its summary (``point``) record.
 
     The point's truth store is a private temporary folder (inside the run folder when there
     is one) named to the clients by :data:`TRUTH_DIR_ENV`; it is deleted when the point ends.
     """
     scenario = point.scenario
-    rounds: list[Record] = []
+    rounds: list[RoundRecord] = []
 
     def tagged(record: Record) -> None:
-        record = {"point": point.index, **record}
-        if record["kind"] == "round":
+        if isinstance(record, RoundRecord):
             rounds.append(record)
-        emit(record)
+        emit({"point": point.index, **record.to_dict()})
 
-    def save(record: Record, arrays: Mapping[str, np.ndarray]) -> None:
+    def save(record: AttackRecord, arrays: Mapping[str, np.ndarray]) -> None:
         if folder is not None:
-            folder.save_attack({"point": point.index, **record}, arrays)
+            folder.save_attack({"point": point.index, **record.to_dict()}, arrays)
 
     started = time.perf_counter()
     error: BaseException | None = None
@@ -161,22 +162,22 @@ def run_point(
             )
         except Exception as raised:  # Flower re-raises the ServerApp's error; keep its cause
             error = raised.__cause__ or raised
-    final = rounds[-1] if rounds else {}
-    summary: Record = {
-        "kind": "point",
-        "point": point.index,
-        **{f"set:{k}": v for k, v in point.values.items()},
-        "status": "failed" if error else "ok",
-        "rounds_completed": max((r["round"] for r in rounds), default=0),
-        **defense_summary(scenario),
-        "final_accuracy": final.get("test_accuracy"),
-        "failed_updates": len(referee.failures),
-        "seconds": time.perf_counter() - started,
-    }
-    if error is not None:
-        summary["error"] = f"{type(error).__name__}: {error}"
-    emit(summary)
-    return summary
+    defense, strength = defense_summary(scenario)
+    summary = PointRecord(
+        point=point.index,
+        swept=point.values,
+        status="failed" if error else "ok",
+        rounds_completed=max((r.round for r in rounds), default=0),
+        defense=defense,
+        strength=strength,
+        final_accuracy=rounds[-1].test_accuracy if rounds else None,
+        failed_updates=len(referee.failures),
+        seconds=time.perf_counter() - started,
+        error=None if error is None else f"{type(error).__name__}: {error}",
+    )
+    written = summary.to_dict()
+    emit(written)
+    return written
 
 
 def execute(
@@ -198,7 +199,7 @@ def execute(
     the attacks returned).
     """
     folder = RunFolder.create(scenario, root=runs_root, path=out_dir)
-    records: list[Record] = []
+    records: list[Written] = []
 
     def emit(record: Mapping[str, Any]) -> None:
         folder.append(record)

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from simulator.core.config import Scenario
+from simulator.core.records import Record
 
 RESULTS_FILE = "results.jsonl"
 ARTIFACTS_DIR = "artifacts"
@@ -36,9 +37,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def print_record(record: Mapping[str, Any], stream: TextIO = sys.stdout) -> None:
+def print_record(record: Record, stream: TextIO = sys.stdout) -> None:
     """Write one record as a JSON line (the ``flwr run`` path, which has no run folder)."""
-    stream.write(json.dumps(_jsonable(record)) + "\n")
+    stream.write(json.dumps(_jsonable(record.to_dict())) + "\n")
     stream.flush()
 
 

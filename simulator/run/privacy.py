@@ -11,13 +11,11 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
 
 from defenses.base import TrainingDefense, build_defenses
 from simulator.core.config import Scenario
+from simulator.core.records import PrivacyRecord
 from simulator.data.shards import shard_size
-
-Record = dict[str, Any]
 
 
 class PrivacyLedger:
@@ -32,7 +30,7 @@ class PrivacyLedger:
         for client in participants:
             self.participations[client] += 1
 
-    def spent(self) -> Record | None:
+    def spent(self) -> PrivacyRecord | None:
         """The (epsilon, delta) for the client that trained most; None without DP training."""
         scenario, fed = self.scenario, self.scenario.federation
         training = [d for d in build_defenses(scenario.defenses) if isinstance(d, TrainingDefense)]
@@ -48,10 +46,9 @@ class PrivacyLedger:
             )
             spent[client] = defense.epsilon(batch / examples, times * per_participation)
         worst = max(spent, key=spent.__getitem__)
-        return {
-            "kind": "privacy",
-            "epsilon": spent[worst],
-            "delta": defense.delta,
-            "client": worst,
-            "mean_epsilon": sum(spent.values()) / len(spent),
-        }
+        return PrivacyRecord(
+            epsilon=spent[worst],
+            delta=defense.delta,
+            client=worst,
+            mean_epsilon=sum(spent.values()) / len(spent),
+        )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,13 +21,18 @@ from attacks.server import MaliciousServer
 from simulator.core.config import Scenario
 from simulator.core.models import is_binary
 from simulator.core.protocol import Reconstruction
+from simulator.core.records import (
+    AttackErrorRecord,
+    AttackRecord,
+    FailureRecord,
+    Record,
+    UpdateRecord,
+)
 from simulator.data.shards import load_training_union
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID, RoundTraffic
 from simulator.federation.truth import Truth, TruthStore
 from simulator.run.privacy import PrivacyLedger
 from simulator.scoring.score import score_round
-
-Record = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,8 @@ class Referee:
     privacy: PrivacyLedger
     truth_store: TruthStore | None
     taps: Sequence[Tap] = ()
-    save_attack: Callable[[Record, Mapping[str, np.ndarray]], object] = lambda _r, _a: None
-    failures: list[Record] = dataclasses.field(default_factory=list)
+    save_attack: Callable[[AttackRecord, Mapping[str, np.ndarray]], object] = lambda _r, _a: None
+    failures: list[FailureRecord] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         attack = self.scenario.attack
@@ -79,36 +83,24 @@ class Referee:
 
     def _attack(self, traffic: RoundTraffic) -> list[Reconstruction]:
         for failure in traffic.failures:
-            record = {
-                "kind": "failure",
-                "round": failure.round,
-                "client": failure.client_id,
-                "reason": failure.reason,
-            }
+            record = FailureRecord(failure.round, failure.client_id, failure.reason)
             self.failures.append(record)
             self.emit(record)
         self.privacy.count(traffic.participants)  # known to the server even under SecAgg+
         for observation in traffic.observations:
             self.emit(
-                {
-                    "kind": "update",
-                    "round": observation.round,
-                    "client": observation.client_id,
-                    "num_examples": observation.meta.num_examples,
-                    "update_norm": observation.update_norm(),
-                }
+                UpdateRecord(
+                    observation.round,
+                    observation.client_id,
+                    observation.meta.num_examples,
+                    observation.update_norm(),
+                )
             )
         try:
             return self.malicious.observe(traffic.observations)
         except Exception as error:  # a failed attack must not end the federation it watches
-            self.emit(
-                {
-                    "kind": "attack_error",
-                    "round": traffic.round,
-                    "attack": self.scenario.attack.name,
-                    "error": f"{type(error).__name__}: {error}",
-                }
-            )
+            name, message = self.scenario.attack.name, f"{type(error).__name__}: {error}"
+            self.emit(AttackErrorRecord(traffic.round, name, message))
             return []
 
     def _truths(self, traffic: RoundTraffic) -> tuple[Truth, ...]:

@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from simulator.core.config import DEFAULT_SCENARIO
+from simulator.core.records import NoteRecord
 from simulator.core.scenario import load
 from simulator.run.driver import FederationDriver, connected_nodes
 from simulator.run.folder import print_record
@@ -40,7 +41,7 @@ def flwr_main(grid: Grid, context: Context) -> None:
     scenario = load(name)
     nodes = connected_nodes(grid, timeout=scenario.federation.timeout_s)
     if nodes != scenario.federation.clients:
-        print_record({"kind": "note", "message": f"federation.clients set to {nodes} SuperNodes"})
+        print_record(NoteRecord(f"federation.clients set to {nodes} SuperNodes"))
         scenario = scenario.with_overrides({"federation.clients": nodes})
     referee = Referee(scenario, print_record, PrivacyLedger(scenario), truth_store=None)
     FederationDriver(scenario, print_record, referee).main(grid, context)

@@ -20,12 +20,10 @@ import numpy as np
 import torch
 
 from simulator.core.protocol import Reconstruction
+from simulator.core.records import AttackRecord
 from simulator.federation.truth import Truth
 from simulator.scoring.inversion import random_noise_baseline, score_inversion
 from simulator.scoring.metrics import leak_summary, match, nearest_candidates, psnr
-
-Record = dict[str, Any]
-
 
 TrainingSet = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
@@ -34,7 +32,7 @@ TrainingSet = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 class Scored:
     """One scored reconstruction: its record and the image pairs (and labels) for figures."""
 
-    record: Record
+    record: AttackRecord
     truth: np.ndarray
     reconstruction: np.ndarray
     labels: np.ndarray | None = None
@@ -45,16 +43,16 @@ class Scored:
         return arrays if self.labels is None else arrays | {"labels": self.labels}
 
 
-def _identity(reconstruction: Reconstruction) -> Record:
-    """The fields every attack record starts with: which update, which attack, how it ended."""
-    return {
-        "kind": "attack",
-        "round": reconstruction.round,
-        "client": reconstruction.client_id,
-        "attack": reconstruction.attack,
-        "status": reconstruction.status,
-        "notes": reconstruction.notes,
-    }
+def _attack_record(reconstruction: Reconstruction, scores: dict[str, Any]) -> AttackRecord:
+    """The record of one scored reconstruction: which update, which attack, how it ended."""
+    return AttackRecord(
+        round=reconstruction.round,
+        client=reconstruction.client_id,
+        attack=reconstruction.attack,
+        status=reconstruction.status,
+        notes=reconstruction.notes,
+        scores=scores,
+    )
 
 
 def _distance_trace(trace: Sequence[dict[str, float]]) -> list[dict[str, float]]:
@@ -111,25 +109,27 @@ def score(
     reached = next((it for it, value in curve if value >= threshold_db), None)
     seconds_at = {int(t["iteration"]): t["seconds"] for t in trace}
     finite_psnr = summary.psnr.clamp(max=100)
-    record: Record = {
-        **_identity(reconstruction),
-        "batch_size": int(truth.shape[0]),
-        "recovered": int(reconstruction.images.shape[0]),
-        "mean_psnr": float(finite_psnr.mean()),
-        "median_psnr": float(finite_psnr.median()),
-        "mean_ssim": float(summary.ssim.mean()),
-        "label_accuracy": summary.label_accuracy,
-        "fraction_leaked": summary.fraction_leaked,
-        "leak_threshold_db": threshold_db,
-        "psnr": finite_psnr.tolist(),
-        "ssim": summary.ssim.tolist(),
-        "iterations": int(trace[-1]["iteration"]) if trace else 0,
-        "seconds": float(trace[-1]["seconds"]) if trace else math.nan,
-        "iterations_to_threshold": reached,
-        "seconds_to_threshold": seconds_at.get(reached) if reached is not None else None,
-        "trace": _distance_trace(trace),
-        "psnr_curve": curve,
-    }
+    record = _attack_record(
+        reconstruction,
+        {
+            "batch_size": int(truth.shape[0]),
+            "recovered": int(reconstruction.images.shape[0]),
+            "mean_psnr": float(finite_psnr.mean()),
+            "median_psnr": float(finite_psnr.median()),
+            "mean_ssim": float(summary.ssim.mean()),
+            "label_accuracy": summary.label_accuracy,
+            "fraction_leaked": summary.fraction_leaked,
+            "leak_threshold_db": threshold_db,
+            "psnr": finite_psnr.tolist(),
+            "ssim": summary.ssim.tolist(),
+            "iterations": int(trace[-1]["iteration"]) if trace else 0,
+            "seconds": float(trace[-1]["seconds"]) if trace else math.nan,
+            "iterations_to_threshold": reached,
+            "seconds_to_threshold": seconds_at.get(reached) if reached is not None else None,
+            "trace": _distance_trace(trace),
+            "psnr_curve": curve,
+        },
+    )
     paired = images[summary.permutation]
     return Scored(record, truth.numpy(), paired.numpy())
 
@@ -157,29 +157,31 @@ def score_candidates(
             guessed, true_labels = guessed % 2, true_labels % 2
         accuracy = float((guessed == true_labels).double().mean())
     trace = reconstruction.trace
-    record: Record = {
-        **_identity(reconstruction),
-        "matching": "nearest",
-        "batch_size": int(truth.shape[0]),
-        "recovered": int(candidates.shape[0]),
-        "mean_psnr": float(scores.mean()),
-        "median_psnr": float(scores.median()),
-        "mean_ssim": float(nearest.ssim.mean()),
-        "median_ssim": float(nearest.ssim.median()),
-        "label_accuracy": accuracy,
-        "fraction_leaked": nearest.fraction,
-        "images_leaked": nearest.recovered,
-        "leak_threshold_ssim": threshold_ssim,
-        "psnr": scores.tolist(),
-        "ssim": nearest.ssim.tolist(),
-        "residual": reconstruction.distance,
-        "iterations": int(trace[-1]["iteration"]) if trace else 0,
-        "seconds": float(trace[-1]["seconds"]) if trace else math.nan,
-        "iterations_to_threshold": None,
-        "seconds_to_threshold": None,
-        "trace": _distance_trace(trace),
-        "psnr_curve": psnr_curve(reconstruction, truth),
-    }
+    record = _attack_record(
+        reconstruction,
+        {
+            "matching": "nearest",
+            "batch_size": int(truth.shape[0]),
+            "recovered": int(candidates.shape[0]),
+            "mean_psnr": float(scores.mean()),
+            "median_psnr": float(scores.median()),
+            "mean_ssim": float(nearest.ssim.mean()),
+            "median_ssim": float(nearest.ssim.median()),
+            "label_accuracy": accuracy,
+            "fraction_leaked": nearest.fraction,
+            "images_leaked": nearest.recovered,
+            "leak_threshold_ssim": threshold_ssim,
+            "psnr": scores.tolist(),
+            "ssim": nearest.ssim.tolist(),
+            "residual": reconstruction.distance,
+            "iterations": int(trace[-1]["iteration"]) if trace else 0,
+            "seconds": float(trace[-1]["seconds"]) if trace else math.nan,
+            "iterations_to_threshold": None,
+            "seconds_to_threshold": None,
+            "trace": _distance_trace(trace),
+            "psnr_curve": psnr_curve(reconstruction, truth),
+        },
+    )
     order = nearest.ssim.argsort(descending=True)
     return Scored(record, truth[order].numpy(), paired[order].numpy())
 
@@ -207,34 +209,36 @@ def score_training_like(
     last = trace[-1] if trace else {}
     psnrs = torch.tensor(found["nn_psnr"]).clamp(max=100)
     index = torch.tensor(found["nn_index"])
-    record: Record = {
-        **_identity(reconstruction),
-        "matching": "training",
-        "batch_size": int(images.shape[0]),
-        "recovered": int(images.shape[0]),
-        "mean_psnr": found["mean_nn_psnr"],
-        "median_psnr": float(psnrs.nanmedian()),
-        "mean_ssim": found["mean_nn_ssim"],
-        "top_k_ssim": found["top_k_nn_ssim"],
-        "max_ssim": found["max_nn_ssim"],
-        "noise_ssim": noise["mean_nn_ssim"],
-        "confidence": last.get("confidence"),
-        "diversity": found["diversity"],
-        "label_accuracy": None,
-        "fraction_leaked": found["fraction_above_threshold"],
-        "images_leaked": found["above_threshold"],
-        "leak_threshold_ssim": threshold_ssim,
-        "per_class": found["per_class"],
-        "psnr": psnrs.tolist(),
-        "ssim": found["nn_ssim"],
-        "training_images": int(train_images.shape[0]),
-        "iterations": int(last.get("iteration", 0)),
-        "seconds": float(last.get("seconds", math.nan)),
-        "iterations_to_threshold": None,
-        "seconds_to_threshold": None,
-        "trace": _distance_trace(trace),
-        "psnr_curve": [],
-    }
+    record = _attack_record(
+        reconstruction,
+        {
+            "matching": "training",
+            "batch_size": int(images.shape[0]),
+            "recovered": int(images.shape[0]),
+            "mean_psnr": found["mean_nn_psnr"],
+            "median_psnr": float(psnrs.nanmedian()),
+            "mean_ssim": found["mean_nn_ssim"],
+            "top_k_ssim": found["top_k_nn_ssim"],
+            "max_ssim": found["max_nn_ssim"],
+            "noise_ssim": noise["mean_nn_ssim"],
+            "confidence": last.get("confidence"),
+            "diversity": found["diversity"],
+            "label_accuracy": None,
+            "fraction_leaked": found["fraction_above_threshold"],
+            "images_leaked": found["above_threshold"],
+            "leak_threshold_ssim": threshold_ssim,
+            "per_class": found["per_class"],
+            "psnr": psnrs.tolist(),
+            "ssim": found["nn_ssim"],
+            "training_images": int(train_images.shape[0]),
+            "iterations": int(last.get("iteration", 0)),
+            "seconds": float(last.get("seconds", math.nan)),
+            "iterations_to_threshold": None,
+            "seconds_to_threshold": None,
+            "trace": _distance_trace(trace),
+            "psnr_curve": [],
+        },
+    )
     nearest = train_images[index.clamp(min=0)].float()
     return Scored(record, nearest.numpy(), images.numpy(), labels.numpy())
 

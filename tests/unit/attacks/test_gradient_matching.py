@@ -29,7 +29,7 @@ RELU_MLP = ModelSpec("mlp", widths=(256,), activation="relu")
 def _digits(count: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``count`` MNIST test digits in [0, 1] and their labels (the data layer)."""
     images, labels = load_split("mnist", "test")
-    return to_tensor(images[:count]), torch.as_tensor(labels[:count], dtype=torch.int64)
+    return to_tensor(images[:count]), torch.tensor(labels[:count], dtype=torch.int64)
 
 
 IMAGES, LABELS = _digits()

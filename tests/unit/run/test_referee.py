@@ -9,6 +9,7 @@ import torch
 
 from simulator.core.models import ModelSpec, build_model
 from simulator.core.protocol import Observation, PublicMeta
+from simulator.core.records import Record
 from simulator.core.scenario import load
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID, RoundTraffic
 from simulator.federation.truth import Truth, TruthStore
@@ -20,7 +21,7 @@ def batch(n: int, seed: int = 0) -> torch.Tensor:
     return torch.rand((n, 1, 28, 28), generator=torch.Generator().manual_seed(seed))
 
 
-def referee(overrides: dict, store: TruthStore | None, records: list[dict], **kw) -> Referee:
+def referee(overrides: dict, store: TruthStore | None, records: list[Record], **kw) -> Referee:
     scenario = load("quickstart", overrides)
     return Referee(scenario, records.append, PrivacyLedger(scenario), store, **kw)
 
@@ -33,7 +34,7 @@ def poisoned_observation(client: int = 0) -> Observation:
 
 
 def test_a_crashing_attack_is_recorded_and_the_federation_goes_on() -> None:
-    records: list[dict] = []
+    records: list[Record] = []
     judge = referee({"attack.name": "analytic"}, None, records)
 
     def explode(_observations: object) -> list:
@@ -41,7 +42,7 @@ def test_a_crashing_attack_is_recorded_and_the_federation_goes_on() -> None:
 
     judge.malicious.observe = explode  # type: ignore[method-assign]
     judge.on_round(RoundTraffic(3, (), (), ()))
-    assert records == [
+    assert [r.to_dict() for r in records] == [
         {
             "kind": "attack_error",
             "round": 3,
@@ -56,10 +57,10 @@ def test_a_diverging_attack_is_recorded_as_failed_without_stopping_the_run(
 ) -> None:
     store = TruthStore(tmp_path / "truth")
     store.put(Truth(1, 0, batch(1), torch.tensor([2])))
-    records: list[dict] = []
+    records: list[Record] = []
     judge = referee({"attack.name": "dlg", "attack.params.iterations": 3}, store, records)
     judge.on_round(RoundTraffic(1, (0,), (poisoned_observation(),), ()))
-    (attack,) = [r for r in records if r["kind"] == "attack"]
+    (attack,) = [r.to_dict() for r in records if r.kind == "attack"]
     assert attack["status"] == "diverged" and attack["fraction_leaked"] == 0.0
     assert "diverged" in attack["notes"] and math.isfinite(attack["mean_psnr"])
     assert not (tmp_path / "truth" / "round-1").exists()  # the round's truth is gone
@@ -81,7 +82,7 @@ def test_truth_is_read_only_after_the_attack_returned(tmp_path: Path) -> None:
     log: list[str] = []
     store = OrderedStore(tmp_path, log)
     store.put(Truth(1, 0, batch(1), torch.tensor([2])))
-    records: list[dict] = []
+    records: list[Record] = []
     judge = referee({"attack.name": "dlg", "attack.params.iterations": 2}, store, records)
     real_observe = judge.malicious.observe
 

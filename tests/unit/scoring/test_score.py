@@ -18,7 +18,7 @@ def test_shuffled_exact_reconstruction_is_matched_and_fully_leaked() -> None:
     truth, labels = batch(4), torch.tensor([3, 1, 4, 1])
     order = torch.tensor([2, 0, 3, 1])
     recon = Reconstruction(1, 7, truth[order].clone(), labels[order], status="converged")
-    record = score(recon, Truth(1, 7, truth, labels)).record
+    record = score(recon, Truth(1, 7, truth, labels)).record.to_dict()
     assert record["fraction_leaked"] == 1.0 and record["label_accuracy"] == 1.0
     assert record["mean_psnr"] == 100.0 and record["mean_ssim"] == pytest.approx(1.0)
 
@@ -26,12 +26,14 @@ def test_shuffled_exact_reconstruction_is_matched_and_fully_leaked() -> None:
 def test_missing_and_noisy_reconstructions_count_as_not_leaked() -> None:
     truth = batch(4)
     noisy = (truth[:3] + 0.1 * batch(3, seed=1)).clamp(0, 1)  # ~25 dB: below 30 dB
-    record = score(Reconstruction(1, 0, noisy, None), Truth(1, 0, truth, torch.zeros(4))).record
+    record = score(
+        Reconstruction(1, 0, noisy, None), Truth(1, 0, truth, torch.zeros(4))
+    ).record.to_dict()
     assert record["recovered"] == 3 and record["batch_size"] == 4
     assert record["fraction_leaked"] == 0.0 and record["label_accuracy"] is None
     assert 15 < record["median_psnr"] < 30
     loose = score(Reconstruction(1, 0, noisy, None), Truth(1, 0, truth, torch.zeros(4)), 20.0)
-    assert loose.record["fraction_leaked"] == 0.75
+    assert loose.record.to_dict()["fraction_leaked"] == 0.75
 
 
 def test_psnr_curve_and_iterations_to_threshold_come_from_snapshots() -> None:
@@ -41,7 +43,7 @@ def test_psnr_curve_and_iterations_to_threshold_come_from_snapshots() -> None:
         {"iteration": i, "gradient_distance": 1 / (i + 1), "seconds": i / 10} for i in (0, 10, 20)
     ]
     recon = Reconstruction(1, 0, near, None, trace, [(0, far), (10, far), (20, near)])
-    record = score(recon, Truth(1, 0, truth, torch.zeros(2))).record
+    record = score(recon, Truth(1, 0, truth, torch.zeros(2))).record.to_dict()
     assert [it for it, _ in record["psnr_curve"]] == [0, 10, 20]
     assert record["psnr_curve"][0][1] < 15 < 50 < record["psnr_curve"][2][1]
     assert record["iterations_to_threshold"] == 20 and record["seconds_to_threshold"] == 2.0
@@ -51,8 +53,8 @@ def test_binary_labels_are_scored_by_parity() -> None:
     truth = batch(2)
     recon = Reconstruction(1, 0, truth.clone(), torch.tensor([1, 0]))
     oracle = Truth(1, 0, truth, torch.tensor([7, 4]))
-    assert score(recon, oracle, parity=True).record["label_accuracy"] == 1.0
-    assert score(recon, oracle, parity=False).record["label_accuracy"] == 0.0
+    assert score(recon, oracle, parity=True).record.to_dict()["label_accuracy"] == 1.0
+    assert score(recon, oracle, parity=False).record.to_dict()["label_accuracy"] == 0.0
 
 
 def test_reconstructions_without_a_truth_are_skipped() -> None:
