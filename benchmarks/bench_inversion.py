@@ -3,7 +3,7 @@
 For each configuration, trains a classifier on ``--train`` MNIST training digits (Adam, batch 64,
 ``--train-steps`` steps), runs the ``inversion`` attack on it as the global model of a FedAvg
 observation, and scores the generated images against those training digits (nearest same-class
-training image by SSIM, see :mod:`simulator.inversion_scoring`) next to a uniform-noise
+training image by SSIM, see :mod:`simulator.scoring.inversion`) next to a uniform-noise
 baseline. Configurations:
 
 * ``mlp``: MLP 784-100-10, default attack settings (every loss term on).

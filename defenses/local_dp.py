@@ -7,9 +7,10 @@ weights it sends. It needs weights in the reply, so it runs under FedAvg only. I
 every other client defense, whatever its place in ``[[defenses]]``, because it wraps the whole
 train function. A client-mod defense; changes what the server observes (the noisy, clipped weights).
 
-Seeding: Flower draws the noise from numpy's global generator. :mod:`simulator.client_mods`
-seeds that generator from (seed, round, client) around the mod and restores it afterwards, so
-reruns repeat; a client built outside leaksim gets Flower's unseeded noise.
+Seeding: Flower draws the noise from numpy's global generator.
+:mod:`simulator.federation.client_mods` seeds that generator from (seed, round, client)
+around the mod and restores it afterwards, so reruns repeat; a client built outside leaksim
+gets Flower's unseeded noise.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ class LocalDp(ClientModDefense):
         return LocalDpMod(p.clipping_norm, p.sensitivity, p.epsilon, p.delta)
 
     def check_scenario(self, federation: FederationConfig, defenses: Sequence[Defense]) -> None:
-        protocol = federation.protocol
         """FedAvg only (the mod clips a weight change); not under SecAgg+'s legacy messages."""
+        protocol = federation.protocol
         if protocol != "fedavg":
             raise ValueError(
                 f"defense 'local-dp' needs federation.protocol = 'fedavg' (got {protocol!r}): "

@@ -35,7 +35,7 @@ from simulator.core.protocol import Observation, Reconstruction
 class RowRatioParams:
     """Parameters of "row-ratio" (scenario: ``[attack.params]``)."""
 
-    candidates: int = param(32, low=1, help="how many first-layer rows become candidate images")
+    candidates: int = param(64, low=1, help="how many first-layer rows become candidate images")
     box_slack: float = param(
         0.05, low=0.0, high=1.0, help="how far outside [0, 1] a candidate's pixels may go"
     )
@@ -88,8 +88,7 @@ class RowRatio(Attack[RowRatioParams]):
             images=images,
             labels=None,
             trace=[{"iteration": 0, "gradient_distance": math.nan, "seconds": seconds}],
-            status="converged",  # a closed form
-            attack=self.name,
+            status="converged",  # a closed form (the server fills in `attack`)
             notes=f"{int(inside.sum())} of {len(rows)} active rows inside the pixel box",
             matching="nearest",  # candidates: each true image is scored against its best one
         )

@@ -90,7 +90,6 @@ SECTIONS: dict[str, type] = {
     "attack": AttackConfig,
     "faults": FaultConfig,
 }
-TOP_LEVEL = ("name", "description", "seed", "plugins")
 
 
 @dataclass(frozen=True)
@@ -200,8 +199,9 @@ def _resolved_model(model: ModelSpec, dataset: str) -> ModelSpec:
             f"data.dataset = {dataset!r} is not a known dataset; "
             f"choose one of {', '.join(DATASETS)}"
         )
-    shape = tuple(DATASETS.entry(dataset).value.shape)
-    classes = 1 if model.task == "parity" else 10
+    source = DATASETS.entry(dataset).value
+    classes = 1 if model.task == "parity" else int(source.num_classes)
+    shape = tuple(source.shape)
     return dataclasses.replace(model, input_shape=shape, num_classes=classes)
 
 

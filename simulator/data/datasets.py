@@ -80,6 +80,7 @@ class DatasetInfo:
     files: dict[str, FileInfo]
     mirrors: tuple[str, ...]
     shape: tuple[int, int, int] = (1, 28, 28)
+    num_classes: int = 10
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class GeneratedDataset:
     description: str
     build: Callable[[], tuple[np.ndarray, np.ndarray]]
     shape: tuple[int, int, int]
+    num_classes: int = 10
 
 
 def register_dataset(dataset: DatasetInfo | GeneratedDataset) -> DatasetInfo | GeneratedDataset:

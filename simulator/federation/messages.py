@@ -11,7 +11,6 @@ from flwr.app import Array, ArrayRecord
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
-META_KEY = "meta"
 SCENARIO_KEY = "leaksim-scenario"
 ROUND_KEY = "server-round"
 CLIENT_ID_KEY = "client-id"

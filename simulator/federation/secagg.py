@@ -1,6 +1,7 @@
 """Flower's SecAgg+ in the simulation: the server receives only the clients' weighted mean.
 
-Chosen by :mod:`simulator.run.server_app` when a scenario lists an aggregation defense.
+Chosen by the federation driver (:mod:`simulator.run.driver`) when a scenario lists an
+aggregation defense.
 Server: the federation driver's discovery, then Flower's legacy ``DefaultWorkflow`` with
 ``SecAggPlusWorkflow`` as its fit workflow, around :class:`SecAggStrategy`. Clients: a
 NumPyClient that runs :func:`simulator.federation.client.compute_update`, the Message-API client's

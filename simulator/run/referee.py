@@ -4,8 +4,8 @@ Per round, in this order: the failures and one "update" record per observation; 
 server's attacks (on :class:`Observation` objects only); and only after they have returned, the
 truth of each observed update, read from the simulation's truth store, for scoring and for the
 taps. The round's truths are then deleted, so while an attack runs the server process holds no
-true batch of that round. Without a truth store (a real deployment under ``flwr run``) nothing
-is scored: attack records carry the reconstruction's own status but no quality figures.
+true batch of that round. Without a truth store (a real deployment under ``flwr run``) the
+attacks run but nothing is scored, so no "attack" records are written.
 """
 
 from __future__ import annotations

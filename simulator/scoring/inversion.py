@@ -3,9 +3,9 @@
 Network inversion has no one-to-one truth (the generator draws *some* training-like image of a
 class), so every generated image is scored against its nearest training image of its target
 class: nearest by SSIM, with PSNR reported for that same pair. Nearest-neighbour search reuses
-:func:`attacks.metrics.nearest_candidates` (shortlist by normalised cross-correlation and MSE
-with matmuls, then SSIM on the shortlist only), one call per class. A run is summarised by the
-mean and top-k NN-SSIM, the count at or above ``ssim_threshold`` (0.4, as Haim et al.), a
+:func:`simulator.scoring.metrics.nearest_candidates` (shortlist by normalised cross-correlation
+and MSE with matmuls, then SSIM on the shortlist only), one call per class. A run is summarised
+by the mean and top-k NN-SSIM, the count at or above ``ssim_threshold`` (0.4, as Haim et al.), a
 per-class breakdown and within-class diversity; :func:`random_noise_baseline` gives the same
 numbers for uniform noise images, the floor a reconstruction must beat.
 """

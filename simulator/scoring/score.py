@@ -1,4 +1,4 @@
-"""The scorer: the one place where reconstructions meet the oracle (the clients' truth).
+"""The scorer: the one place where reconstructions meet the truth of the clients' updates.
 
 Three ways, by :attr:`Reconstruction.matching`: "hungarian" (one reconstruction per true
 image), "nearest" (candidate sets: each true image against its best candidate, by SSIM) and
@@ -83,7 +83,7 @@ def psnr_curve(reconstruction: Reconstruction, truth: torch.Tensor) -> list[tupl
 
 def score(
     reconstruction: Reconstruction,
-    oracle: Truth,
+    true_batch: Truth,
     threshold_db: float = 30.0,
     parity: bool = False,
     threshold_ssim: float = 0.4,
@@ -94,13 +94,13 @@ def score(
     Candidate sets (``matching == "nearest"``) are scored by :func:`score_candidates`.
     """
     if reconstruction.matching == "nearest":
-        return score_candidates(reconstruction, oracle, threshold_ssim, parity)
-    truth = oracle.inputs.float()
+        return score_candidates(reconstruction, true_batch, threshold_ssim, parity)
+    truth = true_batch.inputs.float()
     images = _padded(reconstruction.images.detach().float().cpu(), truth.shape[0])
     labels = reconstruction.labels
     if labels is not None and labels.shape[0] < images.shape[0]:
         labels = torch.cat([labels, torch.full((images.shape[0] - labels.shape[0],), -1)])
-    true_labels = oracle.labels % 2 if parity else oracle.labels
+    true_labels = true_batch.labels % 2 if parity else true_batch.labels
     if parity and labels is not None:
         labels = torch.where(labels >= 0, labels % 2, labels)
     summary = leak_summary(images, truth, labels, true_labels, threshold_db)
@@ -135,7 +135,7 @@ def score(
 
 
 def score_candidates(
-    reconstruction: Reconstruction, oracle: Truth, threshold_ssim: float, parity: bool = False
+    reconstruction: Reconstruction, true_batch: Truth, threshold_ssim: float, parity: bool = False
 ) -> Scored:
     """Score a candidate set as dataset-reconstruction papers do (Haim et al. 2022).
 
@@ -144,7 +144,7 @@ def score_candidates(
     as leaked when that SSIM reaches ``threshold_ssim``. The saved pairs are sorted by SSIM,
     best first, for the figure of best matches beside their originals.
     """
-    truth = oracle.inputs.float()
+    truth = true_batch.inputs.float()
     candidates = reconstruction.images.detach().float().cpu()
     nearest = nearest_candidates(truth, candidates, threshold=threshold_ssim)
     paired = candidates[nearest.index]
@@ -152,7 +152,7 @@ def score_candidates(
     accuracy = None
     if reconstruction.labels is not None:
         guessed = reconstruction.labels[nearest.index]
-        true_labels = oracle.labels
+        true_labels = true_batch.labels
         if parity:
             guessed, true_labels = guessed % 2, true_labels % 2
         accuracy = float((guessed == true_labels).double().mean())
@@ -195,7 +195,7 @@ def score_training_like(
     """Score class samples (network inversion) against the clients' training data.
 
     Each generated image is paired with its nearest training image of its target class
-    (:func:`simulator.inversion_scoring.score_inversion`); uniform noise scored the same way
+    (:func:`simulator.scoring.inversion.score_inversion`); uniform noise scored the same way
     gives the floor. The saved pairs keep the attack's class-major order, with labels.
     """
     if reconstruction.labels is None:
@@ -245,27 +245,27 @@ def score_training_like(
 
 def score_round(
     reconstructions: Sequence[Reconstruction],
-    oracles: Sequence[Truth],
+    truths: Sequence[Truth],
     threshold_db: float = 30.0,
     parity: bool = False,
     threshold_ssim: float = 0.4,
     training: TrainingSet | None = None,
 ) -> list[Scored]:
-    """Score every reconstruction whose client sent an oracle (absent outside simulation).
+    """Score every reconstruction whose update has a truth (none outside simulation).
 
     Training-like samples (``matching == "training"``) are scored against ``training()``,
     the union of the clients' training data, loaded only when such a reconstruction exists.
     """
-    truth = {(o.round, o.client_id): o for o in oracles}
+    by_update = {(t.round, t.client_id): t for t in truths}
     scored = []
     for reconstruction in reconstructions:
-        if (reconstruction.round, reconstruction.client_id) not in truth:
+        if (reconstruction.round, reconstruction.client_id) not in by_update:
             continue
         if reconstruction.matching == "training":
             if training is None:
                 raise ValueError("training-like samples need the clients' training data to score")
             scored.append(score_training_like(reconstruction, training(), threshold_ssim))
             continue
-        oracle = truth[(reconstruction.round, reconstruction.client_id)]
-        scored.append(score(reconstruction, oracle, threshold_db, parity, threshold_ssim))
+        true_batch = by_update[(reconstruction.round, reconstruction.client_id)]
+        scored.append(score(reconstruction, true_batch, threshold_db, parity, threshold_ssim))
     return scored
