@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from defenses.base import AggregationDefense, register_defense
+from defenses.base import AggregationDefense, Defense, register_defense
+from simulator.core.config import FederationConfig
 from simulator.core.fields import param
 
 
@@ -122,6 +123,23 @@ class SecureAggregation(AggregationDefense):
 
     Params = SecureAggregationParams
     params: SecureAggregationParams
+
+    def check_scenario(self, federation: FederationConfig, defenses: Sequence[Defense]) -> None:
+        """SecAgg+ masks between at least 2 sampled clients, and reveals the aggregate only
+        when ``min_clients`` updates arrive: with fewer sampled, no round could ever end."""
+        sampled = max(1, int(federation.clients * federation.fraction))
+        if sampled < 2:
+            raise ValueError(
+                f"defense 'secure-aggregation' needs at least 2 clients sampled per round, got "
+                f"{sampled} (federation.clients = {federation.clients} x federation.fraction "
+                f"= {federation.fraction:g})"
+            )
+        if self.params.min_clients > sampled:
+            raise ValueError(
+                f"defense 'secure-aggregation': parameter 'min_clients' = "
+                f"{self.params.min_clients} exceeds the {sampled} clients sampled per round; "
+                f"allowed: [1, {sampled}]"
+            )
 
     def view(
         self,

@@ -17,16 +17,19 @@ from simulator.core.config import Scenario
 from simulator.core.scenario import load
 from simulator.report.summary import write_report
 from simulator.run.engine import RunResult, execute
+from simulator.run.preflight import preflight
 
 __all__ = ["RunResult", "load", "report", "run"]
 
 
 def run(scenario: Scenario, out_dir: Path | str | None = None, **options: Any) -> RunResult:
-    """Run every point of ``scenario``, then write the report.
+    """Check the data (:func:`simulator.run.preflight.preflight`), run every point of
+    ``scenario``, then write the report.
 
     ``options`` are those of :func:`simulator.run.engine.execute` (``runs_root``,
     ``on_round``, ``verbose``, ``raise_on_failure``, ``taps``).
     """
+    preflight(scenario)
     return execute(scenario, out_dir, finish=report, **options)
 
 

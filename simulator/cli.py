@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import webbrowser
 from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
 import tomllib
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -16,13 +18,16 @@ from rich.table import Table
 from simulator.api import report as write_report
 from simulator.api import run as run_scenario
 from simulator.core.config import ScenarioError
+from simulator.core.fields import InputError
 from simulator.core.plugins import PluginError, load_plugins
 from simulator.core.registry import REGISTRIES
 from simulator.core.scenario import SCENARIO_DIR, expand, load
 from simulator.data.datasets import DataError
 from simulator.report import landscape as landscapes
-from simulator.report.summary import attack_table, format_value, point_table
+from simulator.report.html import HTML_FILE
+from simulator.report.tables import terminal_tables
 from simulator.run.folder import read_records
+from simulator.run.preflight import PreflightError, preflight
 
 PluginOption = Annotated[
     list[Path],
@@ -56,8 +61,10 @@ def run(
     overrides = list(set_) + ([f'data.dir="{data_dir}"'] if data_dir else [])
     try:
         loaded = load(scenario, overrides, plugins=plugin)
-    except ScenarioError as error:
-        console.print(f"[red]invalid scenario:[/red] {escape(str(error))}")
+        preflight(loaded)  # data files and data-dependent rules, before any work
+    except InputError as error:
+        what = "cannot run" if isinstance(error, PreflightError) else "invalid scenario"
+        console.print(f"[red]{what}:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
     points = expand(loaded)
     total = len(points) * loaded.federation.rounds
@@ -93,17 +100,16 @@ def run(
 
 
 def _print_points(records: list[dict]) -> None:
-    """The run's summary tables: one row per sweep point, and the attack outcomes."""
-    for title, (rows, columns) in (
-        ("points", point_table(records)),
-        ("attacks", attack_table(records)),
-    ):
-        if not rows:
-            continue
-        table = Table(*(c.removeprefix("set:") for c in columns), title=title, title_justify="left")
+    """The run's key figures in tables that fit 80 columns: one row per sweep point, and the
+    attack outcomes (every column is in summary.md and report.html)."""
+    out = Console()
+    for title, headings, rows in terminal_tables(records):
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for heading, numeric in headings:
+            table.add_column(heading, justify="right" if numeric else "left", overflow="fold")
         for row in rows:
-            table.add_row(*(format_value(row.get(c)) for c in columns))
-        Console().print(table)
+            table.add_row(*(escape(cell) for cell in row))
+        out.print(table)
 
 
 @app.command("list")
@@ -144,15 +150,27 @@ def _first_comment(path: Path) -> str:
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by leaksim run.")],
+    open_: Annotated[
+        bool, typer.Option("--open", help="Open report.html in a web browser afterwards.")
+    ] = False,
 ) -> None:
-    """Redraw a run's summary table and figures from its results.jsonl."""
+    """Redraw a run's summary.md, figures and report.html from its results.jsonl."""
     try:
         summary = write_report(run_dir)
     except FileNotFoundError as error:
         console.print(f"[red]{escape(str(error))}[/red]")
         raise typer.Exit(2) from None
     _print_points(list(read_records(run_dir)))
-    console.print(f"summary: {summary}")
+    page = (run_dir / HTML_FILE).resolve()
+    console.print(f"summary: {escape(str(summary))}")
+    console.print(f"report: {escape(str(page))}")
+    if open_:
+        try:
+            opened = webbrowser.open(page.as_uri())
+        except webbrowser.Error:
+            opened = False
+        if not opened:
+            console.print(f"no web browser found; open {escape(page.as_uri())} yourself")
 
 
 @app.command()

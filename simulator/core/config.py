@@ -13,11 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from simulator.core.fields import FieldError, build_section, coerce, is_derived, param, suggest
+from simulator.core.fields import (
+    FieldError,
+    InputError,
+    build_section,
+    coerce,
+    is_derived,
+    param,
+    suggest,
+)
 from simulator.core.models import ModelSpec
 from simulator.core.plugins import load_plugins
 from simulator.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PARTITIONERS
@@ -25,7 +34,7 @@ from simulator.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PARTITI
 DEFAULT_SCENARIO = "quickstart"
 
 
-class ScenarioError(ValueError):
+class ScenarioError(InputError):
     """A scenario file or override is invalid; the message says which key and why."""
 
 
@@ -230,9 +239,18 @@ def check_rules(scenario: Scenario) -> None:
             f"model.task = 'parity' needs model.kind 'homogeneous-mlp' ('binary-fc' is always "
             f"binary), got {model.kind!r}"
         )
-    bad_rounds = [r for r in scenario.attack.rounds if not 1 <= r <= fed.rounds]
-    if bad_rounds:
-        raise ScenarioError(f"attack.rounds = {bad_rounds} must be rounds in 1..{fed.rounds}")
+    for key, rounds in (
+        ("attack.rounds", scenario.attack.rounds),
+        ("faults.crash_rounds", scenario.faults.crash_rounds),
+    ):
+        if bad_rounds := [r for r in rounds if not 1 <= r <= fed.rounds]:
+            raise ScenarioError(f"{key} = {bad_rounds} must be rounds in 1..{fed.rounds}")
+    cores = os.cpu_count() or 1
+    if fed.cpus_per_client > cores:
+        raise ScenarioError(
+            f"federation.cpus_per_client = {fed.cpus_per_client:g} exceeds the {cores} CPU "
+            f"cores of this machine; allowed: (0, {cores}]"
+        )
     defenses = []
     for index, entry in enumerate(scenario.defenses):
         params = {k: v for k, v in entry.items() if k != "name"}

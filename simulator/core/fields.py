@@ -19,7 +19,14 @@ from dataclasses import field
 from typing import Any, Literal
 
 
-class FieldError(ValueError):
+class InputError(ValueError):
+    """A user's input (scenario, plugin file, data) is invalid: one line saying which and why.
+
+    The CLI prints it as it is and exits with status 2, before any work starts.
+    """
+
+
+class FieldError(InputError):
     """A value does not fit its field; the message names the key, the value and what fits."""
 
 
@@ -130,8 +137,8 @@ def check_range(value: Any, meta: Mapping[str, Any], where: str) -> None:
     # Written so that NaN, which compares false with everything, is rejected too.
     above_low = low is None or (value > low if low_open else value >= low)
     below_high = high is None or (value < high if high_open else value <= high)
-    if isinstance(value, float) and math.isnan(value):
-        above_low = False
+    if isinstance(value, float) and not math.isfinite(value):
+        raise FieldError(f"{where} = {value!r} must be a finite number")
     if not (above_low and below_high):
         lower = "-inf" if low is None else f"{low}"
         upper = "inf" if high is None else f"{high}"

@@ -18,8 +18,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
+from simulator.core.fields import InputError
 
-class PluginError(ValueError):
+
+class PluginError(InputError):
     """A plugin file could not be imported; the message names the file and the cause."""
 
 

@@ -46,13 +46,19 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def resolve_path(name_or_path: str | Path | None) -> Path:
-    """A scenario file path, or the name of a file in ``scenarios/`` (``quickstart``)."""
+    """A scenario file path, or the name of a file in ``scenarios/`` (``quickstart``).
+
+    Anything that looks like a path (a folder part or a suffix) must be a file: a mistyped
+    path is an error, never a shipped scenario that happens to share its name.
+    """
     if name_or_path is None:
         name_or_path = DEFAULT_SCENARIO
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = SCENARIO_DIR / f"{path.stem}.toml"
+    if len(path.parts) > 1 or path.suffix:
+        raise ScenarioError(f"no scenario file {str(name_or_path)!r}: no such file")
+    shipped = SCENARIO_DIR / f"{path.name}.toml"
     if shipped.is_file():
         return shipped
     known = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
@@ -71,9 +77,13 @@ def load(
     """
     path = resolve_path(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise ScenarioError(f"{path.name}: not valid TOML: {error}") from None
+    except UnicodeDecodeError:
+        raise ScenarioError(f"{path}: not a text file (TOML must be UTF-8)") from None
+    except OSError as error:
+        raise ScenarioError(f"{path}: cannot read: {error.strerror}") from None
     raw.setdefault("name", path.stem)
     listed = raw.get("plugins", [])
     if isinstance(listed, list) and all(isinstance(p, str) for p in listed):

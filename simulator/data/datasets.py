@@ -59,7 +59,15 @@ class DataError(RuntimeError):
 
 
 class DataNotFoundError(DataError):
-    """The dataset files are in none of the searched directories and could not be downloaded."""
+    """The dataset files are in none of the searched directories and could not be downloaded.
+
+    ``missing`` names the files and ``target`` the folder they belong in (for one-line reports).
+    """
+
+    def __init__(self, message: str, missing: Sequence[str] = (), target: Path | None = None):
+        super().__init__(message)
+        self.missing = tuple(missing)
+        self.target = target
 
 
 @dataclass(frozen=True)
@@ -369,7 +377,9 @@ def ensure_files(
         f"{name}: dataset files not found{how}. Put these files\n{want}\n"
         f"into the directory\n  {target}\n"
         f"(or set LEAKSIM_DATA_DIR to a directory holding {name}/<file>).\n"
-        f"Searched:\n" + "\n".join(f"  {d}" for d in dirs) + f"\nProblems:\n{tried}"
+        f"Searched:\n" + "\n".join(f"  {d}" for d in dirs) + f"\nProblems:\n{tried}",
+        missing=[info.files[k].name for k in missing],
+        target=target,
     )
 
 
