@@ -15,6 +15,7 @@ import functools
 import gzip
 import hashlib
 import http.client
+import json
 import logging
 import os
 import tempfile
@@ -253,6 +254,22 @@ def md5sum(path: str | Path, chunk_size: int = 1 << 20) -> str:
 
 # (resolved path, mtime_ns, size) -> md5: clients call load_split often; hash each file once.
 _md5_cache: dict[tuple[str, int, int], str] = {}
+# Files the driver verified before the run, handed to the clients' processes (Ray workers
+# inherit the environment) so that each file is hashed once per run, not once per client.
+VERIFIED_ENV = "LEAKSIM_VERIFIED_FILES"
+
+
+def share_verified() -> None:
+    """Publish this process's verified files to the processes it starts (the clients)."""
+    verified = [[path, mtime, size, md5] for (path, mtime, size), md5 in _md5_cache.items()]
+    os.environ[VERIFIED_ENV] = json.dumps(verified)
+
+
+def _shared_md5(key: tuple[str, int, int]) -> str | None:
+    for path, mtime, size, md5 in json.loads(os.environ.get(VERIFIED_ENV, "[]")):
+        if (path, mtime, size) == key:
+            return str(md5)
+    return None
 
 
 def _verify(path: Path, info: FileInfo) -> str | None:
@@ -265,7 +282,7 @@ def _verify(path: Path, info: FileInfo) -> str | None:
         return f"{path}: {st.st_size} bytes, expected {info.size}"
     key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
     if key not in _md5_cache:
-        _md5_cache[key] = md5sum(path)
+        _md5_cache[key] = _shared_md5(key) or md5sum(path)
     if _md5_cache[key] != info.md5:
         return f"{path}: MD5 {_md5_cache[key]}, expected {info.md5}"
     return None

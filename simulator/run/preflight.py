@@ -17,7 +17,13 @@ from simulator.core.config import DataConfig, Scenario
 from simulator.core.fields import InputError
 from simulator.core.registry import DATASETS
 from simulator.core.scenario import expand
-from simulator.data.datasets import DataError, DataNotFoundError, DatasetInfo, ensure_files
+from simulator.data.datasets import (
+    DataError,
+    DataNotFoundError,
+    DatasetInfo,
+    ensure_files,
+    share_verified,
+)
 from simulator.data.shards import shard_size
 
 DATA_DIR_ENV = "LEAKSIM_DATA_DIR"
@@ -36,6 +42,7 @@ def check_data_files(data: DataConfig) -> None:
         return  # generated in memory: nothing to read
     try:
         ensure_files(data.dataset, None, data.dir or None)
+        share_verified()  # the clients trust these hashes instead of hashing again
     except DataNotFoundError as error:
         files = ", ".join(error.missing)
         raise PreflightError(

@@ -442,3 +442,22 @@ def test_red_blue_is_generated_with_its_own_shape() -> None:
     tensor = to_tensor(images)
     assert torch.equal(tensor[:10, 0], torch.ones(10, 16, 16)) and tensor[:10, 1:].sum() == 0
     assert labels.tolist() == [1] * 10 + [0] * 10
+
+
+def test_files_verified_by_the_driver_are_not_hashed_again_by_clients(
+    shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(data.VERIFIED_ENV, raising=False)
+    ensure_files("mnist", ["test-labels"], shared_data_dir)
+    data.share_verified()
+    monkeypatch.setattr(data, "_md5_cache", {})  # a fresh client process
+
+    def no_hashing(_path: object, chunk_size: int = 0) -> str:
+        raise AssertionError("a verified file was hashed again")
+
+    monkeypatch.setattr(data, "md5sum", no_hashing)
+    assert ensure_files("mnist", ["test-labels"], shared_data_dir)["test-labels"].is_file()
+    monkeypatch.setenv(data.VERIFIED_ENV, "[]")  # nothing shared: the client must hash
+    monkeypatch.setattr(data, "_md5_cache", {})
+    with pytest.raises(AssertionError, match="hashed again"):
+        ensure_files("mnist", ["test-labels"], shared_data_dir)
