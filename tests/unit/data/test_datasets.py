@@ -447,7 +447,7 @@ def test_red_blue_is_generated_with_its_own_shape() -> None:
 def test_files_verified_by_the_driver_are_not_hashed_again_by_clients(
     shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(data.VERIFIED_ENV, raising=False)
+    monkeypatch.setenv(data.VERIFIED_ENV, "[]")  # restored to unset afterwards
     ensure_files("mnist", ["test-labels"], shared_data_dir)
     data.share_verified()
     monkeypatch.setattr(data, "_md5_cache", {})  # a fresh client process
