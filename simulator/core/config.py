@@ -82,6 +82,9 @@ class AttackConfig:
     # reaches this SSIM (Haim et al. use 0.4).
     leak_threshold_ssim: float = param(0.4, low=-1.0, high=1.0)
     params: Mapping[str, Any] = field(default_factory=dict)
+    # More attacks on the same updates, each a table like ``{ name = "idlg", iterations = 50 }``:
+    # every attacked update is then also scored by the per-image best of all the attacks.
+    also: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,15 @@ def check_rules(scenario: Scenario) -> None:
         ATTACKS.validate(scenario.attack.name, scenario.attack.params)
     except ValueError as error:
         raise ScenarioError(f"attack: {error}") from None
+    for index, entry in enumerate(scenario.attack.also):
+        if not isinstance(entry.get("name"), str):
+            raise ScenarioError(f"attack.also[{index}] must be a table with a name, got {entry!r}")
+        try:
+            ATTACKS.validate(entry["name"], {k: v for k, v in entry.items() if k != "name"})
+        except ValueError as error:
+            raise ScenarioError(f"attack.also[{index}]: {error}") from None
+    if scenario.attack.also and scenario.attack.name == "none":
+        raise ScenarioError("attack.also needs a first attack: set attack.name")
 
 
 def _defenses(raw: Any) -> tuple[dict[str, Any], ...]:
@@ -311,6 +323,9 @@ def assign(raw: dict[str, Any], dotted: str, value: Any) -> None:
                 f"cannot set {dotted!r}: use section.key, sections: {', '.join(SECTIONS)}"
             )
         raw[key] = value
+        return
+    if section == "sweep":  # one swept key's values: sweep.defenses=[[]], sweep.seed=[0, 1]
+        raw.setdefault("sweep", {})[key] = value
         return
     if section not in SECTIONS:
         raise ScenarioError(

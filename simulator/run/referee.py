@@ -32,6 +32,7 @@ from simulator.data.shards import load_training_union
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID, RoundTraffic
 from simulator.federation.truth import Truth, TruthStore
 from simulator.run.privacy import PrivacyLedger
+from simulator.scoring.best import best_of
 from simulator.scoring.score import score_round
 
 
@@ -65,23 +66,34 @@ class Referee:
 
     def __post_init__(self) -> None:
         attack = self.scenario.attack
-        self.malicious = MaliciousServer(
-            attack.name, attack.params, attack.rounds, attack.max_clients
-        )
+        attacks = [(attack.name, attack.params)] + [
+            (entry["name"], {k: v for k, v in entry.items() if k != "name"})
+            for entry in attack.also
+        ]
+        # One malicious server per attack, all on the same schedule: the first is the
+        # scenario's attack, the others (attack.also) are compared with it image by image.
+        self.servers = [
+            MaliciousServer(name, params, attack.rounds, attack.max_clients)
+            for name, params in attacks
+        ]
 
     def on_round(self, traffic: RoundTraffic) -> None:
-        """Log the round's traffic, let the malicious server attack, then score against truth."""
+        """Log the round's traffic, let the malicious servers attack, then score against truth."""
         try:
-            reconstructions = self._attack(traffic)
+            self._log(traffic)
+            per_attack = [self._attack(server, traffic) for server in self.servers]
             truths = self._truths(traffic) if self.truth_store is not None else ()
-            self._score(reconstructions, truths)
+            scored = [self._score(reconstructions, truths) for reconstructions in per_attack]
+            if len(scored) > 1:
+                self._best(scored)
+            everything = tuple(r for reconstructions in per_attack for r in reconstructions)
             for tap in self.taps:
-                tap(RefereedRound(traffic, truths, tuple(reconstructions)))
+                tap(RefereedRound(traffic, truths, everything))
         finally:
             if self.truth_store is not None:
                 self.truth_store.discard_round(traffic.round)
 
-    def _attack(self, traffic: RoundTraffic) -> list[Reconstruction]:
+    def _log(self, traffic: RoundTraffic) -> None:
         for failure in traffic.failures:
             record = FailureRecord(failure.round, failure.client_id, failure.reason)
             self.failures.append(record)
@@ -96,11 +108,13 @@ class Referee:
                     observation.update_norm(),
                 )
             )
+
+    def _attack(self, server: MaliciousServer, traffic: RoundTraffic) -> list[Reconstruction]:
         try:
-            return self.malicious.observe(traffic.observations)
+            return server.observe(traffic.observations)
         except Exception as error:  # a failed attack must not end the federation it watches
-            name, message = self.scenario.attack.name, f"{type(error).__name__}: {error}"
-            self.emit(AttackErrorRecord(traffic.round, name, message))
+            message = f"{type(error).__name__}: {error}"
+            self.emit(AttackErrorRecord(traffic.round, server.attack_name, message))
             return []
 
     def _truths(self, traffic: RoundTraffic) -> tuple[Truth, ...]:
@@ -125,8 +139,13 @@ class Referee:
                 )
         return tuple(found)
 
-    def _score(self, reconstructions: Sequence[Reconstruction], truths: Sequence[Truth]) -> None:
+    def _score(
+        self, reconstructions: Sequence[Reconstruction], truths: Sequence[Truth]
+    ) -> list[AttackRecord]:
+        """Score and record one attack's reconstructions; the first attack's arrays are kept
+        (the figures show the scenario's attack; the others are compared by their scores)."""
         attack = self.scenario.attack
+        records = []
         for scored in score_round(
             reconstructions,
             truths,
@@ -136,7 +155,21 @@ class Referee:
             self._training_set,
         ):
             self.emit(scored.record)
-            self.save_attack(scored.record, scored.arrays())
+            if scored.record.attack == attack.name:
+                self.save_attack(scored.record, scored.arrays())
+            records.append(scored.record)
+        return records
+
+    def _best(self, per_attack: Sequence[Sequence[AttackRecord]]) -> None:
+        """For each update every attack scored, the per-image best of them."""
+        by_update: dict[tuple[int, int], list[AttackRecord]] = {}
+        for records in per_attack:
+            for record in records:
+                by_update.setdefault((record.round, record.client), []).append(record)
+        for records in by_update.values():
+            best = best_of(records)
+            if best is not None:
+                self.emit(best)
 
     def _training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The union of every client's shard, for scoring network inversion (not kept)."""

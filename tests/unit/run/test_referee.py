@@ -40,7 +40,7 @@ def test_a_crashing_attack_is_recorded_and_the_federation_goes_on() -> None:
     def explode(_observations: object) -> list:
         raise RuntimeError("attack blew up")
 
-    judge.malicious.observe = explode  # type: ignore[method-assign]
+    judge.servers[0].observe = explode  # type: ignore[method-assign]
     judge.on_round(RoundTraffic(3, (), (), ()))
     assert [r.to_dict() for r in records] == [
         {
@@ -84,7 +84,7 @@ def test_truth_is_read_only_after_the_attack_returned(tmp_path: Path) -> None:
     store.put(Truth(1, 0, batch(1), torch.tensor([2])))
     records: list[Record] = []
     judge = referee({"attack.name": "dlg", "attack.params.iterations": 2}, store, records)
-    real_observe = judge.malicious.observe
+    real_observe = judge.servers[0].observe
 
     def observe(observations: list[Observation]) -> list:
         log.append("attack starts")
@@ -93,7 +93,7 @@ def test_truth_is_read_only_after_the_attack_returned(tmp_path: Path) -> None:
         finally:
             log.append("attack returned")
 
-    judge.malicious.observe = observe  # type: ignore[method-assign]
+    judge.servers[0].observe = observe  # type: ignore[method-assign]
     judge.on_round(RoundTraffic(1, (0,), (poisoned_observation(),), ()))
     assert log == ["attack starts", "attack returned", "truth 0"]
 
