@@ -19,6 +19,14 @@ Fowl et al. 2021):
 Under FedAvg the same holds for ``w_global - w_client`` (a sum of gradients over all local steps):
 a sample alone on a neuron through every step is still exact; with several steps that is rarer.
 
+Noise: when the update carries Gaussian noise of a known std (``noise_std``: a defense's
+public setting), a row's candidate ``dW_i / db_i`` has pixel noise of std ``sigma / |db_i|``.
+Rows are then kept only while that stays below ``max_pixel_noise``, two rows link when their
+distance is within three standard deviations of their combined noise (or ``tolerance``), the
+box slack widens by the row's noise, and each group's least-squares refit is the
+inverse-variance average of its rows: the more neurons one image reaches, the cleaner it
+comes back.
+
 Labels: with all images known, the last layer's gradient ``n dW_L = (P - Y)^T [H, 1]`` is linear
 in the one-hot labels Y given the features H and softmax P of the recovered images, so Y is
 solved by least squares (exact when every sample was recovered). The binary model gets None.
@@ -39,7 +47,7 @@ from torch import nn
 from torch.func import functional_call
 
 from attacks.base import Attack, register_attack
-from attacks.labels import final_layer, num_samples, pseudo_gradient
+from attacks.labels import final_layer, gradient_scale, num_samples, pseudo_gradient
 from simulator.core.fields import param
 from simulator.core.models import ModelSpec, build_model, is_binary, task_loss
 from simulator.core.protocol import Observation, Reconstruction
@@ -52,6 +60,12 @@ class AnalyticParams:
     tolerance: float = param(1e-5, low=0.0, help="pixel RMSE linking two candidate rows")
     min_activation: float = param(1e-6, low=0.0, help="|db_i| / max |db| below which i is off")
     box_slack: float = param(0.05, low=0.0, help="how far outside [0, 1] a candidate may go")
+    noise_std: float = param(
+        0.0, low=0.0, help="std of the noise on each coordinate of the update the client sent"
+    )
+    max_pixel_noise: float = param(
+        0.5, low=0.0, low_open=True, help="with noise: keep rows whose pixel noise std is below"
+    )
 
 
 def first_layer(spec: ModelSpec) -> tuple[str, str] | str:
@@ -74,29 +88,45 @@ def _least_squares_rows(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tenso
     return (bias @ weight) / (bias @ bias)
 
 
-def _components(candidates: torch.Tensor, tolerance: float) -> np.ndarray:
-    """Connected-component labels of candidates linked when their pixel RMSE < tolerance."""
+def _components(candidates: torch.Tensor, tolerance: torch.Tensor | float) -> np.ndarray:
+    """Connected-component labels of candidates linked when their pixel RMSE < tolerance
+    (a number, or a matrix of per-pair tolerances)."""
     rmse = torch.cdist(candidates, candidates) / math.sqrt(candidates.shape[1])
     adjacency = csr_matrix((rmse < tolerance).cpu().numpy())
     return connected_components(adjacency, directed=False)[1]
 
 
-def _separate(
-    weight: torch.Tensor, bias: torch.Tensor, n: int, params: AnalyticParams
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to n images from single-sample neurons, filled up to n; and which are confident."""
-    dims = weight.shape[1]
+def _active(bias: torch.Tensor, params: AnalyticParams, noise: float) -> torch.Tensor:
+    """Rows whose neuron fired, and (with noise) whose candidate is not drowned by it."""
     active = bias.abs() > params.min_activation * bias.abs().max()
+    if noise > 0:
+        active &= noise / bias.abs().clamp(min=1e-30) < params.max_pixel_noise
+    return active
+
+
+def _separate(
+    weight: torch.Tensor, bias: torch.Tensor, n: int, params: AnalyticParams, noise: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to n images from single-sample neurons, filled up to n; and which are confident.
+
+    ``noise`` is the noise std on each coordinate of this (pseudo-)gradient.
+    """
+    dims = weight.shape[1]
+    active = _active(bias, params, noise)
     weight, bias = weight[active], bias[active]
     candidates = weight / bias[:, None]
-    slack = params.box_slack
+    pixel_noise = noise / bias.abs()  # std of each candidate's pixels
+    slack = params.box_slack + 3 * pixel_noise[:, None]
     inside = ((candidates >= -slack) & (candidates <= 1 + slack)).all(1)
     weight, bias, candidates = weight[inside], bias[inside], candidates[inside]
+    pixel_noise = pixel_noise[inside]
     images = torch.full((n, dims), 0.5, dtype=weight.dtype)
     confident = torch.zeros(n, dtype=torch.bool)
     if candidates.shape[0] == 0:
         return images, confident
-    groups = torch.as_tensor(_components(candidates, params.tolerance))
+    # Two candidates of one image differ by noise of std sqrt(s_i^2 + s_j^2) per pixel.
+    combined = (pixel_noise[:, None] ** 2 + pixel_noise[None, :] ** 2).sqrt()
+    groups = torch.as_tensor(_components(candidates, combined.mul(3).clamp(min=params.tolerance)))
     sizes = torch.bincount(groups)
     support = torch.zeros(len(sizes), dtype=weight.dtype).index_add_(0, groups, bias.abs())
     # Most rows first, then most gradient mass: single samples repeat, mixtures do not.
@@ -176,12 +206,13 @@ class Analytic(Attack[AnalyticParams]):
             gradient = {k: v.detach().double().cpu() for k, v in pseudo_gradient(obs).items()}
             weight, bias = gradient[layer[0]], gradient[layer[1]]
             n = num_samples(obs)
+            noise = self.params.noise_std * gradient_scale(obs)
             if n == 1:
-                active = bias.abs() > self.params.min_activation * bias.abs().max()
+                active = _active(bias, self.params, noise)
                 flat = _least_squares_rows(weight[active], bias[active])[None]
                 confident = torch.ones(1, dtype=torch.bool)
             else:
-                flat, confident = _separate(weight, bias, n, self.params)
+                flat, confident = _separate(weight, bias, n, self.params, noise)
             images = flat.reshape(n, *obs.model.input_shape).clamp(0, 1).float()
             labels = _labels(obs, images, gradient)
             distance = math.nan if labels is None else _gradient_distance(obs, images, labels)

@@ -83,11 +83,18 @@ def local_steps(obs: Observation) -> int:
     return obs.meta.local_epochs * per_epoch
 
 
+def gradient_scale(obs: Observation) -> float:
+    """What :func:`pseudo_gradient` multiplies the sent update (or weight change) by."""
+    if obs.meta.protocol == "fedsgd":
+        return 1.0
+    return 1.0 / (obs.meta.lr * local_steps(obs))
+
+
 def pseudo_gradient(obs: Observation) -> dict[str, torch.Tensor]:
     """The update as a gradient: as sent under FedSGD, mean step direction under FedAvg."""
     if obs.meta.protocol == "fedsgd":
         return obs.update
-    scale = 1.0 / (obs.meta.lr * local_steps(obs))
+    scale = gradient_scale(obs)
     return {k: (obs.global_weights[k] - v) * scale for k, v in obs.update.items()}
 
 
