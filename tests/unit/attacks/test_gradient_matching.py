@@ -356,11 +356,11 @@ def test_analytic_attack_that_knows_the_noise_scale_recovers_what_the_blind_one_
     """Gaussian noise of std 1e-6 on a FedSGD gradient: blind linking fails, aware succeeds."""
     obs, truth, _ = _fedsgd(RELU_MLP, 0, 8)
     generator = torch.Generator().manual_seed(7)
-    noisy = {k: v + 1e-5 * torch.randn(v.shape, generator=generator) for k, v in obs.update.items()}
+    noisy = {k: v + 1e-6 * torch.randn(v.shape, generator=generator) for k, v in obs.update.items()}
     obs = dataclasses.replace(obs, update=noisy)
     blind = ATTACKS.create("analytic").run([obs])[0]
-    aware = ATTACKS.create("analytic", {"noise_std": 1e-5}).run([obs])[0]
+    aware = ATTACKS.create("analytic", {"noise_std": 1e-6}).run([obs])[0]
     leaked = [
         leak_summary(r.images, truth, None, None, 30.0).fraction_leaked for r in (blind, aware)
     ]
-    assert leaked[0] == 0.0 and leaked[1] >= 0.25
+    assert leaked[0] == 0.0 and leaked[1] >= 0.5
