@@ -13,11 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from simulator.report import figures
-from simulator.report.figures import strength_order
+from simulator.report import defense_figures
+from simulator.report.defense_figures import strength_order, strength_words
+from simulator.report.figures import FigureFile
 from simulator.run.folder import attack_artifact
 
 Record = dict[str, Any]
+SECTION = "evaluation"
 
 COLUMNS = (
     "point", "curve", "strength", "epsilon", "attacked", "mean_psnr", "median_psnr", "mean_ssim",
@@ -25,15 +27,32 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def _curve_and_strength(point: Record) -> tuple[str, Any]:
-    """The curve a point belongs to (its defenses, or the swept protocol key) and its strength."""
+def _curve_and_strength(point: Record) -> tuple[str, Any, str | None]:
+    """The curve a point belongs to (its defenses, or the swept protocol key), its strength,
+    and the name of the defense parameter the strength is (``std``), where known."""
     if point.get("defense", "none") != "none":
-        return point["defense"], point.get("strength")
+        return point["defense"], point.get("strength"), _strength_parameter(point)
     swept = {k[4:]: v for k, v in point.items() if k.startswith("set:") and k != "set:defenses"}
     if len(swept) == 1:
         ((key, value),) = swept.items()
-        return key.rsplit(".", 1)[-1], value
-    return "none", None
+        return key.rsplit(".", 1)[-1], value, None
+    return "none", None, None
+
+
+def _strength_parameter(point: Record) -> str | None:
+    """The strength's parameter: the first numeric one of the last defense (as the engine's
+    ``defense_summary`` picks it), read from the swept defense list."""
+    defenses = point.get("set:defenses")
+    if not isinstance(defenses, list) or not defenses or not isinstance(defenses[-1], dict):
+        return None
+    return next(
+        (
+            k
+            for k, v in defenses[-1].items()
+            if k != "name" and isinstance(v, int | float) and not isinstance(v, bool)
+        ),
+        None,
+    )
 
 
 def defense_table(records: list[Record]) -> list[Record]:
@@ -43,12 +62,15 @@ def defense_table(records: list[Record]) -> list[Record]:
     for record in records:
         if record.get("kind") == "attack":
             attacks[record["point"]].append(record)
+    for point, mine in attacks.items():  # several attacks: their per-image best of each update
+        best = [r for r in mine if r.get("attack") == "best"]
+        attacks[point] = best or mine
     privacy = {r["point"]: r for r in records if r.get("kind") == "privacy"}
     baseline = next((p for p in points if p.get("defense", "none") == "none"), None)
     base_accuracy = baseline.get("final_accuracy") if baseline else None
     rows = []
     for point in points:
-        curve, strength = _curve_and_strength(point)
+        curve, strength, parameter = _curve_and_strength(point)
         mine = attacks.get(point["point"], [])
         psnrs = [p for r in mine for p in r["psnr"]]
         labels = [r["label_accuracy"] for r in mine if r.get("label_accuracy") is not None]
@@ -58,6 +80,7 @@ def defense_table(records: list[Record]) -> list[Record]:
                 "point": point["point"],
                 "curve": curve,
                 "strength": strength,
+                "parameter": parameter,
                 "epsilon": privacy.get(point["point"], {}).get("epsilon"),
                 "attacked": len(mine),
                 "mean_psnr": float(np.mean(psnrs)) if psnrs else None,
@@ -86,27 +109,65 @@ def is_evaluation(records: list[Record]) -> bool:
     )
 
 
-def write_figures(run_dir: Path, records: list[Record], figures_dir: Path) -> None:
+def write_figures(run_dir: Path, records: list[Record], figures_dir: Path) -> list[FigureFile]:
     """The privacy-utility plot, leakage against strength, and side-by-side grids."""
     rows = defense_table(records)
-    figures.privacy_utility_figure(rows, figures_dir / "privacy-utility.png")
-    figures.leakage_by_strength_figure(rows, figures_dir / "leakage-by-strength.png")
-    grids = _strength_grids(run_dir, records, rows)
-    if grids:
-        figures.strength_grid_figure(grids, figures_dir / "reconstructions-by-strength.png")
+    thresholds = {
+        r["leak_threshold_db"]
+        for r in records
+        if r.get("kind") == "attack" and isinstance(r.get("leak_threshold_db"), int | float)
+    }
+    threshold = thresholds.pop() if len(thresholds) == 1 else None
+    drawn = [
+        (
+            defense_figures.privacy_utility_figure(
+                rows, figures_dir / "privacy-utility.png", threshold
+            ),
+            "Privacy against utility: mean PSNR of the reconstructions against the final test "
+            "accuracy, one curve per defense from the undefended run; labels are strengths.",
+        ),
+        (
+            defense_figures.leakage_by_strength_figure(
+                rows, figures_dir / "leakage-by-strength.png"
+            ),
+            "Leakage against each defense's strength; the dashed line is the undefended run.",
+        ),
+        (
+            defense_figures.strength_grid_figure(
+                _strength_grids(run_dir, records, rows),
+                figures_dir / "reconstructions-by-strength.png",
+            ),
+            "The same client's images: the truth, then the reconstructions without a defense "
+            "and at increasing strengths.",
+        ),
+    ]
+    return [FigureFile(SECTION, caption, path) for path, caption in drawn if path is not None]
 
 
 def _strength_grids(
     run_dir: Path, records: list[Record], rows: list[Record], per_curve: int = 4
 ) -> list[tuple[str, np.ndarray, list[tuple[str, np.ndarray]]]]:
-    """Per curve: the first attacked client's truth and its reconstructions at a few strengths."""
-    first_attack: dict[int, Record] = {}
+    """Per defense: one client's truth, its reconstruction without a defense, and at up to
+    ``per_curve`` strengths (the same round and client at every point where it was attacked)."""
+    attacks: dict[int, list[Record]] = defaultdict(list)
     for record in records:
-        if record.get("kind") == "attack":
-            first_attack.setdefault(record["point"], record)
+        if record.get("kind") == "attack" and attack_artifact(run_dir, record).is_file():
+            attacks[record["point"]].append(record)
+    baseline = next((r for r in rows if r["curve"] == "none" and attacks.get(r["point"])), None)
+    first = attacks[baseline["point"]][0] if baseline else None
+
+    def attack_of(point: int) -> Record | None:
+        mine = attacks.get(point, [])
+        same = [
+            r
+            for r in mine
+            if first and (r["round"], r["client"]) == (first["round"], first["client"])
+        ]
+        return (same or mine or [None])[0]
+
     by_curve: dict[str, list[Record]] = defaultdict(list)
     for row in rows:
-        if row["point"] in first_attack:
+        if row["curve"] != "none" and attack_of(row["point"]) is not None:
             by_curve[row["curve"]].append(row)
     grids = []
     for curve, members in sorted(by_curve.items()):
@@ -115,13 +176,13 @@ def _strength_grids(
             members[int(i)] for i in np.linspace(0, len(members) - 1, min(per_curve, len(members)))
         ]
         truth, columns = None, []
-        for row in picks:
-            path = attack_artifact(run_dir, first_attack[row["point"]])
-            if not path.is_file():
+        for row in ([baseline] if baseline else []) + picks:
+            record = attack_of(row["point"])
+            if record is None:
                 continue
-            with np.load(path) as arrays:
+            with np.load(attack_artifact(run_dir, record)) as arrays:
                 truth = arrays["truth"] if truth is None else truth
-                columns.append((f"{row['strength']}", arrays["reconstruction"]))
+                columns.append((strength_words(row), arrays["reconstruction"]))
         if truth is not None and columns:
             grids.append((curve, truth, columns))
     return grids

@@ -1,9 +1,16 @@
-"""Figures drawn from a run's records and artifacts (matplotlib, headless)."""
+"""Figures drawn from a run's records and artifacts (matplotlib, headless).
+
+Axes are named in words with units (:data:`METRICS`); a figure, or a panel of one, is drawn
+only where it has data, so each drawing function returns the path it wrote, or None. Files
+are written atomically (:func:`save`).
+"""
 
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,36 +19,112 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from simulator.report.files import write_atomic
 
 Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FigureFile:
+    """A figure the report wrote: which section of report.html shows it, and its caption."""
+
+    section: str
+    caption: str
+    path: Path
+
+
+# Record keys as axis names: (words with units, factor from the record's value to the axis).
+METRICS: dict[str, tuple[str, float]] = {
+    "mean_psnr": ("mean PSNR (dB)", 1.0),
+    "median_psnr": ("median PSNR (dB)", 1.0),
+    "mean_ssim": ("mean SSIM", 1.0),
+    "leaked_fraction": ("images leaked (%)", 100.0),
+    "success_rate": ("updates fully leaked (%)", 100.0),
+    "label_accuracy": ("labels recovered (%)", 100.0),
+    "median_iterations_to_threshold": ("iterations to leak (median)", 1.0),
+    "final_accuracy": ("final test accuracy (%)", 100.0),
+    "test_accuracy": ("test accuracy (%)", 100.0),
+}
+BASELINE = "no defense"
+
+
+def metric_values(rows: Sequence[Record], metric: str) -> list[float]:
+    """A metric of every row on its axis scale, NaN where missing."""
+    factor = METRICS[metric][1]
+    return [
+        np.nan if not isinstance(row.get(metric), int | float) else factor * row[metric]
+        for row in rows
+    ]
+
+
+def key_words(key: str) -> str:
+    """A swept key in words: ``federation.batch_size`` reads ``batch size``."""
+    return key.removeprefix("set:").rsplit(".", 1)[-1].replace("_", " ")
+
+
+def value_words(key: str, value: Any) -> str:
+    """A swept value in words: defense lists as ``pruning fraction=0.5``, none as no defense."""
+    if key.endswith("defenses") and isinstance(value, list):
+        parts = [
+            " ".join(
+                [str(d.get("name")), *(f"{k}={number(v)}" for k, v in d.items() if k != "name")]
+            )
+            for d in value
+            if isinstance(d, dict)
+        ]
+        return " + ".join(parts) or BASELINE
+    return f"{key_words(key)}={number(value)}"
+
+
+def number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def point_labels(points: Sequence[Record]) -> dict[int, str]:
     """A legend label per sweep point from its swept values."""
     return {
-        r["point"]: ", ".join(f"{k[4:]}={v}" for k, v in r.items() if k.startswith("set:")) or "run"
+        r["point"]: ", ".join(value_words(k, v) for k, v in r.items() if k.startswith("set:"))
+        or "run"
         for r in points
     }
 
 
-def accuracy_figure(rounds: Sequence[Record], points: Sequence[Record], path: Path) -> None:
-    """Global test accuracy against round, one line per sweep point."""
+def save(figure: Figure, path: Path) -> Path:
+    """Lay out, render to PNG and write ``path`` atomically; closes the figure."""
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return write_atomic(path, buffer.getvalue())
+
+
+def accuracy_figure(rounds: Sequence[Record], points: Sequence[Record], path: Path) -> Path | None:
+    """Global test accuracy against round, one line per sweep point (no defense in black)."""
     labels = point_labels(points)
     curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
     for record in rounds:
-        curves[record["point"]].append((record["round"], record["test_accuracy"]))
-    figure, axis = plt.subplots(figsize=(5, 3.2))
+        if isinstance(record.get("test_accuracy"), int | float):
+            curves[record["point"]].append((record["round"], 100 * record["test_accuracy"]))
+    if not curves:
+        return None
+    figure, axis = plt.subplots(figsize=(7.2 if len(curves) > 1 else 5.0, 3.4))
     for point, curve in sorted(curves.items()):
         xs, ys = zip(*sorted(curve), strict=True)
-        axis.plot(xs, ys, marker="o", label=labels.get(point, f"point {point}"))
-    axis.set(xlabel="round", ylabel="global test accuracy")
+        label = labels.get(point, f"point {point}")
+        style = {"color": "black", "lw": 2.0, "zorder": 3} if label == BASELINE else {}
+        axis.plot(xs, ys, marker="o", markersize=3, label=label, **style)
+    axis.set(xlabel="round", ylabel=METRICS["test_accuracy"][0])
+    axis.xaxis.get_major_locator().set_params(integer=True)
     axis.grid(alpha=0.3)
     if len(curves) > 1:
-        axis.legend(fontsize=7)
-    save(figure, path)
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return save(figure, path)
 
 
-def show(axis: Any, image: np.ndarray) -> None:
+def show(axis: Axes, image: np.ndarray) -> None:
     """Draw one (C, H, W) image in [0, 1]: grey for one channel, colour for three."""
     if image.shape[0] == 3:
         axis.imshow(np.clip(image.transpose(1, 2, 0), 0, 1))
@@ -49,31 +132,67 @@ def show(axis: Any, image: np.ndarray) -> None:
         axis.imshow(image[0], cmap="gray", vmin=0, vmax=1)
 
 
-def reconstruction_figure(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path) -> None:
-    """For each attacked client: its true images (top row) above the reconstructions (bottom)."""
-    columns = max(truth.shape[0] for _, truth, _ in pairs)
-    columns = min(columns, 16)
+def bare(axis: Axes) -> None:
+    """No ticks and no frame, but (unlike ``axis("off")``) the axis labels still show."""
+    axis.set_xticks([])
+    axis.set_yticks([])
+    for spine in axis.spines.values():
+        spine.set_visible(False)
+
+
+def reconstruction_figure(
+    pairs: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    path: Path,
+    names: tuple[str, str] = ("truth", "recon."),
+) -> Path | None:
+    """For each attacked client: a title row, its true images above the reconstructions."""
+    if not pairs:
+        return None
+    columns = min(max(truth.shape[0] for _, truth, _ in pairs), 16)
     figure, axes = plt.subplots(
-        2 * len(pairs), columns, figsize=(columns * 0.9, len(pairs) * 2.0), squeeze=False
+        3 * len(pairs),
+        columns,
+        figsize=(max(3.4, 0.6 + columns * 0.9), len(pairs) * 2.15),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [0.2, 1.0, 1.0] * len(pairs)},
     )
     for block, (title, truth, reconstruction) in enumerate(pairs):
-        for column in range(columns):
-            for row, images in enumerate((truth, reconstruction)):
-                axis = axes[2 * block + row, column]
-                axis.axis("off")
+        for axis in axes[3 * block]:
+            axis.set_axis_off()
+        # Out of the layout: tight_layout would shrink every column to fit a long title.
+        heading = axes[3 * block, 0]
+        label = heading.text(0, 0, title, fontsize=7, transform=heading.transAxes, va="bottom")
+        label.set_in_layout(False)
+        for row, images in enumerate((truth, reconstruction), start=1):
+            for column in range(columns):
+                axis = axes[3 * block + row, column]
+                bare(axis)
                 if column < images.shape[0]:
                     show(axis, images[column])
-        # Out of the layout: tight_layout would shrink every column to fit a long title.
-        first = axes[2 * block, 0]
-        label = first.text(0, 1.08, title, fontsize=7, transform=first.transAxes, va="bottom")
-        label.set_in_layout(False)
-    save(figure, path)
+            axes[3 * block + row, 0].set_ylabel(names[row - 1], fontsize=7)
+    return save(figure, path)
 
 
-def convergence_figure(attacks: Sequence[Record], points: Sequence[Record], path: Path) -> None:
-    """Gradient distance and PSNR against iteration, one line per attacked update."""
+def convergence_figure(
+    attacks: Sequence[Record], points: Sequence[Record], path: Path
+) -> Path | None:
+    """Gradient distance and PSNR against iteration, one line per attacked update.
+
+    A panel is drawn only when some update has at least two points on it (a one-shot attack
+    such as the analytic one has none), and the figure only when a panel is.
+    """
+    traces = {
+        id(r): [t for t in r.get("trace") or [] if t.get("gradient_distance") is not None]
+        for r in attacks
+    }
+    has_trace = any(len(t) > 1 for t in traces.values())
+    has_curve = any(len(r.get("psnr_curve") or []) > 1 for r in attacks)
+    panels = [name for name, present in (("trace", has_trace), ("psnr", has_curve)) if present]
+    if not panels:
+        return None
     labels = point_labels(points)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+    axis_of = dict(zip(panels, axes[0], strict=True))
     colours = plt.get_cmap("viridis")
     point_ids = sorted({r["point"] for r in attacks})
     seen: set[int] = set()
@@ -81,9 +200,9 @@ def convergence_figure(attacks: Sequence[Record], points: Sequence[Record], path
         colour = colours(point_ids.index(record["point"]) / max(1, len(point_ids) - 1))
         label = None if record["point"] in seen else labels.get(record["point"])
         seen.add(record["point"])
-        trace = [t for t in record.get("trace") or [] if t.get("gradient_distance") is not None]
-        if trace:
-            left.plot(
+        trace = traces[id(record)]
+        if "trace" in axis_of and len(trace) > 1:
+            axis_of["trace"].plot(
                 [t["iteration"] for t in trace],
                 [max(t["gradient_distance"], 1e-12) for t in trace],
                 color=colour,
@@ -91,130 +210,52 @@ def convergence_figure(attacks: Sequence[Record], points: Sequence[Record], path
                 label=label,
             )
         curve = record.get("psnr_curve") or []
-        if curve:
-            right.plot(*zip(*curve, strict=True), color=colour, alpha=0.6)
-    left.set(xlabel="iteration", ylabel="gradient distance", yscale="log")
-    right.set(xlabel="iteration", ylabel="PSNR (dB)")
-    thresholds = {r["leak_threshold_db"] for r in attacks if "leak_threshold_db" in r}
-    for threshold in thresholds:
-        right.axhline(threshold, color="red", lw=0.8, ls="--")
-    if len(point_ids) > 1:
-        left.legend(fontsize=7)
-    for axis in (left, right):
+        if "psnr" in axis_of and len(curve) > 1:
+            axis_of["psnr"].plot(*zip(*curve, strict=True), color=colour, alpha=0.6)
+    if "trace" in axis_of:
+        axis_of["trace"].set(
+            xlabel="attack iteration", ylabel="gradient distance (log scale)", yscale="log"
+        )
+        if len(point_ids) > 1:
+            axis_of["trace"].legend(fontsize=7)
+    if "psnr" in axis_of:
+        axis_of["psnr"].set(xlabel="attack iteration", ylabel="mean PSNR (dB)")
+        for threshold in sorted(
+            {r["leak_threshold_db"] for r in attacks if "leak_threshold_db" in r}
+        ):
+            axis_of["psnr"].axhline(threshold, color="red", lw=0.8, ls="--")
+            axis_of["psnr"].annotate(
+                f"leak threshold ({threshold:g} dB)",
+                (0.01, threshold),
+                xycoords=("axes fraction", "data"),
+                fontsize=7,
+                color="red",
+                va="bottom",
+            )
+    for axis in axis_of.values():
         axis.grid(alpha=0.3)
-    save(figure, path)
+    return save(figure, path)
 
 
-def by_value_figure(rows: Sequence[Record], key: str, metrics: Sequence[str], path: Path) -> None:
-    """Attack metrics against one swept key (e.g. the batch size), one panel per metric."""
-    figure, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.0), squeeze=False)
+def by_value_figure(
+    rows: Sequence[Record], key: str, metrics: Sequence[str], path: Path
+) -> Path | None:
+    """Attack metrics against one swept key (e.g. the batch size), one panel per metric.
+
+    Metrics with no value at any point (iterations to leak, for a one-shot attack) get no panel.
+    """
+    metrics = [m for m in metrics if any(np.isfinite(metric_values(rows, m)))]
+    if not metrics:
+        return None
+    figure, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.0), squeeze=False)
     xs = [row[key] for row in rows]
     for axis, metric in zip(axes[0], metrics, strict=True):
-        axis.plot(xs, [np.nan if row.get(metric) is None else row[metric] for row in rows], "o-")
-        axis.set(xlabel=key.removeprefix("set:"), ylabel=metric)
+        axis.plot(xs, metric_values(rows, metric), "o-")
+        axis.set(xlabel=key_words(key), ylabel=METRICS[metric][0])
         if all(isinstance(x, int | float) and x > 0 for x in xs):
             axis.set_xscale("log", base=2)
         axis.grid(alpha=0.3)
-    save(figure, path)
-
-
-def save(figure: plt.Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def privacy_utility_figure(rows: Sequence[Record], path: Path) -> None:
-    """Leakage (mean PSNR) against global accuracy, one curve per defense, labelled by strength."""
-    figure, axis = plt.subplots(figsize=(5.4, 3.8))
-    for curve, members in _curves(rows).items():
-        members = [
-            m for m in members if m["mean_psnr"] is not None and m["final_accuracy"] is not None
-        ]
-        if not members:
-            continue
-        xs = [m["final_accuracy"] for m in members]
-        ys = [m["mean_psnr"] for m in members]
-        axis.plot(xs, ys, "o-", label=curve)
-        for m, x, y in zip(members, xs, ys, strict=True):
-            if m["strength"] is not None:
-                axis.annotate(
-                    f"{m['strength']:g}"
-                    if isinstance(m["strength"], float)
-                    else str(m["strength"]),
-                    (x, y),
-                    fontsize=6,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
-    axis.set(xlabel="global test accuracy (utility)", ylabel="mean PSNR of reconstructions (dB)")
-    axis.axhline(30, color="red", lw=0.7, ls="--")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
-    save(figure, path)
-
-
-def leakage_by_strength_figure(rows: Sequence[Record], path: Path) -> None:
-    """Per defense: mean PSNR and leaked fraction against its strength."""
-    curves = {c: m for c, m in _curves(rows).items() if any(r["strength"] is not None for r in m)}
-    if not curves:
-        return
-    figure, axes = plt.subplots(2, len(curves), figsize=(3.2 * len(curves), 5.0), squeeze=False)
-    for column, (curve, members) in enumerate(curves.items()):
-        members = [m for m in members if m["strength"] is not None]
-        xs = [m["strength"] for m in members]
-        numeric = all(isinstance(x, int | float) and x > 0 for x in xs)
-        for row, metric in enumerate(("mean_psnr", "leaked_fraction")):
-            axis = axes[row, column]
-            ys = [np.nan if m[metric] is None else m[metric] for m in members]
-            axis.plot(xs if numeric else [str(x) for x in xs], ys, "o-")
-            axis.set(xlabel=f"{curve} strength", ylabel=metric)
-            if numeric and max(xs) / max(min(xs), 1e-12) > 20:
-                axis.set_xscale("log")
-            axis.grid(alpha=0.3)
-    save(figure, path)
-
-
-def strength_grid_figure(
-    grids: Sequence[tuple[str, np.ndarray, Sequence[tuple[str, np.ndarray]]]],
-    path: Path,
-    images: int = 4,
-) -> None:
-    """Per defense: the true images, then the reconstructions at increasing strengths."""
-    rows = sum(1 + len(columns) for _, _, columns in grids)
-    figure, axes = plt.subplots(rows, images, figsize=(images * 1.0, rows * 1.05), squeeze=False)
-    row = 0
-    for curve, truth, columns in grids:
-        for label, stack in [("truth", truth), *columns]:
-            for column in range(images):
-                axis = axes[row, column]
-                axis.set_xticks([])
-                axis.set_yticks([])
-                if column < stack.shape[0]:
-                    show(axis, stack[column])
-            axes[row, 0].set_ylabel(f"{curve}\n{label}" if label == "truth" else label, fontsize=6)
-            row += 1
-    save(figure, path)
-
-
-def strength_order(strength: Any) -> tuple[int, float, str]:
-    """Sort key: numbers numerically, then anything else by text, missing strengths last."""
-    if isinstance(strength, int | float) and not isinstance(strength, bool):
-        return (0, float(strength), "")
-    return (1 if strength is not None else 2, 0.0, str(strength))
-
-
-def _curves(rows: Sequence[Record]) -> dict[str, list[Record]]:
-    curves: dict[str, list[Record]] = defaultdict(list)
-    baseline = [r for r in rows if r["curve"] == "none"]
-    for record in rows:
-        if record["curve"] != "none":
-            curves[record["curve"]].append(record)
-    for members in curves.values():
-        members.sort(key=lambda r: strength_order(r["strength"]))
-        members[:0] = baseline[:1]  # every curve starts from the undefended run
-    return dict(curves)
+    return save(figure, path)
 
 
 def inversion_figure(
@@ -224,40 +265,43 @@ def inversion_figure(
     ssim: Sequence[float],
     path: Path,
     per_class: int = 4,
-) -> None:
+) -> Path | None:
     """One column per class: generated samples, each above its nearest training image.
 
     The ``per_class`` samples of highest NN-SSIM are shown, best first, with their SSIM.
     """
     classes = sorted(set(labels.tolist()))
+    if not classes:
+        return None
     scores = np.asarray(ssim, dtype=float)
+    per_class = min(per_class, max(int((labels == c).sum()) for c in classes))
     figure, axes = plt.subplots(
         2 * per_class, len(classes), figsize=(len(classes) * 0.9, per_class * 1.9), squeeze=False
     )
     for column, cls in enumerate(classes):
         mine = np.flatnonzero(labels == cls)
         mine = mine[np.argsort(-np.nan_to_num(scores[mine], nan=-1.0))][:per_class]
-        axes[0, column].set_title(str(cls), fontsize=8)
+        axes[0, column].set_title(f"class {cls}", fontsize=7)
         for row in range(per_class):
             for offset, stack in enumerate((generated, nearest)):
                 axis = axes[2 * row + offset, column]
-                axis.set_xticks([])
-                axis.set_yticks([])
+                bare(axis)
                 if row < len(mine):
                     show(axis, stack[mine[row]])
                     if offset == 1:
-                        axis.set_xlabel(f"{scores[mine[row]]:.2f}", fontsize=6, labelpad=1)
+                        axis.set_xlabel(f"SSIM {scores[mine[row]]:.2f}", fontsize=6, labelpad=1)
         for row in range(per_class):
             axes[2 * row, 0].set_ylabel("generated", fontsize=6)
             axes[2 * row + 1, 0].set_ylabel("nearest", fontsize=6)
-    save(figure, path)
+    return save(figure, path)
 
 
-def inversion_comparison_figure(rows: Sequence[Record], path: Path) -> None:
+def inversion_comparison_figure(rows: Sequence[Record], path: Path) -> Path | None:
     """Mean and top-k NN-SSIM of the inverted samples per sweep point, noise as the floor."""
+    if not rows:
+        return None
     names = [
-        ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in r.items() if k.startswith("set:"))
-        or "run"
+        ", ".join(value_words(k, v) for k, v in r.items() if k.startswith("set:")) or "run"
         for r in rows
     ]
     positions = np.arange(len(rows))
@@ -270,7 +314,7 @@ def inversion_comparison_figure(rows: Sequence[Record], path: Path) -> None:
     floor = [r.get("noise_nn_ssim") if r.get("noise_nn_ssim") is not None else np.nan for r in rows]
     axis.scatter(positions, floor, color="black", marker="_", s=200, label="noise", zorder=3)
     axis.set_xticks(positions, names, rotation=30, ha="right", fontsize=7)
-    axis.set(ylabel="NN-SSIM")
+    axis.set(ylabel="SSIM with the nearest training image")
     axis.grid(alpha=0.3, axis="y")
     axis.legend(fontsize=7)
-    save(figure, path)
+    return save(figure, path)
