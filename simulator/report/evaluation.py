@@ -7,13 +7,14 @@ privacy-utility plot, leakage against strength per defense, and reconstruction g
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from simulator.report import defense_figures
+from simulator.report import defense_figures, frontier, frontier_figures
 from simulator.report.defense_figures import strength_order, strength_words
 from simulator.report.figures import FigureFile
 from simulator.run.folder import attack_artifact
@@ -22,8 +23,8 @@ Record = dict[str, Any]
 SECTION = "evaluation"
 
 COLUMNS = (
-    "point", "curve", "strength", "epsilon", "attacked", "mean_psnr", "median_psnr", "mean_ssim",
-    "leaked_fraction", "label_accuracy", "final_accuracy", "accuracy_loss",
+    "point", "seed", "curve", "strength", "epsilon", "attacked", "mean_psnr", "median_psnr",
+    "mean_ssim", "leaked_fraction", "label_accuracy", "final_accuracy", "accuracy_loss",
 )  # fmt: skip
 
 
@@ -32,7 +33,9 @@ def _curve_and_strength(point: Record) -> tuple[str, Any, str | None]:
     and the name of the defense parameter the strength is (``std``), where known."""
     if point.get("defense", "none") != "none":
         return point["defense"], point.get("strength"), _strength_parameter(point)
-    swept = {k[4:]: v for k, v in point.items() if k.startswith("set:") and k != "set:defenses"}
+    # The seed repeats a setting; it is not the setting.
+    ignored = {"set:defenses", "set:seed"}
+    swept = {k[4:]: v for k, v in point.items() if k.startswith("set:") and k not in ignored}
     if len(swept) == 1:
         ((key, value),) = swept.items()
         return key.rsplit(".", 1)[-1], value, None
@@ -78,6 +81,7 @@ def defense_table(records: list[Record]) -> list[Record]:
         rows.append(
             {
                 "point": point["point"],
+                "seed": point.get("set:seed"),
                 "curve": curve,
                 "strength": strength,
                 "parameter": parameter,
@@ -141,7 +145,77 @@ def write_figures(run_dir: Path, records: list[Record], figures_dir: Path) -> li
             "and at increasing strengths.",
         ),
     ]
+    labels = {r["point"]: strength_words(r) + _seed_words(r) for r in rows}
+    drawn += [
+        (
+            frontier_figures.frontier_figure(
+                frontier.settings(rows), figures_dir / "privacy-utility-frontier.png"
+            ),
+            "Every defense's settings (mean and spread over seeds) and the frontier: the "
+            "settings no other setting beats on both leakage and accuracy.",
+        ),
+        (
+            frontier_figures.leakage_by_round_figure(
+                frontier.leakage_by_round(records), labels, figures_dir / "leakage-by-round.png"
+            ),
+            "Leakage in each attacked round: a defense that only protects the untrained model "
+            "shows it here.",
+        ),
+    ]
     return [FigureFile(SECTION, caption, path) for path, caption in drawn if path is not None]
+
+
+def _seed_words(row: Record) -> str:
+    return "" if row.get("seed") is None else f", seed {row['seed']}"
+
+
+SETTING_COLUMNS = (
+    "curve", "strength", "seeds", "leakage", "leakage_spread", "accuracy", "accuracy_spread",
+    "on_frontier",
+)  # fmt: skip
+CHEAPEST_BOUNDS = (0.01, 0.1)
+
+
+def settings_table(records: list[Record]) -> list[Record]:
+    """One row per (defense, strength) over its seeds: mean, spread, and whether it is on the
+    privacy-utility frontier."""
+    found = frontier.settings(defense_table(records))
+    kept = {id(s) for s in frontier.frontier(found)}
+    return [
+        {**dataclasses.asdict(s), "on_frontier": id(s) in kept}
+        for s in sorted(
+            found, key=lambda s: (s.curve != "none", s.curve, strength_order(s.strength))
+        )
+    ]
+
+
+def _setting_order(setting: frontier.Setting) -> tuple[bool, str, tuple[int, float, str]]:
+    return (setting.curve != "none", setting.curve, strength_order(setting.strength))
+
+
+def cheapest_table(records: list[Record]) -> list[Record]:
+    """For each bound X in :data:`CHEAPEST_BOUNDS` and each defense, the setting with the best
+    accuracy among those leaking under X (a dash where none does)."""
+    found = [s for s in frontier.settings(defense_table(records)) if s.curve != "none"]
+    rows = []
+    for bound in CHEAPEST_BOUNDS:
+        for curve, setting in frontier.cheapest(found, bound).items():
+            rows.append(
+                {
+                    "leaked_under": bound,
+                    "defense": curve,
+                    "strength": None if setting is None else setting.strength,
+                    "leakage": None if setting is None else setting.leakage,
+                    "accuracy": None if setting is None else setting.accuracy,
+                    "accuracy_spread": None if setting is None else setting.accuracy_spread,
+                }
+            )
+    return rows
+
+
+CHEAPEST_COLUMNS = (
+    "leaked_under", "defense", "strength", "leakage", "accuracy", "accuracy_spread",
+)  # fmt: skip
 
 
 def _strength_grids(

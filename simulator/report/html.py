@@ -198,6 +198,10 @@ def _evaluation_section(records: list[Record], drawn: Sequence[FigureFile]) -> s
         "<p>Leakage and utility of every point, the undefended run (curve <code>none</code>) "
         "as the baseline; <code>accuracy_loss</code> is its accuracy minus the point's.</p>",
         table(evaluation.defense_table(records), list(evaluation.COLUMNS)),
+        "<h3>Settings over seeds: mean, spread, and whether on the privacy-utility frontier</h3>",
+        table(evaluation.settings_table(records), evaluation.SETTING_COLUMNS),
+        "<h3>Cheapest setting that keeps the leaked share under a bound</h3>",
+        table(evaluation.cheapest_table(records), evaluation.CHEAPEST_COLUMNS),
     ]
     return "\n".join(parts + _figures(drawn, evaluation.SECTION))
 

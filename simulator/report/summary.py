@@ -73,6 +73,10 @@ def markdown_summary(run_dir: Path, records: list[Record], drawn: list[FigureFil
     if evaluation.is_evaluation(records):
         parts += ["", "## Defense evaluation", ""]
         parts += [markdown_table(evaluation.defense_table(records), list(evaluation.COLUMNS))]
+        parts += ["", "### Settings over seeds (mean, spread, on the frontier)", ""]
+        parts += [markdown_table(evaluation.settings_table(records), evaluation.SETTING_COLUMNS)]
+        parts += ["", "### Cheapest setting that keeps leakage under a bound", ""]
+        parts += [markdown_table(evaluation.cheapest_table(records), evaluation.CHEAPEST_COLUMNS)]
     attack_errors = [r for r in records if r.get("kind") == "attack_error"]
     if attack_errors:
         parts += ["", f"## Attack errors ({len(attack_errors)})", ""]

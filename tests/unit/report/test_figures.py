@@ -51,7 +51,12 @@ def test_defense_plots_name_axes_in_words_and_draw_the_baseline(
     written = evaluation.write_figures(run_dir, list(read_records(run_dir)), tmp_path / "f")
     assert [f.path.name for f in written] == list(drawn) == [
         "privacy-utility.png", "leakage-by-strength.png", "reconstructions-by-strength.png",
+        "privacy-utility-frontier.png",
     ]  # fmt: skip
+    frontier = drawn["privacy-utility-frontier.png"].axes[0]
+    assert frontier.get_xlabel() == "final test accuracy (%)"
+    entries = [text.get_text() for text in frontier.get_legend().get_texts()]
+    assert "frontier" in entries and "no defense" in entries
     utility, leakage = drawn["privacy-utility.png"], drawn["leakage-by-strength.png"]
     labels = _labels(utility) + _labels(leakage)
     assert not [t for t in labels if RECORD_KEY.search(t)], labels
