@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 import webbrowser
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import numpy as np
 import tomllib
@@ -17,7 +22,7 @@ from rich.table import Table
 
 from simulator.api import report as write_report
 from simulator.api import run as run_scenario
-from simulator.core.config import ScenarioError
+from simulator.core.config import Scenario, ScenarioError
 from simulator.core.fields import InputError
 from simulator.core.plugins import PluginError, load_plugins
 from simulator.core.registry import REGISTRIES
@@ -26,7 +31,8 @@ from simulator.data.datasets import DataError
 from simulator.report import landscape as landscapes
 from simulator.report.html import HTML_FILE
 from simulator.report.tables import terminal_tables
-from simulator.run.folder import read_records
+from simulator.run.engine import RunInterrupted
+from simulator.run.folder import RunFolder, RunFolderError, check_new, read_records
 from simulator.run.preflight import PreflightError, preflight
 
 PluginOption = Annotated[
@@ -56,18 +62,38 @@ def run(
     data_dir: Annotated[Optional[Path], typer.Option(help="Where the MNIST IDX files are.")] = None,  # noqa: UP045
     verbose: Annotated[bool, typer.Option(help="Show Flower's own logs.")] = False,
     plugin: PluginOption = [],  # noqa: B006
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue an interrupted or failed run in its folder.", metavar="RUN_DIR"
+        ),
+    ] = None,
 ) -> None:
-    """Run a scenario (every point of its sweep) and write its results folder."""
+    """Run a scenario (every point of its sweep) and write its results folder.
+
+    Ctrl-C or SIGTERM stops it within seconds (exit 130 or 143) with every record so far
+    kept; ``--resume RUN_DIR`` continues it from its first unfinished point.
+    """
     overrides = list(set_) + ([f'data.dir="{data_dir}"'] if data_dir else [])
     try:
-        loaded = load(scenario, overrides, plugins=plugin)
+        if resume is not None:
+            alone = scenario is None and not (set_ or out or data_dir or plugin)
+            loaded = _resumable(resume, alone)
+        else:
+            loaded = load(scenario, overrides, plugins=plugin)
+            if out is not None:
+                check_new(out)
         preflight(loaded)  # data files and data-dependent rules, before any work
+    except RunFolderError as error:
+        console.print(f"[red]cannot run:[/red] {escape(str(error))}", soft_wrap=True)
+        raise typer.Exit(2) from None
     except InputError as error:
         what = "cannot run" if isinstance(error, PreflightError) else "invalid scenario"
         console.print(f"[red]{what}:[/red] {escape(str(error))}")
         raise typer.Exit(2) from None
     points = expand(loaded)
     total = len(points) * loaded.federation.rounds
+    stopped: Callable[[], int] | None = None
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -83,11 +109,20 @@ def run(
 
         try:
             result = run_scenario(
-                loaded, out_dir=out, on_round=on_round, verbose=verbose, raise_on_failure=False
+                loaded,
+                out_dir=resume or out,
+                on_round=on_round,
+                verbose=verbose,
+                raise_on_failure=False,
+                resume=resume is not None,
             )
+        except RunInterrupted as stop:
+            stopped = _stopping(stop)
         except Exception as error:  # data missing, bad environment: one clear line, no traceback
             console.print(f"[red]run failed:[/red] {escape(str(error))}")
             raise typer.Exit(1) from None
+    if stopped is not None:
+        _exit_now(stopped())
     _print_points(result.records)
     console.print(f"results: {result.folder.path}")
     if result.report_error:
@@ -97,6 +132,50 @@ def run(
         for record in failed:
             console.print(f"[red]point {record['point']} failed:[/red] {record['error']}")
         raise typer.Exit(1)
+
+
+def _stopping(stop: RunInterrupted) -> Callable[[], int]:
+    """A stopped run's end: a call that prints its last line (where the results are, how to
+    resume) and returns the exit status. From now on SIGINT or SIGTERM prints that line
+    (unless printed) and ends the process at once."""
+    said: list[bool] = []
+
+    def say() -> int:
+        if not said:
+            said.append(True)
+            console.print(f"[yellow]{escape(str(stop))}[/yellow]", soft_wrap=True)
+        return stop.exit_code
+
+    def now(_signum: int, _frame: object) -> None:
+        _exit_now(say())
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, now)
+    return say
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End a stopped run's process now: its records are on disk and its processes gone, and
+    a further Ctrl-C must not land in a half torn-down interpreter (which dies of it)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _resumable(run_dir: Path, alone: bool) -> Scenario:
+    """The scenario of the run in ``run_dir``, to resume (``alone``: no other choices given)."""
+    if not alone:
+        raise RunFolderError(
+            "--resume continues a run as it was set up: drop SCENARIO, --set, --out, "
+            "--data-dir and --plugin"
+        )
+    try:
+        return RunFolder.open(run_dir).scenario()
+    except (OSError, ValueError) as error:
+        if isinstance(error, RunFolderError):
+            raise
+        raise RunFolderError(f"{run_dir}: cannot read its scenario: {error}") from None
 
 
 def _print_points(records: list[dict]) -> None:

@@ -85,6 +85,22 @@ class AttackErrorRecord(Record):
 
 
 @dataclass(frozen=True)
+class ManipulationRecord(Record):
+    """A malicious server sent this client a manipulated model instead of the honest one.
+
+    ``change`` says what differs (an added block, re-drawn weights); ``aggregated`` whether
+    the client's reply joined aggregation (by default it does not).
+    """
+
+    kind: ClassVar[str] = "manipulation"
+    round: int
+    client: int
+    attack: str
+    change: str
+    aggregated: bool
+
+
+@dataclass(frozen=True)
 class AttackRecord(Record):
     """One reconstruction scored against the truth of its update.
 
@@ -145,3 +161,16 @@ class NoteRecord(Record):
 
     kind: ClassVar[str] = "note"
     message: str
+
+
+@dataclass(frozen=True)
+class InterruptedRecord(Record):
+    """A sweep point stopped by a signal before it ended; ``leaksim run --resume`` reruns it.
+
+    ``round`` is the last round whose "round" record was written (0: none yet).
+    """
+
+    kind: ClassVar[str] = "interrupted"
+    point: int
+    signal: str
+    round: int

@@ -1,7 +1,14 @@
 """Runs a scenario: each sweep point is one Flower simulation (one Ray start) on the grid.
 
 :func:`execute` runs every point into a run folder and returns the folder and the records;
-:func:`simulator.api.run` (behind ``leaksim run``) calls it and then writes the report.
+:func:`simulator.api.run` (behind ``leaksim run``) calls it and then writes the report. The
+points go through :func:`run_points`, the one sweep loop, either in a worker process that
+this one supervises (:mod:`simulator.run.supervisor`: SIGINT and SIGTERM end the run within
+seconds and leave no process behind) or, when ``taps`` must see each round in this process,
+in this process. Either way the records are appended to results.jsonl here as they arrive.
+
+A stopped run gets an ``interrupted`` record and raises :class:`RunInterrupted`;
+``execute(..., resume=True)`` continues it in its folder from the first unfinished point.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +28,24 @@ import numpy as np
 from flwr.simulation import run_simulation
 
 from simulator.core.config import Scenario
-from simulator.core.records import AttackRecord, PointRecord, Record, RoundRecord
+from simulator.core.records import (
+    AttackRecord,
+    FailureRecord,
+    InterruptedRecord,
+    PointRecord,
+    Record,
+    RoundRecord,
+)
 from simulator.core.scenario import Point, expand
 from simulator.federation.client_app import app as client_app
 from simulator.federation.secagg import app as secagg_client_app
 from simulator.federation.truth import TRUTH_DIR_ENV, TruthStore
 from simulator.run.driver import FederationDriver
-from simulator.run.folder import RunFolder
+from simulator.run.folder import TRUTH_PREFIX, RunFolder, RunFolderError
 from simulator.run.privacy import PrivacyLedger
 from simulator.run.referee import Referee, Tap
 from simulator.run.server_app import make_server_app
+from simulator.run.supervisor import Interrupted, Supervisor
 
 # A record as written to results.jsonl (and read back): the JSON object of a typed record.
 Written = dict[str, Any]
@@ -39,6 +54,27 @@ ProgressHook = Callable[[Point, int], None]
 
 class RunFailed(RuntimeError):
     """At least one sweep point could not finish; its record holds the reason."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; every process of it has ended, its records are kept.
+
+    ``exit_code`` is the shell's status for the signal (130, 143); the message says where the
+    results are and how to resume.
+    """
+
+    def __init__(self, folder: RunFolder, signal: str, point: int | None, reached: int) -> None:
+        where = "after the last point" if point is None else f"at point {point}, round {reached}"
+        super().__init__(
+            f"interrupted by {signal} {where}: results in {folder.path}; "
+            f"resume with: {resume_command(folder.path)}"
+        )
+        self.folder, self.signal, self.point, self.round = folder, signal, point, reached
+        self.exit_code = 128 + {"SIGINT": 2, "SIGTERM": 15}.get(signal, 2)
+
+
+def resume_command(path: Path) -> str:
+    return f"leaksim run --resume {path}"
 
 
 @dataclass
@@ -55,11 +91,16 @@ class RunResult:
 
 
 def backend_config(scenario: Scenario) -> dict[str, Any]:
-    """Ray settings: one actor per ``cpus_per_client`` cores, quiet logs, no dashboard."""
+    """Ray settings: one actor per ``cpus_per_client`` cores, quiet logs, no dashboard.
+
+    Ray's servers listen on loopback only where Ray runs single-machine (as the worker
+    process sets it, :data:`simulator.run.supervisor.RAY_ENVIRONMENT`).
+    """
     return {
         "client_resources": {"num_cpus": scenario.federation.cpus_per_client, "num_gpus": 0.0},
         "init_args": {
             "num_cpus": os.cpu_count() or 1,
+            "_node_ip_address": "127.0.0.1",
             "include_dashboard": False,
             "logging_level": logging.ERROR,
             "log_to_driver": False,
@@ -108,7 +149,7 @@ def truth_store(folder: RunFolder | None, point: int) -> Iterator[TruthStore]:
     does once per point, so the variable is set before and removed after.
     """
     parent = folder.path if folder is not None else None
-    root = Path(tempfile.mkdtemp(prefix=f".truth-point-{point}-", dir=parent))
+    root = Path(tempfile.mkdtemp(prefix=f"{TRUTH_PREFIX}{point}-", dir=parent))
     store = TruthStore(root)
     previous = os.environ.get(TRUTH_DIR_ENV)
     os.environ[TRUTH_DIR_ENV] = str(root)
@@ -180,6 +221,83 @@ def run_point(
     return written
 
 
+def run_points(
+    points: Sequence[Point],
+    emit: Callable[[Written], None],
+    on_round: ProgressHook = lambda _p, _r: None,
+    verbose: bool = False,
+    taps: Sequence[Tap] = (),
+    folder: RunFolder | None = None,
+) -> None:
+    """The sweep loop: each point through Flower in turn (in the worker, or in-process)."""
+    for point in points:
+        run_point(point, emit, lambda r, p=point: on_round(p, r), verbose, taps, folder)
+
+
+@dataclass
+class Progress:
+    """How far each point of a sweep got, from the records as they are written."""
+
+    pending: list[int]
+    finished: set[int] = field(default_factory=set)
+    rounds: dict[int, RoundRecord] = field(default_factory=dict)
+    failures: dict[int, int] = field(default_factory=dict)
+    since: float = field(default_factory=time.perf_counter)
+
+    def see(self, record: Mapping[str, Any]) -> None:
+        point, kind = record.get("point"), record.get("kind")
+        if not isinstance(point, int):
+            return
+        if kind == PointRecord.kind:
+            self.finished.add(point)
+            self.since = time.perf_counter()
+        elif kind == RoundRecord.kind:
+            self.rounds[point] = RoundRecord(
+                record["round"], record["test_accuracy"], record["test_loss"]
+            )
+        elif kind == FailureRecord.kind:
+            self.failures[point] = self.failures.get(point, 0) + 1
+
+    def current(self) -> int | None:
+        """The point running now: the first pending one without a summary."""
+        return next((p for p in self.pending if p not in self.finished), None)
+
+    def reached(self, point: int) -> int:
+        return self.rounds[point].round if point in self.rounds else 0
+
+    def lost(self, point: Point, ending: str) -> PointRecord:
+        """The summary of a point whose process died (``ending``: how) before writing one."""
+        defense, strength = defense_summary(point.scenario)
+        last = self.rounds.get(point.index)
+        return PointRecord(
+            point=point.index,
+            swept=point.values,
+            status="failed",
+            rounds_completed=self.reached(point.index),
+            defense=defense,
+            strength=strength,
+            final_accuracy=None if last is None else last.test_accuracy,
+            failed_updates=self.failures.get(point.index, 0),
+            seconds=time.perf_counter() - self.since,
+            error=f"WorkerDied: the point's process ended ({ending})",
+        )
+
+
+def open_folder(
+    scenario: Scenario, out_dir: Path | str | None, runs_root: Path | str, resume: bool
+) -> tuple[RunFolder, list[Written], int]:
+    """(the run folder, the records it keeps, the first point to run)."""
+    if not resume:
+        return RunFolder.create(scenario, root=runs_root, path=out_dir), [], 0
+    if out_dir is None:
+        raise RunFolderError("resuming needs the run folder (out_dir)")
+    folder = RunFolder.open(out_dir)
+    if folder.scenario().to_dict() != scenario.to_dict():
+        raise RunFolderError(f"{out_dir} holds a run of another scenario; cannot resume it")
+    kept, first = folder.rewind(len(expand(scenario)))
+    return folder, kept, first
+
+
 def execute(
     scenario: Scenario,
     out_dir: Path | str | None = None,
@@ -189,6 +307,8 @@ def execute(
     raise_on_failure: bool = True,
     taps: Sequence[Tap] = (),
     finish: Callable[[Path], object] = lambda _path: None,
+    resume: bool = False,
+    isolate: bool | None = None,
 ) -> RunResult:
     """Run every point of ``scenario``'s sweep, writing records as they complete.
 
@@ -196,21 +316,59 @@ def execute(
     summary writer, from :func:`simulator.api.run`); its error is kept, not raised.
 
     ``taps`` are called with each refereed round (its traffic, then its truths, read after
-    the attacks returned).
+    the attacks returned); they need the points run in this process, so ``isolate`` (run
+    them in a supervised worker process) defaults to "no taps".
+
+    ``resume``: continue the run in ``out_dir`` (a folder of this scenario) from its first
+    unfinished point; the records of that point and later ones move to interrupted.jsonl.
     """
-    folder = RunFolder.create(scenario, root=runs_root, path=out_dir)
-    records: list[Written] = []
+    isolate = not taps if isolate is None else isolate
+    if isolate and taps:
+        raise ValueError("taps see each round in this process: they need isolate=False")
+    folder, records, first = open_folder(scenario, out_dir, runs_root, resume)
+    points = expand(scenario)
+    pending = points[first:]
+    progress = Progress([p.index for p in pending])
 
     def emit(record: Mapping[str, Any]) -> None:
         folder.append(record)
         records.append(dict(record))
+        progress.see(record)
 
-    points = expand(scenario)
-    for point in points:
-        run_point(point, emit, lambda r, p=point: on_round(p, r), verbose, taps, folder)
+    stopped: list[RunInterrupted] = []
+
+    def stop(signal: str) -> None:
+        """Write the running point's ``interrupted`` record (before its processes end)."""
+        point = progress.current()
+        reached = 0 if point is None else progress.reached(point)
+        if point is not None:
+            emit(InterruptedRecord(point, signal, reached).to_dict())
+        stopped.append(RunInterrupted(folder, signal, point, reached))
+
+    try:
+        if isolate:
+            Supervisor(
+                folder.path,
+                emit,
+                lambda index, server_round: on_round(points[index], server_round),
+                stop,
+                lambda index, ending: emit(progress.lost(points[index], ending).to_dict()),
+                verbose,
+            ).run(progress.pending)
+        else:
+            run_points(pending, emit, on_round, verbose, taps, folder)
+    except Interrupted:
+        pass  # stop() has run
+    except KeyboardInterrupt:  # points in this process: Ctrl-C arrives as an exception
+        stop("SIGINT")
+    if stopped:
+        folder.tidy()
+        raise stopped[0]
     result = RunResult(folder, records)
     try:
         finish(folder.path)
+    except KeyboardInterrupt:  # every point has ended: resuming draws the report again
+        raise RunInterrupted(folder, "SIGINT", None, 0) from None
     except Exception as error:  # the records are safe on disk; `leaksim report` can retry
         result.report_error = f"{type(error).__name__}: {error}"
     failed = [r for r in result.table() if r["status"] == "failed"]

@@ -1,30 +1,89 @@
 """Run folders: the resolved scenario, ``results.jsonl`` appended record by record, summaries.
 
 Each record is flushed and fsynced as it is written, so a crash or Ctrl-C loses nothing that
-had finished; ``leaksim report`` redraws tables and figures from the records alone.
+had finished; ``leaksim report`` redraws tables and figures from the records alone. Every
+other file is written whole or not at all (a temporary file renamed over the target).
+
+A folder made for a scenario is named ``<root>/<name>-<time>`` with the name reduced to safe
+characters, so it is always a direct child of the runs root. ``leaksim run --resume`` reopens
+a folder: :meth:`RunFolder.rewind` moves the records of every point from the first unfinished
+one on (and the ``interrupted`` records) to ``interrupted.jsonl`` and the run goes on from
+there, so the finished folder holds the records an uninterrupted run writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
 from simulator.core.config import Scenario
-from simulator.core.records import Record
+from simulator.core.fields import InputError
+from simulator.core.records import InterruptedRecord, PointRecord, Record
 
 RESULTS_FILE = "results.jsonl"
+INTERRUPTED_FILE = "interrupted.jsonl"
 ARTIFACTS_DIR = "artifacts"
 SCENARIO_FILE = "scenario.json"
 SCENARIO_TOML = "scenario.toml"
+TEMPORARY_SUFFIX = ".tmp"
+TRUTH_PREFIX = ".truth-point-"  # a point's truth store (simulator.run.engine.truth_store)
+MAX_NAME = 80
+
+
+class RunFolderError(InputError):
+    """A run folder cannot be used as asked (not empty, not a run folder): one line."""
+
+
+class CorruptRecordsWarning(UserWarning):
+    """Lines of results.jsonl that are not JSON objects were skipped."""
+
+
+def safe_name(name: str) -> str:
+    """``name`` as one harmless path component: letters, digits, ``.``, ``_`` and ``-``."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")
+    return cleaned[:MAX_NAME].rstrip(".-") or "run"
+
+
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    """Write ``path`` whole or not at all: a temporary file beside it, fsynced, renamed."""
+    payload = data.encode() if isinstance(data, str) else data
+    with _temporary(path) as stream:
+        stream.write(payload)
+    return path
+
+
+@contextlib.contextmanager
+def _temporary(path: Path) -> Iterator[BinaryIO]:
+    """A binary stream on a temporary file beside ``path``, renamed over it on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent
+    )
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(name, 0o644)
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
 
 
 def _jsonable(value: Any) -> Any:
@@ -83,18 +142,33 @@ class RunFolder:
     def create(
         cls, scenario: Scenario, root: Path | str = "runs", path: Path | str | None = None
     ) -> RunFolder:
-        """A fresh folder ``root/<name>-<timestamp>`` (or ``path``) with the scenario written."""
+        """A fresh folder ``root/<name>-<timestamp>`` (or ``path``) with the scenario written.
+
+        ``path`` must not exist or be an empty folder (RunFolderError otherwise): records are
+        never appended to another run's.
+        """
         if path is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            path = Path(root) / f"{scenario.name}-{stamp}"
+            base = f"{safe_name(scenario.name)}-{stamp}"
+            path = Path(root) / base
             suffix = 1
             while path.exists():
-                path = Path(root) / f"{scenario.name}-{stamp}-{suffix}"
+                path = Path(root) / f"{base}-{suffix}"
                 suffix += 1
+        else:
+            check_new(path)
         folder = cls(Path(path))
         folder.path.mkdir(parents=True, exist_ok=True)
-        (folder.path / SCENARIO_FILE).write_text(json.dumps(scenario.to_dict(), indent=2) + "\n")
-        (folder.path / SCENARIO_TOML).write_text(scenario_toml(scenario))
+        write_atomic(folder.path / SCENARIO_FILE, json.dumps(scenario.to_dict(), indent=2) + "\n")
+        write_atomic(folder.path / SCENARIO_TOML, scenario_toml(scenario))
+        return folder
+
+    @classmethod
+    def open(cls, path: Path | str) -> RunFolder:
+        """An existing run folder (one holding scenario.json), to resume or read."""
+        folder = cls(Path(path))
+        if not (folder.path / SCENARIO_FILE).is_file():
+            raise RunFolderError(f"{path} is not a leaksim run folder: no {SCENARIO_FILE}")
         return folder
 
     @property
@@ -111,10 +185,8 @@ class RunFolder:
     def save_arrays(self, name: str, arrays: Mapping[str, np.ndarray]) -> Path:
         """Write ``artifacts/<name>.npz`` atomically (images behind the figures)."""
         target = self.path / ARTIFACTS_DIR / f"{name}.npz"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial.npz")
-        np.savez_compressed(partial, **arrays)
-        os.replace(partial, target)
+        with _temporary(target) as stream:
+            np.savez_compressed(stream, **arrays)
         return target
 
     def save_attack(self, record: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Path:
@@ -127,6 +199,60 @@ class RunFolder:
     def scenario(self) -> Scenario:
         return Scenario.from_json((self.path / SCENARIO_FILE).read_text())
 
+    def tidy(self) -> None:
+        """Remove what a killed run leaves behind: truth stores and half-written files."""
+        for stray in self.path.glob(f"{TRUTH_PREFIX}*"):
+            shutil.rmtree(stray, ignore_errors=True)
+        for folder in (self.path, self.path / ARTIFACTS_DIR):
+            for partial in folder.glob(f".*{TEMPORARY_SUFFIX}"):
+                partial.unlink(missing_ok=True)
+
+    def rewind(self, points: int) -> tuple[list[dict[str, Any]], int]:
+        """Prepare to resume: (the records kept, the first point to run again).
+
+        Points 0, 1, ... that ended ``ok`` are kept up to the first that did not (never run,
+        interrupted, failed); the records of that point and every later one, ``interrupted``
+        records and unreadable lines are appended to interrupted.jsonl, then results.jsonl is
+        rewritten atomically with the kept lines as they were.
+        """
+        lines = _lines(self.results_path)
+        done = {
+            r.get("point")
+            for _, _, r in lines
+            if r is not None and r.get("kind") == PointRecord.kind and r.get("status") == "ok"
+        }
+        first = next((index for index in range(points) if index not in done), points)
+        kept: list[tuple[str, dict[str, Any]]] = []
+        moved: list[str] = []
+        for _, line, record in lines:
+            point = record.get("point") if record is not None else None
+            if (
+                record is not None
+                and record.get("kind") != InterruptedRecord.kind
+                and isinstance(point, int)
+                and point < first
+            ):
+                kept.append((line, record))
+            else:
+                moved.append(line if line.endswith("\n") else line + "\n")
+        if moved:
+            earlier = self.path / INTERRUPTED_FILE
+            before = earlier.read_text() if earlier.is_file() else ""
+            write_atomic(earlier, before + "".join(moved))
+            write_atomic(self.results_path, "".join(line for line, _ in kept))
+        self.tidy()
+        return [record for _, record in kept], first
+
+
+def check_new(path: Path | str) -> None:
+    """RunFolderError unless ``path`` is free for a new run: absent, or an empty folder."""
+    target = Path(path)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise RunFolderError(
+            f"--out {path} is not empty; choose a new folder, or continue the run in it with "
+            f"leaksim run --resume {path}"
+        )
+
 
 def _attack_name(record: Mapping[str, Any]) -> str:
     return f"p{record['point']}-attack-r{record['round']}-c{record['client']}"
@@ -137,14 +263,40 @@ def attack_artifact(run_dir: Path | str, record: Mapping[str, Any]) -> Path:
     return Path(run_dir) / ARTIFACTS_DIR / f"{_attack_name(record)}.npz"
 
 
+def _lines(path: Path) -> list[tuple[int, str, dict[str, Any] | None]]:
+    """(line number, text, the JSON object or None) for each line of a results file."""
+    if not path.is_file():
+        return []
+    found = []
+    with path.open(newline="") as stream:
+        for number, line in enumerate(stream, start=1):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                value = None
+            if line.strip():
+                found.append((number, line, value if isinstance(value, dict) else None))
+    return found
+
+
 def read_records(run_dir: Path | str) -> Iterator[dict[str, Any]]:
-    """The records of a run folder; a torn last line (a crash mid-write) is skipped."""
+    """The records of a run folder, in order.
+
+    Lines that are not JSON objects (a torn last line after a crash, a damaged file) are
+    skipped with a :class:`CorruptRecordsWarning` that says how many and where.
+    """
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a leaksim run folder: no {RESULTS_FILE}")
-    with path.open() as stream:
-        for line in stream:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+    lines = _lines(path)
+    skipped = [number for number, _, record in lines if record is None]
+    if skipped:
+        shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        warnings.warn(
+            f"{path}: skipped {len(skipped)} unreadable line(s) (line {shown})",
+            CorruptRecordsWarning,
+            stacklevel=1,  # one place: shown once per process however many readers
+        )
+    for _, _, record in lines:
+        if record is not None:
+            yield record

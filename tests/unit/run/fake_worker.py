@@ -1,0 +1,51 @@
+"""A stand-in for ``simulator.run.worker`` (no Ray, no torch) for the supervisor's tests.
+
+It takes the worker's arguments and acts out the ``plan`` file in the run folder: one word
+per start of a worker (``ok``, ``crash``, ``error``, ``hang``), consumed in order.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from simulator.run.supervisor import Channel
+
+# Ignores SIGTERM, then says so by writing its PID to the file named by its argument.
+SLEEPER = (
+    "import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
+)
+
+
+def main() -> int:
+    folder, points = Path(sys.argv[1]), [int(p) for p in sys.argv[3].split(",")]
+    channel = Channel(int(sys.argv[5]))
+    plan = (folder / "plan").read_text().split()
+    (folder / "plan").write_text(" ".join(plan[1:]))
+    what = plan[0]
+    channel.send("ready", os.getpid())
+    for index, point in enumerate(points):
+        channel.record({"point": point, "kind": "round", "round": 0, "test_accuracy": 0.5,
+                        "test_loss": 1.0})  # fmt: skip
+        channel.progress(point, 0)
+        if what == "crash" and index == 0:
+            os._exit(3)
+        if what == "error":
+            channel.error(ValueError(f"bad point {point}"))
+            return 1
+        if what == "hang":
+            subprocess.Popen(
+                [sys.executable, "-c", SLEEPER, str(folder / "sleeper")], start_new_session=True
+            )
+            time.sleep(60)
+        channel.record({"kind": "point", "point": point, "status": "ok"})
+    channel.send("done", True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""simulator.run.supervisor with a stand-in worker: records in order, errors carried back,
+a dead worker costs one point, and a signal ends every process of the run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulator.run import supervisor
+from simulator.run.processes import process_info
+from simulator.run.supervisor import Interrupted, Supervisor
+
+
+@pytest.fixture(autouse=True)
+def fake_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(supervisor, "WORKER_MODULE", "tests.unit.run.fake_worker")
+    monkeypatch.setattr(supervisor, "GRACE_S", 0.5)
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.progress: list[tuple[int, int]] = []
+        self.interrupts: list[str] = []
+        self.lost: list[tuple[int, str]] = []
+
+    def supervisor(self, folder: Path) -> Supervisor:
+        return Supervisor(
+            folder,
+            self.records.append,
+            lambda p, r: self.progress.append((p, r)),
+            self.interrupts.append,
+            lambda p, how: self.lost.append((p, how)),
+        )
+
+
+def planned(tmp_path: Path, plan: str) -> Path:
+    (tmp_path / "plan").write_text(plan)
+    return tmp_path
+
+
+def test_records_and_progress_arrive_in_order(tmp_path: Path) -> None:
+    calls = Calls()
+    calls.supervisor(planned(tmp_path, "ok")).run([0, 1])
+    assert [(r["kind"], r["point"]) for r in calls.records] == [
+        ("round", 0), ("point", 0), ("round", 1), ("point", 1)
+    ]  # fmt: skip
+    assert calls.progress == [(0, 0), (1, 0)] and not calls.lost and not calls.interrupts
+
+
+def test_a_dead_worker_costs_its_point_and_a_new_one_goes_on(tmp_path: Path) -> None:
+    calls = Calls()
+    calls.supervisor(planned(tmp_path, "crash ok")).run([0, 1, 2])
+    assert calls.lost == [(0, "exit status 3")]
+    assert [r["point"] for r in calls.records if r["kind"] == "point"] == [1, 2]
+
+
+def test_the_workers_exception_is_raised_here_with_its_traceback(tmp_path: Path) -> None:
+    calls = Calls()
+    with pytest.raises(ValueError, match="bad point 0") as info:
+        calls.supervisor(planned(tmp_path, "error")).run([0])
+    assert any("raised in the run's worker process" in note for note in info.value.__notes__)
+
+
+def test_a_signal_records_the_stop_and_ends_every_process_of_the_run(tmp_path: Path) -> None:
+    calls = Calls()
+    run = calls.supervisor(planned(tmp_path, "hang"))
+    sleeper_file = tmp_path / "sleeper"
+    stopped = 0.0
+
+    def on_record(record: dict[str, Any]) -> None:
+        calls.records.append(record)
+        deadline = time.monotonic() + 30
+        while not (sleeper_file.is_file() and sleeper_file.read_text()):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+        nonlocal stopped
+        stopped = time.monotonic()
+
+    run.on_record = on_record
+    with pytest.raises(Interrupted) as info:
+        run.run([0, 1])
+    assert info.value.signum == signal.SIGTERM and calls.interrupts == ["SIGTERM"]
+    sleeper = int(sleeper_file.read_text())
+    info_after = process_info(sleeper)
+    assert info_after is None or not info_after.alive  # it ignored SIGTERM: killed
+    assert time.monotonic() - stopped >= supervisor.GRACE_S
+    assert len(calls.records) == 1  # nothing more was taken from the stopped worker
