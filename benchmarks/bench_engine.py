@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from simulator import api
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
 from simulator.core.scenario import load
@@ -25,7 +26,6 @@ from simulator.data.shards import load_shard
 from simulator.federation.interceptor import Interceptor
 from simulator.federation.strategies import make_strategy
 from simulator.federation.training import batch_gradient
-from simulator.run import engine
 
 RESULTS = Path(__file__).parent / "results" / "engine.json"
 
@@ -75,7 +75,7 @@ def measure(
         },
     )
     started = time.perf_counter()
-    result = engine.run(scenario, out_dir=out)
+    result = api.run(scenario, out_dir=out)
     total = time.perf_counter() - started
     round_records = result.table("round")
     per_round = [r["seconds"] for r in round_records if r["round"] >= 2]  # round 1 loads data

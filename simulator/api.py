@@ -27,7 +27,7 @@ def run(scenario: Scenario, out_dir: Path | str | None = None, **options: Any) -
     ``scenario``, then write the report.
 
     ``options`` are those of :func:`simulator.run.engine.execute` (``runs_root``,
-    ``on_round``, ``verbose``, ``raise_on_failure``, ``taps``).
+    ``on_round``, ``verbose``, ``raise_on_failure``, ``taps``, ``resume``, ``isolate``).
     """
     preflight(scenario)
     return execute(scenario, out_dir, finish=report, **options)

@@ -16,6 +16,7 @@ import pytest
 import ray
 from typer.testing import CliRunner
 
+from simulator import api
 from simulator.cli import app
 
 runner = CliRunner(env={"COLUMNS": "300"})
@@ -74,9 +75,10 @@ def guarded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Ray may not start; no download may reach a network; returns the would-be run folder."""
 
     def tripwire(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("Ray was started for an invalid input")
+        raise AssertionError("work was started for an invalid input")
 
-    monkeypatch.setattr(ray, "init", tripwire)
+    monkeypatch.setattr(ray, "init", tripwire)  # an in-process federation
+    monkeypatch.setattr(api, "execute", tripwire)  # the worker process that would run one
     monkeypatch.setenv("LEAKSIM_MIRRORS", "http://127.0.0.1:9/")  # discard port: refused
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return tmp_path / "run"
