@@ -11,6 +11,7 @@ attacks run but nothing is scored, so no "attack" records are written.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -92,6 +93,10 @@ class Referee:
         finally:
             if self.truth_store is not None:
                 self.truth_store.discard_round(traffic.round)
+            # The truths are gone from this frame; anything that still holds them is cyclic
+            # garbage (a traceback, a frame's locals snapshot), which gc.get_objects() would
+            # hand the next round's attack. Collect it now, before that attack runs.
+            gc.collect()
 
     def _log(self, traffic: RoundTraffic) -> None:
         for failure in traffic.failures:
