@@ -2,9 +2,9 @@
 
 Attacks import only :mod:`simulator.core` (the types that cross the trust boundary, the model
 zoo, the registry); ``tests/unit/test_layers.py`` enforces it. Importing this package
-registers every built-in attack.
+registers every built-in attack, the active ones of :mod:`attacks.active` too.
 """
 
-from attacks import analytic, gradient_matching, inversion, kkt, none, subspace
+from attacks import active, analytic, gradient_matching, inversion, kkt, none, subspace
 
-__all__ = ["analytic", "gradient_matching", "inversion", "kkt", "none", "subspace"]
+__all__ = ["active", "analytic", "gradient_matching", "inversion", "kkt", "none", "subspace"]

@@ -2,18 +2,25 @@
 
 It is handed :class:`Observation` objects only. What it returns (reconstructions and a log of
 what it saw) goes to the scorer, which is the only place that joins them with the truth.
+
+With an active attack (:mod:`attacks.active`) it also decides, before each round, what model
+to send each sampled client (:meth:`MaliciousServer.manipulate`), and attacks exactly the
+updates that came back from manipulated models.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from attacks.active.base import ActiveAttack, Plan, is_active
 from attacks.base import Attack
+from simulator.core.config import FederationConfig
+from simulator.core.models import ModelSpec, SentModel
 from simulator.core.protocol import Observation, Reconstruction
 from simulator.core.registry import ATTACKS
 
@@ -25,7 +32,9 @@ class MaliciousServer:
     """Sees every update before aggregation; attacks the ones its schedule selects.
 
     ``rounds`` empty means every round; ``max_clients`` 0 means every client of a round
-    (otherwise the lowest client ids, so runs are reproducible).
+    (otherwise the lowest client ids, so runs are reproducible). An active attack manipulates
+    the models of those rounds and clients (narrowed by its ``clients`` parameter) and attacks
+    only the updates computed on them; ``manipulated`` maps each round to those clients.
     """
 
     attack_name: str = NO_ATTACK
@@ -33,11 +42,77 @@ class MaliciousServer:
     rounds: Sequence[int] = ()
     max_clients: int = 0
     seen: list[tuple[int, int]] = field(default_factory=list)
+    manipulated: dict[int, frozenset[int]] = field(default_factory=dict)
+    examples: dict[int, int] = field(default_factory=dict)
+    _active: ActiveAttack[Any] | None = field(default=None, repr=False)
+
+    @property
+    def active(self) -> bool:
+        """Whether the attack manipulates the model it sends (an :class:`ActiveAttack`)."""
+        return self.attack_name != NO_ATTACK and is_active(self.attack_name)
+
+    def active_attack(self) -> ActiveAttack[Any]:
+        """The one instance of the active attack (it may cache public statistics)."""
+        if self._active is None:
+            self._active = ATTACKS.create(self.attack_name, dict(self.attack_params))
+        return self._active
+
+    def manipulate(
+        self,
+        server_round: int,
+        sampled: Sequence[int],
+        spec: ModelSpec,
+        weights: Mapping[str, torch.Tensor],
+        federation: FederationConfig,
+        secure_aggregation: bool,
+        public: Callable[[], torch.Tensor],
+    ) -> dict[int, SentModel]:
+        """The manipulated model for each client that gets one this round (none: honest).
+
+        Under secure aggregation every participant's update is summed, so a changed
+        architecture must go to every sampled client alike; anything else is an error.
+        """
+        if not self.active or (self.rounds and server_round not in self.rounds):
+            return {}
+        attack = self.active_attack()
+        wanted = attack.params.clients
+        chosen = tuple(c for c in sorted(sampled) if not wanted or c in wanted)
+        chosen = chosen[: self.max_clients] if self.max_clients else chosen
+        if not chosen:
+            return {}
+        fedsgd = federation.protocol == "fedsgd"
+        samples = {c: federation.batch_size if fedsgd else self.examples.get(c, 0) for c in chosen}
+        plan = Plan(
+            server_round, chosen, tuple(sorted(sampled)), spec, weights, federation, samples,
+            public(), secure_aggregation,
+        )  # fmt: skip
+        offers = attack.manipulate(plan)
+        if secure_aggregation:
+            specs = {o.spec for o in offers.values()}
+            if specs - {spec} and (set(offers) != set(sampled) or len(specs) > 1):
+                raise ValueError(
+                    f"attack {self.attack_name!r} sent a changed architecture to clients "
+                    f"{sorted(offers)} of {sorted(sampled)}: under secure aggregation every "
+                    "sampled client must train the same one (set attack.params.clients to "
+                    "all, or use an attack made for it)"
+                )
+        self.manipulated[server_round] = frozenset(offers)
+        return offers
 
     def targets(self, observations: Sequence[Observation]) -> list[Observation]:
-        """The observations of this round the schedule selects for an attack."""
+        """The observations of this round the schedule selects for an attack.
+
+        For an active attack: the updates computed on manipulated models (the aggregate of a
+        manipulated round under secure aggregation).
+        """
         if self.attack_name == NO_ATTACK or not observations:  # the registered no-op
             return []
+        if self.active:
+            done = self.manipulated.get(observations[0].round, frozenset())
+            return sorted(
+                (o for o in observations if o.client_id in done or (o.client_id < 0 and done)),
+                key=lambda o: o.client_id,
+            )
         if self.rounds and observations[0].round not in self.rounds:
             return []
         ordered = sorted(observations, key=lambda o: o.client_id)
@@ -49,10 +124,16 @@ class MaliciousServer:
             if not isinstance(observation, Observation):
                 raise TypeError(f"the malicious server takes Observations, got {type(observation)}")
             self.seen.append((observation.round, observation.client_id))
+            if observation.client_id >= 0:  # what each client trains on, for later plans
+                self.examples[observation.client_id] = observation.meta.num_examples
         targets = self.targets(observations)
         if not targets:
             return []
-        attack: Attack[Any] = ATTACKS.create(self.attack_name, dict(self.attack_params))
+        attack: Attack[Any] | ActiveAttack[Any] = (
+            self.active_attack()
+            if self.active
+            else ATTACKS.create(self.attack_name, dict(self.attack_params))
+        )
         reconstructions = attack.run(targets)
         for reconstruction in reconstructions:  # named here, so a plugin need not name itself
             reconstruction.attack = self.attack_name

@@ -3,11 +3,21 @@
 Defenses import only :mod:`simulator.core`; ``tests/unit/test_layers.py`` enforces it.
 """
 
-from defenses import clipping, dp_sgd, local_dp, noise, pruning, quantization, secure_aggregation
+from defenses import (
+    clipping,
+    dp_sgd,
+    inspection,
+    local_dp,
+    noise,
+    pruning,
+    quantization,
+    secure_aggregation,
+)
 
 __all__ = [
     "clipping",
     "dp_sgd",
+    "inspection",
     "local_dp",
     "noise",
     "pruning",

@@ -7,6 +7,7 @@ clients train without ever touching client state.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -47,6 +48,10 @@ class ModelSpec:
     # The network first maps its [0, 1] input to 2 x - 1 (a fixed layer, no parameters): the
     # centred inputs of Haim et al., whose KKT reconstruction depends on them.
     centre_inputs: bool = False
+    # An imprint block with this many neurons in front of the model (0: none). Honest servers
+    # leave it at 0; a malicious server sends it to the clients it manipulates
+    # (attacks/active/imprint.py), and each client builds the model the spec describes.
+    imprint_bins: int = param(0, low=0, help="neurons of an imprint block in front (0: none)")
     input_shape: tuple[int, int, int] = derived((1, 28, 28))
     num_classes: int = derived(10)
 
@@ -168,13 +173,74 @@ def build_homogeneous_mlp(spec: ModelSpec) -> nn.Module:
 
 
 def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
-    """Build the model ``spec`` names; with ``seed``, its initial weights are reproducible."""
+    """Build the model ``spec`` names; with ``seed``, its initial weights are reproducible.
+
+    With ``imprint_bins``, an :class:`ImprintBlock` goes in front, built after the model so
+    that the model's own initial weights are those of the spec without it.
+    """
     builder: ModelBuilder = MODELS.entry(spec.kind).value
     if seed is None:
-        return _initialised(builder.build(spec), spec)
+        return _imprinted(_initialised(builder.build(spec), spec), spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _initialised(builder.build(spec), spec)
+        return _imprinted(_initialised(builder.build(spec), spec), spec)
+
+
+IMPRINT = "imprint"  # the name of the imprint block: its parameters are "imprint.*"
+
+
+class ImprintBlock(nn.Module):
+    """``x + decoder(relu(encoder(x)))``: a fully-connected block that returns an image.
+
+    Fowl et al.'s imprint ("Robbing the Fed", 2022) with a residual connection: the model
+    behind it sees its input plus whatever the decoder adds. Freshly built the decoder is zero,
+    so the block is the identity; the weights a malicious server sends decide what it does.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], bins: int) -> None:
+        super().__init__()
+        size = _flat_size(shape)
+        self.encoder = nn.Linear(size, bins)
+        self.decoder = nn.Linear(bins, size)
+        with torch.no_grad():
+            self.decoder.weight.zero_()
+            self.decoder.bias.zero_()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.encoder(inputs.flatten(1)))
+        return inputs + self.decoder(hidden).reshape(inputs.shape)
+
+
+def _imprinted(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    """``model`` behind an imprint block of ``spec.imprint_bins`` neurons (if any).
+
+    A sequential model keeps its parameter names ("0.weight" stays "0.weight"); any other
+    model becomes "model.*".
+    """
+    if not spec.imprint_bins:
+        return model
+    block = ImprintBlock(spec.input_shape, spec.imprint_bins)
+    children = (
+        list(model.named_children()) if isinstance(model, nn.Sequential) else [("model", model)]
+    )
+    return nn.Sequential(OrderedDict([(IMPRINT, block), *children]))
+
+
+@dataclass(frozen=True)
+class SentModel:
+    """What a malicious server sends one client instead of the honest global model.
+
+    ``spec`` is the model the client builds (the honest spec, or one with an added block) and
+    ``weights`` its state; ``change`` says in one line what differs from the honest model, for
+    the run's "manipulation" record. ``aggregate``: whether the reply joins aggregation (only
+    the honest model's parameters of it); by default it does not, so the global model the
+    federation trains is not corrupted.
+    """
+
+    spec: ModelSpec
+    weights: dict[str, torch.Tensor]
+    change: str
+    aggregate: bool = False
 
 
 INITS = ("default", "uniform")

@@ -15,6 +15,11 @@ client that sent a masked vector, with that client's ``num_examples`` and metric
 Ground truth: the clients write it to the simulation's truth store, as under the Message API
 (:mod:`simulator.federation.truth`); nothing but the masked update and its example count
 travels, so the server's only view of update data is the aggregate.
+
+A malicious server may send manipulated models (``manipulate``, as in the Interceptor): each
+client's FitIns then carries its own weights and a scenario describing them. The aggregate of
+such a round is observed against the weighted mean of what was sent and, unless the
+manipulation says otherwise, not applied to the global model.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.client import Client, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -45,13 +50,15 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 
 from defenses.base import build_defenses
+from defenses.inspection import Inspection
 from defenses.secure_aggregation import SecureAggregation, SecureAggregationParams
 from simulator.core.config import Scenario
-from simulator.core.models import ModelSpec, build_model
+from simulator.core.models import ModelSpec, SentModel, build_model
 from simulator.data.shards import shard_size
 from simulator.federation.client import compute_update
 from simulator.federation.client_app import identify
 from simulator.federation.client_mods import client_id_of, seeded_numpy_mod
+from simulator.federation.interceptor import Manipulate, honest_part, manipulated_scenario
 from simulator.federation.messages import ROUND_KEY, SCENARIO_KEY
 from simulator.federation.strategies import sgd_step
 from simulator.federation.traffic import (
@@ -127,8 +134,10 @@ class SecAggStrategy(Strategy):
         initial: Mapping[str, torch.Tensor],
         on_round: Callable[[RoundTraffic], None],
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord],
+        manipulate: Manipulate | None = None,
     ) -> None:
         self.scenario = scenario
+        self.manipulate = manipulate
         self.node_to_client = dict(node_to_client)
         self.client_to_node = {c: n for n, c in self.node_to_client.items()}
         self.initial = {k: v.detach().clone() for k, v in initial.items()}
@@ -142,12 +151,18 @@ class SecAggStrategy(Strategy):
             on_round,
         )
         self._unmasked: set[int] = set()
+        # Rounds with manipulated models: if clients refuse them and SecAgg+ never unmasks,
+        # the round is lost (the global model stays), not the point.
+        self._manipulated: set[int] = set()
 
-    def _named(self, arrays: Sequence[np.ndarray]) -> Weights:
-        """Legacy (unnamed) arrays as named tensors typed like the model's weights."""
+    def _named(
+        self, arrays: Sequence[np.ndarray], like: Mapping[str, torch.Tensor] | None = None
+    ) -> Weights:
+        """Legacy (unnamed) arrays as named tensors typed like the model's weights (or ``like``)."""
+        reference = self.initial if like is None else like
         return {
-            name: torch.from_numpy(np.asarray(array)).to(like.dtype)
-            for (name, like), array in zip(self.initial.items(), arrays, strict=True)
+            name: torch.from_numpy(np.asarray(array)).to(template.dtype)
+            for (name, template), array in zip(reference.items(), arrays, strict=True)
         }
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -157,16 +172,32 @@ class SecAggStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         """The seeded sample of clients (as the Interceptor draws it), each sent the scenario."""
-        sampled = self.path.open_round(
-            server_round, self._named(parameters_to_ndarrays(parameters))
-        )
+        sent = self._named(parameters_to_ndarrays(parameters))
+        sampled = self.path.open_round(server_round, sent)
+        offers = dict(self.manipulate(server_round, sampled, sent)) if self.manipulate else {}
+        self.path.offer(offers)
+        if offers:
+            self._manipulated.add(server_round)
         proxies = {proxy.node_id: proxy for proxy in client_manager.all().values()}
         config: dict[str, Scalar] = {
             SCENARIO_KEY: self.scenario.to_json(),
             ROUND_KEY: server_round,
         }
         fit_ins = FitIns(parameters, config)
-        return [(proxies[self.client_to_node[c]], fit_ins) for c in sampled]
+        return [
+            (
+                proxies[self.client_to_node[c]],
+                self._fit_ins(offers[c], server_round) if c in offers else fit_ins,
+            )
+            for c in sampled
+        ]
+
+    def _fit_ins(self, offer: SentModel, server_round: int) -> FitIns:
+        """The FitIns of a client sent a manipulated model: its weights and its scenario."""
+        scenario = manipulated_scenario(self.scenario.to_json(), offer.spec)
+        config: dict[str, Scalar] = {SCENARIO_KEY: scenario, ROUND_KEY: server_round}
+        arrays = [t.detach().cpu().numpy() for t in offer.weights.values()]
+        return FitIns(ndarrays_to_parameters(arrays), config)
 
     def aggregate_fit(
         self,
@@ -188,22 +219,33 @@ class SecAggStrategy(Strategy):
             if not by_client:
                 raise all_failed(traffic)
             return None, {}
-        aggregate = self._aggregate(by_client)
+        offers = [self.path.offers[c] for c in answered if c in self.path.offers]
+        like = offers[0].weights if offers else None
+        aggregate = self._aggregate(by_client, like)
         metas = [public_meta(self.scenario.federation, res.num_examples) for _, res in by_client]
-        observation = self.path.observe(server_round, AGGREGATE_CLIENT_ID, aggregate, metas)
+        observation = self.path.observe(
+            server_round, AGGREGATE_CLIENT_ID, aggregate, metas, clients=answered
+        )
         self.path.close_round(server_round, (observation,), dropped, answered)
+        if any(self.path.excluded(c) for c in answered):
+            return None, {}  # a manipulated round: the global model stays as it was
+        if offers:  # manipulated but aggregated: only the honest model's tensors
+            names = honest_part(offers[0], list(self.initial))
+            aggregate = {h: aggregate[b] for h, b in zip(self.initial, names, strict=True)}
         sent = {k: v.numpy() for k, v in self.path.sent.items()}
         values = {k: v.numpy() for k, v in aggregate.items()}
         fed = self.scenario.federation
         stepped = sgd_step(sent, values, fed.lr) if fed.protocol == "fedsgd" else values
         return ndarrays_to_parameters(list(stepped.values())), {}
 
-    def _aggregate(self, by_client: Sequence[tuple[int, FitRes]]) -> Weights:
+    def _aggregate(
+        self, by_client: Sequence[tuple[int, FitRes]], like: Mapping[str, torch.Tensor] | None
+    ) -> Weights:
         """The unmasked weighted mean the workflow put into every FitRes."""
         first = by_client[0][1].parameters
         if any(res.parameters.tensors != first.tensors for _, res in by_client):
             raise RuntimeError("SecAgg+ handed the strategy differing (individual) parameters")
-        return self._named(parameters_to_ndarrays(first))
+        return self._named(parameters_to_ndarrays(first), like)
 
     def _failures(
         self,
@@ -242,7 +284,7 @@ class SecAggStrategy(Strategy):
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
         """Test the global model; a round SecAgg+ never unmasked ends the point instead."""
-        if server_round > 0 and server_round not in self._unmasked:
+        if server_round > 0 and server_round not in self._unmasked | self._manipulated:
             raise SecAggHalted(
                 f"round {server_round}: SecAgg+ halted before unmasking (fewer than 2 clients "
                 "sampled, or too few stayed for the reconstruction threshold)"
@@ -254,10 +296,15 @@ class SecAggStrategy(Strategy):
 
 
 class SecAggClient(NumPyClient):
-    """One client under SecAgg+: the Message-API client's computation, legacy types around it."""
+    """One client under SecAgg+: the Message-API client's computation, legacy types around it.
 
-    def __init__(self, client_id: int) -> None:
+    A client with the "inspection" defense inspects the model first (its reference lives in
+    the node's ``state``), as the Message-API client's mod does.
+    """
+
+    def __init__(self, client_id: int, state: RecordDict | None = None) -> None:
         self.client_id = client_id
+        self.state = state if state is not None else RecordDict()
 
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
@@ -265,6 +312,10 @@ class SecAggClient(NumPyClient):
         """The update (masked by secaggplus_mod afterwards), its weight and its metrics."""
         scenario = Scenario.from_json(str(config[SCENARIO_KEY]))
         names = parameter_names(scenario.model)
+        received = {n: np.asarray(a) for n, a in zip(names, parameters, strict=True)}
+        for defense in build_defenses(scenario.defenses):
+            if isinstance(defense, Inspection):
+                defense.inspect(received, self.state, scenario)
         sent = {n: torch.from_numpy(np.array(a)) for n, a in zip(names, parameters, strict=True)}
         result = compute_update(scenario, int(config[ROUND_KEY]), self.client_id, sent)
         metrics: dict[str, Scalar] = dict(result.metrics)
@@ -272,7 +323,7 @@ class SecAggClient(NumPyClient):
 
 
 def client_fn(context: Context) -> Client:
-    return SecAggClient(client_id_of(context)).to_client()
+    return SecAggClient(client_id_of(context), context.state).to_client()
 
 
 def answer_queries(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

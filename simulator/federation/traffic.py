@@ -6,6 +6,10 @@ each update, the failures (errors and missing replies), and :class:`RoundTraffic
 Message-API strategy (:mod:`simulator.federation.interceptor`) and the SecAgg+ strategy
 (:mod:`simulator.federation.secagg`) both drive it; only what they observe differs (each
 update, or the one aggregate).
+
+A malicious server may send some clients a manipulated model (:meth:`TrafficPath.offer`): their
+observations then hold the model and weights those clients were sent, and
+:meth:`TrafficPath.excluded` tells the strategy to leave their replies out of aggregation.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 
 from simulator.core.config import FederationConfig
-from simulator.core.models import ModelSpec
+from simulator.core.models import ModelSpec, SentModel
 from simulator.core.protocol import Observation, PublicMeta
 
 Weights = dict[str, torch.Tensor]
@@ -116,14 +120,53 @@ class TrafficPath:
         self.on_round = on_round
         self.sent: Weights = {}
         self.sampled: tuple[int, ...] = ()
+        self.offers: dict[int, SentModel] = {}
 
     def open_round(self, server_round: int, sent: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
         """Remember the global weights sent and draw this round's clients (seeded, sorted)."""
         self.sent = {k: v.detach().clone() for k, v in sent.items()}
+        self.offers = {}
         self.sampled = sample_clients(
             self.client_ids, self.federation.fraction, self.seed, server_round
         )
         return self.sampled
+
+    def offer(self, offers: Mapping[int, SentModel]) -> None:
+        """The manipulated models this round's clients get instead of the global weights."""
+        unknown = sorted(set(offers) - set(self.sampled))
+        if unknown:
+            raise ValueError(f"manipulated models for clients {unknown}, who were not sampled")
+        self.offers = dict(offers)
+
+    def excluded(self, client_id: int) -> bool:
+        """Whether this client's reply stays out of aggregation (it trained a manipulated model)."""
+        offer = self.offers.get(client_id)
+        return offer is not None and not offer.aggregate
+
+    def sent_to(
+        self, client_ids: Sequence[int], weights: Sequence[float]
+    ) -> tuple[ModelSpec, Weights]:
+        """The model and weights the clients were sent; for several, their weighted mean.
+
+        The aggregate of updates computed on different weights is observed against the mean
+        of those weights (with the aggregate's own weights), which is what a FedAvg update's
+        change is measured from. The clients must have been sent one architecture.
+        """
+        sent = [self.offers.get(c) for c in client_ids]
+        specs = {o.spec if o is not None else self.model for o in sent}
+        if len(specs) != 1:
+            raise ValueError(f"clients {list(client_ids)} were sent different architectures")
+        tensors = [o.weights if o is not None else self.sent for o in sent]
+        if len(tensors) == 1 or all(t is tensors[0] for t in tensors):
+            return specs.pop(), {k: v.clone() for k, v in tensors[0].items()}
+        share = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+        mixed = {
+            k: torch.tensordot(share, torch.stack([t[k].double() for t in tensors]), dims=1).to(
+                tensors[0][k].dtype
+            )
+            for k in tensors[0]
+        }
+        return specs.pop(), mixed
 
     def observe(
         self,
@@ -131,13 +174,23 @@ class TrafficPath:
         client_id: int,
         update: Weights,
         metas: Sequence[PublicMeta],
+        clients: Sequence[int] = (),
     ) -> Observation:
-        """The observation of one update (of an aggregate when ``metas`` has several)."""
+        """The observation of one update (of an aggregate when ``metas`` has several).
+
+        ``clients``: for an aggregate, whose updates it sums (in ``metas``' order), so that it
+        is observed against what they were sent.
+        """
+        senders = list(clients) if clients else [client_id]
+        if any(c in self.offers for c in senders):
+            model, sent = self.sent_to(senders, [m.num_examples for m in metas])
+        else:
+            model, sent = self.model, {k: v.clone() for k, v in self.sent.items()}
         return Observation(
             round=server_round,
             client_id=client_id,
-            model=self.model,
-            global_weights={k: v.clone() for k, v in self.sent.items()},
+            model=model,
+            global_weights=sent,
             update=update,
             meta=aggregate_meta(metas),
         )

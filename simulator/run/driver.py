@@ -6,13 +6,19 @@ aggregation defense, Flower's SecAgg+ legacy workflow
 (:class:`simulator.federation.secagg.SecAggStrategy`). Each round's traffic goes to the
 referee; the driver writes the "startup" and "round" records and, at the end, the privacy
 ledger's "privacy" record.
+
+With an active attack (the scenario's ``attack.name``; attacks in ``attack.also`` only watch),
+the driver asks its malicious server before each round which
+clients get a manipulated model (:meth:`FederationDriver.manipulate`), writes a "manipulation"
+record for each, and hands the models to the strategy, which sends them instead of the global
+weights. The server's public statistics are the whole test split.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -29,12 +35,19 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid
 
+from attacks.server import MaliciousServer
 from defenses.base import AggregationDefense, build_defenses
 from simulator.core.config import Scenario
-from simulator.core.models import build_model
-from simulator.core.records import Record, RoundRecord, StartupRecord
+from simulator.core.models import SentModel, build_model
+from simulator.core.records import (
+    AttackErrorRecord,
+    ManipulationRecord,
+    Record,
+    RoundRecord,
+    StartupRecord,
+)
 from simulator.data.shards import Shard, load_test_set
-from simulator.federation.interceptor import Interceptor
+from simulator.federation.interceptor import Interceptor, Manipulate
 from simulator.federation.messages import (
     CLIENT_ID_KEY,
     CONFIG_KEY,
@@ -106,6 +119,7 @@ class FederationDriver:
     _round_started: float = field(default=0.0, init=False)
     _round_failures: int = field(default=0, init=False)
     _test_set: Shard | None = field(default=None, init=False)
+    _public: torch.Tensor | None = field(default=None, init=False)
 
     @property
     def secure_aggregation(self) -> bool:
@@ -133,6 +147,7 @@ class FederationDriver:
             scenario.model,
             scenario.seed,
             self.on_round,
+            self.manipulation(),
         )
         interceptor.start(
             grid=grid,
@@ -148,7 +163,7 @@ class FederationDriver:
         scenario = self.scenario
         strategy = SecAggStrategy(
             scenario, self.discover(grid), self.initial_weights(), self.on_round,
-            self.evaluate_round,
+            self.evaluate_round, self.manipulation(),
         )  # fmt: skip
         legacy = LegacyContext(
             context, config=ServerConfig(num_rounds=scenario.federation.rounds), strategy=strategy
@@ -166,6 +181,49 @@ class FederationDriver:
     def initial_weights(self) -> dict[str, torch.Tensor]:
         """The seeded initial global model's weights."""
         return build_model(self.scenario.model, seed=self.scenario.seed).state_dict()
+
+    @property
+    def malicious(self) -> MaliciousServer:
+        """The malicious server of the scenario's own attack: the one that may manipulate."""
+        return self.referee.servers[0]
+
+    def manipulation(self) -> Manipulate | None:
+        """The strategy's hook for manipulated models, when the attack is an active one."""
+        return self.manipulate if self.malicious.active else None
+
+    def public_images(self) -> torch.Tensor:
+        """The server's public data: the whole test split (loaded once)."""
+        if self._public is None:
+            data = dataclasses.replace(self.scenario.data, test_examples=0)
+            self._public = load_test_set(data).inputs
+        return self._public
+
+    def manipulate(
+        self, server_round: int, sampled: tuple[int, ...], weights: Mapping[str, torch.Tensor]
+    ) -> dict[int, SentModel]:
+        """The malicious server's models for this round; one "manipulation" record each.
+
+        An attack that fails to plan writes an "attack_error" record, and every client gets
+        the honest model.
+        """
+        scenario = self.scenario
+        try:
+            offers = self.malicious.manipulate(
+                server_round, sampled, scenario.model, weights, scenario.federation,
+                self.secure_aggregation, self.public_images,
+            )  # fmt: skip
+        except Exception as error:  # a failed attack must not end the federation it watches
+            message = f"{type(error).__name__}: {error}"
+            self.emit(AttackErrorRecord(server_round, scenario.attack.name, message))
+            self.malicious.manipulated.pop(server_round, None)
+            return {}
+        for client, offer in sorted(offers.items()):
+            self.emit(
+                ManipulationRecord(
+                    server_round, client, scenario.attack.name, offer.change, offer.aggregate
+                )
+            )
+        return offers
 
     def on_round(self, traffic: RoundTraffic) -> None:
         """Each round's traffic: counted for the round record, then refereed."""

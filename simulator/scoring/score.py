@@ -7,6 +7,11 @@ image), "nearest" (candidate sets: each true image against its best candidate, b
 Each reconstruction is matched to its client's true batch (Hungarian on MSE) and scored per
 image (MSE, PSNR, SSIM with a Gaussian window), with label accuracy and the fraction leaked
 (PSNR >= threshold). Snapshots taken during the attack give PSNR against iteration.
+
+Attacks that state a guarantee (the active attacks of :mod:`attacks.active`) put
+``predicted_share`` in their last trace entry; their records then also hold
+``recovered_60db`` and ``recovered_30db`` (shares of the batch at PSNR >= 60 and >= 30 dB,
+whatever ``leak_threshold_db`` is) and that ``predicted_share``. Other records are unchanged.
 """
 
 from __future__ import annotations
@@ -61,6 +66,23 @@ def _distance_trace(trace: Sequence[dict[str, float]]) -> list[dict[str, float]]
         {"iteration": int(t["iteration"]), "gradient_distance": float(t["gradient_distance"])}
         for t in trace
     ]
+
+
+EXACT_DB = 60.0  # "recovered exactly": the bar closed-form attacks are held to
+
+
+def exact_shares(reconstruction: Reconstruction, psnrs: torch.Tensor) -> dict[str, Any]:
+    """``recovered_60db``, ``recovered_30db`` and ``predicted_share`` when the attack states
+    a prediction (``predicted_share`` in its last trace entry); nothing otherwise."""
+    trace = reconstruction.trace
+    if not trace or "predicted_share" not in trace[-1]:
+        return {}
+    predicted = float(trace[-1]["predicted_share"])
+    return {
+        "recovered_60db": float((psnrs >= EXACT_DB).double().mean()),
+        "recovered_30db": float((psnrs >= 30.0).double().mean()),
+        "predicted_share": None if math.isnan(predicted) else predicted,
+    }
 
 
 def _padded(images: torch.Tensor, count: int) -> torch.Tensor:
@@ -128,6 +150,7 @@ def score(
             "seconds_to_threshold": seconds_at.get(reached) if reached is not None else None,
             "trace": _distance_trace(trace),
             "psnr_curve": curve,
+            **exact_shares(reconstruction, finite_psnr),
         },
     )
     paired = images[summary.permutation]

@@ -65,6 +65,7 @@ def test_registry_lists_every_family_with_its_kind() -> None:
         "dp-sgd": "TrainingDefense",
         "secure-aggregation": "AggregationDefense",
         "local-dp": "ClientModDefense",
+        "inspection": "ClientModDefense",
     }
     for name, line in DEFENSES.items():
         assert isinstance(line, str) and line

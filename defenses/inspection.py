@@ -1,0 +1,138 @@
+"""Model inspection: a client refuses a received model that differs implausibly from the last.
+
+Against an actively malicious server (:mod:`attacks.active`), a client looks at the model it is
+asked to train before training it, and compares it with the last model it accepted (in the
+first round it trains, with a fresh initialisation of the architecture it joined: the model
+zoo's, without any block a server may add). It rejects the model when
+
+* its structure differs: a tensor added, missing or reshaped (an imprint block), or
+* the root mean square of some tensor changed by more than a factor ``max_ratio`` either way
+  (re-drawn trap weights: biases tens of times larger than trained ones).
+
+A rejection raises :class:`ModelRejected` in the client, which the server sees as a failed
+update ("failure" record, reason beginning "inspection rejected the model"); the client keeps
+its reference. Honest training moves a tensor's scale slowly, so the false-positive rate on
+honest rounds is the share of such failures where no model was manipulated (measured in
+``scenarios/active-defenses.toml``).
+
+A client-mod defense: on the Message-API path it wraps the train function like local DP does
+(:mod:`simulator.federation.client_mods`) and keeps its reference in the node's
+``context.state``; the SecAgg+ client calls :meth:`Inspection.inspect` itself before training.
+It does not change the update a client sends, only whether it sends one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
+
+from defenses.base import ClientMod, ClientModDefense, register_defense
+from simulator.core.config import Scenario
+from simulator.core.fields import param
+from simulator.core.models import build_model
+
+# The config key the scenario travels under (simulator.federation.messages.SCENARIO_KEY, which
+# this layer may not import; a test keeps the two equal).
+SCENARIO_KEY = "leaksim-scenario"
+REFERENCE_KEY = "inspection-reference"
+
+Arrays = Mapping[str, np.ndarray]
+
+
+class ModelRejected(RuntimeError):
+    """The client's inspection refused the model it was sent."""
+
+
+@dataclass(frozen=True)
+class InspectionParams:
+    """Parameters of "inspection"."""
+
+    max_ratio: float = param(
+        4.0,
+        low=1.0,
+        low_open=True,
+        help="largest factor by which a tensor's RMS may change from the reference, either way",
+    )
+
+
+def honest_reference(scenario: Scenario) -> dict[str, np.ndarray]:
+    """A fresh initialisation of the architecture the client joined (no added block)."""
+    spec = dataclasses.replace(scenario.model, imprint_bins=0)
+    return {k: v.detach().numpy() for k, v in build_model(spec).state_dict().items()}
+
+
+def _rms(array: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(array, dtype=np.float64)))) if array.size else 0.0
+
+
+def difference(received: Arrays, reference: Arrays, max_ratio: float) -> str | None:
+    """Why ``received`` is implausible next to ``reference``, or None when it is not."""
+    added = sorted(set(received) - set(reference))
+    missing = sorted(set(reference) - set(received))
+    if added or missing:
+        parts = [f"added {added}" if added else "", f"missing {missing}" if missing else ""]
+        return "structure differs: " + "; ".join(p for p in parts if p)
+    for name, before in reference.items():
+        after = received[name]
+        if tuple(after.shape) != tuple(before.shape):
+            return f"structure differs: {name} is {tuple(after.shape)}, was {tuple(before.shape)}"
+        old, new = max(_rms(before), 1e-12), max(_rms(after), 1e-12)
+        if abs(math.log(new / old)) > math.log(max_ratio):
+            return f"{name}: RMS {new:.3g} against {old:.3g} (more than x{max_ratio:g} apart)"
+    return None
+
+
+def _received(msg: Message) -> dict[str, np.ndarray]:
+    """The weights a train message carries (its one ArrayRecord)."""
+    (record,) = msg.content.array_records.values()
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def _scenario(msg: Message) -> Scenario:
+    for config in msg.content.config_records.values():
+        if SCENARIO_KEY in config:
+            return Scenario.from_json(str(config[SCENARIO_KEY]))
+    raise ModelRejected("inspection: the train message carries no scenario")
+
+
+@register_defense(
+    "inspection",
+    "Client-side: refuses a model whose structure or weight scales differ implausibly from "
+    "the last one it accepted.",
+)
+class Inspection(ClientModDefense):
+    """Rejects manipulated models before training; changes no update it lets through."""
+
+    Params = InspectionParams
+    params: InspectionParams
+
+    def inspect(self, received: Arrays, state: RecordDict, scenario: Scenario) -> None:
+        """Raise :class:`ModelRejected`, or accept ``received`` as the new reference."""
+        stored = state.array_records.get(REFERENCE_KEY)
+        reference = (
+            {k: v.numpy() for k, v in stored.items()}
+            if stored is not None
+            else honest_reference(scenario)
+        )
+        reason = difference(received, reference, self.params.max_ratio)
+        if reason is not None:
+            raise ModelRejected(f"inspection rejected the model: {reason}")
+        state.array_records[REFERENCE_KEY] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in received.items()}
+        )
+
+    def mod(self) -> ClientMod:
+        """The Flower mod that inspects each train message before the client trains."""
+
+        def inspection_mod(msg: Message, context: Context, call_next: Any) -> Message:
+            if msg.metadata.message_type == MessageType.TRAIN:
+                self.inspect(_received(msg), context.state, _scenario(msg))
+            return call_next(msg, context)  # type: ignore[no-any-return]
+
+        return inspection_mod

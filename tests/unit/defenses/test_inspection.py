@@ -1,0 +1,71 @@
+"""The client-side inspection defense: honest models pass, manipulated ones are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import RecordDict
+
+from attacks.active.imprint import Imprint, ImprintParams
+from attacks.active.trap_weights import TrapWeights
+from defenses import inspection
+from defenses.inspection import Inspection, InspectionParams, ModelRejected
+from simulator.core.models import build_model
+from simulator.core.registry import DEFENSES
+from simulator.core.scenario import load
+from simulator.federation import messages
+from simulator.federation.training import batch_gradient, load_weights
+from tests.unit.attacks.active.helpers import LABELS, PRIVATE, plan
+
+SCENARIO = load("quickstart", {"model.widths": [64]})
+
+
+def arrays(weights: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy() for k, v in weights.items()}
+
+
+def honest_rounds(count: int, lr: float = 0.5) -> list[dict[str, torch.Tensor]]:
+    """The global models of ``count`` FedSGD rounds on batches of 8 digits."""
+    spec = SCENARIO.model
+    weights = build_model(spec, seed=0).state_dict()
+    models = [weights]
+    for r in range(count - 1):
+        model = load_weights(build_model(spec), weights)
+        grad = batch_gradient(model, spec, PRIVATE[8 * r : 8 * r + 8], LABELS[8 * r : 8 * r + 8])
+        weights = {k: v - lr * grad[k] for k, v in weights.items()}
+        models.append(weights)
+    return models
+
+
+def test_honest_rounds_pass_and_become_the_reference() -> None:
+    defense, state = Inspection(InspectionParams()), RecordDict()
+    for weights in honest_rounds(12):
+        defense.inspect(arrays(weights), state, SCENARIO)
+    stored = state.array_records[inspection.REFERENCE_KEY]
+    assert np.array_equal(stored["1.weight"].numpy(), arrays(weights)["1.weight"])
+
+
+@pytest.mark.parametrize("attack", ["imprint", "trap-weights"])
+def test_manipulated_models_are_refused_first_round_or_later(attack: str) -> None:
+    made = Imprint(ImprintParams(bins=32)) if attack == "imprint" else TrapWeights()
+    offer = made.manipulate(plan(spec=SCENARIO.model))[0]
+    for history in (0, 3):  # no reference yet (the zoo's architecture), or honest rounds
+        defense, state = Inspection(InspectionParams()), RecordDict()
+        for weights in honest_rounds(history):
+            defense.inspect(arrays(weights), state, SCENARIO)
+        with pytest.raises(ModelRejected, match="inspection rejected the model") as error:
+            defense.inspect(arrays(offer.weights), state, SCENARIO)
+        assert "\n" not in str(error.value)
+        reason = "structure differs" if attack == "imprint" else "RMS"
+        assert reason in str(error.value)
+
+
+def test_the_mod_reads_the_scenario_under_the_federations_key() -> None:
+    assert inspection.SCENARIO_KEY == messages.SCENARIO_KEY
+
+
+def test_bad_params_get_one_line_errors() -> None:
+    with pytest.raises(ValueError, match="'max_ratio'") as error:
+        DEFENSES.create("inspection", {"max_ratio": 1.0})
+    assert "\n" not in str(error.value)
