@@ -52,9 +52,10 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 def test_registry_lists_every_family_with_its_kind() -> None:
+    built_in = [n for n in DEFENSES if DEFENSES.entry(n).module.startswith("defenses.")]
     kinds = {
         name: next(k.__name__ for k in DEFENSE_KINDS if isinstance(DEFENSES.create(name), k))
-        for name in DEFENSES
+        for name in built_in  # a plugin file loaded by another test may have added more
     }
     assert kinds == {
         "gaussian-noise": "UpdateDefense",
