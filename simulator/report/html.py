@@ -21,11 +21,13 @@ from simulator.report.files import write_atomic
 from simulator.report.tables import (
     ATTACK_ERROR_COLUMNS,
     FAILURE_COLUMNS,
+    MANIPULATION_COLUMNS,
     ROUND_COLUMNS,
     attack_table,
     column_name,
     format_value,
     inversion_table,
+    manipulation_table,
     point_table,
 )
 from simulator.run.folder import SCENARIO_FILE, SCENARIO_TOML
@@ -190,6 +192,10 @@ def _attacks_section(records: list[Record], drawn: Sequence[FigureFile]) -> str:
     if any(r.get("matching") != "training" for r in attacks):
         parts += ["<h3>Reconstruction per point (mean over attacked updates)</h3>"]
         parts += [table(*attack_table(records))]
+    manipulated = manipulation_table(records)
+    if manipulated:
+        parts += ["<h3>Manipulated models: to whom, and the round's cost to accuracy</h3>"]
+        parts += [table(manipulated, MANIPULATION_COLUMNS)]
     return "\n".join(parts + _figures(drawn, "attacks"))
 
 

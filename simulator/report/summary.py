@@ -18,10 +18,12 @@ from simulator.report.files import write_atomic
 from simulator.report.tables import (
     ATTACK_ERROR_COLUMNS,
     FAILURE_COLUMNS,
+    MANIPULATION_COLUMNS,
     ROUND_COLUMNS,
     attack_table,
     format_value,
     inversion_table,
+    manipulation_table,
     markdown_table,
     point_table,
 )
@@ -77,6 +79,10 @@ def markdown_summary(run_dir: Path, records: list[Record], drawn: list[FigureFil
         parts += [markdown_table(evaluation.settings_table(records), evaluation.SETTING_COLUMNS)]
         parts += ["", "### Cheapest setting that keeps leakage under a bound", ""]
         parts += [markdown_table(evaluation.cheapest_table(records), evaluation.CHEAPEST_COLUMNS)]
+    manipulated = manipulation_table(records)
+    if manipulated:
+        parts += ["", "## Manipulated models (the server's active attack)", ""]
+        parts += [markdown_table(manipulated, MANIPULATION_COLUMNS)]
     attack_errors = [r for r in records if r.get("kind") == "attack_error"]
     if attack_errors:
         parts += ["", f"## Attack errors ({len(attack_errors)})", ""]

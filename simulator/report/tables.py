@@ -60,6 +60,39 @@ def point_table(records: list[Record]) -> tuple[list[Record], list[str]]:
 ROUND_COLUMNS = ["point", "round", "test_accuracy", "test_loss", "failures", "seconds"]
 FAILURE_COLUMNS = ["point", "round", "client", "reason"]
 ATTACK_ERROR_COLUMNS = ["point", "round", "attack", "error"]
+MANIPULATION_COLUMNS = [
+    "point", "round", "attack", "clients", "change", "aggregated", "accuracy_before",
+    "accuracy_after",
+]  # fmt: skip
+
+
+def manipulation_table(records: list[Record]) -> list[Record]:
+    """One row per round in which the server sent manipulated models: to whom, what changed,
+    whether those replies were aggregated, and the global test accuracy before and after the
+    round (its cost to training)."""
+    accuracy = {
+        (r.get("point", 0), r["round"]): r["test_accuracy"]
+        for r in records
+        if r.get("kind") == "round"
+    }
+    rounds: dict[tuple[int, int], list[Record]] = {}
+    for record in records:
+        if record.get("kind") == "manipulation":
+            rounds.setdefault((record.get("point", 0), record["round"]), []).append(record)
+    return [
+        {
+            "point": point,
+            "round": server_round,
+            "attack": members[0]["attack"],
+            "clients": ", ".join(str(m["client"]) for m in members),
+            "change": members[0]["change"],
+            "aggregated": any(m["aggregated"] for m in members),
+            "accuracy_before": accuracy.get((point, server_round - 1)),
+            "accuracy_after": accuracy.get((point, server_round)),
+        }
+        for (point, server_round), members in sorted(rounds.items())
+    ]
+
 
 ATTACK_COLUMNS = (
     "attacked", "success_rate", "leaked_fraction", "mean_psnr", "median_psnr", "mean_ssim",

@@ -48,3 +48,19 @@ def test_a_single_attack_has_no_attack_column() -> None:
     single = [r for r in RECORDS if r.get("attack") in (None, "analytic")]
     _, columns = attack_table(single)
     assert "attack" not in columns
+
+
+def test_manipulated_rounds_show_whom_and_the_accuracy_around_them() -> None:
+    from simulator.report.tables import manipulation_table
+
+    records = [
+        {"kind": "round", "point": 0, "round": 1, "test_accuracy": 0.50},
+        {"kind": "round", "point": 0, "round": 2, "test_accuracy": 0.62},
+        {"kind": "manipulation", "point": 0, "round": 2, "client": 3, "attack": "imprint",
+         "change": "imprint block", "aggregated": False},
+        {"kind": "manipulation", "point": 0, "round": 2, "client": 5, "attack": "imprint",
+         "change": "imprint block", "aggregated": False},
+    ]  # fmt: skip
+    (row,) = manipulation_table(records)
+    assert row["clients"] == "3, 5" and row["aggregated"] is False
+    assert (row["accuracy_before"], row["accuracy_after"]) == (0.50, 0.62)
