@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from simulator.report.files import write_atomic
+from simulator.run.folder import write_atomic
 
 Record = dict[str, Any]
 

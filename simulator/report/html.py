@@ -17,7 +17,6 @@ from typing import Any
 
 from simulator.report import evaluation
 from simulator.report.figures import FigureFile
-from simulator.report.files import write_atomic
 from simulator.report.tables import (
     ATTACK_ERROR_COLUMNS,
     FAILURE_COLUMNS,
@@ -30,7 +29,7 @@ from simulator.report.tables import (
     manipulation_table,
     point_table,
 )
-from simulator.run.folder import SCENARIO_FILE, SCENARIO_TOML
+from simulator.run.folder import SCENARIO_FILE, SCENARIO_TOML, write_atomic
 
 Record = dict[str, Any]
 HTML_FILE = "report.html"

@@ -14,7 +14,6 @@ import numpy as np
 
 from simulator.report import evaluation, figures, html
 from simulator.report.figures import FigureFile
-from simulator.report.files import write_atomic
 from simulator.report.tables import (
     ATTACK_ERROR_COLUMNS,
     FAILURE_COLUMNS,
@@ -27,7 +26,7 @@ from simulator.report.tables import (
     markdown_table,
     point_table,
 )
-from simulator.run.folder import attack_artifact, read_records
+from simulator.run.folder import attack_artifact, read_records, write_atomic
 
 __all__ = ["attack_table", "format_value", "inversion_table", "point_table", "write_report"]
 

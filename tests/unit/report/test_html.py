@@ -11,10 +11,10 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from simulator.report import files
-from simulator.report.files import write_atomic
 from simulator.report.html import HTML_FILE, SECTIONS, render_html, table
 from simulator.report.summary import SUMMARY_FILE, write_report
+from simulator.run import folder as files
+from simulator.run.folder import write_atomic
 from tests.unit.report.synthetic_run import HOSTILE, build_run
 
 DATA_URI = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
