@@ -137,12 +137,10 @@ def attack_once(attack: ActiveAttack[Any], obs: Observation) -> tuple[Reconstruc
     return reconstruction, time.perf_counter() - start
 
 
-def imprint_point(
-    data: Data, bins: int, samples: int, batches: int, directions: int = 0
-) -> dict[str, Any]:
-    attack = Imprint(ImprintParams(bins=bins, directions=directions))
-    offer = attack.manipulate(plan(data, [0], samples))[0]
-    generator = torch.Generator().manual_seed(bins * 1000 + samples)
+def fedsgd_tally(
+    attack: Any, offer: Any, data: Data, samples: int, batches: int, generator: torch.Generator
+) -> Tally:
+    """``batches`` FedSGD batches computed on the manipulated model, each attacked and scored."""
     tally = Tally()
     for _ in range(batches):
         images, labels = data.batch(samples, generator)
@@ -150,6 +148,16 @@ def imprint_point(
         obs = observe(offer, fedsgd_update(offer, images, labels), meta)
         reconstruction, seconds = attack_once(attack, obs)
         tally.add(reconstruction, Truth(1, 0, images, labels), seconds)
+    return tally
+
+
+def imprint_point(
+    data: Data, bins: int, samples: int, batches: int, directions: int = 0
+) -> dict[str, Any]:
+    attack = Imprint(ImprintParams(bins=bins, directions=directions))
+    offer = attack.manipulate(plan(data, [0], samples))[0]
+    generator = torch.Generator().manual_seed(bins * 1000 + samples)
+    tally = fedsgd_tally(attack, offer, data, samples, batches, generator)
     return tally.record(
         bins=bins, n=samples, predicted=round(predicted_share(bins, samples), 4),
         model_change=offer.change,
@@ -197,13 +205,7 @@ def trap_point(data: Data, samples: int, batches: int) -> dict[str, Any]:
     attack = TrapWeights(TrapWeightsParams())
     offer = attack.manipulate(plan(data, [0], samples))[0]
     generator = torch.Generator().manual_seed(samples)
-    tally = Tally()
-    for _ in range(batches):
-        images, labels = data.batch(samples, generator)
-        meta = PublicMeta("fedsgd", samples, 0.1, 1, samples)
-        obs = observe(offer, fedsgd_update(offer, images, labels), meta)
-        reconstruction, seconds = attack_once(attack, obs)
-        tally.add(reconstruction, Truth(1, 0, images, labels), seconds)
+    tally = fedsgd_tally(attack, offer, data, samples, batches, generator)
     record = tally.record(n=samples, width=256, model_change=offer.change)
     record["label_accuracy"] = round(tally.labels / tally.images, 4)
     return record
