@@ -69,10 +69,14 @@ def defense_table(records: list[Record]) -> list[Record]:
         best = [r for r in mine if r.get("attack") == "best"]
         attacks[point] = best or mine
     privacy = {r["point"]: r for r in records if r.get("kind") == "privacy"}
-    baseline = next((p for p in points if p.get("defense", "none") == "none"), None)
-    base_accuracy = baseline.get("final_accuracy") if baseline else None
+    # The accuracy cost is against the undefended point of the same seed (the first one when
+    # no point of that seed is undefended).
+    undefended = [p for p in points if p.get("defense", "none") == "none"]
+    baselines = {p.get("set:seed"): p.get("final_accuracy") for p in reversed(undefended)}
+    first = undefended[0].get("final_accuracy") if undefended else None
     rows = []
     for point in points:
+        base_accuracy = baselines.get(point.get("set:seed"), first)
         curve, strength, parameter = _curve_and_strength(point)
         mine = attacks.get(point["point"], [])
         psnrs = [p for r in mine for p in r["psnr"]]
@@ -171,8 +175,9 @@ def _seed_words(row: Record) -> str:
 
 SETTING_COLUMNS = (
     "curve", "strength", "seeds", "leakage", "leakage_spread", "accuracy", "accuracy_spread",
-    "on_frontier",
+    "on_frontier", "leakage_within_spread_of_none",
 )  # fmt: skip
+ROUND_COLUMNS = ("curve", "strength", "round", "seeds", "leakage", "leakage_spread")
 CHEAPEST_BOUNDS = (0.01, 0.1)
 
 
@@ -181,11 +186,46 @@ def settings_table(records: list[Record]) -> list[Record]:
     privacy-utility frontier."""
     found = frontier.settings(defense_table(records))
     kept = {id(s) for s in frontier.frontier(found)}
+    none = next((s for s in found if s.curve == "none"), None)
     return [
-        {**dataclasses.asdict(s), "on_frontier": id(s) in kept}
-        for s in sorted(
-            found, key=lambda s: (s.curve != "none", s.curve, strength_order(s.strength))
-        )
+        {
+            **dataclasses.asdict(s),
+            "on_frontier": id(s) in kept,
+            # A difference smaller than the spread over seeds is not a finding.
+            "leakage_within_spread_of_none": None
+            if none is None or s is none
+            else frontier.within_noise(s, none),
+        }
+        for s in sorted(found, key=_setting_order)
+    ]
+
+
+def rounds_table(records: list[Record]) -> list[Record]:
+    """Leakage in each attacked round per (defense, strength), mean and spread over seeds: a
+    defense that protects only the untrained model shows it here."""
+    rows = {row["point"]: row for row in defense_table(records)}
+    per_round = [
+        {**rows[point], "round": server_round, "leaked_fraction": leaked}
+        for point, curve in frontier.leakage_by_round(records).items()
+        if point in rows
+        for server_round, leaked in curve.items()
+    ]
+    found = []
+    for server_round in sorted({r["round"] for r in per_round}):
+        members = [{**r, "final_accuracy": 0.0} for r in per_round if r["round"] == server_round]
+        for setting in frontier.settings(members):
+            found.append((setting, server_round))
+    found.sort(key=lambda pair: (_setting_order(pair[0]), pair[1]))
+    return [
+        {
+            "curve": s.curve,
+            "strength": s.strength,
+            "round": server_round,
+            "seeds": s.seeds,
+            "leakage": s.leakage,
+            "leakage_spread": s.leakage_spread,
+        }
+        for s, server_round in found
     ]
 
 

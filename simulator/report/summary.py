@@ -76,6 +76,8 @@ def markdown_summary(run_dir: Path, records: list[Record], drawn: list[FigureFil
         parts += [markdown_table(evaluation.defense_table(records), list(evaluation.COLUMNS))]
         parts += ["", "### Settings over seeds (mean, spread, on the frontier)", ""]
         parts += [markdown_table(evaluation.settings_table(records), evaluation.SETTING_COLUMNS)]
+        parts += ["", "### Leakage by attacked round (mean, spread over seeds)", ""]
+        parts += [markdown_table(evaluation.rounds_table(records), evaluation.ROUND_COLUMNS)]
         parts += ["", "### Cheapest setting that keeps leakage under a bound", ""]
         parts += [markdown_table(evaluation.cheapest_table(records), evaluation.CHEAPEST_COLUMNS)]
     manipulated = manipulation_table(records)

@@ -25,6 +25,9 @@ from simulator.core.records import (
 from simulator.core.scenario import expand, load
 from simulator.run.folder import RunFolder
 
+# Single-seed defense sweeps (the shipped studies' earlier form), so that the figures and
+# tables tested here keep a fixed set of points whatever the shipped studies become.
+FIXTURE_SCENARIOS = Path(__file__).resolve().parents[2] / "fixtures" / "scenarios"
 HOSTILE = "<script>alert('x')</script> [/x] & [bold]not markup[/bold]"
 
 
@@ -68,7 +71,8 @@ def build_run(
     Point 1 has a failed client update, point 2 an attack error and (with ``hostile``) the
     last point failed; their messages carry :data:`HOSTILE`.
     """
-    loaded = load(scenario, ["federation.rounds=2"])
+    fixture = FIXTURE_SCENARIOS / f"{scenario}.toml"
+    loaded = load(fixture if fixture.is_file() else scenario, ["federation.rounds=2"])
     folder = RunFolder.create(loaded, path=root / "run")
     truth = {client: digits(batch, seed=client) for client in (3, 7)}
     noise = np.random.default_rng(1)

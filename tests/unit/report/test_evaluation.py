@@ -1,0 +1,69 @@
+"""simulator.report.evaluation on constructed records: leakage by round over seeds, the
+accuracy cost against the same seed's undefended point, and the within-spread flag."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from simulator.report.evaluation import defense_table, rounds_table, settings_table
+
+
+def point(index: int, seed: int, accuracy: float, std: float | None = None) -> dict:
+    defenses = [] if std is None else [{"name": "gaussian-noise", "std": std}]
+    return {"kind": "point", "point": index, "set:seed": seed, "set:defenses": defenses,
+            "defense": "none" if std is None else "gaussian-noise", "strength": std,
+            "final_accuracy": accuracy}  # fmt: skip
+
+
+def best(index: int, server_round: int, leaked: float) -> dict:
+    return {"kind": "attack", "point": index, "round": server_round, "attack": "best",
+            "fraction_leaked": leaked, "psnr": [40.0], "mean_ssim": 0.9,
+            "label_accuracy": None}  # fmt: skip
+
+
+# Undefended: leaks everything at round 1, less later; noise 0.01: only round 1 differs.
+LEAKS = {  # (seed, std) -> leaked fraction at rounds 1, 50, 100
+    (0, None): (1.0, 0.6, 0.5), (1, None): (0.9, 0.5, 0.4), (2, None): (0.8, 0.4, 0.3),
+    (0, 0.01): (0.0, 0.6, 0.5), (1, 0.01): (0.1, 0.5, 0.5), (2, 0.01): (0.2, 0.4, 0.2),
+}  # fmt: skip
+ACCURACY = {(0, None): 0.95, (1, None): 0.96, (2, None): 0.94,
+            (0, 0.01): 0.93, (1, 0.01): 0.90, (2, 0.01): 0.94}  # fmt: skip
+
+
+def records() -> list[dict]:
+    found = []
+    for index, ((seed, std), leaks) in enumerate(LEAKS.items()):
+        found.append(point(index, seed, ACCURACY[(seed, std)], std))
+        found += [best(index, r, leak) for r, leak in zip((1, 50, 100), leaks, strict=True)]
+    return found
+
+
+def test_leakage_by_round_is_averaged_over_seeds_with_its_spread() -> None:
+    rows = {(r["curve"], r["round"]): r for r in rounds_table(records())}
+    assert len(rows) == 6
+    for seed_std, curve in ((None, "none"), (0.01, "gaussian-noise")):
+        for position, server_round in enumerate((1, 50, 100)):
+            values = [LEAKS[(seed, seed_std)][position] for seed in range(3)]
+            row = rows[(curve, server_round)]
+            assert row["seeds"] == 3
+            assert row["leakage"] == pytest.approx(statistics.fmean(values))
+            assert row["leakage_spread"] == pytest.approx(statistics.stdev(values))
+
+
+def test_accuracy_cost_is_against_the_same_seed() -> None:
+    rows = {(r["seed"], r["curve"]): r for r in defense_table(records())}
+    for seed in range(3):
+        expected = ACCURACY[(seed, None)] - ACCURACY[(seed, 0.01)]
+        assert rows[(seed, "gaussian-noise")]["accuracy_loss"] == pytest.approx(expected)
+
+
+def test_a_difference_inside_the_spread_is_flagged() -> None:
+    rows = {r["curve"]: r for r in settings_table(records())}
+    assert rows["none"]["leakage_within_spread_of_none"] is None
+    # mean over rounds: none 0.6 +- 0.1, noise 0.31 +- 0.1: a real difference
+    assert rows["gaussian-noise"]["leakage_within_spread_of_none"] is False
+    later = [r for r in records() if r.get("round") != 1]  # without round 1 they agree
+    rows = {r["curve"]: r for r in settings_table(later)}
+    assert rows["gaussian-noise"]["leakage_within_spread_of_none"] is True
