@@ -5,6 +5,24 @@ zoo, the registry); ``tests/unit/test_layers.py`` enforces it. Importing this pa
 registers every built-in attack, the active ones of :mod:`attacks.active` too.
 """
 
-from attacks import active, analytic, gradient_matching, inversion, kkt, none, subspace
+from attacks import (
+    active,
+    analytic,
+    gradient_matching,
+    inversion,
+    kkt,
+    label_counts,
+    none,
+    subspace,
+)
 
-__all__ = ["active", "analytic", "gradient_matching", "inversion", "kkt", "none", "subspace"]
+__all__ = [
+    "active",
+    "analytic",
+    "gradient_matching",
+    "inversion",
+    "kkt",
+    "label_counts",
+    "none",
+    "subspace",
+]

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Generic, TypeVar
 
-from simulator.core.protocol import Observation, Reconstruction
+from simulator.core.protocol import Observation, PublicData, Reconstruction
 from simulator.core.registry import ATTACKS
 
 ParamsT = TypeVar("ParamsT")
@@ -30,6 +30,9 @@ class Attack(ABC, Generic[ParamsT]):
 
     def __init__(self, params: ParamsT | None = None) -> None:
         self.params: ParamsT = params if params is not None else self.Params()
+        # The server's labelled public data (its test split), set by the malicious server
+        # before :meth:`run`; None where there is none (a unit test, a bare call).
+        self.public: PublicData | None = None
 
     @abstractmethod
     def run(self, observations: Sequence[Observation]) -> list[Reconstruction]:

@@ -88,7 +88,7 @@ from attacks.optim.lbfgs import lbfgs
 from attacks.optim.tracker import Tracker, status_of
 from simulator.core.fields import param
 from simulator.core.models import is_binary
-from simulator.core.protocol import Observation, Reconstruction
+from simulator.core.protocol import Observation, PublicData, Reconstruction
 
 
 @dataclass(frozen=True)
@@ -235,11 +235,15 @@ def _solve(
 
 
 def match_gradients(
-    observations: Sequence[Observation], params: GradientMatchingParams, attack: str = ""
+    observations: Sequence[Observation],
+    params: GradientMatchingParams,
+    attack: str = "",
+    public: PublicData | None = None,
 ) -> list[Reconstruction]:
-    """Run a gradient-matching attack on all ``observations`` as few batched problems."""
+    """Run a gradient-matching attack on all ``observations`` as few batched problems
+    (``public``: the server's labelled data, for batch label counts)."""
     start = time.perf_counter()
-    plans = [make_plan(obs, params) for obs in observations]
+    plans = [make_plan(obs, params, public) for obs in observations]
     groups: dict[tuple[object, ...], list[int]] = {}
     for index, (obs, plan) in enumerate(zip(observations, plans, strict=True)):
         groups.setdefault(batch_key(obs, plan), []).append(index)
@@ -258,7 +262,7 @@ class GradientMatchingAttack(Attack[GradientMatchingParams]):
     Params = GradientMatchingParams
 
     def run(self, observations: Sequence[Observation]) -> list[Reconstruction]:
-        return match_gradients(observations, self.params, self.name)
+        return match_gradients(observations, self.params, self.name, self.public)
 
 
 @register_attack("dlg", "Deep Leakage from Gradients: images + soft labels, L2, L-BFGS.")

@@ -22,6 +22,15 @@ The probe estimate of ``pbar`` suits models near initialisation (early rounds): 
 trained to 86% accuracy the batch counts drop to 67-77% of labels right (the batch's softmax
 then follows its labels, which probes cannot know). The bs=1 rules stay exact.
 
+With the server's labelled public data (:class:`PublicData`, the test split) the batch's mean
+softmax is modelled from the labels themselves: ``pbar = M^T f`` where ``f = counts / n`` and
+``M[k]`` is the model's mean softmax on public images of class k (its confusion in
+probabilities). Then ``db = (M^T - I) f``, a 10 x 10 system solved for ``f`` on the simplex
+(non-negative least squares, with the sum-to-one row weighted heavily). At initialisation
+every row of M is the same ``pbar`` and this is the probe rule; on a trained model M is
+nearly the identity scaled by the confidence, and the rule follows the labels
+(``benchmarks/bench_label_counts.py`` measures both).
+
 Under FedAvg the same rules run on the pseudo-gradient ``(w_global - w_client) / (lr * steps)``,
 which is exact for one local step and an approximation otherwise (the model drifts).
 
@@ -47,11 +56,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+from scipy.optimize import nnls as scipy_nnls
 from torch import nn
 from torch.func import functional_call
 
 from simulator.core.models import ModelSpec, build_model, is_binary
-from simulator.core.protocol import Observation
+from simulator.core.protocol import Observation, PublicData
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,44 @@ def _probe_mean_softmax(obs: Observation, probes: int, seed: int) -> torch.Tenso
     return logits.softmax(-1).mean(0).double()
 
 
+COUNT_METHODS = ("bias-counts", "public-counts")  # the uncertain rules, with alternatives
+PUBLIC_PER_CLASS = 200  # public images per class for the confusion statistics
+
+
+def public_confusion(obs: Observation, public: PublicData) -> torch.Tensor:
+    """(C, C) float64: row k is the global model's mean softmax on public images of class k
+    (the first :data:`PUBLIC_PER_CLASS` of each; a class absent from the data keeps the
+    overall mean)."""
+    classes = obs.model.num_classes
+    chosen = torch.cat(
+        [torch.nonzero(public.labels == k).flatten()[:PUBLIC_PER_CLASS] for k in range(classes)]
+    )
+    model = build_model(obs.model, seed=0)
+    weights = {k: v.detach().cpu() for k, v in obs.global_weights.items()}
+    with torch.no_grad():
+        soft = functional_call(model, weights, (public.images[chosen].float(),)).softmax(-1)
+    soft, labels = soft.double(), public.labels[chosen]
+    confusion = soft.mean(0).expand(classes, classes).clone()
+    present = torch.bincount(labels, minlength=classes) > 0
+    sums = torch.zeros(classes, classes, dtype=torch.float64).index_add_(0, labels, soft)
+    counts = torch.bincount(labels, minlength=classes).clamp(min=1).double()
+    confusion[present] = (sums / counts[:, None])[present]
+    return confusion
+
+
+def _public_fractions(bias: torch.Tensor, confusion: torch.Tensor) -> torch.Tensor:
+    """The label fractions f >= 0, sum 1, that best explain ``db = (M^T - I) f``."""
+    classes = confusion.shape[0]
+    system = confusion.T - torch.eye(classes, dtype=torch.float64)
+    # The sum-to-one row, weighted so that it holds to about 1e-6 of the bias gradient's scale.
+    weight = 1e3 * max(float(system.abs().max()), 1e-12)
+    matrix = torch.cat([system, torch.full((1, classes), weight, dtype=torch.float64)])
+    target = torch.cat([bias, torch.tensor([weight], dtype=torch.float64)])
+    fractions, _ = scipy_nnls(matrix.numpy(), target.numpy())
+    fractions = torch.from_numpy(fractions)
+    return fractions / fractions.sum().clamp(min=1e-12)
+
+
 def _recover_parity(
     obs: Observation, bias: torch.Tensor | None, n: int, probes: int, seed: int, exact: bool
 ) -> LabelRecovery:
@@ -176,10 +224,14 @@ def _expand(counts: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel()), counts).to(torch.int64)
 
 
-def recover_labels(obs: Observation, probes: int = 64, seed: int = 0) -> LabelRecovery:
+def recover_labels(
+    obs: Observation, probes: int = 64, seed: int = 0, public: PublicData | None = None
+) -> LabelRecovery:
     """Recover the label multiset of the images behind ``obs`` from its last layer.
 
-    Returns sorted labels (n,) and the method used, or ``labels=None`` and why not.
+    With ``public`` data, batch counts come from the model's confusion on it (exact on
+    trained models too); without, from random probes (near initialisation only). Returns
+    sorted labels (n,) and the method used, or ``labels=None`` and why not.
     """
     spec = obs.model
     n = num_samples(obs)
@@ -206,9 +258,13 @@ def recover_labels(obs: Observation, probes: int = 64, seed: int = 0) -> LabelRe
         return LabelRecovery(label.reshape(1), "weight-sign", "odd-one-out row sign", exact)
 
     if bias is not None:
-        pbar = _probe_mean_softmax(obs, probes, seed)
-        minimum = (bias < 0).long()
-        counts = _largest_remainder(n * (pbar - bias), minimum, n)
+        estimate, minimum = _count_estimate(obs, probes, seed, public)
+        counts = _largest_remainder(estimate, minimum, n)
+        if public is not None:
+            return LabelRecovery(
+                _expand(counts), "public-counts", "counts from the bias gradient and the "
+                "model's confusion on public data", False,
+            )  # fmt: skip
         return LabelRecovery(_expand(counts), "bias-counts", "counts from bias gradient", False)
 
     if not features_nonnegative(spec):
@@ -229,17 +285,25 @@ def recover_labels(obs: Observation, probes: int = 64, seed: int = 0) -> LabelRe
     return LabelRecovery(_expand(counts), "weight-rowsum", "row-sum heuristic", False)
 
 
-def _count_estimate(obs: Observation, probes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real-valued count estimates and the per-class minimum of the bias-count rule."""
+def _count_estimate(
+    obs: Observation, probes: int, seed: int, public: PublicData | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real-valued count estimates and the per-class minimum of the bias-count rules."""
     n = num_samples(obs)
     layer = final_layer(obs.model)
     assert layer is not None and layer.bias is not None
     bias = pseudo_gradient(obs)[layer.bias].detach().double().cpu()
+    if public is not None:
+        return n * _public_fractions(bias, public_confusion(obs, public)), (bias < 0).long()
     return n * (_probe_mean_softmax(obs, probes, seed) - bias), (bias < 0).long()
 
 
 def label_candidates(
-    obs: Observation, count: int, probes: int = 64, seed: int = 0
+    obs: Observation,
+    count: int,
+    probes: int = 64,
+    seed: int = 0,
+    public: PublicData | None = None,
 ) -> list[torch.Tensor]:
     """Up to ``count`` label multisets (sorted (n,) int64), most likely first.
 
@@ -247,12 +311,12 @@ def label_candidates(
     to have alternatives: single moves of one sample between classes, ranked by how much they
     increase the squared deviation of the counts from their real-valued estimates.
     """
-    first = recover_labels(obs, probes, seed)
+    first = recover_labels(obs, probes, seed, public)
     if first.labels is None:
         return []
-    if count <= 1 or first.method != "bias-counts":
+    if count <= 1 or first.method not in COUNT_METHODS:
         return [first.labels]
-    estimate, minimum = _count_estimate(obs, probes, seed)
+    estimate, minimum = _count_estimate(obs, probes, seed, public)
     base = torch.bincount(first.labels, minlength=estimate.numel())
     moves = []
     for source in range(base.numel()):

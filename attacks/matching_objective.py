@@ -25,11 +25,11 @@ from typing import Protocol
 import torch
 from torch.func import functional_call, grad, vmap
 
-from attacks.labels import label_candidates, num_samples, recover_labels
+from attacks.labels import COUNT_METHODS, label_candidates, num_samples, recover_labels
 from attacks.optim.tracker import Evaluate
 from attacks.priors import total_variation
 from simulator.core.models import ModelSpec, build_model, is_binary
-from simulator.core.protocol import Observation
+from simulator.core.protocol import Observation, PublicData
 
 Params = dict[str, torch.Tensor]
 
@@ -307,16 +307,16 @@ def _target(obs: Observation) -> Params:
     return {k: (obs.global_weights[k] - v).detach() / obs.meta.lr for k, v in obs.update.items()}
 
 
-def make_plan(obs: Observation, params: MatchingSettings) -> Plan:
+def make_plan(obs: Observation, params: MatchingSettings, public: PublicData | None = None) -> Plan:
     """Learn the labels, or recover them (and the candidate multisets to try)."""
     if params.labels == "learn":
         return Plan(None, "labels learned jointly (soft labels)")
-    recovered = recover_labels(obs, seed=params.seed)
+    recovered = recover_labels(obs, seed=params.seed, public=public)
     if recovered.labels is None:
         return Plan(None, f"label recovery failed ({recovered.reason}); labels learned instead")
     notes = f"labels recovered by {recovered.method}"
-    if params.label_candidates > 1 and recovered.method == "bias-counts":
-        candidates = label_candidates(obs, params.label_candidates, seed=params.seed)
+    if params.label_candidates > 1 and recovered.method in COUNT_METHODS:
+        candidates = label_candidates(obs, params.label_candidates, seed=params.seed, public=public)
         return Plan(candidates[0], notes, candidates)
     return Plan(recovered.labels, notes)
 

@@ -21,7 +21,7 @@ from attacks.active.base import ActiveAttack, Plan, is_active
 from attacks.base import Attack
 from simulator.core.config import FederationConfig
 from simulator.core.models import ModelSpec, SentModel
-from simulator.core.protocol import Observation, Reconstruction
+from simulator.core.protocol import Observation, PublicData, Reconstruction
 from simulator.core.registry import ATTACKS
 
 NO_ATTACK = "none"
@@ -44,6 +44,7 @@ class MaliciousServer:
     seen: list[tuple[int, int]] = field(default_factory=list)
     manipulated: dict[int, frozenset[int]] = field(default_factory=dict)
     examples: dict[int, int] = field(default_factory=dict)
+    public: Callable[[], PublicData] | None = field(default=None, repr=False)
     _active: ActiveAttack[Any] | None = field(default=None, repr=False)
 
     @property
@@ -134,6 +135,8 @@ class MaliciousServer:
             if self.active
             else ATTACKS.create(self.attack_name, dict(self.attack_params))
         )
+        if self.public is not None and isinstance(attack, Attack):
+            attack.public = self.public()  # loaded once by the caller, on first use
         reconstructions = attack.run(targets)
         for reconstruction in reconstructions:  # named here, so a plugin need not name itself
             reconstruction.attack = self.attack_name

@@ -15,6 +15,15 @@ Protocol = Literal["fedsgd", "fedavg"]
 
 
 @dataclass(frozen=True)
+class PublicData:
+    """Labelled data the server holds besides the updates: the test split it evaluates the
+    global model on. Attacks may use its statistics (never a client's data)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True)
 class PublicMeta:
     """Protocol settings a server knows because it sent them (or the client reports them)."""
 

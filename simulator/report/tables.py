@@ -96,8 +96,8 @@ def manipulation_table(records: list[Record]) -> list[Record]:
 
 ATTACK_COLUMNS = (
     "attacked", "success_rate", "leaked_fraction", "mean_psnr", "median_psnr", "mean_ssim",
-    "label_accuracy", "median_iterations_to_threshold", "median_seconds_to_threshold",
-    "mean_seconds",
+    "label_accuracy", "label_counts_right", "median_iterations_to_threshold",
+    "median_seconds_to_threshold", "mean_seconds",
 )  # fmt: skip
 
 
@@ -128,6 +128,7 @@ def attack_table(records: list[Record]) -> tuple[list[Record], list[str]]:
             r["seconds_to_threshold"] for r in mine if r.get("seconds_to_threshold") is not None
         ]
         labels = [r["label_accuracy"] for r in mine if r.get("label_accuracy") is not None]
+        counts = [r["label_counts_right"] for r in mine if r.get("label_counts_right") is not None]
         timed = [r["seconds"] for r in mine if isinstance(r.get("seconds"), int | float)]
         rows.append(
             {
@@ -141,6 +142,7 @@ def attack_table(records: list[Record]) -> tuple[list[Record], list[str]]:
                 "median_psnr": float(np.median([p for r in mine for p in r["psnr"]])),
                 "mean_ssim": float(np.mean([r["mean_ssim"] for r in mine])),
                 "label_accuracy": float(np.mean(labels)) if labels else None,
+                "label_counts_right": float(np.mean(counts)) if counts else None,
                 "median_iterations_to_threshold": float(np.median(reached)) if reached else None,
                 "median_seconds_to_threshold": float(np.median(seconds)) if seconds else None,
                 "mean_seconds": float(np.mean(timed)) if timed else None,

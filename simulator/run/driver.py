@@ -122,7 +122,6 @@ class FederationDriver:
     _round_started: float = field(default=0.0, init=False)
     _round_failures: int = field(default=0, init=False)
     _test_set: Shard | None = field(default=None, init=False)
-    _public: torch.Tensor | None = field(default=None, init=False)
 
     @property
     def secure_aggregation(self) -> bool:
@@ -199,11 +198,8 @@ class FederationDriver:
         return self.manipulate if self.malicious.active else None
 
     def public_images(self) -> torch.Tensor:
-        """The server's public data: the whole test split (loaded once)."""
-        if self._public is None:
-            data = dataclasses.replace(self.scenario.data, test_examples=0)
-            self._public = load_test_set(data).inputs
-        return self._public
+        """The server's public images: the referee's public data (the whole test split)."""
+        return self.referee.public_data().images
 
     def manipulate(
         self, server_round: int, sampled: tuple[int, ...], weights: Mapping[str, torch.Tensor]

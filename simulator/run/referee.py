@@ -21,7 +21,7 @@ import torch
 from attacks.server import MaliciousServer
 from simulator.core.config import Scenario
 from simulator.core.models import is_binary
-from simulator.core.protocol import Reconstruction
+from simulator.core.protocol import PublicData, Reconstruction
 from simulator.core.records import (
     AttackErrorRecord,
     AttackRecord,
@@ -29,7 +29,7 @@ from simulator.core.records import (
     Record,
     UpdateRecord,
 )
-from simulator.data.shards import load_training_union
+from simulator.data.shards import load_test_set, load_training_union
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID, RoundTraffic
 from simulator.federation.truth import Truth, TruthStore
 from simulator.run.privacy import PrivacyLedger
@@ -64,6 +64,7 @@ class Referee:
     taps: Sequence[Tap] = ()
     save_attack: Callable[[AttackRecord, Mapping[str, np.ndarray]], object] = lambda _r, _a: None
     failures: list[FailureRecord] = dataclasses.field(default_factory=list)
+    _public: PublicData | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         attack = self.scenario.attack
@@ -74,9 +75,18 @@ class Referee:
         # One malicious server per attack, all on the same schedule: the first is the
         # scenario's attack, the others (attack.also) are compared with it image by image.
         self.servers = [
-            MaliciousServer(name, params, attack.rounds, attack.max_clients)
+            MaliciousServer(
+                name, params, attack.rounds, attack.max_clients, public=self.public_data
+            )
             for name, params in attacks
         ]
+
+    def public_data(self) -> PublicData:
+        """The server's labelled public data: the whole test split (loaded once)."""
+        if self._public is None:
+            test = load_test_set(dataclasses.replace(self.scenario.data, test_examples=0))
+            self._public = PublicData(test.inputs, test.labels)
+        return self._public
 
     def on_round(self, traffic: RoundTraffic) -> None:
         """Log the round's traffic, let the malicious servers attack, then score against truth."""

@@ -116,6 +116,20 @@ class LeakSummary:
         }
 
 
+def label_counts_right(recovered: torch.Tensor, truth: torch.Tensor) -> float:
+    """Share of the true batch whose label the recovered multiset accounts for: the sum over
+    classes of min(true count, recovered count), over the batch size. Order-free, so it
+    scores label recovery apart from how images were paired (negative labels: none)."""
+    recovered = recovered[recovered >= 0].long().cpu()
+    truth = truth.long().cpu()
+    if truth.numel() == 0:
+        return 0.0
+    size = int(torch.cat([truth, recovered]).max()) + 1
+    found = torch.bincount(recovered, minlength=size)
+    true = torch.bincount(truth, minlength=size)
+    return float(torch.minimum(found, true).sum()) / truth.numel()
+
+
 def leak_summary(
     reconstructed: torch.Tensor,
     truth: torch.Tensor,

@@ -28,7 +28,13 @@ from simulator.core.protocol import Reconstruction
 from simulator.core.records import AttackRecord
 from simulator.federation.truth import Truth
 from simulator.scoring.inversion import random_noise_baseline, score_inversion
-from simulator.scoring.metrics import leak_summary, match, nearest_candidates, psnr
+from simulator.scoring.metrics import (
+    label_counts_right,
+    leak_summary,
+    match,
+    nearest_candidates,
+    psnr,
+)
 
 TrainingSet = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
@@ -140,6 +146,9 @@ def score(
             "median_psnr": float(finite_psnr.median()),
             "mean_ssim": float(summary.ssim.mean()),
             "label_accuracy": summary.label_accuracy,
+            "label_counts_right": None
+            if labels is None
+            else label_counts_right(labels, true_labels),
             "fraction_leaked": summary.fraction_leaked,
             "leak_threshold_db": threshold_db,
             "psnr": finite_psnr.tolist(),
