@@ -126,8 +126,8 @@ def lbfgs(
     pairs and step sizes. Here every scalar is per problem, so each problem follows the path it
     would follow alone. The first step (and any step after a reset) is ``lr * min(1, 1/|g|_1)``
     as in torch; later trial steps are ``lr``, halved until the Armijo condition holds. A
-    problem stops ("converged") below ``tolerance``, when even steepest descent finds no
-    decrease, or when its distance stalls (torch's ``tolerance_change``, made relative).
+    problem stops below ``tolerance`` ("converged"), or ("stalled") when even steepest descent
+    finds no decrease or its distance stops falling (torch's ``tolerance_change``, relative).
     """
     problems, dims = z.shape
     history = History(params.history, problems, dims, z)
@@ -138,11 +138,12 @@ def lbfgs(
     total, dist, gradient = evaluate(z, None)
     recent: list[torch.Tensor] = []
     for iteration in range(params.iterations):
-        t.converged |= (dist <= t.threshold) | (gradient.abs().amax(1) == 0)
+        t.converged |= dist <= t.threshold
+        t.stalled |= ~t.converged & (gradient.abs().amax(1) == 0)
         recent.append(dist)
         if len(recent) > _STALL_WINDOW:
             before = recent.pop(0)
-            t.converged |= before - dist <= _STALL_FRACTION * before.abs()
+            t.stalled |= ~t.converged & (before - dist <= _STALL_FRACTION * before.abs())
         t.observe(iteration, z, total, dist, images)
         t.prune(iteration, params)
         if bool(t.stopped().all()):
@@ -203,11 +204,11 @@ def lbfgs(
                 break
             step = torch.where(pending, step * 0.5, step)
         # No acceptable step even along steepest descent: the problem is stuck (stationary).
-        t.converged |= pending & fresh
+        t.stalled |= pending & fresh & ~t.converged
         stalled = pending & ~fresh
         valid &= ~stalled
         gamma = torch.where(stalled, 1.0, gamma)
-        moved = ~pending & ~t.converged
+        moved = ~pending & ~t.converged & ~t.stalled
         s, y = new_z - z, new_grad - gradient
         sy, yy = (s * y).sum(1), (y * y).sum(1)
         update = moved & (sy > 1e-10 * yy.clamp_min(1e-30).sqrt() * s.norm(dim=1))

@@ -1,7 +1,7 @@
 """Book-keeping shared by the batched optimisers, and the interface they solve against.
 
 :class:`Tracker` keeps each problem's best (lowest-distance) iterate, the trace, the snapshots
-and which problems stopped (converged, diverged or pruned); :func:`status_of` turns that into a
+and which problems stopped (converged, stalled, diverged or pruned); :func:`status_of` turns that into a
 reconstruction's status. The optimisers (:mod:`attacks.optim.adam`, :mod:`attacks.optim.lbfgs`)
 see the problem only through :data:`Evaluate`, :class:`Problems` and the settings protocols,
 so this package imports nothing from the attack modules that use it (no import cycle;
@@ -76,6 +76,8 @@ class Tracker:
         self.best_distance = torch.full((problems,), math.inf, device=z.device)
         self.diverged = torch.zeros(problems, dtype=torch.bool, device=z.device)
         self.converged = torch.zeros(problems, dtype=torch.bool, device=z.device)
+        # Stopped without reaching the tolerance: no progress left (reported "stalled").
+        self.stalled = torch.zeros(problems, dtype=torch.bool, device=z.device)
         self.threshold = torch.full((problems,), params.tolerance, device=z.device)
         self.rows: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []
         self.snapshots: list[tuple[int, torch.Tensor]] = []
@@ -89,8 +91,9 @@ class Tracker:
         self.start = start
 
     def stopped(self) -> torch.Tensor:
-        """Problems that get no more work: converged, or pruned as hopeless or redundant."""
-        return self.converged | self.pruned
+        """Problems that get no more work: converged, stalled, or pruned as hopeless or
+        redundant."""
+        return self.converged | self.stalled | self.pruned
 
     def prune(self, iteration: int, params: TrackerSettings) -> None:
         """Stop the other problems of an observation that one problem solved, and, every
@@ -129,10 +132,13 @@ class Tracker:
 
 
 def status_of(t: Tracker, problem: int) -> Status:
-    """How a problem ended: diverged, converged (or stopped), or out of iterations."""
-    # Divergence first: a NaN distance also looks "stalled", which would read as converged.
+    """How a problem ended: diverged, converged (its best distance under the tolerance),
+    stalled (stopped for want of progress above it), or out of iterations."""
+    # Divergence first: a NaN distance also stops progress, which would read as stalled.
     if t.diverged[problem] or not math.isfinite(float(t.best_distance[problem])):
         return "diverged"
-    if t.converged[problem]:
+    if t.converged[problem] or bool(t.best_distance[problem] <= t.threshold[problem]):
         return "converged"
+    if t.stalled[problem]:
+        return "stalled"
     return "budget"

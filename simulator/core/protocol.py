@@ -58,8 +58,8 @@ class Observation:
         return float(torch.sqrt(sum((d.double() ** 2).sum() for d in deltas)))
 
 
-Status = Literal["converged", "budget", "diverged"]
-STATUSES: tuple[str, ...] = ("converged", "budget", "diverged")
+Status = Literal["converged", "stalled", "budget", "diverged"]
+STATUSES: tuple[str, ...] = ("converged", "stalled", "budget", "diverged")
 Matching = Literal["hungarian", "nearest", "training"]
 
 
@@ -79,9 +79,10 @@ class Reconstruction:
     image is scored against its most similar candidate (dataset reconstruction); "training"
     means class samples, each scored against the nearest training image of its class
     (network inversion).
-    ``status``: "converged" (distance under tolerance, or the optimiser can make no further
-    progress, or a closed form), "budget" (iterations spent), "diverged" (non-finite values
-    met; the images are the best finite iterate).
+    ``status``: "converged" (distance under tolerance, or a closed form), "stalled" (the
+    optimiser stopped making progress above the tolerance: a local minimum, a flat valley),
+    "budget" (iterations spent), "diverged" (non-finite values met; the images are the best
+    finite iterate).
     """
 
     round: int

@@ -1,0 +1,63 @@
+"""How a batched L-BFGS problem ends: converged below the tolerance, stalled above it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from attacks.optim.lbfgs import lbfgs
+from attacks.optim.tracker import Tracker, status_of
+
+
+@dataclass(frozen=True)
+class Settings:
+    iterations: int = 200
+    tolerance: float = 1e-9
+    snapshots: int = 0
+    log_every: int = 50
+    prune_after: int = 0
+    prune_factor: float = 10.0
+    lr: float = 1.0
+    history: int = 10
+    max_step: float = 1e9
+    box: bool = False
+
+
+@dataclass(frozen=True)
+class Flat:
+    image_size: int = 4
+
+    def split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return z, z[:, :0]
+
+
+def test_a_floor_above_the_tolerance_stalls_and_a_zero_floor_converges() -> None:
+    floors = torch.tensor([0.0, 1.0, 0.0, 0.5], dtype=torch.float64)  # per problem
+
+    def evaluate(z: torch.Tensor, _: object) -> tuple[torch.Tensor, ...]:
+        # A quadratic bowl whose minimum value is the problem's floor.
+        dist = ((z - 2.0) ** 2).sum(1) + floors
+        return dist, dist, 2 * (z - 2.0)
+
+    z = torch.zeros(4, 4, dtype=torch.float64)
+    tracker = Tracker(z, Settings(), time.perf_counter())
+    lbfgs(evaluate, z, Flat(), Settings(), tracker)
+    assert [status_of(tracker, p) for p in range(4)] == [
+        "converged", "stalled", "converged", "stalled",
+    ]  # fmt: skip
+    assert torch.allclose(tracker.best[1], torch.full((4,), 2.0, dtype=torch.float64))
+
+
+def test_a_problem_out_of_iterations_reports_the_budget() -> None:
+    def evaluate(z: torch.Tensor, _: object) -> tuple[torch.Tensor, ...]:
+        # A long, steady slope: progress every step, never a stall, never the tolerance.
+        dist = (z - 1e6).abs().sum(1)
+        return dist, dist, torch.sign(z - 1e6)
+
+    z = torch.zeros(1, 4, dtype=torch.float64)
+    settings = Settings(iterations=5, lr=0.001, max_step=0.001)
+    tracker = Tracker(z, settings, time.perf_counter())
+    lbfgs(evaluate, z, Flat(), settings, tracker)
+    assert status_of(tracker, 0) == "budget"
