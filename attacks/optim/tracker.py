@@ -3,9 +3,9 @@
 :class:`Tracker` keeps each problem's best (lowest-distance) iterate, the trace, the snapshots
 and which problems stopped (converged, stalled, diverged or pruned); :func:`status_of` turns
 that into a reconstruction's status. The optimisers (:mod:`attacks.optim.adam`,
-:mod:`attacks.optim.lbfgs`) see the problem only through :data:`Evaluate`, :class:`Problems` and the settings protocols,
-so this package imports nothing from the attack modules that use it (no import cycle;
-only torch and :mod:`simulator.core`):
+:mod:`attacks.optim.lbfgs`) see the problem only through :data:`Evaluate`, :class:`Problems`
+and the settings protocols, so this package imports nothing from the attack modules that use
+it (no import cycle; only torch and :mod:`simulator.core`):
 :mod:`attacks.matching_objective` builds the evaluator and the batch, and
 ``GradientMatchingParams`` (:mod:`attacks.gradient_matching`) satisfies the settings.
 """
