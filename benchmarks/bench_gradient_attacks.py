@@ -6,7 +6,9 @@ batch of the first training images (batch 1: images 0..19, one observation each;
 images [kB, (k+1)B)). An image counts as leaked at PSNR >= 30 dB (``leak_summary``, images
 matched to the truth by the scorer's assignment).
 
-* ours: ``ATTACKS.create(ATTACK, PARAMS[B])`` per observation, timed per attacked batch;
+* ours: ``ATTACKS.create(ATTACK, PARAMS[B])`` per observation, timed per attacked batch, with
+  the server's public data (the MNIST test split, as the referee hands it to every attack:
+  batch label counts from the model's confusion on it; ``--no-public`` for the probe rule);
 * baseline: the papers' configuration in the same process: ``torch.optim.LBFGS(lr=1)`` (its
   defaults: 20 inner iterations per step, no line search) on Gaussian dummy images (+ free
   soft labels for DLG at B > 1; the iDLG label rule at B = 1), squared-L2 gradient distance,
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -33,7 +36,7 @@ from pathlib import Path
 import torch
 
 from simulator.core.models import ModelSpec, build_model, task_loss
-from simulator.core.protocol import Observation, PublicMeta
+from simulator.core.protocol import Observation, PublicData, PublicMeta
 from simulator.core.registry import ATTACKS
 from simulator.data.datasets import load_split, to_tensor
 from simulator.scoring.metrics import leak_summary
@@ -132,8 +135,10 @@ def measure_batch(
     model: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
+    public: PublicData | None = None,
 ) -> dict[str, object]:
     attack = ATTACKS.create(ATTACK, PARAMS[size])
+    attack.public = public
     seconds, psnrs, distances = [], [], []
     for start in starts:
         truth = images[start : start + size]
@@ -155,7 +160,7 @@ def measure_batch(
     succeeded = sum(p >= THRESHOLD_DB for p in psnrs)
     base_succeeded = sum(p >= THRESHOLD_DB for p in base_psnrs)
     median = statistics.median(seconds)
-    base_median = statistics.median(base_seconds)
+    base_median = statistics.median(base_seconds) if base_seconds else math.nan
     return {
         "images": len(psnrs),
         "succeeded": succeeded,
@@ -174,6 +179,7 @@ def measure_batch(
         "baseline_seconds": [round(s, 3) for s in base_seconds],
         "attack": ATTACK,
         "params": PARAMS[size],
+        "public_data": public is not None,
         "target": TARGETS.get(size, ""),
     }
 
@@ -228,9 +234,16 @@ def main() -> None:
         help="torch threads (1: small ops gain nothing from 2 shared cores)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the U(-0.5, 0.5) weights")
+    parser.add_argument("--no-public", action="store_true", help="no public data: probe labels")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    test_pixels, test_labels = load_split("mnist", "test")
+    public = (
+        None
+        if args.no_public
+        else PublicData(to_tensor(test_pixels), torch.tensor(test_labels).long())
+    )
     pixels, digit_labels = load_split("mnist", "train")
     batches = {size: args.batches or BATCHES.get(size, 2) for size in args.sizes}
     count = max(max(size * batches[size] for size in args.sizes), 20, args.clients)
@@ -258,7 +271,7 @@ def main() -> None:
     for size in args.sizes:
         starts = list(range(20)) if size == 1 else [k * size for k in range(batches[size])]
         base = starts[: baseline_counts.get(size, 1)]
-        record = measure_batch(size, starts, base, model, images, labels)
+        record = measure_batch(size, starts, base, model, images, labels, public)
         report[f"batch_{size}"] = record
         print(
             f"{size:>6} {record['succeeded']:>4}/{record['images']:<4} "

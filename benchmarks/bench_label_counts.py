@@ -1,7 +1,7 @@
 """Batch label counts from the last layer's update, per batch size and per training stage.
 
 FedSGD gradients of two models on random batches of MNIST training images: the quickstart's
-784-256-10 ReLU MLP and the iDLG LeNet (sigmoid, U(-0.5, 0.5) weights). Each model is trained
+784-256-10 ReLU MLP and the small CNN (``ModelSpec("cnn")``). Each model is trained
 as the FedSGD studies train it (mean gradient of 5 clients x 32 images a round, plain SGD) and
 attacked at rounds 1, 10 and 50. Two count rules, both from the bias gradient: ``probes``
 (the model's mean softmax on random images stands in for the batch's) and ``public`` (the
@@ -29,7 +29,7 @@ from simulator.data.datasets import load_split, to_tensor
 RESULTS = Path(__file__).parent / "results" / "label_counts.json"
 MODELS = {
     "mlp": (ModelSpec("mlp", widths=(256,), activation="relu"), 0.8),
-    "lenet": (ModelSpec("lenet"), 0.5),
+    "cnn": (ModelSpec("cnn"), 0.3),
 }
 ROUNDS = (1, 10, 50)
 BATCH_SIZES = (1, 8, 32, 128, 256)
