@@ -31,6 +31,7 @@ from simulator.data.datasets import DataError
 from simulator.report import landscape as landscapes
 from simulator.report.html import HTML_FILE
 from simulator.report.tables import terminal_tables
+from simulator.run.cluster import RAY_ADDRESS_ENV
 from simulator.run.engine import RunInterrupted
 from simulator.run.folder import RunFolder, RunFolderError, check_new, read_records
 from simulator.run.preflight import PreflightError, preflight
@@ -68,6 +69,13 @@ def run(
             help="Continue an interrupted or failed run in its folder.", metavar="RUN_DIR"
         ),
     ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Run on a Ray cluster you started (the address `ray start --head` prints).",
+            metavar="HOST:PORT",
+        ),
+    ] = None,
 ) -> None:
     """Run a scenario (every point of its sweep) and write its results folder.
 
@@ -75,6 +83,8 @@ def run(
     kept; ``--resume RUN_DIR`` continues it from its first unfinished point.
     """
     overrides = list(set_) + ([f'data.dir="{data_dir}"'] if data_dir else [])
+    if ray_address is not None:
+        os.environ[RAY_ADDRESS_ENV] = ray_address  # the run's worker process inherits it
     try:
         if resume is not None:
             alone = scenario is None and not (set_ or out or data_dir or plugin)

@@ -55,6 +55,9 @@ LABELS_MAGIC = 2049
 DEFAULT_TIMEOUT = 30.0
 
 
+DATA_DIR_ENV = "LEAKSIM_DATA_DIR"  # where the dataset files are, for every process
+
+
 class DataError(RuntimeError):
     """A dataset file is unknown, unreadable or not what it claims to be."""
 
@@ -294,7 +297,7 @@ def _verify(path: Path, info: FileInfo) -> str | None:
 def candidate_dirs(data_dir: str | Path | None = None) -> list[Path]:
     """Base directories searched, in order: ``data_dir``, ``$LEAKSIM_DATA_DIR``, user cache."""
     dirs = [Path(data_dir).expanduser()] if data_dir is not None else []
-    if env := os.environ.get("LEAKSIM_DATA_DIR"):
+    if env := os.environ.get(DATA_DIR_ENV):
         dirs.append(Path(env).expanduser())
     xdg = os.environ.get("XDG_CACHE_HOME")
     dirs.append((Path(xdg) if xdg else Path.home() / ".cache") / "leaksim")

@@ -40,6 +40,7 @@ from simulator.core.scenario import Point, expand
 from simulator.federation.client_app import app as client_app
 from simulator.federation.secagg import app as secagg_client_app
 from simulator.federation.truth import TRUTH_DIR_ENV, TruthStore
+from simulator.run.cluster import connect, ray_address
 from simulator.run.driver import FederationDriver
 from simulator.run.folder import TRUTH_PREFIX, RunFolder, RunFolderError
 from simulator.run.privacy import PrivacyLedger
@@ -94,8 +95,12 @@ def backend_config(scenario: Scenario) -> dict[str, Any]:
     """Ray settings: one actor per ``cpus_per_client`` cores, quiet logs, no dashboard.
 
     Ray's servers listen on loopback only where Ray runs single-machine (as the worker
-    process sets it, :data:`simulator.run.supervisor.RAY_ENVIRONMENT`).
+    process sets it, :data:`simulator.run.supervisor.RAY_ENVIRONMENT`). On a user's cluster
+    (:mod:`simulator.run.cluster`) the connection is made before Flower looks, so only the
+    clients' resources apply.
     """
+    if ray_address() is not None:
+        return {"client_resources": {"num_cpus": scenario.federation.cpus_per_client}}
     return {
         "client_resources": {"num_cpus": scenario.federation.cpus_per_client, "num_gpus": 0.0},
         "init_args": {
@@ -195,6 +200,8 @@ def run_point(
         driver = FederationDriver(scenario, tagged, referee, on_progress=on_round)
         clients = secagg_client_app if driver.secure_aggregation else client_app
         try:
+            if (address := ray_address()) is not None:
+                connect(address)  # the truth folder of this point travels with it
             run_simulation(
                 server_app=make_server_app(driver),
                 client_app=clients,

@@ -18,6 +18,7 @@ from simulator.core.fields import InputError
 from simulator.core.registry import DATASETS
 from simulator.core.scenario import expand
 from simulator.data.datasets import (
+    DATA_DIR_ENV,
     DataError,
     DataNotFoundError,
     DatasetInfo,
@@ -25,8 +26,7 @@ from simulator.data.datasets import (
     share_verified,
 )
 from simulator.data.shards import shard_size
-
-DATA_DIR_ENV = "LEAKSIM_DATA_DIR"
+from simulator.run.cluster import ClusterAddressError, check_address, ray_address
 
 
 class PreflightError(InputError):
@@ -70,7 +70,13 @@ def check_shards(scenario: Scenario) -> None:
 
 
 def preflight(scenario: Scenario) -> None:
-    """Raise PreflightError unless every sweep point of ``scenario`` can run."""
+    """Raise PreflightError unless every sweep point of ``scenario`` can run (and the Ray
+    cluster it is to use, if any, answers)."""
+    if (address := ray_address()) is not None:
+        try:
+            check_address(address)
+        except ClusterAddressError as error:
+            raise PreflightError(str(error)) from None
     checked: set[DataConfig] = set()
     for point in expand(scenario):
         data = point.scenario.data

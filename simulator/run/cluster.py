@@ -1,0 +1,64 @@
+"""Running the simulation on a Ray cluster the user already started.
+
+``LEAKSIM_RAY_ADDRESS`` (set by ``leaksim run --ray-address HOST:PORT``) names the cluster's
+head (the GCS address ``ray start --head`` prints). Each sweep point then connects to it
+instead of starting a private Ray, and Flower, finding Ray initialised, uses it as is. The
+cluster's workers do not inherit this process's environment, so what a client needs travels
+in Ray's runtime environment: the project on ``PYTHONPATH``, the data directory, and the
+point's truth-store folder (a path every node must see: one machine, or a shared
+filesystem; on nodes that cannot see it clients write no truth and nothing is scored).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+import ray
+
+from simulator.data.datasets import DATA_DIR_ENV
+from simulator.federation.truth import TRUTH_DIR_ENV
+
+RAY_ADDRESS_ENV = "LEAKSIM_RAY_ADDRESS"
+# Variables a client reads, passed to the cluster's workers with every connection.
+CLIENT_ENVIRONMENT = (DATA_DIR_ENV, TRUTH_DIR_ENV)
+CONNECT_TIMEOUT_S = 3.0
+
+
+class ClusterAddressError(ValueError):
+    """The address is not HOST:PORT, or nothing listens there."""
+
+
+def ray_address() -> str | None:
+    """The cluster this run uses, or None for a private Ray per point."""
+    return os.environ.get(RAY_ADDRESS_ENV) or None
+
+
+def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise ClusterAddressError unless ``address`` is HOST:PORT and accepts a connection."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClusterAddressError(f"--ray-address = {address!r}: expected HOST:PORT")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as error:
+        raise ClusterAddressError(
+            f"--ray-address = {address!r}: nothing answers there ({error.strerror or error}); "
+            "start a head with `ray start --head` and give the address it prints"
+        ) from None
+
+
+def connect(address: str) -> None:
+    """Connect this process to the cluster, with the clients' environment for its workers."""
+    paths = [*sys.path, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    variables = {name: os.environ[name] for name in CLIENT_ENVIRONMENT if name in os.environ}
+    variables["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+    ray.init(
+        address=address,
+        runtime_env={"env_vars": variables},
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
