@@ -1,13 +1,20 @@
 """The Flower ServerApp: the federation driver and its referee for one sweep point.
 
 :func:`make_server_app` wraps a driver the engine built (``run_simulation`` has no run config,
-so the point travels in a closure). The module-level ``app`` serves ``flwr run .``: on a real
-federation there is no truth store, so the referee attacks but scores nothing, and records go
-to stdout.
+so the point travels in a closure). The module-level ``app`` serves ``flwr run .`` (Flower's
+simulation or deployment engine): on a real federation there is no truth store, so the
+referee attacks but scores nothing, and records go to stdout. With the run config key
+``reconstructions`` (a folder on the SuperLink's machine) every reconstruction is written
+there as ``ATTACK-round-R-client-C.npz`` (images, labels), for scoring by whoever holds the
+clients' data.
 """
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
+import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -15,9 +22,9 @@ from simulator.core.config import DEFAULT_SCENARIO
 from simulator.core.records import NoteRecord
 from simulator.core.scenario import load
 from simulator.run.driver import FederationDriver, connected_nodes
-from simulator.run.folder import print_record
+from simulator.run.folder import print_record, write_atomic
 from simulator.run.privacy import PrivacyLedger
-from simulator.run.referee import Referee
+from simulator.run.referee import Referee, RefereedRound, Tap
 
 
 def make_server_app(driver: FederationDriver) -> ServerApp:
@@ -43,5 +50,28 @@ def flwr_main(grid: Grid, context: Context) -> None:
     if nodes != scenario.federation.clients:
         print_record(NoteRecord(f"federation.clients set to {nodes} SuperNodes"))
         scenario = scenario.with_overrides({"federation.clients": nodes})
-    referee = Referee(scenario, print_record, PrivacyLedger(scenario), truth_store=None)
+    folder = context.run_config.get("reconstructions")
+    taps = [reconstruction_writer(Path(str(folder)))] if folder else []
+    referee = Referee(scenario, print_record, PrivacyLedger(scenario), None, taps)
     FederationDriver(scenario, print_record, referee).main(grid, context)
+
+
+def reconstruction_writer(folder: Path) -> Tap:
+    """A tap writing each round's reconstructions to ``folder`` (atomically, one npz each)."""
+
+    def write(refereed: RefereedRound) -> None:
+        for reconstruction in refereed.reconstructions:
+            buffer = io.BytesIO()
+            labels = reconstruction.labels
+            np.savez(
+                buffer,
+                images=reconstruction.images.detach().cpu().numpy(),
+                labels=np.array([]) if labels is None else labels.cpu().numpy(),
+            )
+            name = (
+                f"{reconstruction.attack}-round-{reconstruction.round}"
+                f"-client-{reconstruction.client_id}.npz"
+            )
+            write_atomic(folder / name, buffer.getvalue())
+
+    return write
