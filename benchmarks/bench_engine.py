@@ -1,17 +1,23 @@
-"""Engine overhead: start-up and per-round cost of a 100-client FedSGD MNIST federation.
+"""Engine overhead: start-up, per-round cost and peak memory of a FedSGD MNIST federation.
 
 Compares each round's wall time under Flower + Ray with the same client work done in-process
 (shard lookup, one batch gradient per sampled client, aggregation), so the difference is what
-the simulation engine costs. Writes ``benchmarks/results/engine.json``.
+the simulation engine costs. Peak memory is the largest resident size of this process and
+every process below it (the run's worker, Ray and its actors), sampled every 0.5 s.
 
     python -m benchmarks.bench_engine            # 100 clients, fractions 0.1 and 1.0
+    python -m benchmarks.bench_engine --clients 1000 --fractions 0.1 \
+        --output benchmarks/results/engine_1000.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,8 +32,43 @@ from simulator.data.shards import load_shard
 from simulator.federation.interceptor import Interceptor
 from simulator.federation.strategies import make_strategy
 from simulator.federation.training import batch_gradient
+from simulator.run.processes import descendants, process_table
 
 RESULTS = Path(__file__).parent / "results" / "engine.json"
+
+
+def tree_rss_bytes() -> int:
+    """Resident memory of this process and all its descendants."""
+    total = 0
+    for pid in {os.getpid(), *descendants(os.getpid(), process_table())}:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+class PeakMemory:
+    """Samples :func:`tree_rss_bytes` in a thread while the block runs; ``peak`` in bytes."""
+
+    def __init__(self, period_s: float = 0.5) -> None:
+        self.period_s, self.peak = period_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.peak = max(self.peak, tree_rss_bytes())
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def in_process_round_seconds(scenario: Scenario, rounds: int) -> float:
@@ -75,7 +116,8 @@ def measure(
         },
     )
     started = time.perf_counter()
-    result = api.run(scenario, out_dir=out)
+    with PeakMemory() as memory:
+        result = api.run(scenario, out_dir=out)
     total = time.perf_counter() - started
     round_records = result.table("round")
     per_round = [r["seconds"] for r in round_records if r["round"] >= 2]  # round 1 loads data
@@ -95,6 +137,8 @@ def measure(
         "median_round_s": round(engine_round, 4),
         "in_process_round_s": round(compute_round, 4),
         "engine_overhead_per_round_s": round(engine_round - compute_round, 4),
+        "overhead_over_work": round((engine_round - compute_round) / compute_round, 2),
+        "peak_memory_gib": round(memory.peak / 2**30, 2),
     }
 
 
@@ -104,17 +148,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
+    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
-    rows = [
-        measure(
-            f, args.rounds, args.clients, Path("runs") / f"bench-engine-{f}", args.cpus_per_client
-        )
-        for f in args.fractions
-    ]
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = [
+            measure(f, args.rounds, args.clients, Path(scratch) / f"run-{f}", args.cpus_per_client)
+            for f in args.fractions
+        ]
     for row in rows:
         print(json.dumps(row))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": "2 CPU cores", "runs": rows}, indent=2) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"machine": "2 CPU cores", "runs": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
