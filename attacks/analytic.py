@@ -209,8 +209,12 @@ class Analytic(Attack[AnalyticParams]):
             noise = self.params.noise_std * gradient_scale(obs)
             if n == 1:
                 active = _active(bias, self.params, noise)
-                flat = _least_squares_rows(weight[active], bias[active])[None]
-                confident = torch.ones(1, dtype=torch.bool)
+                if bool(active.any()):
+                    flat = _least_squares_rows(weight[active], bias[active])[None]
+                    confident = torch.ones(1, dtype=torch.bool)
+                else:  # a zero first-layer gradient (no neuron fired, or nothing to learn)
+                    flat = torch.full((1, weight.shape[1]), 0.5, dtype=weight.dtype)
+                    confident = torch.zeros(1, dtype=torch.bool)
             else:
                 flat, confident = _separate(weight, bias, n, self.params, noise)
             images = flat.reshape(n, *obs.model.input_shape).clamp(0, 1).float()

@@ -58,6 +58,19 @@ def _strength_parameter(point: Record) -> str | None:
     )
 
 
+def best_per_update(records: list[Record]) -> list[Record]:
+    """Per attacked update (round, client): its ``best`` record where several attacks scored
+    it, else the records it has (one attack scored it: the others failed or do not apply)."""
+    updates: dict[tuple[int, int], list[Record]] = defaultdict(list)
+    for record in records:
+        updates[(record.get("round", 0), record.get("client", 0))].append(record)
+    chosen = []
+    for members in updates.values():
+        best = [r for r in members if r.get("attack") == "best"]
+        chosen += best or members
+    return chosen
+
+
 def defense_table(records: list[Record]) -> list[Record]:
     """One row per point: its defense curve and strength, leakage, accuracy, epsilon."""
     points = [r for r in records if r.get("kind") == "point"]
@@ -66,8 +79,7 @@ def defense_table(records: list[Record]) -> list[Record]:
         if record.get("kind") == "attack":
             attacks[record["point"]].append(record)
     for point, mine in attacks.items():  # several attacks: their per-image best of each update
-        best = [r for r in mine if r.get("attack") == "best"]
-        attacks[point] = best or mine
+        attacks[point] = best_per_update(mine)
     privacy = {r["point"]: r for r in records if r.get("kind") == "privacy"}
     # The accuracy cost is against the undefended point of the same seed (the first one when
     # no point of that seed is undefended).

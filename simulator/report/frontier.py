@@ -109,13 +109,17 @@ def within_noise(first: Setting, second: Setting) -> bool:
 def leakage_by_round(records: Iterable[Row]) -> dict[int, dict[int, float]]:
     """Per sweep point, the mean leaked fraction of each attacked round (the per-image best
     of several attacks when a round has one, else every attack record of that round)."""
-    attacks: dict[tuple[int, int], list[Row]] = defaultdict(list)
+    updates: dict[tuple[int, int, int], list[Row]] = defaultdict(list)
     for record in records:
         if record.get("kind") == "attack":
-            attacks[(record.get("point", 0), record["round"])].append(record)
-    curves: dict[int, dict[int, float]] = defaultdict(dict)
-    for (point, server_round), members in sorted(attacks.items()):
+            key = (record.get("point", 0), record.get("round", 0), record.get("client", 0))
+            updates[key].append(record)
+    rounds: dict[tuple[int, int], list[Row]] = defaultdict(list)
+    for (point, server_round, _client), members in updates.items():
+        # Per update: its best record, else what it has (the same rule as the point's table).
         best = [r for r in members if r.get("attack") == "best"]
-        chosen = best or members
+        rounds[(point, server_round)] += best or members
+    curves: dict[int, dict[int, float]] = defaultdict(dict)
+    for (point, server_round), chosen in sorted(rounds.items()):
         curves[point][server_round] = statistics.fmean(r["fraction_leaked"] for r in chosen)
     return dict(curves)

@@ -198,6 +198,15 @@ def test_analytic_recovers_a_single_image_exactly() -> None:
     assert torch.equal(result.labels, labels) and result.status == "converged"
 
 
+def test_analytic_returns_grey_not_an_error_for_a_zero_gradient() -> None:
+    """A saturated model can send an all-zero first-layer gradient: no neuron to read."""
+    obs, _, _ = _fedsgd(RELU_MLP, 0, 1)
+    zero = dataclasses.replace(obs, update={k: torch.zeros_like(v) for k, v in obs.update.items()})
+    (result,) = ATTACKS.create("analytic").run([zero])
+    assert bool(torch.isfinite(result.images).all()) and not bool(result.confident.any())
+    assert torch.allclose(result.images, torch.full_like(result.images, 0.5))
+
+
 def test_analytic_recovers_most_of_a_batch_of_four() -> None:
     obs, images, labels = _fedsgd(RELU_MLP, 0, 4)
     (result,) = ATTACKS.create("analytic").run([obs])

@@ -67,3 +67,16 @@ def test_a_difference_inside_the_spread_is_flagged() -> None:
     later = [r for r in records() if r.get("round") != 1]  # without round 1 they agree
     rows = {r["curve"]: r for r in settings_table(later)}
     assert rows["gaussian-noise"]["leakage_within_spread_of_none"] is True
+
+
+def test_an_update_only_one_attack_scored_counts_in_both_views() -> None:
+    """Round 100's other attack failed: its lone record counts for the point and the round."""
+    records = [
+        point(0, 0, 0.9),
+        best(0, 1, 1.0),
+        {**best(0, 100, 0.0), "attack": "subspace"},  # no best record: one attack scored it
+    ]
+    (row,) = defense_table(records)
+    assert row["leaked_fraction"] == 0.5
+    by_round = {r["round"]: r["leakage"] for r in rounds_table(records)}
+    assert by_round == {1: 1.0, 100: 0.0}
