@@ -25,8 +25,8 @@ def _percent(mean: float, spread: float) -> str:
 
 
 def _setting(curve: str, strength: Any) -> str:
-    if curve == "none":
-        return "none"
+    if curve == "none" or strength is None:
+        return curve
     return f"{curve} {strength:g}" if isinstance(strength, int | float) else f"{curve} {strength}"
 
 
