@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,24 +28,10 @@ from simulator.core.scenario import load
 from simulator.federation.client import compute_update
 from simulator.federation.truth import TRUTH_DIR_ENV
 from simulator.scoring.metrics import leak_summary
+from tests.integration.network import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return True
-        time.sleep(0.3)
-    return False
 
 
 def group_members(pgid: int) -> list[int]:
