@@ -10,6 +10,7 @@ updates that came back from manipulated models.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch
 from attacks.active.base import ActiveAttack, Plan, is_active
 from attacks.base import Attack
 from simulator.core.config import FederationConfig
+from simulator.core.devices import move, resolve_device
 from simulator.core.models import ModelSpec, SentModel
 from simulator.core.protocol import Observation, PublicData, Reconstruction
 from simulator.core.registry import ATTACKS
@@ -45,6 +47,7 @@ class MaliciousServer:
     manipulated: dict[int, frozenset[int]] = field(default_factory=dict)
     examples: dict[int, int] = field(default_factory=dict)
     public: Callable[[], PublicData] | None = field(default=None, repr=False)
+    device: str = "auto"  # where the attack runs (simulator.core.devices)
     _active: ActiveAttack[Any] | None = field(default=None, repr=False)
 
     @property
@@ -135,12 +138,31 @@ class MaliciousServer:
             if self.active
             else ATTACKS.create(self.attack_name, dict(self.attack_params))
         )
+        device = resolve_device(self.device)
         if self.public is not None and isinstance(attack, Attack):
-            attack.public = self.public()  # loaded once by the caller, on first use
-        reconstructions = attack.run(targets)
+            public = self.public()  # loaded once by the caller, on first use
+            attack.public = PublicData(public.images.to(device), public.labels.to(device))
+        reconstructions = attack.run(on_device(targets, device))
         for reconstruction in reconstructions:  # named here, so a plugin need not name itself
             reconstruction.attack = self.attack_name
+            reconstruction.images = reconstruction.images.cpu()
+            if reconstruction.labels is not None:
+                reconstruction.labels = reconstruction.labels.cpu()
+            reconstruction.snapshots = [(i, images.cpu()) for i, images in reconstruction.snapshots]
         return [flag_divergence(r) for r in reconstructions]
+
+
+def on_device(observations: Sequence[Observation], device: torch.device) -> list[Observation]:
+    """The observations with their tensors on ``device`` (the attacks follow their inputs'
+    device); unchanged on the CPU, where they already are."""
+    if device.type == "cpu":
+        return list(observations)
+    return [
+        dataclasses.replace(
+            o, global_weights=move(o.global_weights, device), update=move(o.update, device)
+        )
+        for o in observations
+    ]
 
 
 def flag_divergence(reconstruction: Reconstruction) -> Reconstruction:

@@ -68,6 +68,10 @@ class FederationConfig:
     weight_decay: float = param(0.0, low=0.0)
     timeout_s: float = param(600.0, low=0.0, low_open=True)
     cpus_per_client: float = param(1.0, low=0.0, low_open=True)
+    # Where clients train (simulator.core.devices); on a GPU each client's Ray actor asks for
+    # this share of one, so 1 / gpus_per_client clients share a GPU.
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    gpus_per_client: float = param(0.1, low=0.0, high=1.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ class AttackConfig:
     # More attacks on the same updates, each a table like ``{ name = "idlg", iterations = 50 }``:
     # every attacked update is then also scored by the per-image best of all the attacks.
     also: tuple[Mapping[str, Any], ...] = ()
+    # Where the attacks run (simulator.core.devices): a GPU where torch sees one, by default.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass(frozen=True)

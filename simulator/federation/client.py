@@ -18,6 +18,7 @@ from torch import nn
 
 from defenses.base import TrainingDefense, UpdateDefense, build_defenses, compose
 from simulator.core.config import FederationConfig, Scenario
+from simulator.core.devices import move, resolve_device
 from simulator.core.models import ModelSpec, build_model
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import Shard, load_shard
@@ -141,7 +142,10 @@ def compute_update(
 
     fed = scenario.federation
     spec = scenario.model
-    model = load_weights(build_model(spec), global_weights)
+    # The seeded generator stays on the CPU whatever the device, so batches, shuffles and
+    # noise are the same draws on a GPU; only the arithmetic moves.
+    device = resolve_device(fed.device)
+    model = load_weights(build_model(spec), global_weights).to(device)
     shard = load_shard(scenario.data, fed.clients, scenario.seed, client_id)
     generator = seeded_generator(scenario.seed, server_round, client_id)
     defenses = ClientDefenses.from_scenario(scenario)
@@ -151,14 +155,18 @@ def compute_update(
         batch = defenses.batch(len(shard.labels), fed.batch_size, generator)
         inputs, labels = shard.inputs[batch], shard.labels[batch]
         expected = min(fed.batch_size, len(shard.labels))
-        update = defenses.gradient(model, spec, inputs, labels, generator, expected)
+        update = defenses.gradient(
+            model, spec, inputs.to(device), labels.to(device), generator, expected
+        )
         metrics = {NUM_EXAMPLES_KEY: len(labels)}
     else:
         inputs, labels = shard.inputs, shard.labels
         sent = {name: p.detach().clone() for name, p in model.named_parameters()}
-        loss = defenses.train(model, spec, shard, fed, generator)
+        on_device = Shard(inputs.to(device), labels.to(device))
+        loss = defenses.train(model, spec, on_device, fed, generator)
         update = defenses.weights(sent, model, generator)
         metrics = {NUM_EXAMPLES_KEY: len(labels), "train-loss": loss}
+    update = move(update, torch.device("cpu"))  # messages carry CPU arrays
     truth = Truth(server_round, client_id, inputs, labels)
     store = TruthStore.from_environment()
     if store is not None:  # simulation: the referee's channel, never the reply message

@@ -28,6 +28,7 @@ import numpy as np
 from flwr.simulation import run_simulation
 
 from simulator.core.config import Scenario
+from simulator.core.devices import resolve_device
 from simulator.core.records import (
     AttackRecord,
     FailureRecord,
@@ -91,6 +92,14 @@ class RunResult:
         return [r for r in self.records if r.get("kind") == kind]
 
 
+def client_gpus(scenario: Scenario) -> float:
+    """The share of a GPU each client's Ray actor asks for: ``gpus_per_client`` when the
+    clients train on a GPU (``"cuda"``, or ``"auto"`` where one is seen here), else 0."""
+    fed = scenario.federation
+    on_gpu = fed.device == "cuda" or resolve_device(fed.device).type == "cuda"
+    return fed.gpus_per_client if on_gpu else 0.0
+
+
 def backend_config(scenario: Scenario) -> dict[str, Any]:
     """Ray settings: one actor per ``cpus_per_client`` cores, quiet logs, no dashboard.
 
@@ -99,10 +108,12 @@ def backend_config(scenario: Scenario) -> dict[str, Any]:
     (:mod:`simulator.run.cluster`) the connection is made before Flower looks, so only the
     clients' resources apply.
     """
+    fed = scenario.federation
+    resources = {"num_cpus": fed.cpus_per_client, "num_gpus": client_gpus(scenario)}
     if ray_address() is not None:
-        return {"client_resources": {"num_cpus": scenario.federation.cpus_per_client}}
+        return {"client_resources": resources}
     return {
-        "client_resources": {"num_cpus": scenario.federation.cpus_per_client, "num_gpus": 0.0},
+        "client_resources": resources,
         "init_args": {
             "num_cpus": os.cpu_count() or 1,
             "_node_ip_address": "127.0.0.1",

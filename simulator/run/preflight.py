@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from simulator.core.config import DataConfig, Scenario
+from simulator.core.devices import DeviceError, check_device
 from simulator.core.fields import InputError
 from simulator.core.registry import DATASETS
 from simulator.core.scenario import expand
@@ -69,6 +70,19 @@ def check_shards(scenario: Scenario) -> None:
         )
 
 
+def check_devices(scenario: Scenario, on_cluster: bool) -> None:
+    """The attack's device exists here; so do the clients', unless they run on a cluster
+    (whose nodes may have GPUs this machine lacks: Ray then places them)."""
+    keys = [("attack.device", scenario.attack.device)]
+    if not on_cluster:
+        keys.append(("federation.device", scenario.federation.device))
+    try:
+        for key, choice in keys:
+            check_device(key, choice)
+    except DeviceError as error:
+        raise PreflightError(str(error)) from None
+
+
 def preflight(scenario: Scenario) -> None:
     """Raise PreflightError unless every sweep point of ``scenario`` can run (and the Ray
     cluster it is to use, if any, answers)."""
@@ -79,6 +93,7 @@ def preflight(scenario: Scenario) -> None:
             raise PreflightError(str(error)) from None
     checked: set[DataConfig] = set()
     for point in expand(scenario):
+        check_devices(point.scenario, on_cluster=address is not None)
         data = point.scenario.data
         if data not in checked:
             check_data_files(data)

@@ -76,7 +76,12 @@ class Referee:
         # scenario's attack, the others (attack.also) are compared with it image by image.
         self.servers = [
             MaliciousServer(
-                name, params, attack.rounds, attack.max_clients, public=self.public_data
+                name,
+                params,
+                attack.rounds,
+                attack.max_clients,
+                public=self.public_data,
+                device=attack.device,
             )
             for name, params in attacks
         ]

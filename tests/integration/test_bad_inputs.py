@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from typer.testing import CliRunner
 
 from simulator import api
@@ -67,7 +68,13 @@ CASES: list[tuple[str, list[str], str]] = [
     ("dataset", ["data.dataset=cifar"], "data.dataset = 'cifar' is not a known dataset"),
     ("model", ["model.kind=resnet"], "model.kind = 'resnet' is not a known model"),
     ("markup", ["federation.protocol=[/x]"], "federation.protocol = '[/x]' is not allowed"),
+    ("device", ["attack.device=tpu"], "attack.device = 'tpu' is not allowed"),
 ]
+if not torch.cuda.is_available():  # a GPU machine honours these
+    CASES += [
+        ("attack-cuda", ["attack.device=cuda"], "attack.device = 'cuda' but torch sees no CUDA"),
+        ("client-cuda", ["federation.device=cuda"], "federation.device = 'cuda' but torch sees"),
+    ]
 
 
 @pytest.fixture
