@@ -9,7 +9,10 @@ model's confusion on the server's labelled test split, :func:`attacks.labels.pub
 Per setting: the share of batches whose label multiset is exact, and the share of labels
 right (sum over classes of min(true, recovered) count, over the batch size).
 
-    python -m benchmarks.bench_label_counts       # writes benchmarks/results/label_counts.json
+    python -m benchmarks.bench_label_counts
+    # writes benchmarks/results/label_counts.json (every row) and labels.json (the summary:
+    # per batch size B, ``batch_<B>.round_1`` and ``round_20``, the share of batches whose
+    # label multiset the public rule recovers exactly, for the MLP and under ``cnn`` the CNN)
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from simulator.core.protocol import Observation, PublicData, PublicMeta
 from simulator.data.datasets import load_split, to_tensor
 
 RESULTS = Path(__file__).parent / "results" / "label_counts.json"
+SUMMARY = Path(__file__).parent / "results" / "labels.json"
 MODELS = {
     "mlp": (ModelSpec("mlp", widths=(256,), activation="relu"), 0.8),
     "cnn": (ModelSpec("cnn"), 0.3),
 }
-ROUNDS = (1, 10, 50)
-BATCH_SIZES = (1, 8, 32, 128, 256)
+ROUNDS = (1, 10, 20, 50)
+BATCH_SIZES = (1, 8, 16, 32, 64, 128, 256)
 ROUND_BATCH = 160  # 5 clients x 32 images: the FedSGD studies' round
 
 
@@ -65,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batches", type=int, default=20, help="batches per setting")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--summary", type=Path, default=SUMMARY)
     args = parser.parse_args()
     torch.set_num_threads(1)
     images, labels = load_split("mnist", "train")
@@ -107,6 +112,20 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"batches": args.batches, "rows": rows}, indent=1))
+    summary: dict[str, object] = {"batches": args.batches, "rule": "public", "model": "mlp"}
+    summary.update(summarise(rows, "mlp"))
+    summary["cnn"] = summarise(rows, "cnn")
+    args.summary.write_text(json.dumps(summary, indent=1))
+
+
+def summarise(rows: list[dict[str, object]], model: str) -> dict[str, dict[str, float]]:
+    """``batch_<B>: {round_<R>: exact share}`` for one model, with the public rule."""
+    found: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if row["model"] == model:
+            entry = found.setdefault(f"batch_{row['batch_size']}", {})
+            entry[f"round_{row['round']}"] = float(row["public_exact"])  # type: ignore[arg-type]
+    return found
 
 
 if __name__ == "__main__":

@@ -127,3 +127,21 @@ def test_the_server_hands_its_public_data_to_the_labels_only_attack() -> None:
     blind = ATTACKS.create("label-counts", {"public": False})
     blind.public = PUBLIC
     assert "bias-counts" in blind.run([obs])[0].notes
+
+
+def test_counts_are_exact_on_a_batch_with_repeated_labels() -> None:
+    """64 digits of only three classes (30 threes, 24 sevens, 10 zeros) on the untrained MLP:
+    the multiset comes back exactly, repeats included."""
+    wanted = {3: 30, 7: 24, 0: 10}
+    chosen = torch.cat([torch.nonzero(TRAIN_Y == c)[:n, 0] for c, n in wanted.items()])
+    model = build_model(MLP, seed=0)
+    model.zero_grad()
+    task_loss(MLP, model(TRAIN_X[chosen]), TRAIN_Y[chosen]).backward()
+    weights = {k: v.detach().clone() for k, v in model.named_parameters()}
+    grads = {k: v.grad.detach().clone() for k, v in model.named_parameters()}
+    obs = Observation(1, 0, MLP, weights, grads, PublicMeta("fedsgd", 64, 0.1, 1, 64))
+    found = recover_labels(obs, public=PUBLIC).labels
+    assert found is not None
+    assert torch.equal(
+        torch.bincount(found, minlength=10), torch.bincount(TRAIN_Y[chosen], minlength=10)
+    )
