@@ -133,7 +133,7 @@ def test_counts_are_exact_on_a_batch_with_repeated_labels() -> None:
     """64 digits of only three classes (30 threes, 24 sevens, 10 zeros) on the untrained MLP:
     the multiset comes back exactly, repeats included."""
     wanted = {3: 30, 7: 24, 0: 10}
-    chosen = torch.cat([torch.nonzero(TRAIN_Y == c)[:n, 0] for c, n in wanted.items()])
+    chosen = torch.cat([torch.nonzero(torch.eq(TRAIN_Y, c))[:n, 0] for c, n in wanted.items()])
     model = build_model(MLP, seed=0)
     model.zero_grad()
     task_loss(MLP, model(TRAIN_X[chosen]), TRAIN_Y[chosen]).backward()
