@@ -51,6 +51,14 @@ the inputs) and labels them with the model's own predictions; with ``iterations 
 candidates are returned as they are. A final stationarity residual above
 ``stationarity_tolerance`` is reported in ``notes``: such weights are not at a KKT point.
 Returned images are candidates mapped from the model's input range to ``[0, 1]`` and clamped.
+
+Selection: with ``select = "agreement"`` the attack also says, without the truth, which
+candidates it reports as reconstructions (:func:`attacks.kkt_selection.select_candidates`:
+clusters of near-duplicate candidates, weighted by their stationarity contribution
+``||lambda_i y_i grad f(x_i)||`` and by how little noise they hold). The ``select_top`` best
+(0: as many as the client's examples) come first among the returned candidates, best first,
+flagged in ``Reconstruction.confident``; every candidate is still returned, so the scorer can
+compare the selection with matching by the truth. ``notes`` says how many were selected.
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ import torch
 from torch import nn
 
 from attacks.base import Attack, register_attack, snapshot_steps
+from attacks.kkt_selection import select_candidates
 from attacks.subspace import model_labels, recover_inputs
 from simulator.core.fields import param
 from simulator.core.models import Centre, ModelSpec, build_model, is_binary
@@ -114,6 +123,13 @@ class KKTParams:
     seed: int = param(0, low=0, help="candidate initialisation seed")
     log_every: int = param(100, low=1, help="iterations between trace records")
     snapshots: int = param(0, low=0, high=1000, help="evenly spaced image snapshots to keep")
+    select: Literal["none", "agreement"] = "none"
+    select_top: int = param(
+        0, low=0, high=10_000_000, help="candidates to select (0: the client's example count)"
+    )
+    select_similarity: float = param(
+        0.9, low=0.0, high=1.0, help="selection: cross-correlation of near-duplicates"
+    )
 
 
 def mlp_parameter_names(spec: ModelSpec) -> list[tuple[str, str | None]]:
@@ -183,6 +199,36 @@ def combination(
         if index > 0:
             delta = (delta @ weight) * torch.sigmoid(alpha * pre[index - 1])
     return [g for layer_grads in reversed(grads) for g in layer_grads]
+
+
+def contributions(
+    layers: Sequence[Layer], inputs: torch.Tensor, coeff: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """Per candidate, ``||sum_k coeff[i, k] grad_theta f_k(x_i)||`` over all parameters (m,).
+
+    Every layer's term of one candidate is an outer product ``delta_i a_i^T`` (plus ``delta_i``
+    for a bias), whose norm is ``||delta_i|| ||a_i||``: one forward and backward pass, as
+    :func:`combination`, with no per-sample gradients.
+    """
+    activations = [inputs]
+    pre: list[torch.Tensor] = []
+    hidden = inputs
+    for weight, bias in layers[:-1]:
+        z = hidden @ weight.T
+        if bias is not None:
+            z = z + bias
+        pre.append(z)
+        hidden = torch.relu(z)
+        activations.append(hidden)
+    delta = coeff
+    squared = torch.zeros(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
+    for index in range(len(layers) - 1, -1, -1):
+        weight, bias = layers[index]
+        size = (activations[index] ** 2).sum(1) + (0.0 if bias is None else 1.0)
+        squared = squared + (delta**2).sum(1) * size
+        if index > 0:
+            delta = (delta @ weight) * torch.sigmoid(alpha * pre[index - 1])
+    return squared.sqrt()
 
 
 def candidate_labels(count: int, classes: int) -> torch.Tensor:
@@ -407,11 +453,33 @@ class KKT(Attack[KKTParams]):
         notes.insert(0, f"{problem.count} candidates, mode {p.mode}{fitted}")
         if problem.classes == 1:
             notes.append("binary model: candidate labels are parity only")
+        images = self._images(obs, final_inputs)
+        labels = labels.clone()
+        confident = None
+        if p.select == "agreement":
+            weights = None
+            if p.iterations:
+                coeff = _output_weights(final_relative, labels, problem.classes) * final_scale
+                with torch.no_grad():
+                    weights = contributions(problem.layers, final_inputs, coeff, p.alpha)
+            top = p.select_top or obs.meta.num_examples
+            chosen = select_candidates(images, weights, top=top, similarity=p.select_similarity)
+            rest = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+            rest[chosen.index] = False
+            order = torch.cat([chosen.index, rest.nonzero().squeeze(1)])
+            images, labels = images[order], labels[order]
+            confident = torch.arange(images.shape[0], device=images.device) < chosen.index.numel()
+            notes.append(
+                f"agreement selection: {chosen.index.numel()} of {images.shape[0]} candidates "
+                f"selected (first), {chosen.clusters} clusters, largest "
+                f"{int(chosen.support.max()) if chosen.support.numel() else 0}"
+            )
         return Reconstruction(
             round=obs.round,
             client_id=obs.client_id,
-            images=self._images(obs, final_inputs),
-            labels=labels.clone(),
+            images=images,
+            labels=labels,
+            confident=confident,
             trace=trace,
             snapshots=snapshots,
             status=status,

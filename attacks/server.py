@@ -149,6 +149,8 @@ class MaliciousServer:
             if reconstruction.labels is not None:
                 reconstruction.labels = reconstruction.labels.cpu()
             reconstruction.snapshots = [(i, images.cpu()) for i, images in reconstruction.snapshots]
+            if reconstruction.confident is not None:
+                reconstruction.confident = reconstruction.confident.cpu()
         return [flag_divergence(r) for r in reconstructions]
 
 

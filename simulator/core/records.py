@@ -105,7 +105,9 @@ class AttackRecord(Record):
     """One reconstruction scored against the truth of its update.
 
     ``scores`` are the scorer's figures, named by :mod:`simulator.scoring` (PSNR, SSIM, the
-    leaked fraction, the trace...), whose set depends on how the attack's images are matched.
+    leaked fraction, the trace...), whose set depends on how the attack's images are matched;
+    :mod:`simulator.scoring.score`'s docstring lists the optional ones (exact shares, the
+    paper's 3x3-window SSIM ``*_paper`` fields, a truth-free selection's ``selected*``).
     """
 
     kind: ClassVar[str] = "attack"

@@ -59,7 +59,10 @@ def score_inversion(
     ``top_k`` best), ``max_nn_ssim``, ``above_threshold`` (count with NN-SSIM >= threshold),
     ``fraction_above_threshold``, ``diversity`` (mean of the per-class values of
     :func:`class_diversity`) and ``per_class`` (by class, as a string key: count, mean and max
-    NN-SSIM, mean NN-PSNR, above_threshold, diversity). JSON-friendly throughout.
+    NN-SSIM, mean NN-PSNR, above_threshold, diversity). ``nn_ssim_paper``,
+    ``mean_nn_ssim_paper`` and ``above_threshold_paper``: the same in Haim et al.'s 3x3 window
+    (:func:`simulator.scoring.metrics.ssim_paper`), for that window's best training image of the
+    shortlist. JSON-friendly throughout.
     """
     n = images.shape[0]
     if n == 0:
@@ -73,6 +76,7 @@ def score_inversion(
     labels, train_labels = labels.detach().cpu().long(), train_labels.detach().cpu().long()
     nn_ssim = torch.full((n,), math.nan, dtype=torch.float64)
     nn_index = torch.full((n,), -1, dtype=torch.int64)
+    nn_ssim_paper = torch.full((n,), math.nan, dtype=torch.float64)
     # One search per class (a handful), each vectorised over that class's images.
     for cls in torch.unique(labels).tolist():
         mine = (labels == cls).nonzero().squeeze(1)
@@ -83,6 +87,7 @@ def score_inversion(
             images[mine], train_images[pool], threshold=ssim_threshold, shortlist=shortlist
         )
         nn_ssim[mine] = found.ssim
+        nn_ssim_paper[mine] = found.ssim_paper
         nn_index[mine] = pool[found.index]
     has = nn_index >= 0
     nn_psnr = torch.full((n,), math.nan, dtype=torch.float64)
@@ -91,6 +96,7 @@ def score_inversion(
     scored = nn_ssim[has]
     k = min(top_k, scored.numel())
     above = int((scored >= ssim_threshold).sum())
+    scored_paper = nn_ssim_paper[has]
     diversity = class_diversity(images, labels)
     finite_div = [v for v in diversity.values() if not math.isnan(v)]
 
@@ -120,6 +126,9 @@ def score_inversion(
         "mean_nn_psnr": mean(nn_psnr[has].clamp(max=1e3)),
         "threshold": ssim_threshold,
         "above_threshold": above,
+        "nn_ssim_paper": nn_ssim_paper.tolist(),
+        "mean_nn_ssim_paper": mean(scored_paper),
+        "above_threshold_paper": int((scored_paper >= ssim_threshold).sum()),
         "fraction_above_threshold": above / n,
         "diversity": sum(finite_div) / len(finite_div) if finite_div else math.nan,
         "per_class": per_class,

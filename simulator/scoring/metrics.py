@@ -8,7 +8,9 @@ per image. Reconstructions come in an arbitrary order (dummies are exchangeable)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -17,6 +19,13 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
+# Haim et al. (2022) score with kornia 0.6.8's ``metrics.ssim(x, y, window_size=3)``: a 3x3
+# Gaussian window (sigma 1.5, as ours), the same K1/K2, reflect padding ("same" output size),
+# averaged over channels and pixels (their ``get_ssim_pairs_kornia``).
+SSIM_PAPER_WINDOW = 3
+SSIM_PAPER_PADDING: Literal["reflect"] = "reflect"
+
+Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -35,36 +44,67 @@ def _gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
-def _blur(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian filter, 'valid' region only (windows fully inside the image)."""
+def _blur(
+    images: torch.Tensor, kernel: torch.Tensor, padding: Literal["valid", "reflect"] = "valid"
+) -> torch.Tensor:
+    """Separable Gaussian filter: "valid" keeps the windows fully inside the image, "reflect"
+    mirrors the border (without repeating the edge pixel) and keeps the image's size."""
     channels = images.shape[1]
     size = kernel.numel()
+    if padding == "reflect":
+        half = (size - 1) // 2
+        images = torch.nn.functional.pad(images, (half, size - 1 - half) * 2, mode="reflect")
     rows = kernel.view(1, 1, 1, size).expand(channels, 1, 1, size)
     cols = kernel.view(1, 1, size, 1).expand(channels, 1, size, 1)
     images = torch.nn.functional.conv2d(images, rows, groups=channels)
     return torch.nn.functional.conv2d(images, cols, groups=channels)
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+def ssim(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    data_range: float = 1.0,
+    window: int = SSIM_WINDOW,
+    padding: Literal["valid", "reflect"] = "valid",
+    sigma: float = SSIM_SIGMA,
+) -> torch.Tensor:
     """Structural similarity per image (Wang et al. 2004), averaged over channels and pixels.
 
-    Gaussian window 11x11 with sigma 1.5, K1 = 0.01, K2 = 0.03, population (not sample)
-    covariances, mean over the positions where the window fits inside the image. This equals
-    torchmetrics' ``structural_similarity_index_measure`` defaults and scikit-image's
-    ``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-    data_range=1)``. Images must be at least 11x11.
+    Defaults (our SSIM): Gaussian window 11x11 with sigma 1.5, K1 = 0.01, K2 = 0.03,
+    population (not sample) covariances, mean over the positions where the window fits inside
+    the image. This equals torchmetrics' ``structural_similarity_index_measure`` defaults and
+    scikit-image's ``structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=1)``. Images must be at least ``window`` pixels
+    on each side ("valid"), or more than half of it ("reflect": every pixel is a window centre,
+    the border mirrored). :func:`ssim_paper` is the same function with the paper's window.
     """
-    if min(a.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}")
+    if padding == "valid" and min(a.shape[-2:]) < window:
+        raise ValueError(f"SSIM needs images of at least {window}x{window}")
+    if padding == "reflect" and min(a.shape[-2:]) <= (window - 1) // 2:
+        raise ValueError(f"SSIM with reflect padding needs images larger than {window // 2} px")
     a, b = a.double(), b.double()
-    kernel = _gaussian_kernel(SSIM_WINDOW, SSIM_SIGMA).to(a.device)
-    stats = _blur(torch.cat([a, b, a * a, b * b, a * b]), kernel).chunk(5)
+    kernel = _gaussian_kernel(window, sigma).to(a.device)
+    stats = _blur(torch.cat([a, b, a * a, b * b, a * b]), kernel, padding).chunk(5)
     mu_a, mu_b, aa, bb, ab = stats
     var_a, var_b, cov = aa - mu_a**2, bb - mu_b**2, ab - mu_a * mu_b
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     numerator = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
     denominator = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
     return (numerator / denominator).flatten(1).mean(1)
+
+
+def ssim_paper(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """SSIM as Haim et al. (2022) score dataset reconstruction: :func:`ssim` with a 3x3
+    Gaussian window (sigma 1.5) and reflect padding, averaged over every pixel.
+
+    This is kornia 0.6.8's ``metrics.ssim(a, b, window_size=3)`` averaged per image, except
+    kornia's ``eps = 1e-12`` added to the denominator (which the constants dwarf). The small
+    window compares 3x3 neighbourhoods, so it rewards local detail more and tolerates a global
+    shift in contrast more than the 11x11 window; the two thresholds at 0.4 count differently.
+    Note that the authors also rescale each reconstruction to [0, 1] (min-max) before scoring;
+    our candidates are scored as the attack returns them.
+    """
+    return ssim(a, b, data_range, window=SSIM_PAPER_WINDOW, padding=SSIM_PAPER_PADDING)
 
 
 def pairwise_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -163,13 +203,21 @@ def leak_summary(
 
 @dataclass(frozen=True)
 class NearestCandidates:
-    """Per true image: its best candidate by SSIM, and how many images count as recovered."""
+    """Per true image: its best candidate by SSIM, and how many images count as recovered.
+
+    ``ssim``/``index``/``recovered`` use our SSIM (11x11 window); the ``*_paper`` fields the
+    same thing with :func:`ssim_paper` (Haim et al.'s 3x3 window), over the same shortlist, so
+    the best candidate may differ between the two.
+    """
 
     ssim: torch.Tensor
     index: torch.Tensor
     recovered: int
     fraction: float
     threshold: float
+    ssim_paper: torch.Tensor
+    index_paper: torch.Tensor
+    recovered_paper: int
 
     def as_dict(self) -> dict[str, object]:
         """JSON-friendly view."""
@@ -179,6 +227,9 @@ class NearestCandidates:
             "recovered": self.recovered,
             "fraction": self.fraction,
             "threshold": self.threshold,
+            "ssim_paper": self.ssim_paper.tolist(),
+            "index_paper": self.index_paper.tolist(),
+            "recovered_paper": self.recovered_paper,
         }
 
 
@@ -194,8 +245,9 @@ def nearest_candidates(
     SSIM against every candidate is costly, so each true image first shortlists its
     ``shortlist`` best candidates by normalised cross-correlation (mean-removed cosine) and its
     ``shortlist`` nearest by MSE -- NCC is blind to constant images (the red/blue toy set), MSE
-    to contrast -- and SSIM is computed on those pairs only, ``chunk`` pairs at a time. An
-    image is recovered when its best SSIM reaches ``threshold`` (Haim et al. use 0.4).
+    to contrast -- and SSIM is computed on those pairs only, ``chunk`` pairs at a time, in both
+    windows (ours and the paper's). An image is recovered when its best SSIM reaches
+    ``threshold`` (Haim et al. use 0.4).
     """
     n, m = truth.shape[0], candidates.shape[0]
     if n == 0 or m == 0:
@@ -211,13 +263,27 @@ def nearest_candidates(
     pairs = torch.cat([by_ncc, by_mse], dim=1)
     rows = torch.arange(n).repeat_interleave(pairs.shape[1])
     cols = pairs.flatten()
-    scores = torch.cat(
-        [
-            ssim(candidates[cols[i : i + chunk]], truth[rows[i : i + chunk]])
-            for i in range(0, rows.numel(), chunk)
-        ]
-    ).view(n, -1)
-    best, where = scores.max(1)
-    index = pairs.gather(1, where[:, None]).squeeze(1)
-    recovered = int((best >= threshold).sum())
-    return NearestCandidates(best, index, recovered, recovered / n, threshold)
+
+    def best(metric: Metric) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.cat(
+            [
+                metric(candidates[cols[i : i + chunk]], truth[rows[i : i + chunk]])
+                for i in range(0, rows.numel(), chunk)
+            ]
+        ).view(n, -1)
+        value, where = scores.max(1)
+        return value, pairs.gather(1, where[:, None]).squeeze(1)
+
+    top, index = best(ssim)
+    top_paper, index_paper = best(ssim_paper)
+    recovered = int((top >= threshold).sum())
+    return NearestCandidates(
+        ssim=top,
+        index=index,
+        recovered=recovered,
+        fraction=recovered / n,
+        threshold=threshold,
+        ssim_paper=top_paper,
+        index_paper=index_paper,
+        recovered_paper=int((top_paper >= threshold).sum()),
+    )

@@ -12,6 +12,20 @@ Attacks that state a guarantee (the active attacks of :mod:`attacks.active`) put
 ``predicted_share`` in their last trace entry; their records then also hold
 ``recovered_60db`` and ``recovered_30db`` (shares of the batch at PSNR >= 60 and >= 30 dB,
 whatever ``leak_threshold_db`` is) and that ``predicted_share``. Other records are unchanged.
+
+Candidate sets ("nearest") and class samples ("training") are scored in two SSIM windows: ours
+(11x11 Gaussian, the ``ssim``/``mean_ssim``/``images_leaked``/``fraction_leaked`` fields) and
+Haim et al.'s (3x3 Gaussian, reflect padding; :func:`simulator.scoring.metrics.ssim_paper`):
+``ssim_paper`` (per true image, or per class sample, its best SSIM in that window),
+``mean_ssim_paper``, ``images_leaked_paper`` (count at SSIM >= ``leak_threshold_ssim`` in the
+3x3 window) and, for candidate sets, ``fraction_leaked_paper``; class-sample records add
+``noise_ssim_paper``. Candidate sets whose attack selected candidates without the truth
+(``Reconstruction.confident``, e.g. KKT's ``select = "agreement"``) also hold ``selected``
+(how many it selected), ``selected_leaked`` / ``selected_leaked_paper`` (selected candidates
+whose best SSIM against any true image reaches the threshold: the selection's true picks) and
+``images_leaked_selected`` / ``images_leaked_selected_paper`` (true images recovered by the
+selected candidates alone, to compare with ``images_leaked``, which matches every candidate
+by the truth).
 """
 
 from __future__ import annotations
@@ -166,6 +180,31 @@ def score(
     return Scored(record, truth.numpy(), paired.numpy())
 
 
+def selection_scores(
+    truth: torch.Tensor, candidates: torch.Tensor, selected: torch.Tensor, threshold: float
+) -> dict[str, int]:
+    """How an attack's truth-free choice of candidates (``selected``, a (m,) mask) fares.
+
+    ``selected_leaked``: selected candidates within ``threshold`` SSIM of some true image
+    (precision's numerator); ``images_leaked_selected``: true images whose best *selected*
+    candidate reaches it (recall, against ``images_leaked`` over every candidate); ``_paper``:
+    the same in the 3x3 window. Nothing leaks from an empty selection.
+    """
+    chosen = candidates[selected.bool().cpu()]
+    out = {"selected": int(chosen.shape[0])}
+    if chosen.shape[0] == 0:
+        zero = ("selected_leaked", "images_leaked_selected")
+        return out | {k + tail: 0 for k in zero for tail in ("", "_paper")}
+    picks = nearest_candidates(chosen, truth, threshold=threshold)
+    found = nearest_candidates(truth, chosen, threshold=threshold)
+    return out | {
+        "selected_leaked": picks.recovered,
+        "selected_leaked_paper": picks.recovered_paper,
+        "images_leaked_selected": found.recovered,
+        "images_leaked_selected_paper": found.recovered_paper,
+    }
+
+
 def score_candidates(
     reconstruction: Reconstruction, true_batch: Truth, threshold_ssim: float, parity: bool = False
 ) -> Scored:
@@ -173,8 +212,10 @@ def score_candidates(
 
     Every true image is paired with its most similar candidate (shortlist by normalised
     cross-correlation and MSE, then SSIM; a candidate may serve several images), and counts
-    as leaked when that SSIM reaches ``threshold_ssim``. The saved pairs are sorted by SSIM,
-    best first, for the figure of best matches beside their originals.
+    as leaked when that SSIM reaches ``threshold_ssim``, in our window and in the paper's
+    (``*_paper`` fields). When the attack flagged candidates (``confident``: its truth-free
+    selection), :func:`selection_scores` adds how many of those leak. The saved pairs are
+    sorted by SSIM, best first, for the figure of best matches beside their originals.
     """
     truth = true_batch.inputs.float()
     candidates = reconstruction.images.detach().float().cpu()
@@ -188,6 +229,9 @@ def score_candidates(
         if parity:
             guessed, true_labels = guessed % 2, true_labels % 2
         accuracy = float((guessed == true_labels).double().mean())
+    selection: dict[str, int] = {}
+    if reconstruction.confident is not None:
+        selection = selection_scores(truth, candidates, reconstruction.confident, threshold_ssim)
     trace = reconstruction.trace
     record = _attack_record(
         reconstruction,
@@ -205,6 +249,11 @@ def score_candidates(
             "leak_threshold_ssim": threshold_ssim,
             "psnr": scores.tolist(),
             "ssim": nearest.ssim.tolist(),
+            "ssim_paper": nearest.ssim_paper.tolist(),
+            "mean_ssim_paper": float(nearest.ssim_paper.mean()),
+            "images_leaked_paper": nearest.recovered_paper,
+            "fraction_leaked_paper": nearest.recovered_paper / truth.shape[0],
+            **selection,
             "residual": reconstruction.distance,
             "iterations": int(trace[-1]["iteration"]) if trace else 0,
             "seconds": float(trace[-1]["seconds"]) if trace else math.nan,
@@ -253,6 +302,10 @@ def score_training_like(
             "top_k_ssim": found["top_k_nn_ssim"],
             "max_ssim": found["max_nn_ssim"],
             "noise_ssim": noise["mean_nn_ssim"],
+            "ssim_paper": found["nn_ssim_paper"],
+            "mean_ssim_paper": found["mean_nn_ssim_paper"],
+            "images_leaked_paper": found["above_threshold_paper"],
+            "noise_ssim_paper": noise["mean_nn_ssim_paper"],
             "confidence": last.get("confidence"),
             "diversity": found["diversity"],
             "label_accuracy": None,

@@ -8,10 +8,20 @@ import pytest
 import torch
 
 import attacks.kkt  # noqa: F401  (registers "kkt")
-from attacks.kkt import KKT, KKTParams, _problem, combination, kkt_losses, mlp_layers
+from attacks.kkt import (
+    KKT,
+    KKTParams,
+    _problem,
+    combination,
+    contributions,
+    kkt_losses,
+    mlp_layers,
+)
 from simulator.core.models import ModelSpec, build_model, is_binary
 from simulator.core.registry import ATTACKS
+from simulator.federation.truth import Truth
 from simulator.scoring.metrics import nearest_candidates, ssim
+from simulator.scoring.score import score
 from tests.fixtures.trained_model import (
     TrainConfig,
     homogeneous_spec,
@@ -52,6 +62,21 @@ def test_closed_form_combination_equals_autograd(classes: int) -> None:
         assert torch.allclose(a, b, atol=1e-12)
 
 
+@pytest.mark.parametrize("classes", [1, 3])
+def test_contributions_are_per_sample_gradient_norms(classes: int) -> None:
+    spec = homogeneous_spec((1, 4, 4), widths=(6, 5), init_scale=1.0, num_classes=classes)
+    model = build_model(spec, seed=2).double()
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    inputs = torch.randn(7, 16, dtype=torch.double)
+    coeff = torch.randn(7, classes, dtype=torch.double)
+    closed = contributions(mlp_layers(spec, weights), inputs, coeff, alpha=1e9)
+    for i in range(7):
+        out = model(((inputs[i : i + 1] + 1) / 2).view(1, 1, 4, 4))
+        grads = torch.autograd.grad((out * coeff[i]).sum(), list(model.parameters()))
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        assert float(closed[i]) == pytest.approx(float(norm), rel=1e-9)
+
+
 def test_nearest_candidates_scores_each_true_image() -> None:
     truth = torch.rand(6, 1, 16, 16)
     candidates = torch.cat([torch.rand(10, 1, 16, 16), truth[[4, 1]]])
@@ -79,9 +104,13 @@ def _toy_observation() -> tuple[torch.Tensor, object]:
     return images, victim.observation(images.shape[0], config)
 
 
-def test_toy_red_blue_fully_recovered() -> None:
+def test_toy_red_blue_fully_recovered_and_selected_without_the_truth() -> None:
+    """One fit, with the truth-free agreement selection on: every true image recovered, and
+    both distinct ones (red, blue) among the few candidates selected first."""
     images, obs = _toy_observation()
-    params = KKTParams(iterations=2000, init_scale=0.1, alpha=500.0, log_every=500)
+    params = KKTParams(
+        iterations=2000, init_scale=0.1, alpha=500.0, log_every=500, select="agreement"
+    )
     rec = KKT(params).run([obs])[0]
     assert rec.images.shape == (40, 3, 16, 16) and rec.labels is not None
     assert rec.matching == "nearest" and "far from a KKT point" not in rec.notes
@@ -92,6 +121,18 @@ def test_toy_red_blue_fully_recovered() -> None:
     colours = rec.images.mean((2, 3))
     red = int((colours[:, 0] > colours[:, 2]).sum())
     assert 10 <= red <= 30  # candidates split between the two classes
+    assert rec.confident is not None
+    k = int(rec.confident.sum())
+    assert 2 <= k <= 5 and bool(rec.confident[:k].all())  # selected first, best first
+    assert f"agreement selection: {k} of 40 candidates" in rec.notes
+    truth = Truth(obs.round, obs.client_id, images, torch.zeros(20, dtype=torch.int64))
+    record = score(rec, truth, parity=True).record.to_dict()
+    # Two distinct true images: both among the few selected (3 measured: the candidates the
+    # fit leans on carry 0.25-0.54 of theta's scale, the rest at most 0.13).
+    assert record["selected"] == k and record["selected_leaked"] >= 2
+    assert record["images_leaked_selected"] == record["images_leaked"] == 20
+    plain = KKT(dataclasses.replace(params, iterations=10, select="none")).run([obs])[0]
+    assert plain.confident is None and "selection" not in plain.notes
 
 
 def test_mnist_tiny_case_beats_random_candidates() -> None:
@@ -158,6 +199,8 @@ def test_unsupported_model_is_rejected() -> None:
         ({"tolerance": 1.0}, "unknown parameter 'tolerance'"),
         ({"init": "zeros"}, "'init' = 'zeros' is not allowed"),
         ({"sparsity": 0.0}, "'sparsity' = 0.0 is out of range"),
+        ({"select": "truth"}, "'select' = 'truth' is not allowed"),
+        ({"select_top": -1}, "'select_top' = -1 is out of range"),
     ],
 )
 def test_bad_params_are_rejected_with_a_clear_message(params: dict, message: str) -> None:

@@ -1,4 +1,4 @@
-"""Leakage metrics: PSNR/MSE/SSIM values, Hungarian matching and the leak summary."""
+"""Leakage metrics: PSNR/MSE/SSIM (both windows), Hungarian matching and the leak summary."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator.scoring.metrics import leak_summary, match, mse, pairwise_mse, psnr, ssim
+from simulator.scoring.metrics import (
+    leak_summary,
+    match,
+    mse,
+    nearest_candidates,
+    pairwise_mse,
+    psnr,
+    ssim,
+    ssim_paper,
+)
 
 
 def _reference_ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -29,6 +38,39 @@ def _reference_ssim(a: np.ndarray, b: np.ndarray) -> float:
                 vx = (window * (x - mx) ** 2).sum()
                 vy = (window * (y - my) ** 2).sum()
                 cxy = (window * (x - mx) * (y - my)).sum()
+                num = (2 * mx * my + c1) * (2 * cxy + c2)
+                values.append(num / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(values))
+
+
+def _mirror(index: int, size: int) -> int:
+    """Reflect padding: -1 -> 1, size -> size - 2 (the edge pixel is not repeated)."""
+    if index < 0:
+        return -index
+    if index >= size:
+        return 2 * (size - 1) - index
+    return index
+
+
+def _reference_ssim_paper(a: np.ndarray, b: np.ndarray) -> float:
+    """Haim et al.'s SSIM (kornia, window 3): a 3x3 Gaussian (sigma 1.5) centred on every pixel,
+    borders mirrored, SSIM per pixel averaged; written out pixel by pixel."""
+    g = np.exp(-(np.array([-1.0, 0.0, 1.0]) ** 2) / (2 * 1.5**2))
+    window = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = 0.01**2, 0.03**2
+    values = []
+    channels, height, width = a.shape
+    for channel in range(channels):
+        for i in range(height):
+            for j in range(width):
+                rows = [_mirror(i + d, height) for d in (-1, 0, 1)]
+                cols = [_mirror(j + d, width) for d in (-1, 0, 1)]
+                x = a[channel][np.ix_(rows, cols)]
+                y = b[channel][np.ix_(rows, cols)]
+                mx, my = (window * x).sum(), (window * y).sum()
+                vx = (window * x * x).sum() - mx**2
+                vy = (window * y * y).sum() - my**2
+                cxy = (window * x * y).sum() - mx * my
                 num = (2 * mx * my + c1) * (2 * cxy + c2)
                 values.append(num / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
     return float(np.mean(values))
@@ -78,6 +120,47 @@ def test_ssim_matches_the_windowed_definition(
     fast = ssim(a, b)
     slow = [_reference_ssim(a[i].numpy(), b[i].numpy()) for i in range(2)]
     assert fast.tolist() == pytest.approx(slow, abs=1e-9)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    size=st.tuples(st.integers(2, 9), st.integers(2, 9)),
+    channels=st.integers(1, 3),
+    noise=st.floats(0.0, 0.5),
+)
+def test_paper_ssim_matches_the_3x3_reflect_definition(
+    seed: int, size: tuple[int, int], channels: int, noise: float
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.rand(2, channels, *size, generator=generator, dtype=torch.float64)
+    b = (a + noise * torch.randn(a.shape, generator=generator, dtype=torch.float64)).clamp(0, 1)
+    fast = ssim_paper(a, b)
+    slow = [_reference_ssim_paper(a[i].numpy(), b[i].numpy()) for i in range(2)]
+    assert fast.tolist() == pytest.approx(slow, abs=1e-9)
+    assert torch.allclose(ssim(a, b, window=3, padding="reflect"), fast, atol=0)
+
+
+def test_paper_ssim_of_identical_images_is_one_and_needs_two_pixels() -> None:
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(ssim_paper(images, images), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="larger than 1 px"):
+        ssim_paper(torch.rand(1, 1, 1, 5), torch.rand(1, 1, 1, 5))
+
+
+def test_windows_disagree_when_fine_detail_matches_and_coarse_shape_does_not() -> None:
+    """Same fine checkerboard, opposite coarse wave: the 3x3 window sees mostly the shared
+    detail (leaked at 0.4), the 11x11 window the inverted wave (not leaked)."""
+    i = torch.arange(32.0)
+    fine = ((i[:, None] + i[None, :]) % 2) * 2 - 1
+    coarse = torch.sin(2 * math.pi * i / 32)[:, None].expand(32, 32)
+    a = (0.5 + 0.1 * fine + 0.35 * coarse).clamp(0, 1)[None, None]
+    b = (0.5 + 0.1 * fine - 0.35 * coarse).clamp(0, 1)[None, None]
+    ours, paper = float(ssim(a, b)), float(ssim_paper(a, b))
+    assert ours < 0.4 <= paper and paper - ours > 0.2
+    report = nearest_candidates(a, torch.cat([b, torch.rand(3, 1, 32, 32)]))
+    assert report.recovered == 0 and report.recovered_paper == 1
+    assert report.ssim_paper.item() == pytest.approx(paper)
 
 
 @settings(max_examples=20, deadline=None)

@@ -60,3 +60,46 @@ def test_binary_labels_are_scored_by_parity() -> None:
 def test_reconstructions_without_a_truth_are_skipped() -> None:
     recon = Reconstruction(2, 5, batch(1), None)
     assert score_round([recon], [Truth(2, 4, batch(1), torch.zeros(1))]) == []
+
+
+def test_candidate_sets_are_scored_in_both_windows() -> None:
+    truth = batch(3)
+    candidates = torch.cat([batch(5, seed=2), truth[[2, 0, 1]]])
+    recon = Reconstruction(1, 0, candidates, None, matching="nearest")
+    record = score(recon, Truth(1, 0, truth, torch.zeros(3))).record.to_dict()
+    assert record["images_leaked"] == record["images_leaked_paper"] == 3
+    assert record["ssim_paper"] == pytest.approx([1.0] * 3)
+    assert record["mean_ssim_paper"] == pytest.approx(1.0)
+    assert record["fraction_leaked_paper"] == 1.0
+    assert "selected" not in record  # no selection flagged: no selection fields
+
+
+def test_truth_free_selection_is_scored_against_truth_matching() -> None:
+    truth = batch(4)
+    # Candidates: noise, then copies of true images 0 and 3; the attack selected one noise
+    # image and the two copies, and left true image 1's copy out.
+    candidates = torch.cat([batch(6, seed=3), truth[[0, 3, 1]]])
+    selected = torch.tensor([True] + [False] * 5 + [True, True, False])
+    recon = Reconstruction(1, 0, candidates, None, confident=selected, matching="nearest")
+    record = score(recon, Truth(1, 0, truth, torch.zeros(4))).record.to_dict()
+    assert record["images_leaked"] == 3 and record["selected"] == 3
+    assert record["selected_leaked"] == record["selected_leaked_paper"] == 2
+    assert record["images_leaked_selected"] == record["images_leaked_selected_paper"] == 2
+    nothing = Reconstruction(
+        1, 0, candidates, None, confident=torch.zeros(9, dtype=torch.bool), matching="nearest"
+    )
+    empty = score(nothing, Truth(1, 0, truth, torch.zeros(4))).record.to_dict()
+    assert empty["selected"] == 0 and empty["images_leaked_selected"] == 0
+
+
+def test_class_samples_are_scored_in_both_windows() -> None:
+    train, train_labels = batch(6, seed=4), torch.tensor([0, 0, 1, 1, 2, 2])
+    samples, labels = torch.cat([train[[1, 4]], batch(1, seed=5)]), torch.tensor([0, 2, 1])
+    recon = Reconstruction(1, -1, samples, labels, matching="training")
+    record = score_round(
+        [recon], [Truth(1, -1, train, train_labels)], training=lambda: (train, train_labels)
+    )
+    scores = record[0].record.to_dict()
+    assert scores["images_leaked"] == scores["images_leaked_paper"] == 2
+    assert scores["ssim_paper"][:2] == pytest.approx([1.0, 1.0]) and scores["ssim_paper"][2] < 0.4
+    assert scores["noise_ssim_paper"] < 0.4 and 0.6 < scores["mean_ssim_paper"] < 0.8
