@@ -12,6 +12,7 @@ error names the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -147,7 +148,7 @@ class Scenario:
 
     @classmethod
     def from_json(cls, text: str) -> Scenario:
-        return from_dict(json.loads(text))
+        return _from_json(text)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Scenario:
         """A new scenario with dotted keys (``federation.batch_size``) replaced, re-validated."""
@@ -356,3 +357,10 @@ def _assign_defense(raw: dict[str, Any], path: list[str], value: Any, dotted: st
             f"{len(defenses)} (the scenario's [[defenses]] tables, from 0)"
         )
     defenses[int(path[0])] = {**defenses[int(path[0])], path[1]: value}
+
+
+@functools.lru_cache(maxsize=16)
+def _from_json(text: str) -> Scenario:
+    """Parsed and validated once per process: every client message carries the scenario, and
+    validating it again costs about a millisecond a client a round (the scenario is frozen)."""
+    return from_dict(json.loads(text))
