@@ -169,15 +169,11 @@ def _surrogate_relu(z: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.relu(z).detach() + smooth - smooth.detach()
 
 
-def combination(
-    layers: Sequence[Layer], inputs: torch.Tensor, coeff: torch.Tensor, alpha: float
-) -> list[torch.Tensor]:
-    """``sum_i sum_k coeff[i, k] grad_theta f_k(x_i)`` per parameter, in closed form.
-
-    ``inputs`` (m, D), ``coeff`` (m, C). One forward pass over all candidates, then
-    back-propagation of ``coeff`` with ReLU' replaced by ``sigmoid(alpha z)``; differentiable
-    in ``inputs`` and ``coeff``. Returns tensors in the order weight, [bias] of each layer.
-    """
+def _forward(
+    layers: Sequence[Layer], inputs: torch.Tensor, alpha: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every layer's input activations (``inputs`` first) and hidden pre-activations, with
+    the surrogate ReLU (ReLU in value, so the values are the network's own)."""
     activations = [inputs]
     pre: list[torch.Tensor] = []
     hidden = inputs
@@ -188,6 +184,19 @@ def combination(
         pre.append(z)
         hidden = _surrogate_relu(z, alpha)
         activations.append(hidden)
+    return activations, pre
+
+
+def combination(
+    layers: Sequence[Layer], inputs: torch.Tensor, coeff: torch.Tensor, alpha: float
+) -> list[torch.Tensor]:
+    """``sum_i sum_k coeff[i, k] grad_theta f_k(x_i)`` per parameter, in closed form.
+
+    ``inputs`` (m, D), ``coeff`` (m, C). One forward pass over all candidates, then
+    back-propagation of ``coeff`` with ReLU' replaced by ``sigmoid(alpha z)``; differentiable
+    in ``inputs`` and ``coeff``. Returns tensors in the order weight, [bias] of each layer.
+    """
+    activations, pre = _forward(layers, inputs, alpha)
     delta = coeff
     grads: list[list[torch.Tensor]] = []
     for index in range(len(layers) - 1, -1, -1):
@@ -210,16 +219,7 @@ def contributions(
     for a bias), whose norm is ``||delta_i|| ||a_i||``: one forward and backward pass, as
     :func:`combination`, with no per-sample gradients.
     """
-    activations = [inputs]
-    pre: list[torch.Tensor] = []
-    hidden = inputs
-    for weight, bias in layers[:-1]:
-        z = hidden @ weight.T
-        if bias is not None:
-            z = z + bias
-        pre.append(z)
-        hidden = torch.relu(z)
-        activations.append(hidden)
+    activations, pre = _forward(layers, inputs, alpha)
     delta = coeff
     squared = torch.zeros(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
     for index in range(len(layers) - 1, -1, -1):
