@@ -8,6 +8,7 @@ registers every built-in attack, the active ones of :mod:`attacks.active` too.
 from attacks import (
     active,
     analytic,
+    fedavg_multistep,
     gradient_matching,
     inversion,
     kkt,
@@ -19,6 +20,7 @@ from attacks import (
 __all__ = [
     "active",
     "analytic",
+    "fedavg_multistep",
     "gradient_matching",
     "inversion",
     "kkt",
