@@ -5,9 +5,11 @@ Compares each round's wall time under Flower + Ray with the same client work don
 the simulation engine costs. Peak memory is the largest resident size of this process and
 every process below it (the run's worker, Ray and its actors), sampled every 0.5 s.
 
-    python -m benchmarks.bench_engine            # 100 clients, fractions 0.1 and 1.0
-    python -m benchmarks.bench_engine --clients 1000 --fractions 0.1 \
-        --output benchmarks/results/engine_1000.json
+    python -m benchmarks.bench_engine
+    # 100 clients at fractions 0.1 and 1.0, then 1,000 clients at 0.1; writes
+    # benchmarks/results/engine.json with every row and the issue's summary keys:
+    # overhead_ratio_100 (per-round time with 100 sampled clients over the same clients' work
+    # in process) and clients_1000 (startup_seconds, round_seconds, peak_rss_mb)
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ from simulator.core.models import build_model
 from simulator.core.scenario import load
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import load_shard
-from simulator.federation.interceptor import Interceptor
-from simulator.federation.strategies import make_strategy
+from simulator.federation.traffic import sample_clients
 from simulator.federation.training import batch_gradient
 from simulator.run.processes import descendants, process_table
 
@@ -76,21 +77,13 @@ def in_process_round_seconds(scenario: Scenario, rounds: int) -> float:
     fed = scenario.federation
     spec = scenario.model
     model = build_model(spec, seed=scenario.seed)
-    sampler = Interceptor(
-        make_strategy(fed.protocol, fed.lr),
-        {c: c for c in range(fed.clients)},
-        fed,
-        spec,
-        scenario.seed,
-        lambda _t: None,
-    )
     for client in range(fed.clients):  # warm the shard cache, as the first round does in Ray
         load_shard(scenario.data, fed.clients, scenario.seed, client)
     torch.set_num_threads(1)
     started = time.perf_counter()
     for server_round in range(1, rounds + 1):
         grads = []
-        for client in sampler.sample(server_round):
+        for client in sample_clients(range(fed.clients), fed.fraction, scenario.seed, server_round):
             shard = load_shard(scenario.data, fed.clients, scenario.seed, client)
             generator = seeded_generator(scenario.seed, server_round, client)
             batch = torch.randperm(len(shard.labels), generator=generator)[: fed.batch_size]
@@ -148,17 +141,32 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
+    parser.add_argument("--large", type=int, default=1000, help="clients of the large run; 0: none")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    settings = [(args.clients, f) for f in args.fractions]
+    settings += [(args.large, 0.1)] if args.large else []
+    rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        rows = [
-            measure(f, args.rounds, args.clients, Path(scratch) / f"run-{f}", args.cpus_per_client)
-            for f in args.fractions
-        ]
-    for row in rows:
-        print(json.dumps(row))
+        for clients, fraction in settings:
+            out = Path(scratch) / f"run-{clients}-{fraction}"
+            rows.append(measure(fraction, args.rounds, clients, out, args.cpus_per_client))
+            print(json.dumps(rows[-1]), flush=True)
+    summary: dict[str, object] = {"machine": "2 CPU cores", "runs": rows}
+    full = [r for r in rows if r["sampled_per_round"] == 100]
+    if full:
+        summary["overhead_ratio_100"] = round(
+            float(full[0]["median_round_s"]) / float(full[0]["in_process_round_s"]), 2
+        )
+    large = [r for r in rows if r["clients"] == args.large]
+    if large:
+        summary["clients_1000" if args.large == 1000 else f"clients_{args.large}"] = {
+            "startup_seconds": large[0]["startup_s"],
+            "round_seconds": large[0]["median_round_s"],
+            "peak_rss_mb": round(float(large[0]["peak_memory_gib"]) * 1024),
+        }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"machine": "2 CPU cores", "runs": rows}, indent=2) + "\n")
+    args.output.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":
