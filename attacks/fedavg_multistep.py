@@ -119,7 +119,7 @@ class _Problem:
         """(P, E, N, C, H, W) with every epoch's dummies in reference order (``z`` holds the
         problems ``rows``, or all)."""
         x = self.dummies(z)
-        pairing = self.pairing if rows is None else self.pairing[rows]
+        pairing = self.pairing if rows is None else self.pairing[rows.cpu()]
         index = pairing.to(x.device).view(*pairing.shape, *([1] * len(self.shape)))
         return torch.gather(x, 2, index.expand_as(x))
 
@@ -155,15 +155,17 @@ def _steps(samples: int, batch_size: int) -> list[slice]:
 def _evaluator(obs: Observation, problem: _Problem, params: FedAvgMultistepParams) -> Evaluate:
     """The batched objective (objective, distance, d objective / dz) for :func:`adam`."""
     spec, meta = obs.model, obs.meta
-    model = build_model(spec, seed=0)
     names = list(obs.update)
     weights = {k: obs.global_weights[k].detach().float() for k in names}
+    device = weights[names[0]].device  # the attack's device (the server moved the update)
+    model = build_model(spec, seed=0).to(device)
     # The observed step sum: what the client's gradients add up to (scale-free under cosine).
     target = {k: (weights[k] - obs.update[k].detach().float()) / meta.lr for k in names}
     steps = _steps(problem.samples, meta.batch_size)
     targets = task_targets(spec, problem.slot_labels)
     if not is_binary(spec):
         targets = torch.nn.functional.one_hot(targets, spec.num_classes).float()
+    targets = targets.to(device)
 
     def loss(current: Params, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = functional_call(model, current, (images,))
@@ -262,8 +264,9 @@ def attack_fedavg(
     recovered = recover_labels(obs, seed=params.seed, public=public)
     if recovered.labels is None:
         raise ValueError(f"{attack}: label recovery failed ({recovered.reason})")
-    problem = _Problem(obs, recovered.labels, params.restarts, params.seed)
-    z = _initial(problem, params, params.restarts)
+    # Labels, pairings and seeded draws are bookkeeping on the CPU; the dummies follow the update.
+    problem = _Problem(obs, recovered.labels.cpu(), params.restarts, params.seed)
+    z = _initial(problem, params, params.restarts).to(next(iter(obs.update.values())).device)
     evaluate = _evaluator(obs, problem, params)
     tracker = Tracker(z, params, start, group=params.restarts)
     tracker.threshold = torch.full_like(tracker.threshold, params.tolerance)
