@@ -91,22 +91,25 @@ def cross_correlation(images: torch.Tensor) -> torch.Tensor:
     return similar
 
 
-def cluster(order: torch.Tensor, similar: torch.Tensor, threshold: float) -> torch.Tensor:
+def cluster(
+    order: torch.Tensor, similar: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy clustering: in ``order``, each unassigned candidate opens a cluster that takes
-    every unassigned candidate at similarity >= ``threshold`` to it. Returns (m,) ids."""
+    every unassigned candidate at similarity >= ``threshold`` to it. Returns the (m,) cluster
+    ids and, per cluster, the candidate that opened it (its representative)."""
     m = similar.shape[0]
     ids = torch.full((m,), -1, dtype=torch.int64)
     free = torch.ones(m, dtype=torch.bool)
-    opened = 0
+    openers: list[int] = []
     for row in order.tolist():
         if not free[row]:
             continue
         members = free & (similar[row] >= threshold)
         members[row] = True
-        ids[members] = opened
+        ids[members] = len(openers)
         free &= ~members
-        opened += 1
-    return ids
+        openers.append(row)
+    return ids, torch.tensor(openers, dtype=torch.int64)
 
 
 def select_candidates(
@@ -138,14 +141,9 @@ def select_candidates(
     weight = contribution_weight(contributions, m)
     quality = smooth * weight
     order = quality.argsort(descending=True, stable=True)
-    ids = cluster(order, cross_correlation(images), similarity)
-    count = int(ids.max()) + 1
+    ids, first = cluster(order, cross_correlation(images), similarity)
+    count = first.numel()
     sizes = torch.bincount(ids, minlength=count)
-    # The first member met in ``order`` opened the cluster: it is the representative.
-    first = torch.full((count,), -1, dtype=torch.int64)
-    for row in order.tolist():
-        if first[ids[row]] < 0:
-            first[ids[row]] = row
     support = sizes.double()
     scores = smooth[first] * torch.log2(1 + support) * weight[first]
     ranked = scores.argsort(descending=True, stable=True)

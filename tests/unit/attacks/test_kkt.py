@@ -47,13 +47,21 @@ def test_homogeneous_mlp_has_bias_on_first_layer_only_and_scaled_init() -> None:
     assert ModelSpec().init_scale == 1.0 and not is_binary(ModelSpec())
 
 
+def _small_problem(
+    classes: int, seed: int, count: int
+) -> tuple[ModelSpec, torch.nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """A 16-pixel homogeneous MLP in float64 with ``count`` inputs and output coefficients."""
+    spec = homogeneous_spec((1, 4, 4), widths=(6, 5), init_scale=1.0, num_classes=classes)
+    model = build_model(spec, seed=seed).double()
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    inputs = torch.randn(count, 16, dtype=torch.double)
+    coeff = torch.randn(count, classes, dtype=torch.double)
+    return spec, model, weights, inputs, coeff
+
+
 @pytest.mark.parametrize("classes", [1, 3])
 def test_closed_form_combination_equals_autograd(classes: int) -> None:
-    spec = homogeneous_spec((1, 4, 4), widths=(6, 5), init_scale=1.0, num_classes=classes)
-    model = build_model(spec, seed=1).double()
-    weights = {k: v.detach() for k, v in model.state_dict().items()}
-    inputs = torch.randn(9, 16, dtype=torch.double)
-    coeff = torch.randn(9, classes, dtype=torch.double)
+    spec, model, weights, inputs, coeff = _small_problem(classes, seed=1, count=9)
     # A huge alpha makes sigmoid(alpha z) the exact ReLU derivative.
     closed = combination(mlp_layers(spec, weights), inputs, coeff, alpha=1e9)
     out = model(((inputs + 1) / 2).view(9, 1, 4, 4))  # the model centres its [0, 1] input
@@ -64,11 +72,7 @@ def test_closed_form_combination_equals_autograd(classes: int) -> None:
 
 @pytest.mark.parametrize("classes", [1, 3])
 def test_contributions_are_per_sample_gradient_norms(classes: int) -> None:
-    spec = homogeneous_spec((1, 4, 4), widths=(6, 5), init_scale=1.0, num_classes=classes)
-    model = build_model(spec, seed=2).double()
-    weights = {k: v.detach() for k, v in model.state_dict().items()}
-    inputs = torch.randn(7, 16, dtype=torch.double)
-    coeff = torch.randn(7, classes, dtype=torch.double)
+    spec, model, weights, inputs, coeff = _small_problem(classes, seed=2, count=7)
     closed = contributions(mlp_layers(spec, weights), inputs, coeff, alpha=1e9)
     for i in range(7):
         out = model(((inputs[i : i + 1] + 1) / 2).view(1, 1, 4, 4))
