@@ -9,12 +9,17 @@ every process below it (the run's worker, Ray and its actors), sampled every 0.5
     # 100 clients at fractions 0.1 and 1.0, then 1,000 clients at 0.1; writes
     # benchmarks/results/engine.json with every row and the issue's summary keys:
     # overhead_ratio_100 (per-round time with 100 sampled clients over the same clients' work
-    # in process) and clients_1000 (startup_seconds, round_seconds, peak_rss_mb)
+    # in process), clients_1000 (startup_seconds, round_seconds, peak_rss_mb) and
+    # sweep_10_points_seconds: ten points of dlg-defenses-fedsgd (seeds 0 and 1 x its five
+    # defenses, 2 rounds, round 1 attacked) run as ten runs of one point, each starting Ray
+    # (``before``: what every sweep point paid before the shared head), and as one run whose
+    # points share one Ray head (``after``)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -28,7 +33,7 @@ import torch
 from simulator import api
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
-from simulator.core.scenario import load
+from simulator.core.scenario import expand, load
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import load_shard
 from simulator.federation.traffic import sample_clients
@@ -135,6 +140,29 @@ def measure(
     }
 
 
+def measure_sweep(scratch: Path, rounds: int = 2) -> dict[str, object]:
+    """Wall time of a 10-point sweep with one Ray start per point (before) and per run (after)."""
+    scenario = load("dlg-defenses-fedsgd", {"federation.rounds": rounds, "attack.rounds": [1]})
+    scenario = dataclasses.replace(scenario, sweep={**scenario.sweep, "seed": [0, 1]})
+    points = expand(scenario)
+    started = time.perf_counter()
+    for point in points:  # a run per point: each starts (and ends) a Ray of its own
+        api.run(point.scenario, out_dir=scratch / f"alone-{point.index}")
+    before = time.perf_counter() - started
+    started = time.perf_counter()
+    result = api.run(scenario, out_dir=scratch / "sweep")
+    after = time.perf_counter() - started
+    return {
+        "scenario": "dlg-defenses-fedsgd",
+        "points": len(points),
+        "rounds": rounds,
+        "before": round(before, 1),
+        "after": round(after, 1),
+        "saved_per_point": round((before - after) / len(points), 2),
+        "point_seconds_after": [round(r["seconds"], 1) for r in result.table()],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=100)
@@ -142,6 +170,7 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
     parser.add_argument("--large", type=int, default=1000, help="clients of the large run; 0: none")
+    parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     settings = [(args.clients, f) for f in args.fractions]
@@ -152,7 +181,11 @@ def main() -> None:
             out = Path(scratch) / f"run-{clients}-{fraction}"
             rows.append(measure(fraction, args.rounds, clients, out, args.cpus_per_client))
             print(json.dumps(rows[-1]), flush=True)
+        sweep = measure_sweep(Path(scratch)) if args.sweep else None
     summary: dict[str, object] = {"machine": "2 CPU cores", "runs": rows}
+    if sweep is not None:
+        print(json.dumps(sweep), flush=True)
+        summary["sweep_10_points_seconds"] = sweep
     full = [r for r in rows if r["sampled_per_round"] == 100]
     if full:
         summary["overhead_ratio_100"] = round(

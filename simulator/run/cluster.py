@@ -1,8 +1,9 @@
 """Running the simulation on a Ray cluster the user already started.
 
 ``LEAKSIM_RAY_ADDRESS`` (set by ``leaksim run --ray-address HOST:PORT``) names the cluster's
-head (the GCS address ``ray start --head`` prints). Each sweep point then connects to it
-instead of starting a private Ray, and Flower, finding Ray initialised, uses it as is. The
+head (the GCS address ``ray start --head`` prints); without it a run starts a private head of
+its own (:mod:`simulator.run.ray_head`). Each sweep point connects to the cluster and Flower,
+finding Ray initialised, uses it as is. The
 cluster's workers do not inherit this process's environment, so what a client needs travels
 in Ray's runtime environment: the project on ``PYTHONPATH``, the data directory, and the
 point's truth-store folder (a path every node must see: one machine, or a shared
@@ -17,11 +18,16 @@ import socket
 import sys
 
 import ray
+from ray._private import ray_constants
 
 from simulator.data.datasets import DATA_DIR_ENV
 from simulator.federation.truth import TRUTH_DIR_ENV
 
 RAY_ADDRESS_ENV = "LEAKSIM_RAY_ADDRESS"
+# Ray picks its node address, and so where its servers listen, from this switch, read when
+# Ray is imported: off (the single-machine setting), every Ray process we start (the run's
+# worker, its private head) binds to the loopback interface only.
+RAY_ENVIRONMENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 # Variables a client reads, passed to the cluster's workers with every connection.
 CLIENT_ENVIRONMENT = (DATA_DIR_ENV, TRUTH_DIR_ENV)
 CONNECT_TIMEOUT_S = 3.0
@@ -32,7 +38,7 @@ class ClusterAddressError(ValueError):
 
 
 def ray_address() -> str | None:
-    """The cluster this run uses, or None for a private Ray per point."""
+    """The cluster this run uses, or None before the run has started its private head."""
     return os.environ.get(RAY_ADDRESS_ENV) or None
 
 
@@ -51,8 +57,16 @@ def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         ) from None
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def connect(address: str) -> None:
     """Connect this process to the cluster, with the clients' environment for its workers."""
+    if address.rpartition(":")[0] in LOOPBACK:
+        # With the switch above on in this process (Ray imported without it), Ray rewrites a
+        # loopback address to this machine's network address, where a loopback head does not
+        # listen, and retries for ever.
+        ray_constants.ENABLE_RAY_CLUSTER = False
     paths = [*sys.path, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     variables = {name: os.environ[name] for name in CLIENT_ENVIRONMENT if name in os.environ}
     variables["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))

@@ -91,7 +91,11 @@ def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[int, int
         if not m.has_error()
     }
     if len(mapping) < expected:
-        raise DiscoveryError(f"only {len(mapping)} of {expected} clients identified themselves")
+        reasons = sorted({m.error.reason for m in replies if m.has_error()})
+        because = f": {'; '.join(reasons)}"[:2000] if reasons else " (no reply)"
+        raise DiscoveryError(
+            f"only {len(mapping)} of {expected} clients identified themselves{because}"
+        )
     return mapping
 
 

@@ -1,4 +1,4 @@
-"""Runs a scenario: each sweep point is one Flower simulation (one Ray start) on the grid.
+"""Runs a scenario: each sweep point is one Flower simulation, all on one Ray cluster.
 
 :func:`execute` runs every point into a run folder and returns the folder and the records;
 :func:`simulator.api.run` (behind ``leaksim run``) calls it and then writes the report. The
@@ -41,10 +41,11 @@ from simulator.core.scenario import Point, expand
 from simulator.federation.client_app import app as client_app
 from simulator.federation.secagg import app as secagg_client_app
 from simulator.federation.truth import TRUTH_DIR_ENV, TruthStore
-from simulator.run.cluster import connect, ray_address
+from simulator.run.cluster import connect
 from simulator.run.driver import FederationDriver
 from simulator.run.folder import TRUTH_PREFIX, RunFolder, RunFolderError
 from simulator.run.privacy import PrivacyLedger
+from simulator.run.ray_head import run_cluster
 from simulator.run.referee import Referee, Tap
 from simulator.run.server_app import make_server_app
 from simulator.run.supervisor import Interrupted, Supervisor
@@ -101,26 +102,14 @@ def client_gpus(scenario: Scenario) -> float:
 
 
 def backend_config(scenario: Scenario) -> dict[str, Any]:
-    """Ray settings: one actor per ``cpus_per_client`` cores, quiet logs, no dashboard.
+    """The clients' Ray resources: ``cpus_per_client`` cores (and a GPU share) per actor.
 
-    Ray's servers listen on loopback only where Ray runs single-machine (as the worker
-    process sets it, :data:`simulator.run.supervisor.RAY_ENVIRONMENT`). On a user's cluster
-    (:mod:`simulator.run.cluster`) the connection is made before Flower looks, so only the
-    clients' resources apply.
+    Ray itself is already running when Flower looks (the run's private head or the user's
+    cluster, :mod:`simulator.run.ray_head`), so no start-up settings are passed.
     """
     fed = scenario.federation
-    resources = {"num_cpus": fed.cpus_per_client, "num_gpus": client_gpus(scenario)}
-    if ray_address() is not None:
-        return {"client_resources": resources}
     return {
-        "client_resources": resources,
-        "init_args": {
-            "num_cpus": os.cpu_count() or 1,
-            "_node_ip_address": "127.0.0.1",
-            "include_dashboard": False,
-            "logging_level": logging.ERROR,
-            "log_to_driver": False,
-        },
+        "client_resources": {"num_cpus": fed.cpus_per_client, "num_gpus": client_gpus(scenario)}
     }
 
 
@@ -161,8 +150,9 @@ def _is_number(value: object) -> bool:
 def truth_store(folder: RunFolder | None, point: int) -> Iterator[TruthStore]:
     """A fresh truth store for one point, named to the clients through the environment.
 
-    Ray's workers inherit the driver's environment when Ray starts, which ``run_simulation``
-    does once per point, so the variable is set before and removed after.
+    The point's connection to the cluster carries the variable to the clients' workers in
+    Ray's runtime environment (:func:`simulator.run.cluster.connect`), so it is set before the
+    point connects and removed after.
     """
     parent = folder.path if folder is not None else None
     root = Path(tempfile.mkdtemp(prefix=f"{TRUTH_PREFIX}{point}-", dir=parent))
@@ -211,14 +201,14 @@ def run_point(
         driver = FederationDriver(scenario, tagged, referee, on_progress=on_round)
         clients = secagg_client_app if driver.secure_aggregation else client_app
         try:
-            if (address := ray_address()) is not None:
+            with run_cluster() as address:
                 connect(address)  # the truth folder of this point travels with it
-            run_simulation(
-                server_app=make_server_app(driver),
-                client_app=clients,
-                num_supernodes=scenario.federation.clients,
-                backend_config=backend_config(scenario),  # type: ignore[arg-type]
-            )
+                run_simulation(
+                    server_app=make_server_app(driver),
+                    client_app=clients,
+                    num_supernodes=scenario.federation.clients,
+                    backend_config=backend_config(scenario),  # type: ignore[arg-type]
+                )
         except Exception as raised:  # Flower re-raises the ServerApp's error; keep its cause
             error = raised.__cause__ or raised
     defense, strength = defense_summary(scenario)
@@ -247,9 +237,11 @@ def run_points(
     taps: Sequence[Tap] = (),
     folder: RunFolder | None = None,
 ) -> None:
-    """The sweep loop: each point through Flower in turn (in the worker, or in-process)."""
-    for point in points:
-        run_point(point, emit, lambda r, p=point: on_round(p, r), verbose, taps, folder)
+    """The sweep loop: each point through Flower in turn (in the worker, or in-process), all
+    of them on one Ray cluster (one Ray start per run)."""
+    with run_cluster():
+        for point in points:
+            run_point(point, emit, lambda r, p=point: on_round(p, r), verbose, taps, folder)
 
 
 @dataclass

@@ -31,13 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from simulator.run.cluster import RAY_ENVIRONMENT
 from simulator.run.processes import ProcessTree, SignalFlag, subreaper
 
 WORKER_MODULE = "simulator.run.worker"
 ROOT = Path(__file__).resolve().parents[2]
-# Ray picks its node address, and so where its servers listen, from this switch: off (the
-# single-machine setting), every Ray process binds to the loopback interface only.
-RAY_ENVIRONMENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 POLL_S = 0.1
 GRACE_S = 2.0
 END_TIMEOUT_S = 6.0

@@ -1,4 +1,9 @@
-"""Helpers for tests that run leaksim as a user does: a fresh process per command."""
+"""Helpers for tests that run leaksim as a user does: a fresh process per command.
+
+Every run of the integration tests connects to one Ray head started for the session (as a
+user's cluster, ``LEAKSIM_RAY_ADDRESS``), so that the suite pays Ray's start-up once, not
+once per run. Tests of a run's own head and of its ending (interrupts) unset the variable.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,22 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from simulator.run.ray_head import run_cluster
+
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_ray_cluster() -> Iterator[str]:
+    """The suite's Ray head (or the cluster named in the environment), for every run."""
+    with run_cluster() as address:
+        yield address
 
 
 def leaksim(*args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from simulator import api
 from simulator.cli import app
+from simulator.run.cluster import RAY_ADDRESS_ENV
 
 runner = CliRunner(env={"COLUMNS": "300"})
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -84,6 +85,7 @@ def guarded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     def tripwire(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("work was started for an invalid input")
 
+    monkeypatch.delenv(RAY_ADDRESS_ENV, raising=False)  # no cluster given: checks run here
     monkeypatch.setattr(ray, "init", tripwire)  # an in-process federation
     monkeypatch.setattr(api, "execute", tripwire)  # the worker process that would run one
     monkeypatch.setenv("LEAKSIM_MIRRORS", "http://127.0.0.1:9/")  # discard port: refused

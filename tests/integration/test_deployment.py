@@ -27,8 +27,8 @@ from simulator.core.models import build_model
 from simulator.core.scenario import load
 from simulator.federation.client import compute_update
 from simulator.federation.truth import TRUTH_DIR_ENV
+from simulator.run.network import free_port, wait_for_port
 from simulator.scoring.metrics import leak_summary
-from tests.integration.network import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

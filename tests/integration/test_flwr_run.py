@@ -10,20 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from simulator.run.network import processes_mentioning
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs of processes whose command line contains ``text`` (our own unique temp path)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text in (entry / "cmdline").read_bytes().decode(errors="ignore"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return [p for p in pids if p != os.getpid()]
 
 
 def test_flwr_run_streams_the_same_records(tmp_path: Path) -> None:

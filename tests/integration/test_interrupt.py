@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 from benchmarks.compare_runs import compare
 from simulator.cli import app
+from simulator.run.cluster import RAY_ADDRESS_ENV
 from tests.integration.conftest import ROOT, leaksim
 
 # Small and quick: 3 clients, a 16-unit MLP, 200 test images, two rounds, two sweep points.
@@ -218,6 +219,13 @@ def check_stopped(run: Run, code: int, signum: signal.Signals, point: int) -> di
     assert f"leaksim run --resume {run.out}" in last
     assert not list(run.out.glob(".truth-point-*"))
     return stopped
+
+
+@pytest.fixture(autouse=True)
+def own_ray_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted runs start and end their own Ray head, not the suite's shared one: its
+    ending is part of what is checked. (The module's reference run may use the shared one.)"""
+    monkeypatch.delenv(RAY_ADDRESS_ENV, raising=False)
 
 
 @pytest.fixture(scope="module")

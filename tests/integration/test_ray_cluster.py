@@ -1,66 +1,25 @@
 """`leaksim run --ray-address` runs the simulation on a Ray cluster the user started.
 
 The test starts a Ray head on loopback (``ray start --head --block``, in its own session so
-that its whole process group can be ended by PID), runs a two-round scenario on it, and
-stops it. The clients ran as the cluster's workers (their logs are in the head's session
-folder), the truth reached the referee through Ray's runtime environment (the attacks were
-scored), and no process of the cluster is left.
+that its whole process group can be ended by PID, as a run starts its private one), runs a
+two-round scenario on it, and stops it. The clients ran as the cluster's workers (their logs
+are in the head's session folder), the truth reached the referee through Ray's runtime
+environment (the attacks were scored), and no process of the cluster is left.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.network import free_port, wait_for_port
-from tests.integration.test_flwr_run import processes_mentioning
+from simulator.run.ray_head import start_head, stop_head
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-@contextlib.contextmanager
-def ray_head(port: int) -> Iterator[Path]:
-    """A Ray head on loopback for the duration; yields its temp folder (short: socket paths)."""
-    temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    command = [
-        str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-        "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
-        "--disable-usage-stats",
-    ]  # fmt: skip
-    head = subprocess.Popen(
-        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        yield temp
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=10)
-        # The cluster's daemons carry the temp folder in their command lines.
-        deadline = time.monotonic() + 20
-        while processes_mentioning(str(temp)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in processes_mentioning(str(temp)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_run_on_an_existing_cluster_is_scored_and_leaves_nothing(tmp_path: Path) -> None:
@@ -68,19 +27,21 @@ def test_a_run_on_an_existing_cluster_is_scored_and_leaves_nothing(tmp_path: Pat
     scenario.write_text(
         (REPO / "scenarios" / "quickstart.toml").read_text().replace("rounds = 10", "rounds = 2")
     )
-    port = free_port()
     out = tmp_path / "run"
-    with ray_head(port) as temp:
-        assert wait_for_port(port, 60), "the Ray head did not start within 60 s"
+    head = start_head(num_cpus=2)  # the user's cluster: a head of its own session
+    try:
         done = subprocess.run(
-            [str(BIN / "leaksim"), "run", str(scenario), "--ray-address", f"127.0.0.1:{port}",
+            [str(BIN / "leaksim"), "run", str(scenario), "--ray-address", head.address,
              "--out", str(out)],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
-        logs = list((temp / "session_latest" / "logs").glob("python-core-worker-*.log"))
+        logs = list((head.temp / "session_latest" / "logs").glob("python-core-worker-*.log"))
+        assert head.process.poll() is None, "the run ended the user's cluster"
+    finally:
+        left = stop_head(head)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert logs, "no client ran as a worker of the cluster"
-    assert not processes_mentioning(str(temp)), "a process of the Ray head was left running"
+    assert not left, "a process of the Ray head was left running"
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records if r["kind"] == "round"] == [0, 1, 2]
     attacks = [r for r in records if r["kind"] == "attack"]

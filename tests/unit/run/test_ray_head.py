@@ -1,0 +1,66 @@
+"""One Ray start per run: the private head, reused by the run's points and ended with it."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import ray
+
+from simulator.run import ray_head
+from simulator.run.cluster import RAY_ADDRESS_ENV, connect
+from simulator.run.network import processes_mentioning, wait_for_port
+from simulator.run.processes import descendants
+
+
+def test_every_point_of_a_run_connects_to_one_head_that_ends_with_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(RAY_ADDRESS_ENV, raising=False)
+    started: list[ray_head.RayHead] = []
+    real_start = ray_head.start_head
+
+    def start(num_cpus: int, timeout_s: float = ray_head.START_TIMEOUT_S) -> ray_head.RayHead:
+        started.append(real_start(num_cpus, timeout_s))
+        return started[-1]
+
+    monkeypatch.setattr(ray_head, "start_head", start)
+    jobs = []
+    with ray_head.run_cluster(num_cpus=1) as address:
+        assert os.environ[RAY_ADDRESS_ENV] == address
+        assert wait_for_port(int(address.rpartition(":")[2]), 1.0)
+        for _point in range(2):  # each point is a driver of its own on the same cluster
+            connect(address)
+            jobs.append(ray.get_runtime_context().get_job_id())
+            ray.shutdown()
+    assert len(started) == 1
+    assert len(set(jobs)) == 2  # two jobs of one cluster: the second point found the head up
+    assert RAY_ADDRESS_ENV not in os.environ
+    head = started[0]
+    assert head.process.poll() is not None
+    assert not processes_mentioning(str(head.temp)), "a process of the head was left running"
+    assert not head.temp.exists()
+
+
+def test_a_users_cluster_is_used_as_given_and_nothing_is_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(RAY_ADDRESS_ENV, "10.1.2.3:6379")
+    before = descendants(os.getpid())
+    with ray_head.run_cluster() as address:
+        assert address == "10.1.2.3:6379"
+        assert descendants(os.getpid()) == before
+    assert os.environ[RAY_ADDRESS_ENV] == "10.1.2.3:6379"
+
+
+def test_a_head_that_cannot_start_is_an_error_with_its_output(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(RAY_ADDRESS_ENV, raising=False)
+    script = "import sys; print('ray: no room for a head'); sys.exit(3)"
+    monkeypatch.setattr(ray_head, "ray_command", lambda: [sys.executable, "-c", script])
+    no_head = pytest.raises(ray_head.RayHeadError, match="exited: ray: no room for a head")
+    with no_head, ray_head.run_cluster():
+        pytest.fail("the run went on without a cluster")
+    assert RAY_ADDRESS_ENV not in os.environ
