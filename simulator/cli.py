@@ -76,6 +76,13 @@ def run(
             metavar="HOST:PORT",
         ),
     ] = None,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Sweep points run at once, each on its own Ray head with a share of the cores.",
+        ),
+    ] = 1,
 ) -> None:
     """Run a scenario (every point of its sweep) and write its results folder.
 
@@ -125,6 +132,7 @@ def run(
                 verbose=verbose,
                 raise_on_failure=False,
                 resume=resume is not None,
+                parallel=parallel,
             )
         except RunInterrupted as stop:
             stopped = _stopping(stop)

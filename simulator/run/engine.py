@@ -236,10 +236,11 @@ def run_points(
     verbose: bool = False,
     taps: Sequence[Tap] = (),
     folder: RunFolder | None = None,
+    num_cpus: int | None = None,
 ) -> None:
     """The sweep loop: each point through Flower in turn (in the worker, or in-process), all
-    of them on one Ray cluster (one Ray start per run)."""
-    with run_cluster():
+    of them on one Ray cluster (one Ray start per run; ``num_cpus`` for a private head)."""
+    with run_cluster(num_cpus):
         for point in points:
             run_point(point, emit, lambda r, p=point: on_round(p, r), verbose, taps, folder)
 
@@ -269,7 +270,8 @@ class Progress:
             self.failures[point] = self.failures.get(point, 0) + 1
 
     def current(self) -> int | None:
-        """The point running now: the first pending one without a summary."""
+        """The point running now, points run one by one: the first pending one without a
+        summary."""
         return next((p for p in self.pending if p not in self.finished), None)
 
     def reached(self, point: int) -> int:
@@ -319,6 +321,7 @@ def execute(
     finish: Callable[[Path], object] = lambda _path: None,
     resume: bool = False,
     isolate: bool | None = None,
+    parallel: int = 1,
 ) -> RunResult:
     """Run every point of ``scenario``'s sweep, writing records as they complete.
 
@@ -331,10 +334,15 @@ def execute(
 
     ``resume``: continue the run in ``out_dir`` (a folder of this scenario) from its first
     unfinished point; the records of that point and later ones move to interrupted.jsonl.
+
+    ``parallel``: points run at once, each worker on its own Ray head with an equal share of
+    the cores (a user's cluster is shared); their records interleave, each naming its point.
     """
     isolate = not taps if isolate is None else isolate
     if isolate and taps:
         raise ValueError("taps see each round in this process: they need isolate=False")
+    if parallel < 1 or (parallel > 1 and not isolate):
+        raise ValueError("parallel >= 1, and parallel points need worker processes (no taps)")
     folder, records, first = open_folder(scenario, out_dir, runs_root, resume)
     points = expand(scenario)
     pending = points[first:]
@@ -347,13 +355,15 @@ def execute(
 
     stopped: list[RunInterrupted] = []
 
-    def stop(signal: str) -> None:
-        """Write the running point's ``interrupted`` record (before its processes end)."""
-        point = progress.current()
-        reached = 0 if point is None else progress.reached(point)
-        if point is not None:
-            emit(InterruptedRecord(point, signal, reached).to_dict())
-        stopped.append(RunInterrupted(folder, signal, point, reached))
+    def stop(signal: str, running: Sequence[int] = ()) -> None:
+        """Write the running points' ``interrupted`` records (before their processes end)."""
+        current = progress.current()
+        running = list(running) or ([] if current is None else [current])
+        for point in running:
+            emit(InterruptedRecord(point, signal, progress.reached(point)).to_dict())
+        first = min(running, default=None)
+        reached = 0 if first is None else progress.reached(first)
+        stopped.append(RunInterrupted(folder, signal, first, reached))
 
     try:
         if isolate:
@@ -364,6 +374,8 @@ def execute(
                 stop,
                 lambda index, ending: emit(progress.lost(points[index], ending).to_dict()),
                 verbose,
+                lanes=min(parallel, len(pending)) or 1,
+                cpus=max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None,
             ).run(progress.pending)
         else:
             run_points(pending, emit, on_round, verbose, taps, folder)

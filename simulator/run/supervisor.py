@@ -12,6 +12,10 @@ a short grace), orphans included (:mod:`simulator.run.processes`); then raises
 
 A worker that dies mid-point costs that point only: ``on_lost`` records it and a new worker
 takes the points after it.
+
+``lanes`` > 1 (``leaksim run --parallel N``) runs that many workers at once, each over every
+N-th point, each on a Ray head of its own with its share of the cores; records of different
+points then interleave in results.jsonl (every record names its point).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from simulator.run.cluster import RAY_ENVIRONMENT
-from simulator.run.processes import ProcessTree, SignalFlag, subreaper
+from simulator.run.processes import ProcessTree, SignalFlag, send, subreaper
 
 WORKER_MODULE = "simulator.run.worker"
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,93 +110,140 @@ def _ending(returncode: int) -> str:
 
 
 @dataclass
+class Lane:
+    """One worker process and the points it still has to run, in order."""
+
+    points: list[int]
+    worker: subprocess.Popen[bytes]
+    reading: int
+    buffer: bytes = b""
+    ready: bool = False  # it got to its first point
+    done: bool = False  # it ran every point
+    error: BaseException | None = None
+
+    @property
+    def running(self) -> int | None:
+        return self.points[0] if self.points else None
+
+
+@dataclass
 class Supervisor:
-    """Runs the given points of a run folder in worker processes; see the module docstring."""
+    """Runs the given points of a run folder in worker processes; see the module docstring.
+
+    ``lanes`` workers run at once, each over every ``lanes``-th point (in order); each starts
+    its own Ray head with ``cpus`` CPUs (None: the machine's), or joins the user's cluster.
+    """
 
     folder: Path
     on_record: Callable[[dict[str, Any]], None]
     on_progress: Callable[[int, int], None]
-    on_interrupt: Callable[[str], None]
+    on_interrupt: Callable[[str, list[int]], None]
     on_lost: Callable[[int, str], None]
     verbose: bool = False
+    lanes: int = 1
+    cpus: int | None = None
     tree: ProcessTree = field(default_factory=ProcessTree.here)
     flag: SignalFlag = field(default_factory=SignalFlag)
     _finished: set[int] = field(default_factory=set)
+    _open: list[Lane] = field(default_factory=list)
 
     def run(self, points: Sequence[int]) -> None:
         """Run ``points`` (indices) to the end; Interrupted on SIGINT or SIGTERM."""
         self.flag.on_again = lambda _signum: self.tree.kill_now()
-        remaining = list(points)
+        shares = [list(points[k :: self.lanes]) for k in range(max(1, self.lanes))]
         with subreaper(), self.flag:
             try:
-                while remaining:
-                    ending = self._worker(remaining)
-                    remaining = [p for p in remaining if p not in self._finished]
-                    self._stop_if_signalled()  # a signal as the worker ended is not lost
-                    if remaining:  # the worker died during the first of them
-                        self.on_lost(remaining.pop(0), ending)
+                self._open = [self._start(share) for share in shares if share]
+                while self._open:
+                    self._stop_if_signalled()
+                    self._read()
             finally:
+                for lane in self._open:
+                    with contextlib.suppress(OSError):
+                        os.close(lane.reading)
+                self._open = []
                 self.tree.end(GRACE_S, END_TIMEOUT_S, hurry=lambda: self.flag.again)
 
-    def _start(self, points: Sequence[int], fd: int) -> subprocess.Popen[bytes]:
+    def running(self) -> list[int]:
+        """The point each worker is on now."""
+        return sorted(p for lane in self._open if (p := lane.running) is not None)
+
+    def _start(self, points: Sequence[int]) -> Lane:
+        reading, writing = os.pipe()
         command = [
             sys.executable, "-m", WORKER_MODULE, str(self.folder.resolve()),
-            "--points", ",".join(map(str, points)), "--fd", str(fd),
+            "--points", ",".join(map(str, points)), "--fd", str(writing),
             "--parent", str(os.getpid()),
-        ] + (["--verbose"] if self.verbose else [])  # fmt: skip
-        return subprocess.Popen(
-            command,
-            pass_fds=(fd,),
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-            env=worker_environment(),
-        )
-
-    def _worker(self, points: Sequence[int]) -> str:
-        """One worker over ``points``, until it ends; returns how it ended."""
-        reading, writing = os.pipe()
+        ] + (["--verbose"] if self.verbose else []) + (
+            ["--cpus", str(self.cpus)] if self.cpus else []
+        )  # fmt: skip
         try:
-            worker = self._start(points, writing)
+            worker = subprocess.Popen(
+                command,
+                pass_fds=(writing,),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                env=worker_environment(),
+            )
+        except BaseException:
+            os.close(reading)
+            raise
         finally:
             os.close(writing)
         self.tree.keep.add(worker.pid)
-        error: BaseException | None = None
-        done = ready = False  # "done": it ran every point; "ready": it got to the first
-        buffer = b""
-        try:
-            while True:
-                self._stop_if_signalled(worker)
-                if select.select([reading], [], [], POLL_S)[0]:
-                    chunk = os.read(reading, 1 << 16)
-                    if not chunk:
-                        break  # the worker closed its end: it has ended
-                    *lines, buffer = (buffer + chunk).split(b"\n")
-                    for line in lines:
-                        self._stop_if_signalled(worker)
-                        message = json.loads(line)
-                        ready = ready or "ready" in message
-                        done = done or "done" in message
-                        if "error" in message:
-                            error = rebuilt(message["error"])
-                        else:
-                            self._dispatch(message)
-                elif worker.poll() is not None and not select.select([reading], [], [], 0.5)[0]:
-                    break  # ended, and nothing more came (its end was inherited and is held)
-        finally:
-            os.close(reading)
-            with contextlib.suppress(subprocess.TimeoutExpired):  # a worker that has finished
-                worker.wait(GRACE_S if done or error is not None else POLL_S)
-            if worker.poll() is None:
-                self.tree.end(0.0, END_TIMEOUT_S, first={worker.pid})
-            worker.wait()
-            self.tree.keep.discard(worker.pid)
-        if error is not None:
-            raise error
-        if not ready:
+        return Lane(list(points), worker, reading)
+
+    def _read(self) -> None:
+        """Take what the workers sent within one poll; close the lanes whose worker ended."""
+        by_fd = {lane.reading: lane for lane in self._open}
+        readable = set(select.select(list(by_fd), [], [], POLL_S)[0])
+        for fd, lane in by_fd.items():
+            if fd in readable:
+                chunk = os.read(fd, 1 << 16)
+                if chunk:
+                    self._take(lane, chunk)
+                    continue
+            elif lane.worker.poll() is None or select.select([fd], [], [], 0.5)[0]:
+                continue  # still running, or it ended and more came (its end is held)
+            self._close(lane)  # it closed its end, or it ended and nothing more came
+
+    def _take(self, lane: Lane, chunk: bytes) -> None:
+        *lines, lane.buffer = (lane.buffer + chunk).split(b"\n")
+        for line in lines:
+            self._stop_if_signalled()
+            message = json.loads(line)
+            lane.ready = lane.ready or "ready" in message
+            lane.done = lane.done or "done" in message
+            if "error" in message:
+                lane.error = rebuilt(message["error"])
+            else:
+                self._dispatch(message)
+                lane.points = [p for p in lane.points if p not in self._finished]
+
+    def _close(self, lane: Lane) -> None:
+        """End ``lane``'s worker; raise its error, or hand its unfinished points on."""
+        self._open.remove(lane)
+        os.close(lane.reading)
+        worker = lane.worker
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a worker that has finished
+            worker.wait(GRACE_S if lane.done or lane.error is not None else POLL_S)
+        if worker.poll() is None:  # its own processes only: other lanes' workers run on
+            ProcessTree(worker.pid).end(0.0, END_TIMEOUT_S)
+            send({worker.pid}, signal.SIGKILL)
+        worker.wait()
+        self.tree.keep.discard(worker.pid)
+        if lane.error is not None:
+            raise lane.error
+        if not lane.ready:
             raise WorkerError(
                 f"the run's worker process did not start ({_ending(worker.returncode)})"
             )
-        return _ending(worker.returncode)
+        self._stop_if_signalled()  # a signal as the worker ended is not lost
+        remaining = [p for p in lane.points if p not in self._finished]
+        if remaining:  # the worker died during the first of them
+            self.on_lost(remaining.pop(0), _ending(worker.returncode))
+        if remaining:
+            self._open.append(self._start(remaining))
 
     def _dispatch(self, message: Mapping[str, Any]) -> None:
         if "record" in message:
@@ -203,13 +254,13 @@ class Supervisor:
         elif "progress" in message:
             self.on_progress(*message["progress"])
 
-    def _stop_if_signalled(self, worker: subprocess.Popen[bytes] | None = None) -> None:
-        """After SIGINT or SIGTERM: record the stop, end every process of the run (the worker
-        first), raise Interrupted. Nothing the worker sends afterwards is read."""
+    def _stop_if_signalled(self) -> None:
+        """After SIGINT or SIGTERM: record the stop, end every process of the run (the workers
+        first), raise Interrupted. Nothing the workers send afterwards is read."""
         signum = self.flag.signum
         if signum is None:
             return
-        self.on_interrupt(self.flag.name)
-        first = None if worker is None else {worker.pid}
+        self.on_interrupt(self.flag.name, self.running())
+        first = {lane.worker.pid for lane in self._open}
         self.tree.end(GRACE_S, END_TIMEOUT_S, first=first, hurry=lambda: self.flag.again)
         raise Interrupted(signum)

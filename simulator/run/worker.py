@@ -30,6 +30,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fd", type=int, required=True, help="where to send the records")
     parser.add_argument("--parent", type=int, required=True, help="the supervising process")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--cpus", type=int, default=None, help="CPUs of the run's Ray head")
     return parser.parse_args(argv)
 
 
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.verbose,
             (),
             folder,
+            num_cpus=args.cpus,
         )
     except Exception as error:
         channel.error(error)

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from benchmarks.compare_runs import compare
+from benchmarks.compare_runs import compare, records
 from simulator.cli import app
 from simulator.run.cluster import RAY_ADDRESS_ENV
 from tests.integration.conftest import ROOT, leaksim
@@ -274,6 +274,21 @@ def test_sigint_in_the_second_point_then_resume_gives_the_uninterrupted_records(
     # nothing lost: the stopped run's lines are the kept ones, then the moved ones
     kept = (run.out / "results.jsonl").read_text().splitlines()[: len(stopped_lines) - len(moved)]
     assert kept + moved == stopped_lines
+
+
+@pytest.mark.timeout(600)
+def test_parallel_points_give_the_records_of_the_serial_run(
+    scenario: Path, reference: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    done = leaksim("run", str(scenario), "--out", str(out), "--parallel", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    serial, parallel = records(reference), records(out)
+    assert len(parallel) == len(serial)
+    for point in (0, 1):  # each point's records, in its own order, are the serial run's
+        assert [r for r in parallel if r.get("point") == point] == [
+            r for r in serial if r.get("point") == point
+        ]
 
 
 @pytest.mark.timeout(600)

@@ -1,11 +1,13 @@
 """A stand-in for ``simulator.run.worker`` (no Ray, no torch) for the supervisor's tests.
 
 It takes the worker's arguments and acts out the ``plan`` file in the run folder: one word
-per start of a worker (``ok``, ``crash``, ``error``, ``hang``), consumed in order.
+per start of a worker (``ok``, ``crash``, ``error``, ``hang``, ``together``: wait for a second
+worker), consumed in order.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -24,10 +26,22 @@ SLEEPER = (
 def main() -> int:
     folder, points = Path(sys.argv[1]), [int(p) for p in sys.argv[3].split(",")]
     channel = Channel(int(sys.argv[5]))
-    plan = (folder / "plan").read_text().split()
-    (folder / "plan").write_text(" ".join(plan[1:]))
+    with open(folder / "plan", "r+") as stream:  # workers of parallel lanes take turns
+        fcntl.flock(stream, fcntl.LOCK_EX)
+        plan = stream.read().split()
+        stream.seek(0)
+        stream.truncate()
+        stream.write(" ".join(plan[1:]))
     what = plan[0]
     channel.send("ready", os.getpid())
+    if what == "together":  # wait (bounded) until a second worker has started too
+        (folder / f"started-{os.getpid()}").write_text("")
+        deadline = time.monotonic() + 20
+        while len(list(folder.glob("started-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if len(list(folder.glob("started-*"))) < 2:
+            channel.error(RuntimeError("the other lane never started"))
+            return 1
     for index, point in enumerate(points):
         channel.record({"point": point, "kind": "round", "round": 0, "test_accuracy": 0.5,
                         "test_loss": 1.0})  # fmt: skip

@@ -27,16 +27,22 @@ class Calls:
         self.records: list[dict[str, Any]] = []
         self.progress: list[tuple[int, int]] = []
         self.interrupts: list[str] = []
+        self.running: list[list[int]] = []
         self.lost: list[tuple[int, str]] = []
 
-    def supervisor(self, folder: Path) -> Supervisor:
+    def supervisor(self, folder: Path, lanes: int = 1) -> Supervisor:
         return Supervisor(
             folder,
             self.records.append,
             lambda p, r: self.progress.append((p, r)),
-            self.interrupts.append,
+            self.stopped,
             lambda p, how: self.lost.append((p, how)),
+            lanes=lanes,
         )
+
+    def stopped(self, name: str, running: list[int]) -> None:
+        self.interrupts.append(name)
+        self.running.append(running)
 
 
 def planned(tmp_path: Path, plan: str) -> Path:
@@ -87,8 +93,31 @@ def test_a_signal_records_the_stop_and_ends_every_process_of_the_run(tmp_path: P
     with pytest.raises(Interrupted) as info:
         run.run([0, 1])
     assert info.value.signum == signal.SIGTERM and calls.interrupts == ["SIGTERM"]
+    assert calls.running == [[0]]  # the point under way when the signal came
     sleeper = int(sleeper_file.read_text())
     info_after = process_info(sleeper)
     assert info_after is None or not info_after.alive  # it ignored SIGTERM: killed
     assert time.monotonic() - stopped >= supervisor.GRACE_S
     assert len(calls.records) == 1  # nothing more was taken from the stopped worker
+
+
+def test_lanes_run_their_points_at_the_same_time_each_in_order(tmp_path: Path) -> None:
+    calls = Calls()
+    # "together": each worker waits (bounded) until both have started, so the run can only
+    # finish if the two lanes' workers ran at once.
+    calls.supervisor(planned(tmp_path, "together together"), lanes=2).run([0, 1, 2, 3])
+    finished = [r["point"] for r in calls.records if r["kind"] == "point"]
+    assert sorted(finished) == [0, 1, 2, 3]
+    assert [p for p in finished if p % 2 == 0] == [0, 2]  # a lane keeps its points' order
+    assert [p for p in finished if p % 2 == 1] == [1, 3]
+    assert len(list(tmp_path.glob("started-*"))) == 2 and not calls.lost
+
+
+def test_a_dead_worker_in_one_lane_costs_one_point_and_the_rest_finish(tmp_path: Path) -> None:
+    calls = Calls()
+    calls.supervisor(planned(tmp_path, "crash ok ok"), lanes=2).run([0, 1, 2, 3])
+    assert len(calls.lost) == 1 and calls.lost[0][1] == "exit status 3"
+    lost = calls.lost[0][0]
+    assert lost in (0, 1)  # the first point of whichever lane's worker drew "crash"
+    finished = sorted(r["point"] for r in calls.records if r["kind"] == "point")
+    assert finished == sorted({0, 1, 2, 3} - {lost})
