@@ -34,7 +34,16 @@ supported; other architectures raise ValueError.
 
 Optimisation: candidates start at ``centre + init_scale * N(0, 1)`` (small, so they share one
 activation pattern), relative lambdas at 1; Adam (or SGD with momentum) with separate steps for
-candidates and lambdas, cosine-annealed to 0 when ``lr_decay``.
+candidates and lambdas, cosine-annealed to 0 when ``lr_decay``. The tensor work and the loop
+are in :mod:`attacks.kkt_runs`, on the device of the observation's tensors.
+
+Runs: ``runs = R`` fits R independent runs as one batched problem (the paper's random
+hyper-parameter sweep): run 0 with the given settings, the others with lr, alpha and init_scale
+drawn log-uniformly within a factor ``run_spread`` and lambda_min within ``lambda_min_spread``,
+each from its own seed; the candidates of every run are returned pooled (run-major) and the
+agreement selection sees them all. ``fit = "first"`` fits the first layer's stationarity only:
+a victim trained briefly from the paper's small first layer has its deeper layers still at
+their initialisation, where no KKT sum can explain them.
 
 Known limits (measured, see benchmarks/bench_kkt.py): the toy set is recovered exactly, but on
 MNIST the fit does not find the data: from random candidates few digits reach SSIM 0.4, and
@@ -63,8 +72,8 @@ compare the selection with matching by the truth. ``notes`` says how many were s
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -73,13 +82,26 @@ import torch
 from torch import nn
 
 from attacks.base import Attack, register_attack, snapshot_steps
+from attacks.kkt_runs import (
+    Layer,
+    LossWeights,
+    RunSettings,
+    batched_losses,
+    combination,
+    contributions,
+    draw_settings,
+    optimise,
+    output_weights,
+)
+from attacks.kkt_runs import Problem as _Problem
 from attacks.kkt_selection import select_candidates
 from attacks.subspace import model_labels, recover_inputs
 from simulator.core.fields import param
 from simulator.core.models import Centre, ModelSpec, build_model, is_binary
 from simulator.core.protocol import Observation, Reconstruction, Status
 
-Layer = tuple[torch.Tensor, torch.Tensor | None]
+# The closed form lives in attacks.kkt_runs (with the run dimension); these names stay here.
+__all__ = ["KKT", "KKTParams", "combination", "contributions", "kkt_losses", "mlp_layers"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +152,14 @@ class KKTParams:
     select_similarity: float = param(
         0.9, low=0.0, high=1.0, help="selection: cross-correlation of near-duplicates"
     )
+    runs: int = param(1, low=1, high=1000, help="independent runs fitted as one batched problem")
+    run_spread: float = param(
+        1.0, low=1.0, high=1e3, help="other runs: lr, alpha, init_scale in [x/spread, x*spread]"
+    )
+    lambda_min_spread: float = param(
+        0.0, low=0.0, high=1e3, help="other runs: lambda_min within +- this"
+    )
+    fit: Literal["all", "first"] = "all"
 
 
 def mlp_parameter_names(spec: ModelSpec) -> list[tuple[str, str | None]]:
@@ -163,116 +193,21 @@ def mlp_layers(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> list[Layer]
     return [(weights[w], None if b is None else weights[b]) for w, b in mlp_parameter_names(spec)]
 
 
-def _surrogate_relu(z: torch.Tensor, alpha: float) -> torch.Tensor:
-    """ReLU(z) in value, with derivative sigmoid(alpha z) (softplus straight-through)."""
-    smooth = nn.functional.softplus(alpha * z) / alpha
-    return torch.relu(z).detach() + smooth - smooth.detach()
-
-
-def _forward(
-    layers: Sequence[Layer], inputs: torch.Tensor, alpha: float
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Every layer's input activations (``inputs`` first) and hidden pre-activations, with
-    the surrogate ReLU (ReLU in value, so the values are the network's own)."""
-    activations = [inputs]
-    pre: list[torch.Tensor] = []
-    hidden = inputs
-    for weight, bias in layers[:-1]:
-        z = hidden @ weight.T
-        if bias is not None:
-            z = z + bias
-        pre.append(z)
-        hidden = _surrogate_relu(z, alpha)
-        activations.append(hidden)
-    return activations, pre
-
-
-def combination(
-    layers: Sequence[Layer], inputs: torch.Tensor, coeff: torch.Tensor, alpha: float
-) -> list[torch.Tensor]:
-    """``sum_i sum_k coeff[i, k] grad_theta f_k(x_i)`` per parameter, in closed form.
-
-    ``inputs`` (m, D), ``coeff`` (m, C). One forward pass over all candidates, then
-    back-propagation of ``coeff`` with ReLU' replaced by ``sigmoid(alpha z)``; differentiable
-    in ``inputs`` and ``coeff``. Returns tensors in the order weight, [bias] of each layer.
-    """
-    activations, pre = _forward(layers, inputs, alpha)
-    delta = coeff
-    grads: list[list[torch.Tensor]] = []
-    for index in range(len(layers) - 1, -1, -1):
-        weight, bias = layers[index]
-        layer_grads = [delta.T @ activations[index]]
-        if bias is not None:
-            layer_grads.append(delta.sum(0))
-        grads.append(layer_grads)
-        if index > 0:
-            delta = (delta @ weight) * torch.sigmoid(alpha * pre[index - 1])
-    return [g for layer_grads in reversed(grads) for g in layer_grads]
-
-
-def contributions(
-    layers: Sequence[Layer], inputs: torch.Tensor, coeff: torch.Tensor, alpha: float
-) -> torch.Tensor:
-    """Per candidate, ``||sum_k coeff[i, k] grad_theta f_k(x_i)||`` over all parameters (m,).
-
-    Every layer's term of one candidate is an outer product ``delta_i a_i^T`` (plus ``delta_i``
-    for a bias), whose norm is ``||delta_i|| ||a_i||``: one forward and backward pass, as
-    :func:`combination`, with no per-sample gradients.
-    """
-    activations, pre = _forward(layers, inputs, alpha)
-    delta = coeff
-    squared = torch.zeros(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
-    for index in range(len(layers) - 1, -1, -1):
-        weight, bias = layers[index]
-        size = (activations[index] ** 2).sum(1) + (0.0 if bias is None else 1.0)
-        squared = squared + (delta**2).sum(1) * size
-        if index > 0:
-            delta = (delta @ weight) * torch.sigmoid(alpha * pre[index - 1])
-    return squared.sqrt()
-
-
 def candidate_labels(count: int, classes: int) -> torch.Tensor:
     """Labels assigned to candidates: round-robin classes (binary: +1 / -1 alternating)."""
     return torch.arange(count) % max(classes, 2)
 
 
-def _output_weights(relative: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
-    """Per-candidate output coefficients (m, C) from relative lambdas.
-
-    Binary (C = 1): ``u_i y_i`` with ``y = +1`` for label 1 and ``-1`` for label 0. Multiclass:
-    ``relative`` is (m, C) = lambda_ij; margin f_y - f_j gives +lambda_ij on y, -lambda_ij on j.
-    """
-    if classes == 1:
-        sign = labels.to(relative.dtype) * 2 - 1
-        return (relative * sign)[:, None]
-    own = nn.functional.one_hot(labels, classes).to(relative.dtype)
-    others = relative * (1 - own)
-    return own * others.sum(1, keepdim=True) - others
-
-
-@dataclass
-class _Problem:
-    """Targets and evaluation point of one observation."""
-
-    layers: list[Layer]
-    targets: list[torch.Tensor]
-    norms: list[float]
-    classes: int
-    dims: int
-    count: int
-    low: float
-    high: float
-
-
 def _problem(obs: Observation, mode: str, candidates: float, normalise: str) -> _Problem:
     spec = obs.model
-    weights = {k: v.detach().float().cpu() for k, v in obs.update.items()}
+    # The attack runs where the observation's tensors are (attack.device moves them there).
+    weights = {k: v.detach().float() for k, v in obs.update.items()}
     layers = mlp_layers(spec, weights)
     names = [n for pair in mlp_parameter_names(spec) for n in pair if n is not None]
     targets = [weights[n] for n in names]
     if mode == "difference":
         targets = [
-            t - obs.global_weights[n].detach().float().cpu()
+            t - obs.global_weights[n].detach().float().to(t.device)
             for t, n in zip(targets, names, strict=True)
         ]
     norms = [max(float((t**2).sum()), 1e-30) for t in targets]
@@ -291,6 +226,17 @@ def _problem(obs: Observation, mode: str, candidates: float, normalise: str) -> 
     )
 
 
+def loss_weights(params: KKTParams) -> LossWeights:
+    """The loss-term weights and modes of ``params``."""
+    return LossWeights(
+        stationarity=params.stationarity_weight,
+        lambda_=params.lambda_weight,
+        range=params.range_weight,
+        signed=params.mode == "difference",
+        first_only=params.fit == "first",
+    )
+
+
 def kkt_losses(
     problem: _Problem,
     inputs: torch.Tensor,
@@ -298,33 +244,51 @@ def kkt_losses(
     labels: torch.Tensor,
     params: KKTParams,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """Weighted total loss, the unweighted terms, and the fitted lambda scale ``s``."""
-    coeff = _output_weights(relative, labels, problem.classes)
-    grads = combination(problem.layers, inputs, coeff, params.alpha)
-    inner = sum(
-        (t * g).sum() / n for t, g, n in zip(problem.targets, grads, problem.norms, strict=True)
+    """Weighted total loss, the unweighted terms, and the fitted lambda scale ``s`` of one run
+    (``inputs`` (m, D)): :func:`attacks.kkt_runs.batched_losses` with R = 1."""
+    one = torch.ones(1, dtype=inputs.dtype, device=inputs.device)
+    total, terms, scale = batched_losses(
+        problem,
+        inputs[None],
+        relative[None],
+        labels[None],
+        one * params.alpha,
+        one * params.lambda_min,
+        loss_weights(params),
     )
-    energy = sum((g * g).sum() / n for g, n in zip(grads, problem.norms, strict=True))
-    # Closed-form optimal scale of the coefficients: the loss is quadratic in it.
-    scale = inner / (energy + 1e-30)
-    stationarity = sum(
-        ((t - scale * g) ** 2).sum() / n
-        for t, g, n in zip(problem.targets, grads, problem.norms, strict=True)
+    return total[0], {k: v[0] for k, v in terms.items()}, scale[0]
+
+
+def run_params(params: KKTParams) -> list[KKTParams]:
+    """The single-run settings of each of ``params.runs`` runs (run 0: ``params`` itself):
+    what :class:`KKT` fits as one batched problem, and what R separate runs would use."""
+    drawn = _settings(params)
+    return [
+        dataclasses.replace(
+            params,
+            runs=1,
+            seed=drawn.seeds[r],
+            lr=float(drawn.lr[r]),
+            alpha=float(drawn.alpha[r]),
+            init_scale=float(drawn.init_scale[r]),
+            lambda_min=float(drawn.lambda_min[r]),
+        )
+        for r in range(params.runs)
+    ]
+
+
+def _settings(params: KKTParams) -> RunSettings:
+    return draw_settings(
+        params.runs,
+        params.seed,
+        params.lr,
+        params.lambda_lr,
+        params.alpha,
+        params.init_scale,
+        params.lambda_min,
+        params.run_spread,
+        params.lambda_min_spread,
     )
-    magnitude = relative.abs() if params.mode == "difference" else relative
-    if problem.classes > 1:
-        own = nn.functional.one_hot(labels, problem.classes).bool()
-        magnitude = magnitude[~own]
-    lam = (torch.relu(params.lambda_min - magnitude) ** 2).sum()
-    outside = torch.relu(inputs - problem.high) + torch.relu(problem.low - inputs)
-    rng = (outside**2).sum() / inputs.shape[0]
-    terms = {"stationarity": stationarity, "lambda": lam, "range": rng}
-    total = (
-        params.stationarity_weight * stationarity
-        + params.lambda_weight * lam
-        + params.range_weight * rng
-    )
-    return total, terms, scale.detach()
 
 
 @register_attack(
@@ -350,18 +314,25 @@ class KKT(Attack[KKTParams]):
         unit = (inputs.detach() - low) / (high - low)
         return unit.clamp(0, 1).reshape(-1, *obs.model.input_shape).clone()
 
-    def _attack(self, obs: Observation, initial: torch.Tensor | None = None) -> Reconstruction:
+    def _start(
+        self, obs: Observation, problem: _Problem, settings: RunSettings, notes: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Initial candidates (R, m, D), relative lambdas and labels (R, m) of every run.
+
+        Random init: run r draws from its own seed (the draws of a single run with that seed,
+        on the CPU, so that they do not depend on the device). Subspace init: every run starts
+        from the same subspace candidates, labelled by the model (runs then differ only in
+        their hyper-parameters).
+        """
         p = self.params
-        start = time.perf_counter()
-        problem = _problem(obs, p.mode, p.candidates, p.normalise)
-        generator = torch.Generator().manual_seed(p.seed)
-        labels: torch.Tensor | None = None
-        notes: list[str] = []
+        device = problem.layers[0][0].device
+        runs = settings.runs
         if p.init == "subspace":
+            generator = torch.Generator().manual_seed(p.seed)
             unit, subspace = recover_inputs(
                 obs, problem.count, p.sparsity, p.subspace_starts, generator
             )
-            inputs = problem.low + (problem.high - problem.low) * unit.flatten(1)
+            inputs = problem.low + (problem.high - problem.low) * unit.flatten(1).to(device)
             problem.count = inputs.shape[0]  # fewer when the span has fewer distinct vectors
             labels = model_labels(obs, unit)
             notes.append(
@@ -370,109 +341,115 @@ class KKT(Attack[KKTParams]):
             )
             if subspace.rank + 1 >= problem.dims:
                 notes.append("subspace uninformative: as many examples as input dimensions")
+            starts = inputs[None].repeat(runs, 1, 1)
+            # Run 0 goes on with the subspace's generator (as a single run always has).
+            generators = [generator] + [
+                torch.Generator().manual_seed(s) for s in settings.seeds[1:]
+            ]
         else:
+            labels = None
             centre = (problem.low + problem.high) / 2 if p.init_centre is None else p.init_centre
-            inputs = centre + p.init_scale * torch.randn(
-                problem.count, problem.dims, generator=generator
-            )
-        if initial is not None:  # warm start (diagnostics): first rows replaced
-            inputs[: initial.shape[0]] = initial.reshape(initial.shape[0], -1)
-        inputs.requires_grad_(True)
+            generators = [torch.Generator().manual_seed(s) for s in settings.seeds]
+            starts = torch.stack(
+                [
+                    centre + float(scale) * torch.randn(problem.count, problem.dims, generator=g)
+                    for scale, g in zip(settings.init_scale, generators, strict=True)
+                ]
+            ).to(device)
         shape = (problem.count,) if problem.classes == 1 else (problem.count, problem.classes)
-        relative = torch.ones(shape)
+        relative = torch.ones(runs, *shape)
         if p.mode == "difference":
-            relative = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0)
-        relative.requires_grad_(True)
+            relative = torch.stack(
+                [torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0) for g in generators]
+            )
         if labels is None:
             labels = candidate_labels(problem.count, problem.classes)
-        groups = [{"params": [inputs], "lr": p.lr}, {"params": [relative], "lr": p.lambda_lr}]
-        optimizer = (
-            torch.optim.Adam(groups)
-            if p.optimizer == "adam"
-            else torch.optim.SGD(groups, momentum=0.9)
-        )
-        schedule = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, p.iterations, eta_min=0.0)
-            if p.lr_decay
-            else None
-        )
+        labels = labels.to(device)[None].repeat(runs, 1)
+        return starts.contiguous(), relative.to(device), labels
+
+    def _attack(self, obs: Observation) -> Reconstruction:
+        p = self.params
+        problem = _problem(obs, p.mode, p.candidates, p.normalise)
+        settings = _settings(p)
+        notes: list[str] = []
+        inputs, relative, labels = self._start(obs, problem, settings, notes)
+        runs, count = inputs.shape[0], inputs.shape[1]
         snap_at = snapshot_steps(p.iterations, p.snapshots)
-        trace: list[dict[str, float]] = []
-        snapshots: list[tuple[int, torch.Tensor]] = []
-        status: Status = "budget"
-        best = (math.inf, inputs.detach().clone(), relative.detach().clone(), 0.0)
-        for iteration in range(p.iterations + 1):
-            total, terms, scale = kkt_losses(problem, inputs, relative, labels, p)
-            value = float(total.detach())
-            if not math.isfinite(value):
-                status = "diverged"
-                break
-            if value < best[0]:
-                best = (value, inputs.detach().clone(), relative.detach().clone(), float(scale))
-            if iteration % p.log_every == 0 or iteration == p.iterations:
-                stats = {k: float(v.detach()) for k, v in terms.items()}
-                trace.append(
-                    {
-                        "iteration": float(iteration),
-                        "gradient_distance": stats["stationarity"],
-                        "loss": value,
-                        **stats,
-                        "scale": float(scale),
-                        "seconds": time.perf_counter() - start,
-                    }
-                )
-            if iteration in snap_at:
-                snapshots.append((iteration, self._images(obs, inputs)))
-            if iteration == p.iterations:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            if schedule is not None:
-                schedule.step()
-        # Report the last iterate unless the run diverged: the loss is not monotone under Adam
-        # but the final, annealed iterate is the one the schedule converges.
-        final_inputs, final_relative, final_scale = inputs.detach(), relative.detach(), float(scale)
-        if status == "diverged":
-            _, final_inputs, final_relative, final_scale = best
+        result = optimise(
+            problem,
+            inputs,
+            relative,
+            labels,
+            settings,
+            loss_weights(p),
+            p.optimizer,
+            p.iterations,
+            p.lr_decay,
+            p.log_every,
+            set(snap_at),
+            lambda x: self._images(obs, x.reshape(-1, problem.dims)),
+        )
+        status: Status = "diverged" if bool(result.diverged.all()) else "budget"
+        alpha = settings.alpha.to(inputs.device, inputs.dtype)
         with torch.no_grad():
-            _, terms, _ = kkt_losses(problem, final_inputs, final_relative, labels, p)
-        lambdas = final_relative * final_scale
+            _, terms, _ = batched_losses(
+                problem,
+                result.inputs,
+                result.relative,
+                labels,
+                alpha,
+                settings.lambda_min.to(inputs.device, inputs.dtype),
+                loss_weights(p),
+            )
+        residuals = [float(v) for v in terms["stationarity"]]
+        finished = [r for r in range(runs) if not bool(result.diverged[r])] or list(range(runs))
+        best_run = min(finished, key=lambda r: residuals[r])
         # Without a fit the residual says nothing about theta (the lambdas were never solved).
-        residual = float(terms["stationarity"]) if p.iterations else math.nan
+        residual = residuals[best_run] if p.iterations else math.nan
         if residual > p.stationarity_tolerance:
             notes.append(
                 f"theta is far from a KKT point: stationarity residual {residual:.3g} > "
                 f"{p.stationarity_tolerance:g}, so the KKT conditions do not explain these weights"
             )
+        scale = result.scale.view(-1, *[1] * (result.relative.dim() - 1))
+        lambdas = result.relative * scale
         fitted = (
-            f"; lambda scale {final_scale:.3g}, {int((lambdas.abs() > 0).sum())} nonzero lambdas"
+            f"; lambda scale {float(result.scale[best_run]):.3g}, "
+            f"{int((lambdas[best_run].abs() > 0).sum())} nonzero lambdas"
             if p.iterations
             else "; no KKT fit (iterations = 0)"
         )
-        notes.insert(0, f"{problem.count} candidates, mode {p.mode}{fitted}")
+        notes.insert(0, f"{count} candidates, mode {p.mode}{fitted}")
+        if runs > 1:
+            notes.insert(1, self._runs_note(settings, residuals, result.diverged, best_run))
         if problem.classes == 1:
             notes.append("binary model: candidate labels are parity only")
-        images = self._images(obs, final_inputs)
-        labels = labels.clone()
+        images = self._images(obs, result.inputs.reshape(-1, problem.dims))
+        labels = labels.reshape(-1).clone()
         confident = None
         if p.select == "agreement":
             weights = None
             if p.iterations:
-                coeff = _output_weights(final_relative, labels, problem.classes) * final_scale
+                coeff = output_weights(result.relative, labels.view(runs, count), problem.classes)
                 with torch.no_grad():
-                    weights = contributions(problem.layers, final_inputs, coeff, p.alpha)
+                    weights = contributions(
+                        problem.layers,
+                        result.inputs,
+                        coeff * result.scale.view(-1, 1, 1),
+                        alpha[:, None, None],
+                    ).reshape(-1)
             top = p.select_top or obs.meta.num_examples
             chosen = select_candidates(images, weights, top=top, similarity=p.select_similarity)
             rest = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
-            rest[chosen.index] = False
-            order = torch.cat([chosen.index, rest.nonzero().squeeze(1)])
+            rest[chosen.index.to(images.device)] = False
+            order = torch.cat([chosen.index.to(images.device), rest.nonzero().squeeze(1)])
             images, labels = images[order], labels[order]
             confident = torch.arange(images.shape[0], device=images.device) < chosen.index.numel()
             notes.append(
                 f"agreement selection: {chosen.index.numel()} of {images.shape[0]} candidates "
                 f"selected (first), {chosen.clusters} clusters, largest "
                 f"{int(chosen.support.max()) if chosen.support.numel() else 0}"
+                + (self._agreement_note(chosen.cluster, chosen.index, count) if runs > 1 else "")
             )
         return Reconstruction(
             round=obs.round,
@@ -480,11 +457,37 @@ class KKT(Attack[KKTParams]):
             images=images,
             labels=labels,
             confident=confident,
-            trace=trace,
-            snapshots=snapshots,
+            trace=result.trace,
+            snapshots=result.snapshots,
             status=status,
             attack=self.name,
             notes="; ".join(notes),
             distance=residual,
             matching="nearest",
         )
+
+    @staticmethod
+    def _runs_note(
+        settings: RunSettings, residuals: list[float], diverged: torch.Tensor, best: int
+    ) -> str:
+        """One line per run: its hyper-parameters and final residual, for the record."""
+        rows = [
+            f"run {r} (seed {settings.seeds[r]}, lr {float(settings.lr[r]):.3g}, alpha "
+            f"{float(settings.alpha[r]):.3g}, init {float(settings.init_scale[r]):.3g}, "
+            f"lambda_min {float(settings.lambda_min[r]):.3g}): residual {residuals[r]:.3g}"
+            + (" diverged" if bool(diverged[r]) else "")
+            for r in range(settings.runs)
+        ]
+        return (
+            f"{settings.runs} runs batched, candidates pooled (run-major), best run {best}: "
+            + ", ".join(rows)
+        )
+
+    @staticmethod
+    def _agreement_note(cluster: torch.Tensor, index: torch.Tensor, count: int) -> str:
+        """How many selected clusters hold candidates of two or more runs."""
+        run_of = torch.arange(cluster.numel()) // count
+        shared = sum(
+            int(run_of[cluster == cluster[i]].unique().numel() >= 2) for i in index.tolist()
+        )
+        return f", {shared} of them found by >= 2 runs"

@@ -43,6 +43,12 @@ class ModelSpec:
     # Multiplies every initial weight (homogeneous-mlp only): small inits put gradient descent
     # in the rich regime whose limit is a KKT point of margin maximisation (Haim et al. 2022).
     init_scale: float = param(1.0, low=0.0, low_open=True)
+    # Multiplies the first layer's initial weight and bias (homogeneous-mlp only), on top of
+    # ``init_scale``: Haim et al. start the first layer at PyTorch's default x 1e-4 and the other
+    # layers at their default, so the first layer is (almost) the sum of its gradient steps.
+    first_layer_scale: float = param(
+        1.0, low=0.0, low_open=True, help="extra factor on the first layer's initial weights"
+    )
     # "parity": one logit trained on odd/even (binary cross-entropy); binary-fc always is.
     task: Literal["classes", "parity"] = "classes"
     # The network first maps its [0, 1] input to 2 x - 1 (a fixed layer, no parameters): the
@@ -153,9 +159,9 @@ def build_binary_fc(spec: ModelSpec) -> nn.Module:
 
 @register_model(
     "homogeneous-mlp",
-    "ReLU MLP, bias on the first layer only, weights scaled by `init_scale`; "
-    '`task = "parity"` gives one logit (binary parity).',
-    uses=("widths", "init_scale"),
+    "ReLU MLP, bias on the first layer only, weights scaled by `init_scale` (the first layer "
+    'also by `first_layer_scale`); `task = "parity"` gives one logit (binary parity).',
+    uses=("widths", "init_scale", "first_layer_scale"),
 )
 def build_homogeneous_mlp(spec: ModelSpec) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
@@ -169,6 +175,11 @@ def build_homogeneous_mlp(spec: ModelSpec) -> nn.Module:
         with torch.no_grad():
             for weight in model.parameters():
                 weight.mul_(spec.init_scale)
+    if spec.first_layer_scale != 1.0:
+        first = model[1]  # model[0] is the Flatten
+        with torch.no_grad():
+            for weight in first.parameters():  # weight and bias
+                weight.mul_(spec.first_layer_scale)
     return model
 
 

@@ -1,0 +1,54 @@
+"""The homogeneous MLP's first-layer initial scale (Haim et al.'s small first layer)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from benchmarks.bench_kkt_regimes import first_layer_initial
+from simulator.core.models import ModelSpec, build_model
+from simulator.core.scenario import ScenarioError, load
+from tests.fixtures.trained_model import homogeneous_spec
+
+
+def test_first_layer_scale_multiplies_the_first_layer_only() -> None:
+    spec = homogeneous_spec((1, 4, 4), widths=(6, 5), init_scale=1.0)
+    plain = build_model(spec, seed=3).state_dict()
+    small = build_model(dataclasses.replace(spec, first_layer_scale=1e-4), seed=3).state_dict()
+    assert list(small) == ["2.weight", "2.bias", "4.weight", "6.weight"]
+    assert torch.allclose(small["2.weight"], plain["2.weight"] * 1e-4)
+    assert torch.allclose(small["2.bias"], plain["2.bias"] * 1e-4)
+    assert torch.equal(small["4.weight"], plain["4.weight"])
+    assert torch.equal(small["6.weight"], plain["6.weight"])
+    assert ModelSpec().first_layer_scale == 1.0
+
+
+@pytest.mark.parametrize("init_scale", [1.0, 0.3])
+def test_first_layer_scale_is_the_regime_benchmarks_hand_scaling(init_scale: float) -> None:
+    """One mechanism: the spec key gives the weights bench_kkt_regimes builds by hand."""
+    spec = homogeneous_spec((1, 4, 4), widths=(6, 5), init_scale=init_scale)
+    by_hand = first_layer_initial(spec, 1e-4, seed=5)
+    by_spec = build_model(dataclasses.replace(spec, first_layer_scale=1e-4), seed=5).state_dict()
+    for name, tensor in by_hand.items():
+        assert torch.allclose(by_spec[name], tensor, rtol=1e-6, atol=0), name
+
+
+def test_paper_scenario_sets_the_papers_victim_and_full_batch_gd() -> None:
+    scenario = load("kkt-mnist-odd-even-paper")
+    model, federation = scenario.model, scenario.federation
+    assert model.kind == "homogeneous-mlp" and model.widths == (1000, 1000)
+    assert model.first_layer_scale == 1e-4 and model.init_scale == 1.0 and model.centre_inputs
+    # Full-batch GD: one client holding every digit, one batch of all of them, no decay.
+    assert scenario.data.train_examples == 500 and federation.clients == 1
+    assert federation.batch_size >= scenario.data.train_examples
+    assert federation.lr == 0.01 and federation.weight_decay == 0.0
+    params = scenario.attack.params
+    assert params["select"] == "agreement" and params["lambda_min"] == 0.45
+    assert params["candidates"] * scenario.data.train_examples == 1000
+
+
+def test_first_layer_scale_must_be_positive() -> None:
+    with pytest.raises(ScenarioError, match="first_layer_scale"):
+        load("kkt-mnist-odd-even-paper", overrides=["model.first_layer_scale=0"])
