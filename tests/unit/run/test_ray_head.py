@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from simulator.run import ray_head
-from simulator.run.cluster import RAY_ADDRESS_ENV, connect
+from simulator.run.cluster import RAY_ADDRESS_ENV, connect, ray_address
 from simulator.run.network import processes_mentioning, wait_for_port
 from simulator.run.processes import descendants
 
@@ -64,3 +64,24 @@ def test_a_head_that_cannot_start_is_an_error_with_its_output(
     with no_head, ray_head.run_cluster():
         pytest.fail("the run went on without a cluster")
     assert RAY_ADDRESS_ENV not in os.environ
+
+
+def test_the_sweep_loop_starts_one_head_for_all_its_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    from simulator.run import engine
+
+    monkeypatch.delenv(RAY_ADDRESS_ENV, raising=False)
+    started: list[ray_head.RayHead] = []
+    real_start = ray_head.start_head
+
+    def start(num_cpus: int, timeout_s: float = ray_head.START_TIMEOUT_S) -> ray_head.RayHead:
+        started.append(real_start(num_cpus, timeout_s))
+        return started[-1]
+
+    seen: list[str | None] = []
+    monkeypatch.setattr(ray_head, "start_head", start)
+    # The points themselves are not the subject: each notes the cluster it would connect to.
+    monkeypatch.setattr(engine, "run_point", lambda *_a, **_k: seen.append(ray_address()))
+    engine.run_points([object(), object(), object()], lambda _r: None, num_cpus=1)  # type: ignore[list-item]
+    assert len(started) == 1
+    assert seen == [started[0].address] * 3
+    assert not processes_mentioning(str(started[0].temp))
