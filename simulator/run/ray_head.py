@@ -76,6 +76,7 @@ def start_head(num_cpus: int, timeout_s: float = START_TIMEOUT_S) -> RayHead:
         f"--dashboard-agent-grpc-port={free_port()}",
         f"--runtime-env-agent-port={free_port()}",
         f"--metrics-export-port={free_port()}",
+        "--min-worker-port=0",  # workers on ports the OS picks: two heads cannot collide
     ]  # fmt: skip
     log = (temp / "head.log").open("wb")
     process = subprocess.Popen(
