@@ -54,6 +54,7 @@ from simulator.core.protocol import Observation, PublicMeta, Reconstruction
 from simulator.data.shards import Shard, load_test_set, load_training_union
 from simulator.federation.training import batch_gradient, load_weights, local_train
 from simulator.federation.truth import Truth
+from simulator.run.folder import write_atomic
 from simulator.scoring.score import score
 
 RESULTS = Path(__file__).parent / "results" / "active.json"
@@ -380,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"  {results['secagg_100']}", flush=True)
     results["secagg_fedavg"] = timed("secagg fedavg", lambda: secagg_fedavg(data, 16))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_atomic(args.out, json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

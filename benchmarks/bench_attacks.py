@@ -24,6 +24,7 @@ from simulator.core.models import ModelSpec, build_model, task_loss
 from simulator.core.protocol import Observation, PublicMeta
 from simulator.core.registry import ATTACKS
 from simulator.data.datasets import load_split
+from simulator.run.folder import write_atomic
 from simulator.scoring.metrics import leak_summary
 
 RESULTS = Path(__file__).parent / "results" / "attacks.json"
@@ -166,7 +167,7 @@ def main() -> None:
         "runs": runs,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(RESULTS, json.dumps(report, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 
 

@@ -38,6 +38,7 @@ from simulator.core.seeding import seeded_generator
 from simulator.data.shards import load_shard
 from simulator.federation.traffic import sample_clients
 from simulator.federation.training import batch_gradient
+from simulator.run.folder import write_atomic
 from simulator.run.processes import descendants, process_table
 
 RESULTS = Path(__file__).parent / "results" / "engine.json"
@@ -199,7 +200,7 @@ def main() -> None:
             "peak_rss_mb": round(float(large[0]["peak_memory_gib"]) * 1024),
         }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(args.output, json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ matched to the truth by the scorer's assignment).
 * batched vs separate: 32 intercepted batch-1 updates (images 0..31) attacked by one ``run``
   and by 32 ``run`` calls.
 
-Prints a table and writes ``benchmarks/results/gradient_attacks.json``.
+Prints a table and writes ``benchmarks/results/gradient_attacks.json`` (with ``--sizes``, the
+records of the sizes not run stay as they were).
 
     LEAKSIM_DATA_DIR=../shared/data python -m benchmarks.bench_gradient_attacks
 """
@@ -39,6 +40,7 @@ from simulator.core.models import ModelSpec, build_model, task_loss
 from simulator.core.protocol import Observation, PublicData, PublicMeta
 from simulator.core.registry import ATTACKS
 from simulator.data.datasets import load_split, to_tensor
+from simulator.run.folder import write_atomic
 from simulator.scoring.metrics import leak_summary
 
 RESULTS = Path(__file__).parent / "results" / "gradient_attacks.json"
@@ -292,8 +294,9 @@ def main() -> None:
         f"{batched['separate_succeeded']}/{args.clients} separate"
     )
     report["total_seconds"] = round(time.perf_counter() - began, 1)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    # Records of batch sizes not run this time (``--sizes``) are kept from the file.
+    kept = json.loads(args.output.read_text()) if args.output.exists() else {}
+    write_atomic(args.output, json.dumps({**kept, **report}, indent=2) + "\n")
     print(f"wrote {args.output}")
 
 

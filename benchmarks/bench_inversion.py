@@ -35,6 +35,7 @@ from simulator.core.models import ModelSpec, build_model
 from simulator.core.protocol import Observation, PublicMeta
 from simulator.core.registry import ATTACKS
 from simulator.data.datasets import load_split, to_tensor
+from simulator.run.folder import write_atomic
 from simulator.scoring.inversion import random_noise_baseline, score_inversion
 
 RESULTS = Path(__file__).parent / "results" / "inversion.json"
@@ -154,7 +155,7 @@ def main() -> None:
         },
         "records": records,
     }
-    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
+    write_atomic(RESULTS, json.dumps(payload, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 
 

@@ -50,6 +50,7 @@ from attacks.kkt import KKT, KKTParams, _problem, combination
 from simulator.core.models import ModelSpec, build_model
 from simulator.core.protocol import Observation
 from simulator.core.scenario import load
+from simulator.run.folder import write_atomic
 from simulator.scoring.metrics import nearest_candidates
 from simulator.scoring.score import selection_scores
 from tests.fixtures.trained_model import (
@@ -471,7 +472,7 @@ def main() -> None:
                 place_odd_even(results, record)  # the two regimes share the record's key
             else:
                 results[name] = record
-            RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+            write_atomic(RESULTS, json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 
 

@@ -40,6 +40,7 @@ from attacks.subspace import SubspaceAttack, first_linear
 from benchmarks.bench_kkt import THRESHOLD, truth_residual
 from simulator.core.models import ModelSpec, build_model
 from simulator.data.datasets import load_split, to_tensor
+from simulator.run.folder import write_atomic
 from simulator.scoring.metrics import nearest_candidates
 from tests.fixtures.trained_model import (
     TrainConfig,
@@ -202,7 +203,7 @@ def main() -> None:
             for weight_decay in args.weight_decay:
                 rows.append(run_setting(per_class, weight_decay, first_scale, args, test))
                 payload = {"device": "cpu", "threads": args.threads, "settings": settings}
-                args.output.write_text(json.dumps({**payload, "rows": rows}, indent=2) + "\n")
+                write_atomic(args.output, json.dumps({**payload, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.output}")
 
 

@@ -28,6 +28,7 @@ from attacks.labels import recover_labels
 from simulator.core.models import ModelSpec, build_model, task_loss
 from simulator.core.protocol import Observation, PublicData, PublicMeta
 from simulator.data.datasets import load_split, to_tensor
+from simulator.run.folder import write_atomic
 
 RESULTS = Path(__file__).parent / "results" / "label_counts.json"
 SUMMARY = Path(__file__).parent / "results" / "labels.json"
@@ -111,11 +112,11 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"batches": args.batches, "rows": rows}, indent=1))
+    write_atomic(args.output, json.dumps({"batches": args.batches, "rows": rows}, indent=1))
     summary: dict[str, object] = {"batches": args.batches, "rule": "public", "model": "mlp"}
     summary.update(summarise(rows, "mlp"))
     summary["cnn"] = summarise(rows, "cnn")
-    args.summary.write_text(json.dumps(summary, indent=1))
+    write_atomic(args.summary, json.dumps(summary, indent=1))
 
 
 def summarise(rows: list[dict[str, object]], model: str) -> dict[str, dict[str, float]]:

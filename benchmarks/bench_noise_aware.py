@@ -22,6 +22,7 @@ from simulator.core.models import ModelSpec, build_model, task_loss
 from simulator.core.protocol import Observation, PublicMeta
 from simulator.core.registry import ATTACKS
 from simulator.data.datasets import load_split, to_tensor
+from simulator.run.folder import write_atomic
 from simulator.scoring.metrics import leak_summary
 
 RESULTS = Path(__file__).parent / "results" / "noise_aware.json"
@@ -70,7 +71,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"batch_size": args.batch_size, "rows": rows}, indent=1))
+    write_atomic(args.output, json.dumps({"batch_size": args.batch_size, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -69,33 +69,36 @@ class History:
         self.valid[h] = update
         self.s[:, h] = torch.where(update[:, None], s, 0.0)
         self.y[:, h] = torch.where(update[:, None], y, 0.0)
-        # Inner products only for the problems that store a pair: the others' row is masked.
+        # Inner products only for the problems that store a pair (the others' row is masked)
+        # and only with the slots written so far: until the memory fills, the rest are zeros.
         rows = update.nonzero().squeeze(1)
+        used = min(self.pushed + 1, self.memory)
         whole = rows.numel() == update.numel()
-        s_all = self.s if whole else self.s[rows]
-        y_all = self.y if whole else self.y[rows]
+        s_all = self.s[:, :used] if whole else self.s[rows, :used]
+        y_all = self.y[:, :used] if whole else self.y[rows, :used]
         # Two passes over the stored pairs (the products are memory-bound).
         with_y = torch.bmm(y_all, torch.stack([s_all[:, h], y_all[:, h]], dim=2))
-        self.sy[rows, h, :] = with_y[:, :, 0]
-        self.sy[rows, :, h] = torch.bmm(s_all, y_all[:, h, :, None])[:, :, 0]
+        self.sy[rows, h, :used] = with_y[:, :, 0]
+        self.sy[rows, :used, h] = torch.bmm(s_all, y_all[:, h, :, None])[:, :, 0]
         y_dot_y = with_y[:, :, 1]
-        self.yy[rows, h, :] = y_dot_y
-        self.yy[rows, :, h] = y_dot_y
+        self.yy[rows, h, :used] = y_dot_y
+        self.yy[rows, :used, h] = y_dot_y
         self.head = (h + 1) % self.memory
         self.pushed += 1
 
     def apply(self, g: torch.Tensor, gamma: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``H g`` for problems ``rows`` (g, gamma given for those rows only)."""
         m = self.memory
-        slots = [(self.head + j) % m for j in range(m)] if self.pushed >= m else []
-        slots = slots or list(range(self.pushed))  # written slots, oldest first
-        if not slots:
+        used = min(self.pushed, m)  # storage slots written so far: 0 .. used - 1
+        if used == 0:
             return gamma[:, None] * g
+        # Time order (oldest first): the ring once the memory is full, storage order before.
+        slots = [(self.head + j) % m for j in range(m)] if self.pushed >= m else range(used)
         whole = rows.numel() == self.s.shape[0]
-        s_all = self.s if whole else self.s[rows]
-        y_all = self.y if whole else self.y[rows]
-        order = torch.tensor(slots, device=g.device)
-        valid = self.valid[:, rows].T.to(g.dtype)  # (R, m), storage order
+        s_all = self.s[:, :used] if whole else self.s[rows, :used]
+        y_all = self.y[:, :used] if whole else self.y[rows, :used]
+        order = torch.tensor(list(slots), device=g.device)
+        valid = self.valid[:used, rows].T.to(g.dtype)  # (R, used), storage order
         # Products with the stored pairs in storage order; small (R, k) algebra in time order.
         a = (torch.bmm(s_all, g[:, :, None])[:, :, 0] * valid)[:, order, None]
         b = (torch.bmm(y_all, g[:, :, None])[:, :, 0] * valid)[:, order, None]
@@ -109,8 +112,8 @@ class History:
         scale = gamma[:, None, None]
         rhs = d * u + scale * (torch.bmm(yy, u) - b)
         w1 = torch.linalg.solve_triangular(r.transpose(1, 2), rhs, upper=False)
-        coef_s = g.new_zeros(g.shape[0], 1, m)
-        coef_y = g.new_zeros(g.shape[0], 1, m)
+        coef_s = g.new_zeros(g.shape[0], 1, used)
+        coef_y = g.new_zeros(g.shape[0], 1, used)
         coef_s[:, 0, order] = w1[:, :, 0]
         coef_y[:, 0, order] = -u[:, :, 0] * gamma[:, None]
         hg = gamma[:, None] * g

@@ -134,6 +134,22 @@ def build_lenet(spec: ModelSpec) -> nn.Module:
     uses=("channels", "pooling", "activation"),
 )
 def build_cnn(spec: ModelSpec) -> nn.Module:
+    return nn.Sequential(*_conv_blocks(spec, dense=()))
+
+
+@register_model(
+    "cnn-fc",
+    "CNN with a dense hidden part: 3x3 conv blocks of `channels`, then hidden `widths`, linear "
+    "head (channels [32, 64], widths [100]: the FEMNIST CNN of Dimitrov et al. 2022).",
+    uses=("channels", "pooling", "activation", "widths"),
+)
+def build_cnn_fc(spec: ModelSpec) -> nn.Module:
+    return nn.Sequential(*_conv_blocks(spec, dense=spec.widths))
+
+
+def _conv_blocks(spec: ModelSpec, dense: tuple[int, ...]) -> list[nn.Module]:
+    """3x3 conv blocks of ``spec.channels`` (activation, 2x2 pooling), then hidden dense layers
+    of widths ``dense`` (activation), then the linear head."""
     channels_in, height, width = spec.input_shape
     pool = nn.AvgPool2d if spec.pooling == "avg" else nn.MaxPool2d
     layers: list[nn.Module] = []
@@ -144,8 +160,13 @@ def build_cnn(spec: ModelSpec) -> nn.Module:
             pool(2),
         ]
         channels_in, height, width = channels_out, height // 2, width // 2
-    layers += [nn.Flatten(), nn.Linear(channels_in * height * width, spec.num_classes)]
-    return nn.Sequential(*layers)
+    layers.append(nn.Flatten())
+    width_in = channels_in * height * width
+    for width_out in dense:
+        layers += [nn.Linear(width_in, width_out), ACTIVATIONS[spec.activation]()]
+        width_in = width_out
+    layers.append(nn.Linear(width_in, spec.num_classes))
+    return layers
 
 
 @register_model(

@@ -330,16 +330,17 @@ def test_label_candidates_start_with_the_recovered_multiset_then_single_moves() 
     assert len(single) == 1  # exact rule at batch size 1: nothing else to try
 
 
-def test_compact_lbfgs_history_equals_the_two_loop_recursion() -> None:
+@pytest.mark.parametrize("steps", [3, 9])  # memory 5: still filling, then a full ring
+def test_compact_lbfgs_history_equals_the_two_loop_recursion(steps: int) -> None:
     generator = torch.Generator().manual_seed(0)
     problems, dims, memory = 3, 20, 5
     matrix = torch.randn(dims, dims, generator=generator, dtype=torch.float64)
     matrix = matrix @ matrix.T + torch.eye(dims, dtype=torch.float64)
     history = History(memory, problems, dims, torch.zeros(1, dtype=torch.float64))
     stored: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[] for _ in range(problems)]
-    for step in range(9):
+    for step in range(steps):
         s = torch.randn(problems, dims, generator=generator, dtype=torch.float64)
-        update = torch.tensor([True, step % 2 == 0, step > 6])
+        update = torch.tensor([True, step % 2 == 0, step > 6 or step == 1])
         history.push(s, s @ matrix, update)
         for p in range(problems):
             if update[p]:
@@ -348,7 +349,7 @@ def test_compact_lbfgs_history_equals_the_two_loop_recursion() -> None:
     gamma = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     result = history.apply(g, gamma, torch.arange(problems))
     for p in range(problems):
-        pairs = [(s, y) for step, s, y in stored[p] if step >= 9 - memory]
+        pairs = [(s, y) for step, s, y in stored[p] if step >= steps - memory]
         q, alphas = g[p].clone(), []
         for s, y in reversed(pairs):
             alphas.append((s @ q) / (s @ y))

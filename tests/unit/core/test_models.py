@@ -1,4 +1,4 @@
-"""The homogeneous MLP's first-layer initial scale (Haim et al.'s small first layer)."""
+"""Model builders: the homogeneous MLP's first-layer scale (Haim et al.), the cnn-fc shape."""
 
 from __future__ import annotations
 
@@ -52,3 +52,23 @@ def test_paper_scenario_sets_the_papers_victim_and_full_batch_gd() -> None:
 def test_first_layer_scale_must_be_positive() -> None:
     with pytest.raises(ScenarioError, match="first_layer_scale"):
         load("kkt-mnist-odd-even-paper", overrides=["model.first_layer_scale=0"])
+
+
+def test_cnn_fc_is_the_fedavg_papers_cnn_and_cnn_is_unchanged() -> None:
+    """channels [32, 64] + widths [100]: Dimitrov et al.'s FEMNIST CNN (conv 3x3 32, avg pool,
+    conv 3x3 64, avg pool, dense 100, head); with no widths it is exactly the plain cnn."""
+    spec = ModelSpec("cnn-fc", channels=(32, 64), widths=(100,))
+    shapes = [tuple(p.shape) for p in build_model(spec, seed=0).parameters()]
+    assert shapes == [
+        (32, 1, 3, 3), (32,), (64, 32, 3, 3), (64,), (100, 64 * 7 * 7), (100,), (10, 100), (10,)
+    ]  # fmt: skip
+    assert build_model(spec, seed=0)(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    plain = build_model(ModelSpec("cnn", channels=(4, 8)), seed=1).state_dict()
+    no_dense = build_model(ModelSpec("cnn-fc", channels=(4, 8), widths=()), seed=1).state_dict()
+    assert list(plain) == list(no_dense)
+    assert all(torch.equal(plain[k], no_dense[k]) for k in plain)
+
+
+def test_a_scenario_selects_cnn_fc_with_its_widths() -> None:
+    scenario = load("fedavg-multistep", overrides=['model.kind="cnn-fc"', "model.widths=[100]"])
+    assert scenario.model.kind == "cnn-fc" and scenario.model.widths == (100,)
