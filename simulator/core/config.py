@@ -28,7 +28,7 @@ from simulator.core.fields import (
     param,
     suggest,
 )
-from simulator.core.models import ModelSpec
+from simulator.core.models import SHARED_MODEL_KEYS, ModelSpec
 from simulator.core.plugins import load_plugins
 from simulator.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PARTITIONERS
 
@@ -170,6 +170,28 @@ def from_dict(raw: Mapping[str, Any]) -> Scenario:
         return _from_dict(raw)
     except FieldError as error:
         raise ScenarioError(str(error)) from None
+
+
+def check_model_keys(written: set[str], scenario: Scenario) -> None:
+    """Refuse a ``[model]`` key the user wrote that no model kind of ``scenario`` reads.
+
+    ``written``: the keys of the file's ``[model]`` table (checked against the file's own
+    scenario) or of the overrides (against the scenario they give); swept ``model.*`` keys
+    always count. Only written keys can be checked (``to_dict`` spells out every default), and
+    a key is fine if any swept kind reads it: one ``[model]`` table may serve several kinds.
+    """
+    written = written | {k.split(".", 1)[1] for k in scenario.sweep if k.startswith("model.")}
+    kinds = {scenario.model.kind, *scenario.sweep.get("model.kind", ())}
+    read = set(SHARED_MODEL_KEYS)
+    for kind in kinds:
+        read |= MODELS.entry(kind).value.uses
+    for key in sorted(written - read):
+        names = " or ".join(repr(k) for k in sorted(kinds))
+        readers = [k for k in MODELS if key in MODELS.entry(k).value.uses]
+        raise ScenarioError(
+            f"model.{key} is not read by model.kind {names}; it is read by "
+            f"{', '.join(readers) or 'no model kind'}"
+        )
 
 
 def _from_dict(raw: Mapping[str, Any]) -> Scenario:

@@ -62,6 +62,11 @@ class ModelSpec:
     num_classes: int = derived(10)
 
 
+# ``[model]`` keys that hold for every kind (the rest are read only by the kinds whose
+# ``uses`` name them; a scenario that sets a key no kind of it reads is refused).
+SHARED_MODEL_KEYS = frozenset({"kind", "init", "task", "centre_inputs", "imprint_bins"})
+
+
 @dataclass(frozen=True)
 class ModelBuilder:
     """What the model registry holds: the builder and the ``[model]`` keys it reads."""

@@ -16,7 +16,13 @@ from typing import Any
 
 import tomllib
 
-from simulator.core.config import DEFAULT_SCENARIO, Scenario, ScenarioError, from_dict
+from simulator.core.config import (
+    DEFAULT_SCENARIO,
+    Scenario,
+    ScenarioError,
+    check_model_keys,
+    from_dict,
+)
 
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios"
 
@@ -93,9 +99,18 @@ def load(
     pairs = (
         dict(overrides) if isinstance(overrides, Mapping) else dict(map(parse_override, overrides))
     )
+    model = raw.get("model", {})
+    in_file = set(model) if isinstance(model, dict) else set()
+    overridden = {k.split(".", 1)[1] for k in pairs if k.startswith("model.")}
     try:
         scenario = from_dict(raw)
-        return scenario.with_overrides(pairs) if pairs else scenario
+        # The file's keys against the file's kinds: an override of model.kind alone does not
+        # make the file's keys for its own kind an error.
+        check_model_keys(in_file, scenario)
+        if pairs:
+            scenario = scenario.with_overrides(pairs)
+            check_model_keys(overridden, scenario)
+        return scenario
     except ScenarioError as error:
         raise ScenarioError(f"{path.name}: {error}") from None
 

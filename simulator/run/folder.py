@@ -32,7 +32,9 @@ import numpy as np
 
 from simulator.core.config import Scenario
 from simulator.core.fields import InputError
+from simulator.core.models import SHARED_MODEL_KEYS
 from simulator.core.records import InterruptedRecord, PointRecord, Record
+from simulator.core.registry import MODELS
 
 RESULTS_FILE = "results.jsonl"
 INTERRUPTED_FILE = "interrupted.jsonl"
@@ -121,6 +123,11 @@ def _toml_value(value: Any) -> str:
 def scenario_toml(scenario: Scenario) -> str:
     """The resolved scenario as TOML, loadable again with ``leaksim run FILE``."""
     raw = scenario.to_dict()
+    # Only the [model] keys some kind of the scenario reads: the others are defaults that
+    # loading the file again would refuse as written but unread (check_model_keys).
+    kinds = {scenario.model.kind, *scenario.sweep.get("model.kind", ())}
+    read = set(SHARED_MODEL_KEYS).union(*(MODELS.entry(k).value.uses for k in kinds))
+    raw["model"] = {k: v for k, v in raw["model"].items() if k in read}
     top = [key for key in ("name", "description", "seed", "plugins") if key in raw]
     lines = [f"{key} = {_toml_value(raw.pop(key))}" for key in top]
     lines.append(f"defenses = {_toml_value(raw.pop('defenses'))}")

@@ -127,3 +127,27 @@ def test_resolved_scenario_toml_loads_back(tmp_path: Path) -> None:
 
     scenario = load("fedavg-label-skew")
     assert load(write(tmp_path, scenario_toml(scenario))) == scenario
+
+
+def test_a_model_key_the_kind_does_not_read_is_refused_in_one_line(tmp_path: Path) -> None:
+    """widths on a plain cnn would be ignored silently: refused, naming the kinds that read it."""
+    path = tmp_path / "s.toml"
+    path.write_text('[model]\nkind = "cnn"\nwidths = [100]\n')
+    with pytest.raises(ScenarioError, match=r"model\.widths is not read by model\.kind 'cnn'"):
+        load(path)
+    with pytest.raises(ScenarioError, match=r"model\.init_scale .* homogeneous-mlp"):
+        load("fedavg-multistep", overrides=["model.init_scale=0.5"])
+
+
+def test_model_keys_are_checked_against_every_kind_the_scenario_takes(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    # One [model] table for a sweep over kinds: each key is read by one of them.
+    path.write_text(
+        '[model]\nkind = "cnn"\nchannels = [4]\nwidths = [8]\n'
+        '[sweep]\n"model.kind" = ["cnn", "mlp"]\n'
+    )
+    assert load(path).sweep["model.kind"] == ("cnn", "mlp")
+    # Switching the kind by override leaves the file's keys for its own kind alone.
+    assert load("fedavg-multistep", overrides=['model.kind="mlp"']).model.kind == "mlp"
+    with pytest.raises(ScenarioError, match=r"model\.widths"):
+        load("fedavg-multistep", overrides=['model.kind="cnn"', "model.widths=[]"])
