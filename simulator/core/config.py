@@ -172,6 +172,17 @@ def from_dict(raw: Mapping[str, Any]) -> Scenario:
         raise ScenarioError(str(error)) from None
 
 
+def model_kinds(scenario: Scenario) -> set[str]:
+    """Every ``model.kind`` a point of ``scenario`` may have (its own and the swept ones)."""
+    return {scenario.model.kind, *scenario.sweep.get("model.kind", ())}
+
+
+def model_keys_read(scenario: Scenario) -> set[str]:
+    """The ``[model]`` keys some kind of ``scenario`` reads."""
+    uses = (MODELS.entry(kind).value.uses for kind in model_kinds(scenario))
+    return set(SHARED_MODEL_KEYS).union(*uses)
+
+
 def check_model_keys(written: set[str], scenario: Scenario) -> None:
     """Refuse a ``[model]`` key the user wrote that no model kind of ``scenario`` reads.
 
@@ -181,12 +192,8 @@ def check_model_keys(written: set[str], scenario: Scenario) -> None:
     a key is fine if any swept kind reads it: one ``[model]`` table may serve several kinds.
     """
     written = written | {k.split(".", 1)[1] for k in scenario.sweep if k.startswith("model.")}
-    kinds = {scenario.model.kind, *scenario.sweep.get("model.kind", ())}
-    read = set(SHARED_MODEL_KEYS)
-    for kind in kinds:
-        read |= MODELS.entry(kind).value.uses
-    for key in sorted(written - read):
-        names = " or ".join(repr(k) for k in sorted(kinds))
+    for key in sorted(written - model_keys_read(scenario)):
+        names = " or ".join(repr(k) for k in sorted(model_kinds(scenario)))
         readers = [k for k in MODELS if key in MODELS.entry(k).value.uses]
         raise ScenarioError(
             f"model.{key} is not read by model.kind {names}; it is read by "

@@ -30,11 +30,9 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
-from simulator.core.config import Scenario
+from simulator.core.config import Scenario, model_keys_read
 from simulator.core.fields import InputError
-from simulator.core.models import SHARED_MODEL_KEYS
 from simulator.core.records import InterruptedRecord, PointRecord, Record
-from simulator.core.registry import MODELS
 
 RESULTS_FILE = "results.jsonl"
 INTERRUPTED_FILE = "interrupted.jsonl"
@@ -125,8 +123,7 @@ def scenario_toml(scenario: Scenario) -> str:
     raw = scenario.to_dict()
     # Only the [model] keys some kind of the scenario reads: the others are defaults that
     # loading the file again would refuse as written but unread (check_model_keys).
-    kinds = {scenario.model.kind, *scenario.sweep.get("model.kind", ())}
-    read = set(SHARED_MODEL_KEYS).union(*(MODELS.entry(k).value.uses for k in kinds))
+    read = model_keys_read(scenario)
     raw["model"] = {k: v for k, v in raw["model"].items() if k in read}
     top = [key for key in ("name", "description", "seed", "plugins") if key in raw]
     lines = [f"{key} = {_toml_value(raw.pop(key))}" for key in top]

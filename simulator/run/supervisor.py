@@ -239,7 +239,7 @@ class Supervisor:
                 f"the run's worker process did not start ({_ending(worker.returncode)})"
             )
         self._stop_if_signalled()  # a signal as the worker ended is not lost
-        remaining = [p for p in lane.points if p not in self._finished]
+        remaining = list(lane.points)  # kept free of finished points as records arrive
         if remaining:  # the worker died during the first of them
             self.on_lost(remaining.pop(0), _ending(worker.returncode))
         if remaining:

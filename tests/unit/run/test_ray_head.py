@@ -8,24 +8,30 @@ import sys
 import pytest
 import ray
 
-from simulator.run import ray_head
+from simulator.run import engine, ray_head
 from simulator.run.cluster import RAY_ADDRESS_ENV, connect, ray_address
 from simulator.run.network import processes_mentioning, wait_for_port
 from simulator.run.processes import descendants
 
 
-def test_every_point_of_a_run_connects_to_one_head_that_ends_with_the_run(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.delenv(RAY_ADDRESS_ENV, raising=False)
-    started: list[ray_head.RayHead] = []
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[ray_head.RayHead]:
+    """Every head the code under test starts (real heads, noted as they start)."""
+    heads: list[ray_head.RayHead] = []
     real_start = ray_head.start_head
 
     def start(num_cpus: int, timeout_s: float = ray_head.START_TIMEOUT_S) -> ray_head.RayHead:
-        started.append(real_start(num_cpus, timeout_s))
-        return started[-1]
+        heads.append(real_start(num_cpus, timeout_s))
+        return heads[-1]
 
     monkeypatch.setattr(ray_head, "start_head", start)
+    return heads
+
+
+def test_every_point_of_a_run_connects_to_one_head_that_ends_with_the_run(
+    monkeypatch: pytest.MonkeyPatch, started: list[ray_head.RayHead]
+) -> None:
+    monkeypatch.delenv(RAY_ADDRESS_ENV, raising=False)
     jobs = []
     with ray_head.run_cluster(num_cpus=1) as address:
         assert os.environ[RAY_ADDRESS_ENV] == address
@@ -66,19 +72,11 @@ def test_a_head_that_cannot_start_is_an_error_with_its_output(
     assert RAY_ADDRESS_ENV not in os.environ
 
 
-def test_the_sweep_loop_starts_one_head_for_all_its_points(monkeypatch: pytest.MonkeyPatch) -> None:
-    from simulator.run import engine
-
+def test_the_sweep_loop_starts_one_head_for_all_its_points(
+    monkeypatch: pytest.MonkeyPatch, started: list[ray_head.RayHead]
+) -> None:
     monkeypatch.delenv(RAY_ADDRESS_ENV, raising=False)
-    started: list[ray_head.RayHead] = []
-    real_start = ray_head.start_head
-
-    def start(num_cpus: int, timeout_s: float = ray_head.START_TIMEOUT_S) -> ray_head.RayHead:
-        started.append(real_start(num_cpus, timeout_s))
-        return started[-1]
-
     seen: list[str | None] = []
-    monkeypatch.setattr(ray_head, "start_head", start)
     # The points themselves are not the subject: each notes the cluster it would connect to.
     monkeypatch.setattr(engine, "run_point", lambda *_a, **_k: seen.append(ray_address()))
     engine.run_points([object(), object(), object()], lambda _r: None, num_cpus=1)  # type: ignore[list-item]
