@@ -14,8 +14,8 @@ client step size 0.004, and sends its weights. The CNN (``--model``):
 Both have a convolutional first layer, so the subspace and analytic attacks do not apply. The
 server, holding the MNIST test split as public data (label counts), attacks the update with
 
-* ``fedavg-multistep`` (:mod:`attacks.fedavg_multistep`, settings in the JSON);
-* the current replay, ``idlg`` (:mod:`attacks.gradient_matching`: one dummy set reused in
+* ``fedavg-multistep`` (:mod:`attacks.matching.multistep`, settings in the JSON);
+* the current replay, ``idlg`` (:mod:`attacks.matching.attacks`: one dummy set reused in
   every epoch, later epochs in guessed orders), as baseline, on the same update.
 
 Images are paired with the truth by the scorer's assignment; an image counts as recovered at

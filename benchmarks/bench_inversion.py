@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from attacks.inversion import classifier_confidence
-from attacks.inversion_losses import LOSSES
+from attacks.inversion.attack import classifier_confidence
+from attacks.inversion.losses import LOSSES
 from simulator.core.models import ModelSpec, build_model
 from simulator.core.protocol import Observation, PublicMeta
 from simulator.core.registry import ATTACKS

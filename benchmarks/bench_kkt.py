@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from attacks.kkt import KKT, KKTParams, _problem, combination
+from attacks.kkt.attack import KKT, KKTParams, _problem, combination
 from simulator.core.models import ModelSpec, build_model
 from simulator.core.protocol import Observation
 from simulator.core.scenario import load

@@ -17,7 +17,8 @@ default times 1e-4 and the other layers at their default. Per setting it records
 * ``truth_residual``: the true digits' KKT stationarity residual
   (:func:`benchmarks.bench_kkt.truth_residual`; near 0 only at a KKT point);
 * ``recovered`` / ``recovered_paper``: training digits whose best candidate of the first-layer
-  subspace attack (:class:`attacks.subspace.SubspaceAttack`, 2 candidates per digit) reaches
+  subspace attack (:class:`attacks.first_layer.subspace.SubspaceAttack`, 2 candidates per
+  digit) reaches
   SSIM 0.4 with our 11x11 window / the paper's 3x3 window (:func:`nearest_candidates`);
 * ``seconds`` (training + measurements).
 
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from attacks.subspace import SubspaceAttack, first_linear
+from attacks.first_layer.subspace import SubspaceAttack, first_linear
 from benchmarks.bench_kkt import THRESHOLD, truth_residual
 from simulator.core.models import ModelSpec, build_model
 from simulator.data.datasets import load_split, to_tensor

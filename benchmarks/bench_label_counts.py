@@ -5,7 +5,8 @@ FedSGD gradients of two models on random batches of MNIST training images: the q
 as the FedSGD studies train it (mean gradient of 5 clients x 32 images a round, plain SGD) and
 attacked at rounds 1, 10 and 50. Two count rules, both from the bias gradient: ``probes``
 (the model's mean softmax on random images stands in for the batch's) and ``public`` (the
-model's confusion on the server's labelled test split, :func:`attacks.labels.public_confusion`).
+model's confusion on the server's labelled test split,
+:func:`attacks.labels.recovery.public_confusion`).
 Per setting: the share of batches whose label multiset is exact, and the share of labels
 right (sum over classes of min(true, recovered) count, over the batch size).
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from attacks.labels import recover_labels
+from attacks.labels.recovery import recover_labels
 from simulator.core.models import ModelSpec, build_model, task_loss
 from simulator.core.protocol import Observation, PublicData, PublicMeta
 from simulator.data.datasets import load_split, to_tensor

@@ -6,8 +6,8 @@ that into a reconstruction's status. The optimisers (:mod:`attacks.optim.adam`,
 :mod:`attacks.optim.lbfgs`) see the problem only through :data:`Evaluate`, :class:`Problems`
 and the settings protocols, so this package imports nothing from the attack modules that use
 it (no import cycle; only torch and :mod:`simulator.core`):
-:mod:`attacks.matching_objective` builds the evaluator and the batch, and
-``GradientMatchingParams`` (:mod:`attacks.gradient_matching`) satisfies the settings.
+:mod:`attacks.matching.objective` builds the evaluator and the batch, and
+``GradientMatchingParams`` (:mod:`attacks.matching.attacks`) satisfies the settings.
 """
 
 from __future__ import annotations

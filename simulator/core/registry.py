@@ -132,7 +132,7 @@ DEFENSES: Registry[Any] = Registry("defense", "defenses")
 MODELS: Registry[Any] = Registry("model", "simulator.core.models")
 DATASETS: Registry[Any] = Registry("dataset", "simulator.data.datasets")
 PARTITIONERS: Registry[Any] = Registry("partitioner", "simulator.data.partition")
-INVERSION_LOSSES: Registry[Any] = Registry("inversion loss", "attacks.inversion_losses")
+INVERSION_LOSSES: Registry[Any] = Registry("inversion loss", "attacks.inversion.losses")
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "models": MODELS,

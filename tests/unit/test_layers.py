@@ -176,13 +176,14 @@ def test_the_checks_catch_what_they_claim(tmp_path: Path, planted: str, expected
             copy = tmp_path / path.relative_to(ROOT)
             copy.parent.mkdir(parents=True, exist_ok=True)
             copy.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
-    target = tmp_path / ("simulator/core/registry.py" if expected == "cycle" else "attacks/base.py")
+    planted_in = "simulator/core/registry.py" if expected == "cycle" else "attacks/base/__init__.py"
+    target = tmp_path / planted_in
     target.write_text(target.read_text() + "\n" + planted)
     files, folders, local = graphs(tmp_path)
     if expected == "cycle":
         assert cycles(files) and cycles(folders)
     elif expected == "local":
-        assert any("attacks/base.py" in line for line in local)
+        assert any("attacks/base/__init__.py" in line for line in local)
     else:
         known = modules(tmp_path)
         bad = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks.fedavg_multistep import FedAvgMultistepParams, attack_fedavg
+from attacks.matching.multistep import FedAvgMultistepParams, attack_fedavg
 from simulator.core.models import ModelSpec, build_model, task_loss
 from simulator.core.protocol import Observation, PublicMeta
 from simulator.core.registry import ATTACKS

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from attacks.base import Attack, register_attack
-from attacks.labels import label_candidates, recover_labels
+from attacks.labels.recovery import label_candidates, recover_labels
 from attacks.optim.lbfgs import History
 from simulator.core.models import ModelSpec, build_model, task_loss
 from simulator.core.protocol import Observation, PublicMeta, Reconstruction

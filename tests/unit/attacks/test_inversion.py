@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-import attacks.inversion  # noqa: F401  (registers "inversion")
-from attacks.generator import ConditionalGenerator, soft_labels
-from attacks.inversion import Inversion, InversionParams, classifier_confidence
-from attacks.inversion_losses import LOSSES, FrozenClassifier, LossContext, margins
+import attacks.inversion.attack  # noqa: F401  (registers "inversion")
+from attacks.inversion.attack import Inversion, InversionParams, classifier_confidence
+from attacks.inversion.generator import ConditionalGenerator, soft_labels
+from attacks.inversion.losses import LOSSES, FrozenClassifier, LossContext, margins
 from simulator.core.models import ModelSpec, build_model
 from simulator.core.protocol import Observation, PublicMeta, Reconstruction
 from simulator.core.registry import ATTACKS, INVERSION_LOSSES

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-import attacks.kkt  # noqa: F401  (registers "kkt")
-from attacks.kkt import (
+import attacks.kkt.attack  # noqa: F401  (registers "kkt")
+from attacks.kkt.attack import (
     KKT,
     KKTParams,
     _problem,

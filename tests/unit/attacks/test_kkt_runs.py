@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from attacks.kkt import KKT, KKTParams, _problem, run_params
-from attacks.kkt_runs import BatchedOptimizer, combination, draw_settings
+from attacks.kkt.attack import KKT, KKTParams, _problem, run_params
+from attacks.kkt.runs import BatchedOptimizer, combination, draw_settings
 from simulator.core.protocol import Observation
 from tests.fixtures.trained_model import TrainConfig, homogeneous_spec, toy_red_blue, train_victim
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import attacks.kkt_selection as selection_module
-from attacks.kkt_selection import select_candidates, smoothness
+import attacks.kkt.selection as selection_module
+from attacks.kkt.selection import select_candidates, smoothness
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from attacks.labels import _public_fractions, recover_labels
+from attacks.labels.recovery import _public_fractions, recover_labels
 from attacks.server import MaliciousServer
 from simulator.core.models import ModelSpec, build_model, task_loss
 from simulator.core.protocol import Observation, PublicData, PublicMeta

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import attacks.kkt  # noqa: F401  (registers "kkt")
-from attacks.subspace import first_layer_subspace, fit_decay, select_candidates
+import attacks.kkt.attack  # noqa: F401  (registers "kkt")
+from attacks.first_layer.subspace import first_layer_subspace, fit_decay, select_candidates
 from simulator.core.models import ModelSpec, build_model
 from simulator.core.protocol import Observation, PublicMeta
 from simulator.core.registry import ATTACKS

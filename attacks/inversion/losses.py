@@ -2,8 +2,8 @@
 
 Every term is a small function of a :class:`LossContext` (one generated batch and the frozen
 classifier's view of it) returning a scalar; :data:`LOSSES` maps each name to that function and
-a one-line description with its formula. The attack (:mod:`attacks.inversion`) weights the terms
-by its ``weight_<name>`` parameters and skips terms of weight 0 entirely.
+a one-line description with its formula. The attack (:mod:`attacks.inversion.attack`) weights
+the terms by its ``weight_<name>`` parameters and skips terms of weight 0 entirely.
 
 Notation: ``x_i`` generated images in [0, 1] (``a_i`` their pre-sigmoid values), ``y_i`` target
 classes, ``q_i`` the target soft label vector, ``f(x)`` the classifier's logits,

@@ -47,7 +47,7 @@ from torch import nn
 from torch.func import functional_call
 
 from attacks.base import Attack, register_attack
-from attacks.labels import final_layer, gradient_scale, num_samples, pseudo_gradient
+from attacks.labels.recovery import final_layer, gradient_scale, num_samples, pseudo_gradient
 from simulator.core.fields import param
 from simulator.core.models import ModelSpec, build_model, is_binary, task_loss
 from simulator.core.protocol import Observation, Reconstruction

@@ -1,6 +1,6 @@
 """The batched gradient-matching problem: its objective, its setup and its starting point.
 
-:func:`match_gradients <attacks.gradient_matching.match_gradients>` turns observations into
+:func:`match_gradients <attacks.matching.attacks.match_gradients>` turns observations into
 :class:`Batch` es of problems (observations x label candidates x restarts sharing a model and
 shapes): :func:`make_plan` decides each observation's labels, :func:`batch_key` groups the
 observations that can be solved together, :func:`make_batch` stacks their weights and targets
@@ -12,7 +12,7 @@ problems in one vectorised call (``torch.func``: ``vmap`` over ``grad`` of a
 
 Kept apart from the front-ends so that each module stays small; the settings are read through
 :class:`MatchingSettings`, which ``GradientMatchingParams`` satisfies, so this module does not
-import :mod:`attacks.gradient_matching` (no import cycle).
+import :mod:`attacks.matching.attacks` (no import cycle).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Protocol
 import torch
 from torch.func import functional_call, grad, vmap
 
-from attacks.labels import COUNT_METHODS, label_candidates, num_samples, recover_labels
+from attacks.common.priors import total_variation
+from attacks.labels.recovery import COUNT_METHODS, label_candidates, num_samples, recover_labels
 from attacks.optim.tracker import Evaluate
-from attacks.priors import total_variation
 from simulator.core.models import ModelSpec, build_model, is_binary
 from simulator.core.protocol import Observation, PublicData
 

@@ -1,6 +1,6 @@
 """The "label-counts" attack: only the label multiset of each update, from its last layer.
 
-What the gradient-matching attacks do first (:func:`attacks.labels.recover_labels`), as an
+What the gradient-matching attacks do first (:func:`attacks.labels.recovery.recover_labels`), as an
 attack of its own, so that label leakage can be measured per batch size and training stage
 (``label_counts_right`` in the record: the share of the batch whose label the recovered
 multiset accounts for). The images it returns are blank (mid-grey): it reconstructs none.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from attacks.base import Attack, register_attack
-from attacks.labels import num_samples, recover_labels
+from attacks.labels.recovery import num_samples, recover_labels
 from simulator.core.fields import param
 from simulator.core.protocol import Observation, Reconstruction
 

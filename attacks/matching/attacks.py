@@ -5,7 +5,7 @@ share one engine and differ in their defaults:
 
 * ``dlg``: dummy images and soft labels (softmax of free logits) optimised jointly; squared-L2
   gradient distance; L-BFGS with step 1 as in the paper.
-* ``idlg``: labels recovered analytically first (:mod:`attacks.labels`), images only.
+* ``idlg``: labels recovered analytically first (:mod:`attacks.labels.recovery`), images only.
 * ``inverting-gradients``: recovered labels, cosine distance ``1 - cos(g, g*)`` over all
   parameters, total-variation prior, Adam on signed gradients, projection onto [0, 1] after
   every step, step decay x0.1 at 3/8, 5/8 and 7/8 of the budget.
@@ -46,7 +46,7 @@ shapes differ are solved as separate batches. The reported iterate is each probl
 (lowest distance) one, and the restart with the lowest distance wins.
 
 Label candidates: with ``label_candidates`` > 1, a batch whose label counts came from the
-bias-count rule (uncertain, see :func:`attacks.labels.label_candidates`) is solved once per
+bias-count rule (uncertain, see :func:`attacks.labels.recovery.label_candidates`) is solved once per
 candidate multiset (times ``restarts``), and the lowest distance picks the multiset: a wrong
 multiset cannot reproduce the update. ``prune_after`` / ``prune_factor`` stop an observation's
 problems that lag its best by that factor (checked every ``prune_after`` iterations), and as
@@ -66,7 +66,7 @@ slots in its own random order and the best restart wins: use several restarts fo
 
 Layout: this module holds the front-ends (the settings dataclasses, :func:`match_gradients`,
 which groups observations into batches and keeps the best restart of each, and the registered
-attacks); :mod:`attacks.matching_objective` builds the batched problem (labels, targets,
+attacks); :mod:`attacks.matching.objective` builds the batched problem (labels, targets,
 starting points, the vectorised objective) and :mod:`attacks.optim` holds the optimisers
 (Adam, L-BFGS) and the tracker of best iterates, split so that every module stays small.
 """
@@ -82,7 +82,7 @@ from typing import Literal
 import torch
 
 from attacks.base import Attack, register_attack
-from attacks.matching_objective import Batch, batch_key, evaluator, initial, make_batch, make_plan
+from attacks.matching.objective import Batch, batch_key, evaluator, initial, make_batch, make_plan
 from attacks.optim.adam import adam
 from attacks.optim.lbfgs import lbfgs
 from attacks.optim.tracker import Tracker, status_of

@@ -9,7 +9,7 @@ The runs stay independent: run r's stationarity sums only its own candidates, it
 is fitted on its own, and the loss optimised is the sum of the runs' losses, whose gradient
 with respect to run r's candidates is exactly that of run r's loss alone. Each run has its own
 step sizes, ReLU-surrogate slope, lambda floor and candidate initialisation (its own seed), so
-R separate runs of :class:`attacks.kkt.KKT` with those settings give the same candidates to
+R separate runs of :class:`attacks.kkt.attack.KKT` with those settings give the same candidates to
 float tolerance (``tests/unit/attacks/test_kkt_runs.py``).
 
 Tensor shapes: candidates ``(R, m, D)``, relative lambdas ``(R, m)`` (binary) or

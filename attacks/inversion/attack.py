@@ -1,12 +1,12 @@
 """Network inversion (Training-Like Data Reconstruction): a generator trained against the model.
 
 The server holds the classifier's weights (the global model it sent, or under FedAvg a client's
-returned weights). It trains a :class:`~attacks.generator.ConditionalGenerator` so that, for
-every class ``y``, ``G(z, y)`` is confidently classified as ``y`` by the *frozen* classifier,
-while regularisers steer the samples away from adversarial noise and towards training-like
-images: diversity within a class, orthogonal features, smoothness, stability under input noise
-and KKT stationarity (see :mod:`attacks.inversion_losses`, whose :data:`LOSSES` lists every
-term with its formula). The total loss is ``sum_t weight_t * term_t`` over the terms of
+returned weights). It trains a :class:`~attacks.inversion.generator.ConditionalGenerator` so that,
+for every class ``y``, ``G(z, y)`` is confidently classified as ``y`` by the *frozen* classifier,
+while regularisers steer the samples away from adversarial noise and towards training-like images:
+diversity within a class, orthogonal features, smoothness, stability under input noise and KKT
+stationarity (see :mod:`attacks.inversion.losses`, whose :data:`LOSSES` lists every term with its
+formula). The total loss is ``sum_t weight_t * term_t`` over the terms of
 non-zero weight; a term of weight 0 is not computed at all.
 
 Each step draws a fresh batch of ``batch_size`` latent vectors with classes round-robin, so
@@ -37,8 +37,8 @@ from typing import Literal
 import torch
 
 from attacks.base import Attack, register_attack, snapshot_steps
-from attacks.generator import ConditionalGenerator, soft_labels
-from attacks.inversion_losses import LOSSES, FrozenClassifier, LossContext
+from attacks.inversion.generator import ConditionalGenerator, soft_labels
+from attacks.inversion.losses import LOSSES, FrozenClassifier, LossContext
 from simulator.core.fields import param
 from simulator.core.models import ModelSpec, is_binary
 from simulator.core.protocol import Observation, Reconstruction, Status

@@ -5,7 +5,7 @@ and a prior that ties the epochs together.
 A FedAvg client runs ``E`` epochs of plain SGD over the same ``N`` images, each epoch in a
 fresh random order, and sends its new weights. The server knows the schedule (``E``, batch
 size ``B``, ``lr``, ``N``: :class:`~simulator.core.protocol.PublicMeta`). The replay of
-:mod:`attacks.matching_objective` reuses one set of dummies in every epoch and has to guess
+:mod:`attacks.matching.objective` reuses one set of dummies in every epoch and has to guess
 the later epochs' orders, which it cannot: with a wrong order the replayed batches differ from
 the client's and no dummies reproduce the update. Here every epoch gets its own ``N`` dummies,
 and epoch ``e``'s batches are consecutive slots of its own dummies (the last partial batch
@@ -20,10 +20,10 @@ squared distance of the paired dummies to their mean across epochs is added to t
 Total variation (``tv_weight``) and the box [0, 1] (projection after each Adam step) are the
 usual image priors. The reconstruction is the paired mean over epochs of the best iterate.
 
-Labels: the multiset is recovered by :func:`attacks.labels.recover_labels` (bias counts on the
-mean step direction; the server's public data sharpens them). Which labels shared a mini-batch
-is unknown; each restart deals every epoch's labels to its slots in its own seeded order, and
-the restart with the lowest update distance wins.
+Labels: the multiset is recovered by :func:`attacks.labels.recovery.recover_labels` (bias counts on
+the mean step direction; the server's public data sharpens them). Which labels shared a mini-batch
+is unknown; each restart deals every epoch's labels to its slots in its own seeded order, and the
+restart with the lowest update distance wins.
 
 The distance is the cosine distance between the replayed and the observed step sums
 ``(w_global - w_client) / lr`` (scale-free), or squared L2. Restarts are solved together:
@@ -52,10 +52,10 @@ from scipy.optimize import linear_sum_assignment
 from torch.func import functional_call, grad, vmap
 
 from attacks.base import Attack, register_attack
-from attacks.labels import recover_labels
+from attacks.common.priors import total_variation
+from attacks.labels.recovery import recover_labels
 from attacks.optim.adam import adam
 from attacks.optim.tracker import Evaluate, Tracker, status_of
-from attacks.priors import total_variation
 from simulator.core.fields import param
 from simulator.core.models import build_model, is_binary, task_targets
 from simulator.core.protocol import Observation, PublicData, Reconstruction

@@ -35,7 +35,7 @@ supported; other architectures raise ValueError.
 Optimisation: candidates start at ``centre + init_scale * N(0, 1)`` (small, so they share one
 activation pattern), relative lambdas at 1; Adam (or SGD with momentum) with separate steps for
 candidates and lambdas, cosine-annealed to 0 when ``lr_decay``. The tensor work and the loop
-are in :mod:`attacks.kkt_runs`, on the device of the observation's tensors.
+are in :mod:`attacks.kkt.runs`, on the device of the observation's tensors.
 
 Runs: ``runs = R`` fits R independent runs as one batched problem (the paper's random
 hyper-parameter sweep): run 0 with the given settings, the others with lr, alpha and init_scale
@@ -52,17 +52,17 @@ started from the subspace candidates of a model at a stationary point it loses d
 recovers every digit of a 32-image FedAvg client.
 
 Modes: ``"weights"`` takes ``update`` as theta (a trained model, or a FedAvg client's returned
-weights); ``"difference"`` fits ``update - global_weights`` with gradients taken at the
-client's weights and free-signed per-sample coefficients (the lambda loss acts on ``|u|``).
-``init="subspace"`` starts the candidates from the training inputs recovered from the first
-layer's change (:mod:`attacks.subspace`: that block of the stationarity condition is linear in
+weights); ``"difference"`` fits ``update - global_weights`` with gradients taken at the client's
+weights and free-signed per-sample coefficients (the lambda loss acts on ``|u|``).
+``init="subspace"`` starts the candidates from the training inputs recovered from the first layer's
+change (:mod:`attacks.first_layer.subspace`: that block of the stationarity condition is linear in
 the inputs) and labels them with the model's own predictions; with ``iterations = 0`` those
-candidates are returned as they are. A final stationarity residual above
-``stationarity_tolerance`` is reported in ``notes``: such weights are not at a KKT point.
+candidates are returned as they are. A final stationarity residual above ``stationarity_tolerance``
+is reported in ``notes``: such weights are not at a KKT point.
 Returned images are candidates mapped from the model's input range to ``[0, 1]`` and clamped.
 
 Selection: with ``select = "agreement"`` the attack also says, without the truth, which
-candidates it reports as reconstructions (:func:`attacks.kkt_selection.select_candidates`:
+candidates it reports as reconstructions (:func:`attacks.kkt.selection.select_candidates`:
 clusters of near-duplicate candidates, weighted by their stationarity contribution
 ``||lambda_i y_i grad f(x_i)||`` and by how little noise they hold). The ``select_top`` best
 (0: as many as the client's examples) come first among the returned candidates, best first,
@@ -82,7 +82,8 @@ import torch
 from torch import nn
 
 from attacks.base import Attack, register_attack, snapshot_steps
-from attacks.kkt_runs import (
+from attacks.first_layer.subspace import model_labels, recover_inputs
+from attacks.kkt.runs import (
     Layer,
     LossWeights,
     RunSettings,
@@ -93,14 +94,13 @@ from attacks.kkt_runs import (
     optimise,
     output_weights,
 )
-from attacks.kkt_runs import Problem as _Problem
-from attacks.kkt_selection import select_candidates
-from attacks.subspace import model_labels, recover_inputs
+from attacks.kkt.runs import Problem as _Problem
+from attacks.kkt.selection import select_candidates
 from simulator.core.fields import param
 from simulator.core.models import Centre, ModelSpec, build_model, is_binary
 from simulator.core.protocol import Observation, Reconstruction, Status
 
-# The closed form lives in attacks.kkt_runs (with the run dimension); these names stay here.
+# The closed form lives in attacks.kkt.runs (with the run dimension); these names stay here.
 __all__ = ["KKT", "KKTParams", "combination", "contributions", "kkt_losses", "mlp_layers"]
 
 
@@ -245,7 +245,7 @@ def kkt_losses(
     params: KKTParams,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Weighted total loss, the unweighted terms, and the fitted lambda scale ``s`` of one run
-    (``inputs`` (m, D)): :func:`attacks.kkt_runs.batched_losses` with R = 1."""
+    (``inputs`` (m, D)): :func:`attacks.kkt.runs.batched_losses` with R = 1."""
     one = torch.ones(1, dtype=inputs.dtype, device=inputs.device)
     total, terms, scale = batched_losses(
         problem,

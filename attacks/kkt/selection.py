@@ -1,6 +1,6 @@
 """Oracle-free choice of which KKT candidates to report as reconstructions.
 
-Why: the KKT attack (:mod:`attacks.kkt`) returns many candidates (by default two per training
+Why: the KKT attack (:mod:`attacks.kkt.attack`) returns many candidates (by default two per training
 example), and the scorer counts a true image as recovered when *some* candidate is close to it
 -- a choice only someone holding the truth can make. An attacker has to say which candidates
 it believes are training images. This module ranks them from what the attacker has: the
