@@ -26,8 +26,6 @@ from simulator.core.models import ModelSpec, SentModel
 from simulator.core.protocol import Observation, PublicData, Reconstruction
 from simulator.core.registry import ATTACKS
 
-NO_ATTACK = "none"
-
 
 @dataclass
 class MaliciousServer:
@@ -37,9 +35,12 @@ class MaliciousServer:
     (otherwise the lowest client ids, so runs are reproducible). An active attack manipulates
     the models of those rounds and clients (narrowed by its ``clients`` parameter) and attacks
     only the updates computed on them; ``manipulated`` maps each round to those clients.
+
+    ``public`` loads the server's labelled public data; the server sets it on the attack
+    (:attr:`Attack.public`) before asking it anything, active or not.
     """
 
-    attack_name: str = NO_ATTACK
+    attack_name: str
     attack_params: Mapping[str, Any] = field(default_factory=dict)
     rounds: Sequence[int] = ()
     max_clients: int = 0
@@ -53,7 +54,7 @@ class MaliciousServer:
     @property
     def active(self) -> bool:
         """Whether the attack manipulates the model it sends (an :class:`ActiveAttack`)."""
-        return self.attack_name != NO_ATTACK and is_active(self.attack_name)
+        return is_active(self.attack_name)
 
     def active_attack(self) -> ActiveAttack[Any]:
         """The one instance of the active attack (it may cache public statistics)."""
@@ -69,7 +70,6 @@ class MaliciousServer:
         weights: Mapping[str, torch.Tensor],
         federation: FederationConfig,
         secure_aggregation: bool,
-        public: Callable[[], torch.Tensor],
     ) -> dict[int, SentModel]:
         """The manipulated model for each client that gets one this round (none: honest).
 
@@ -79,6 +79,7 @@ class MaliciousServer:
         if not self.active or (self.rounds and server_round not in self.rounds):
             return {}
         attack = self.active_attack()
+        self.hand_public(attack, torch.device("cpu"))  # the plan's statistics stay on the CPU
         wanted = attack.params.clients
         chosen = tuple(c for c in sorted(sampled) if not wanted or c in wanted)
         chosen = chosen[: self.max_clients] if self.max_clients else chosen
@@ -88,7 +89,7 @@ class MaliciousServer:
         samples = {c: federation.batch_size if fedsgd else self.examples.get(c, 0) for c in chosen}
         plan = Plan(
             server_round, chosen, tuple(sorted(sampled)), spec, weights, federation, samples,
-            public(), secure_aggregation,
+            secure_aggregation,
         )  # fmt: skip
         offers = attack.manipulate(plan)
         if secure_aggregation:
@@ -109,7 +110,7 @@ class MaliciousServer:
         For an active attack: the updates computed on manipulated models (the aggregate of a
         manipulated round under secure aggregation).
         """
-        if self.attack_name == NO_ATTACK or not observations:  # the registered no-op
+        if not observations or ATTACKS.entry(self.attack_name).value.observes_only:
             return []
         if self.active:
             done = self.manipulated.get(observations[0].round, frozenset())
@@ -133,15 +134,13 @@ class MaliciousServer:
         targets = self.targets(observations)
         if not targets:
             return []
-        attack: Attack[Any] | ActiveAttack[Any] = (
+        attack: Attack[Any] = (
             self.active_attack()
             if self.active
             else ATTACKS.create(self.attack_name, dict(self.attack_params))
         )
         device = resolve_device(self.device)
-        if self.public is not None and isinstance(attack, Attack):
-            public = self.public()  # loaded once by the caller, on first use
-            attack.public = PublicData(public.images.to(device), public.labels.to(device))
+        self.hand_public(attack, device)
         reconstructions = attack.run(on_device(targets, device))
         for reconstruction in reconstructions:  # named here, so a plugin need not name itself
             reconstruction.attack = self.attack_name
@@ -152,6 +151,14 @@ class MaliciousServer:
             if reconstruction.confident is not None:
                 reconstruction.confident = reconstruction.confident.cpu()
         return [flag_divergence(r) for r in reconstructions]
+
+    def hand_public(self, attack: Attack[Any], device: torch.device) -> None:
+        """Set the server's public data on ``attack``, on ``device`` (None without any)."""
+        if self.public is None:
+            attack.public = None
+            return
+        public = self.public()  # loaded once by the caller, on first use
+        attack.public = PublicData(public.images.to(device), public.labels.to(device))
 
 
 def on_device(observations: Sequence[Observation], device: torch.device) -> list[Observation]:

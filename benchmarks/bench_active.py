@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from attacks.active.separation import ClientSeparation, SeparationParams
 from attacks.active.trap_weights import TrapWeights, TrapWeightsParams
 from simulator.core.config import DataConfig, FederationConfig
 from simulator.core.models import ModelSpec, SentModel, build_model
-from simulator.core.protocol import Observation, PublicMeta, Reconstruction
+from simulator.core.protocol import Observation, PublicData, PublicMeta, Reconstruction
 from simulator.data.shards import Shard, load_test_set, load_training_union
 from simulator.federation.training import batch_gradient, load_weights, local_train
 from simulator.federation.truth import Truth
@@ -60,6 +60,7 @@ from simulator.scoring.score import score
 RESULTS = Path(__file__).parent / "results" / "active.json"
 SPEC = ModelSpec("mlp", widths=(256,), input_shape=(1, 28, 28), num_classes=10)
 Weights = dict[str, torch.Tensor]
+ActiveT = TypeVar("ActiveT", bound=ActiveAttack)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Data:
     """Private digits (the training split) and the server's public ones (the test split)."""
 
     private: Shard
-    public: torch.Tensor
+    public: PublicData
 
     def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.randperm(len(self.private.labels), generator=generator)[:size]
@@ -76,7 +77,14 @@ class Data:
 
 def load_data() -> Data:
     data = DataConfig(dataset="mnist")
-    return Data(load_training_union(data, 1, 0), load_test_set(data).inputs)
+    test = load_test_set(data)
+    return Data(load_training_union(data, 1, 0), PublicData(test.inputs, test.labels))
+
+
+def armed(attack: ActiveT, data: Data) -> ActiveT:
+    """``attack`` holding the server's public data, as the malicious server hands it."""
+    attack.public = data.public
+    return attack
 
 
 def plan(
@@ -85,9 +93,7 @@ def plan(
     weights = build_model(SPEC, seed=0).state_dict()
     federation = FederationConfig(protocol=protocol, batch_size=samples)  # type: ignore[arg-type]
     expected = dict.fromkeys(clients, samples)
-    return Plan(
-        1, tuple(clients), tuple(clients), SPEC, weights, federation, expected, data.public, secagg
-    )
+    return Plan(1, tuple(clients), tuple(clients), SPEC, weights, federation, expected, secagg)
 
 
 def fedsgd_update(offer: SentModel, images: torch.Tensor, labels: torch.Tensor) -> Weights:
@@ -156,7 +162,7 @@ def imprint_point(
     data: Data, bins: int, samples: int, batches: int, directions: int = 0
 ) -> dict[str, Any]:
     attack = Imprint(ImprintParams(bins=bins, directions=directions))
-    offer = attack.manipulate(plan(data, [0], samples))[0]
+    offer = armed(attack, data).manipulate(plan(data, [0], samples))[0]
     generator = torch.Generator().manual_seed(bins * 1000 + samples)
     tally = fedsgd_tally(attack, offer, data, samples, batches, generator)
     return tally.record(
@@ -183,7 +189,7 @@ def imprint_fedavg(data: Data, batches: int) -> list[dict[str, Any]]:
     samples, rows = 64, []
     for batch, epochs in ((64, 1), (16, 1), (4, 1), (4, 2)):
         attack = Imprint(ImprintParams(bins=256))
-        offer = attack.manipulate(plan(data, [0], samples, "fedavg"))[0]
+        offer = armed(attack, data).manipulate(plan(data, [0], samples, "fedavg"))[0]
         generator = torch.Generator().manual_seed(batch * 10 + epochs)
         tally = Tally()
         for _ in range(batches):
@@ -204,7 +210,7 @@ def imprint_fedavg(data: Data, batches: int) -> list[dict[str, Any]]:
 
 def trap_point(data: Data, samples: int, batches: int) -> dict[str, Any]:
     attack = TrapWeights(TrapWeightsParams())
-    offer = attack.manipulate(plan(data, [0], samples))[0]
+    offer = armed(attack, data).manipulate(plan(data, [0], samples))[0]
     generator = torch.Generator().manual_seed(samples)
     tally = fedsgd_tally(attack, offer, data, samples, batches, generator)
     record = tally.record(n=samples, width=256, model_change=offer.change)
@@ -217,7 +223,7 @@ def trap_fedavg(data: Data, batches: int) -> list[dict[str, Any]]:
     samples, rows = 32, []
     for batch in (32, 8, 4):
         attack = TrapWeights(TrapWeightsParams())
-        offer = attack.manipulate(plan(data, [0], samples, "fedavg"))[0]
+        offer = armed(attack, data).manipulate(plan(data, [0], samples, "fedavg"))[0]
         generator = torch.Generator().manual_seed(batch)
         tally = Tally()
         for _ in range(batches):
@@ -294,7 +300,7 @@ def mean_sent(offers: dict[int, SentModel]) -> Weights:
 def secagg_point(data: Data, clients: int, batch: int, bins: int, rounds: int) -> dict[str, Any]:
     attack = ClientSeparation(SeparationParams(bins=bins))
     ids = list(range(clients))
-    offers = attack.manipulate(plan(data, ids, batch, secagg=True))
+    offers = armed(attack, data).manipulate(plan(data, ids, batch, secagg=True))
     sent = mean_sent(offers)
     generator = torch.Generator().manual_seed(clients)
     np.random.seed(clients)  # SecAgg+'s stochastic rounding draws from numpy's generator
@@ -321,7 +327,7 @@ def secagg_fedavg(data: Data, rounds: int) -> list[dict[str, Any]]:
     for batch in (16, 4):
         attack = ClientSeparation(SeparationParams(bins=128))
         ids = list(range(clients))
-        offers = attack.manipulate(plan(data, ids, samples, "fedavg", secagg=True))
+        offers = armed(attack, data).manipulate(plan(data, ids, samples, "fedavg", secagg=True))
         sent = mean_sent(offers)
         generator = torch.Generator().manual_seed(batch)
         np.random.seed(batch)

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from attacks.first_layer.subspace import SubspaceAttack, first_linear
+from attacks.common.layers import first_linear
+from attacks.first_layer.subspace import SubspaceAttack
 from benchmarks.bench_kkt import THRESHOLD, truth_residual
 from simulator.core.models import ModelSpec, build_model
 from simulator.data.datasets import load_split, to_tensor
@@ -76,10 +77,10 @@ def first_layer_initial(spec: ModelSpec, first_scale: float, seed: int) -> dict[
     model = build_model(spec, seed=seed)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     first = first_linear(spec)
-    weights[first] *= first_scale
-    bias = first.removesuffix("weight") + "bias"
-    if bias in weights:
-        weights[bias] *= first_scale
+    assert not isinstance(first, str), first
+    weights[first.weight] *= first_scale
+    if first.bias is not None:
+        weights[first.bias] *= first_scale
     return weights
 
 

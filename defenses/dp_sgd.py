@@ -34,6 +34,7 @@ from defenses.base import Defense, TrainingDefense, register_defense
 from simulator.core.config import FederationConfig
 from simulator.core.fields import param
 from simulator.core.models import ModelSpec, task_loss
+from simulator.core.protocol import local_steps
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def dp_sgd_schedule(num_examples: int, batch_size: int, epochs: int) -> tuple[fl
             f"{num_examples}, {batch_size}, {epochs}"
         )
     rate = min(1.0, batch_size / num_examples)
-    return rate, epochs * math.ceil(num_examples / batch_size)
+    return rate, local_steps(num_examples, batch_size, epochs)
 
 
 def poisson_batch(num_examples: int, rate: float, generator: torch.Generator) -> torch.Tensor:

@@ -1,33 +1,34 @@
 """Actively malicious attacks: the server changes the model it sends, then reads the update.
 
-An :class:`ActiveAttack` has two halves. Before a round, :meth:`ActiveAttack.manipulate` gets a
-:class:`Plan` (the round, the clients to manipulate, the honest model and public statistics)
-and returns, per client, the :class:`~simulator.core.models.SentModel` the server sends in
-place of the honest global model. After the round, :meth:`ActiveAttack.run` gets the
-observations of the manipulated updates, like any attack, and reads the data out of them.
-Everything :meth:`run` needs is in the observation: the model spec and the weights the server
-sent that client (for a secure aggregate: their weighted mean), so the two halves share no state.
+An :class:`ActiveAttack` is an :class:`~attacks.base.Attack` with a second half. Before a
+round, :meth:`ActiveAttack.manipulate` gets a :class:`Plan` (the round, the clients to
+manipulate, the honest model) and returns, per client, the
+:class:`~simulator.core.models.SentModel` the server sends in place of the honest global model;
+its public statistics come from :attr:`~attacks.base.Attack.public`, which the malicious server
+sets on every attack alike. After the round, :meth:`ActiveAttack.run` gets the observations of
+the manipulated updates, like any attack, and reads the data out of them. Everything
+:meth:`run` needs is in the observation: the model spec and the weights the server sent that
+client (for a secure aggregate: their weighted mean), so the two halves share no state.
 
-This folder is a leaf of ``attacks``: its modules import only :mod:`simulator.core` and each
-other. :class:`ActiveAttack` therefore mirrors :class:`attacks.base.Attack` (validated
-``Params``, ``run``) instead of subclassing it, and :func:`register_active_attack` registers
-into the same :data:`~simulator.core.registry.ATTACKS` registry scenario files name attacks in.
+Active attacks are registered with :func:`~attacks.base.register_attack`, like every attack;
+the malicious server tells them apart by their class (:func:`is_active`).
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from abc import abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Generic, TypeVar
+from typing import TypeVar
 
 import torch
 
+from attacks.base import Attack
 from simulator.core.config import FederationConfig
 from simulator.core.fields import param
 from simulator.core.models import IMPRINT, ModelSpec, SentModel, build_model
-from simulator.core.protocol import Observation, Reconstruction
+from simulator.core.protocol import Observation
 from simulator.core.registry import ATTACKS
 
 ParamsT = TypeVar("ParamsT")
@@ -55,8 +56,7 @@ class Plan:
     ``clients`` are the sampled clients to manipulate (sorted), ``sampled`` all of the round's;
     ``weights`` are the honest global weights of ``spec``; ``samples`` the number of private
     samples expected behind each client's update (FedSGD: the batch size; FedAvg: the examples
-    the client reported in an earlier round, or 0 when unknown); ``public`` holds public images
-    (the test split the server evaluates on), (N, C, H, W) in [0, 1].
+    the client reported in an earlier round, or 0 when unknown).
     """
 
     round: int
@@ -66,58 +66,32 @@ class Plan:
     weights: Mapping[str, torch.Tensor]
     federation: FederationConfig
     samples: Mapping[int, int]
-    public: torch.Tensor
     secure_aggregation: bool
 
 
-class ActiveAttack(ABC, Generic[ParamsT]):
+class ActiveAttack(Attack[ParamsT]):
     """An attack that manipulates the model it sends and attacks what comes back.
 
     Subclasses set ``Params`` to a frozen dataclass (with ``clients`` and ``aggregate``, see
-    :class:`ActiveParams`) and are registered with :func:`register_active_attack`.
+    :class:`ActiveParams`) and are registered with :func:`~attacks.base.register_attack`.
     """
-
-    name: ClassVar[str] = ""
-    Params: ClassVar[type]
-
-    def __init__(self, params: ParamsT | None = None) -> None:
-        self.params: ParamsT = params if params is not None else self.Params()
 
     @abstractmethod
     def manipulate(self, plan: Plan) -> dict[int, SentModel]:
         """The model to send each of ``plan.clients`` (clients left out get the honest one)."""
 
-    @abstractmethod
-    def run(self, observations: Sequence[Observation]) -> list[Reconstruction]:
-        """Attack every manipulated observation; one reconstruction per observation, in order."""
-
-
-ActiveT = TypeVar("ActiveT", bound=type)
-
-
-def register_active_attack(name: str, description: str) -> Callable[[ActiveT], ActiveT]:
-    """Register an :class:`ActiveAttack` subclass under ``name`` in the attack registry."""
-
-    def decorate(cls: ActiveT) -> ActiveT:
-        if not (isinstance(cls, type) and issubclass(cls, ActiveAttack)):
-            raise TypeError(f"attack {name!r}: {cls!r} is not an ActiveAttack subclass")
-        return ATTACKS.decorator(name, description)(cls)
-
-    return decorate
+    def public_images(self) -> torch.Tensor:
+        """The server's public images, (N, C, H, W) in [0, 1] (the test split it evaluates
+        on), which the manipulated models are fitted to."""
+        if self.public is None:
+            raise ValueError(f"attack {self.name!r} needs the server's public data to plan")
+        return self.public.images
 
 
 def is_active(name: str) -> bool:
     """Whether the registered attack ``name`` manipulates the model it sends."""
     value = ATTACKS.entry(name).value
     return isinstance(value, type) and issubclass(value, ActiveAttack)
-
-
-def pseudo_gradient(obs: Observation) -> Weights:
-    """The update as a positive multiple of the summed gradients: FedSGD as sent, FedAvg
-    ``sent - returned`` (SGD steps subtract lr times each gradient)."""
-    if obs.meta.protocol == "fedsgd":
-        return {k: v.detach().double() for k, v in obs.update.items()}
-    return {k: (obs.global_weights[k] - v).detach().double() for k, v in obs.update.items()}
 
 
 def predicted_share(bins: int, samples: int) -> float:

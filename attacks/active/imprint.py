@@ -43,12 +43,12 @@ from attacks.active.base import (
     imprint_block,
     predicted_share,
     principal_directions,
-    pseudo_gradient,
     quantile_thresholds,
-    register_active_attack,
     with_block,
 )
 from attacks.active.decoding import chains_of, decode
+from attacks.base import register_attack
+from attacks.common.updates import as_gradient
 from simulator.core.fields import param
 from simulator.core.models import IMPRINT, ModelSpec, SentModel
 from simulator.core.protocol import Observation, Reconstruction
@@ -104,7 +104,8 @@ def read_imprint(
     weight = obs.global_weights[f"{IMPRINT}.encoder.weight"]
     bias = obs.global_weights[f"{IMPRINT}.encoder.bias"]
     chains = chains_of(weight, bias, rows)
-    gradient = pseudo_gradient(obs)
+    # Any positive multiple of the summed gradients: the decoder divides rows by each other.
+    gradient = {k: v.detach().double() for k, v in as_gradient(obs, "change").items()}
     decoded = decode(
         gradient[f"{IMPRINT}.encoder.weight"], gradient[f"{IMPRINT}.encoder.bias"], chains, samples
     )
@@ -153,7 +154,7 @@ def require_block(obs: Observation, attack: str) -> int:
     return obs.model.imprint_bins
 
 
-@register_active_attack(
+@register_attack(
     "imprint",
     "Active: an imprint block in front of the model bins the inputs; each alone in a bin "
     "is read exactly (Fowl et al. 2022).",
@@ -171,7 +172,7 @@ class Imprint(ActiveAttack[ImprintParams]):
         """The manipulated spec and weights for ``bins`` neurons over ``directions``."""
         key = (bins, directions)
         if key not in self._binning:  # the public statistics do not change between rounds
-            self._binning[key] = binning(plan.public, bins, directions)
+            self._binning[key] = binning(self.public_images(), bins, directions)
         rows, cuts = self._binning[key]
         spec = dataclasses.replace(plan.spec, imprint_bins=bins)
         block = imprint_block(spec, rows, cuts, self.params.gain, self.params.scale)

@@ -38,7 +38,6 @@ from attacks.active.base import (
     examples_behind,
     imprint_block,
     predicted_share,
-    register_active_attack,
     with_block,
 )
 from attacks.active.imprint import (
@@ -48,6 +47,7 @@ from attacks.active.imprint import (
     reconstruction,
     require_block,
 )
+from attacks.base import register_attack
 from simulator.core.fields import param
 from simulator.core.models import IMPRINT, SentModel, build_model, task_loss
 from simulator.core.protocol import Observation, Reconstruction
@@ -72,11 +72,11 @@ class SeparationParams(ActiveParams):
     )
 
 
-def input_gradient(plan: Plan, count: int = 256) -> float:
+def input_gradient(plan: Plan, public: torch.Tensor, count: int = 256) -> float:
     """The median |sum over pixels of d loss / d input| of one public input under the honest
     model, with labels drawn at random (the decoder's gain is calibrated on it)."""
     model = build_model(plan.spec)
-    images = plan.public[:count].detach().clone().float().requires_grad_(True)
+    images = public[:count].detach().clone().float().requires_grad_(True)
     weights = {k: v.detach().float() for k, v in plan.weights.items()}
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, plan.spec.num_classes, (images.shape[0],), generator=generator)
@@ -86,7 +86,7 @@ def input_gradient(plan: Plan, count: int = 256) -> float:
     return max(float(sums.median()), 1e-12)
 
 
-@register_active_attack(
+@register_attack(
     "client-separation",
     "Active: disjoint imprint bins per client, so a secure aggregate still separates into "
     "each client's inputs (LOKI-style).",
@@ -107,13 +107,14 @@ class ClientSeparation(ActiveAttack[SeparationParams]):
         spec = dataclasses.replace(plan.spec, imprint_bins=total)
         samples = max(plan.samples[c] for c in clients)
         directions = p.directions or auto_directions(p.bins, samples)
+        public = self.public_images()
         if (p.bins, directions) not in self._binning:
-            self._binning[(p.bins, directions)] = binning(plan.public, p.bins, directions)
+            self._binning[(p.bins, directions)] = binning(public, p.bins, directions)
         rows, cuts = self._binning[(p.bins, directions)]
         # The decoder weight w = gain / total gives input s the gradient w * sum(dL/dx_s) / n
         # on its bins; the encoder scale keeps w * scale * (sum of relus) under `shift`.
-        gain = p.strength * total * samples / input_gradient(plan)
-        span = float((plan.public.flatten(1).double() @ rows.T).max() - cuts.min())
+        gain = p.strength * total * samples / input_gradient(plan, public)
+        span = float((public.flatten(1).double() @ rows.T).max() - cuts.min())
         scale = p.shift / (gain / total * p.bins * max(span, 1e-12))
         offers = {}
         for position, client in enumerate(clients):

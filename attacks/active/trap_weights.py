@@ -35,9 +35,10 @@ from attacks.active.base import (
     Plan,
     Weights,
     examples_behind,
-    pseudo_gradient,
-    register_active_attack,
 )
+from attacks.base import register_attack
+from attacks.common.layers import LinearLayer, image_layer
+from attacks.common.updates import as_gradient
 from simulator.core.fields import param
 from simulator.core.models import ModelSpec, SentModel, build_model, is_binary, task_loss
 from simulator.core.protocol import Observation, Reconstruction
@@ -58,29 +59,15 @@ class TrapWeightsParams(ActiveParams):
     )
 
 
-@dataclass(frozen=True)
-class FirstLayer:
-    """The first fully-connected layer: its module name and parameter names."""
-
-    module: str
-    weight: str
-    bias: str
-
-
-def first_layer(spec: ModelSpec) -> FirstLayer:
-    """The first layer of ``spec`` if it is fully connected with a bias on the raw image."""
-    model = build_model(spec, seed=0)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            if module.bias is None or module.in_features != math.prod(spec.input_shape):
-                break
-            return FirstLayer(name, f"{name}.weight", f"{name}.bias")
-        if isinstance(module, nn.Conv2d):
-            break
-    raise ValueError(
-        f"attack 'trap-weights' needs a model whose first layer is fully connected with a bias "
-        f"on the raw image; model {spec.kind!r} has none"
-    )
+def first_layer(spec: ModelSpec) -> LinearLayer:
+    """The first layer of ``spec``; it must be fully connected with a bias on the raw image."""
+    layer = image_layer(spec)
+    if isinstance(layer, str):
+        raise ValueError(
+            f"attack 'trap-weights' needs a model whose first layer is fully connected with a "
+            f"bias on the raw image; model {spec.kind!r} has none"
+        )
+    return layer
 
 
 def seen_by_layer(spec: ModelSpec, images: torch.Tensor) -> torch.Tensor:
@@ -109,7 +96,7 @@ def trap_layer(
 
 
 def candidate_gains(
-    spec: ModelSpec, weights: Weights, layer: FirstLayer, images: torch.Tensor, n: int
+    spec: ModelSpec, weights: Weights, layer: LinearLayer, images: torch.Tensor, n: int
 ) -> torch.Tensor:
     """(m, classes, width): each image's gradient on the layer's pre-activations, per label,
     for the mean loss over ``n`` inputs (what it adds to ``db`` alone)."""
@@ -147,12 +134,14 @@ class Peeled:
 
 
 def peel(
-    obs: Observation, layer: FirstLayer, n: int, params: TrapWeightsParams, slack: float = 0.01
+    obs: Observation, layer: LinearLayer, n: int, params: TrapWeightsParams, slack: float = 0.01
 ) -> Peeled:
     """Verified single inputs peeled off the first layer's gradient, then unverified fill."""
-    gradient = pseudo_gradient(obs)
+    gradient = {k: v.detach().double() for k, v in as_gradient(obs, "change").items()}
     if obs.meta.protocol == "fedavg":  # one local step: sent - returned = lr * gradient
-        steps = obs.meta.local_epochs * math.ceil(obs.meta.num_examples / obs.meta.batch_size)
+        # The mean step in float64 (the gains are verified to 1e-3 of db), not as_gradient's
+        # float32 "mean-step".
+        steps = obs.meta.local_steps
         gradient = {k: v / (obs.meta.lr * steps) for k, v in gradient.items()}
     d_w, d_b = gradient[layer.weight].clone(), gradient[layer.bias].clone()
     low, high = (-1.0, 1.0) if obs.model.centre_inputs else (0.0, 1.0)
@@ -207,7 +196,7 @@ def expected_alone(width: int, activation: float, samples: int) -> float:
     return 1.0 - (1.0 - alone) ** width
 
 
-@register_active_attack(
+@register_attack(
     "trap-weights",
     "Active: a re-drawn first layer whose neurons fire for few inputs; single inputs are "
     "verified and peeled off (Boenisch et al. 2023).",
@@ -228,7 +217,8 @@ class TrapWeights(ActiveAttack[TrapWeightsParams]):
         for client in plan.clients:
             samples = plan.samples[client] or plan.federation.batch_size
             share = self.activation(samples)
-            rows, biases = trap_layer(plan.public, plan.spec, width, share, self.params.seed)
+            public = self.public_images()
+            rows, biases = trap_layer(public, plan.spec, width, share, self.params.seed)
             weights = {k: v.detach().clone() for k, v in plan.weights.items()}
             weights[layer.weight] = rows.to(weights[layer.weight].dtype)
             weights[layer.bias] = biases.to(weights[layer.bias].dtype)

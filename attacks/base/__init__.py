@@ -4,6 +4,11 @@ Scenario files name an attack ("dlg", "idlg", "inverting-gradients", "analytic",
 it a flat dict of parameters; ``ATTACKS.create(name, params)`` checks that dict against the
 attack's frozen params dataclass so that a typo or an out-of-range value fails loudly before
 any compute.
+
+This is the plugin interface (``from attacks.base import Attack, register_attack``). It is a
+folder of its own so that every family can import it while the ``attacks`` package's
+``__init__`` imports the families: in one folder with that ``__init__``, the two would import
+each other (a folder cycle).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ class Attack(ABC, Generic[ParamsT]):
 
     name: ClassVar[str] = ""
     Params: ClassVar[type]
+    # True for an attack that attacks nothing (the registered "none"): the malicious server
+    # then selects no targets, so the round reads no truths and collects no garbage for it.
+    observes_only: ClassVar[bool] = False
 
     def __init__(self, params: ParamsT | None = None) -> None:
         self.params: ParamsT = params if params is not None else self.Params()
@@ -37,11 +45,6 @@ class Attack(ABC, Generic[ParamsT]):
     @abstractmethod
     def run(self, observations: Sequence[Observation]) -> list[Reconstruction]:
         """Attack every observation; one reconstruction per observation, in order."""
-
-
-def snapshot_steps(total: int, count: int) -> set[int]:
-    """``count`` evenly spaced steps in 1..``total`` at which an attack keeps image snapshots."""
-    return {round(k * total / count) for k in range(1, count + 1)} if count else set()
 
 
 AttackT = TypeVar("AttackT", bound=type)

@@ -43,13 +43,13 @@ import numpy as np
 import torch
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
-from torch import nn
 from torch.func import functional_call
 
 from attacks.base import Attack, register_attack
-from attacks.labels.recovery import final_layer, gradient_scale, num_samples, pseudo_gradient
+from attacks.common.layers import final_layer, image_layer
+from attacks.common.updates import as_gradient, gradient_factor, num_samples
 from simulator.core.fields import param
-from simulator.core.models import ModelSpec, build_model, is_binary, task_loss
+from simulator.core.models import build_model, is_binary, task_loss
 from simulator.core.protocol import Observation, Reconstruction
 
 
@@ -66,21 +66,6 @@ class AnalyticParams:
     max_pixel_noise: float = param(
         0.5, low=0.0, low_open=True, help="with noise: keep rows whose pixel noise std is below"
     )
-
-
-def first_layer(spec: ModelSpec) -> tuple[str, str] | str:
-    """(weight, bias) names of a fully-connected first layer with bias, or why there is none."""
-    model = build_model(spec, seed=0)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            if module.bias is None:
-                return f"first layer {name!r} has no bias: dW[i] / db[i] is undefined"
-            if module.in_features != math.prod(spec.input_shape):
-                return f"first layer {name!r} does not see the raw image"
-            return f"{name}.weight", f"{name}.bias"
-        if isinstance(module, nn.Conv2d):
-            return f"first layer {name!r} is a convolution, not fully connected"
-    return "the model has no linear layer"
 
 
 def _least_squares_rows(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -149,7 +134,7 @@ def _labels(
     layer = final_layer(spec, model)
     if layer is None:
         return None
-    head = model.get_submodule(layer.weight.rsplit(".", 1)[0])
+    head = model.get_submodule(layer.module)
     features: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda _m, args: features.append(args[0]))
     weights = {k: v.detach().double() for k, v in obs.global_weights.items()}
@@ -200,13 +185,15 @@ class Analytic(Attack[AnalyticParams]):
         results = []
         for obs in observations:
             # One closed-form solve per observation; nothing iterative to batch.
-            layer = first_layer(obs.model)
+            layer = image_layer(obs.model)
             if isinstance(layer, str):
                 raise ValueError(f"attack 'analytic' does not apply to model {obs.model}: {layer}")
-            gradient = {k: v.detach().double().cpu() for k, v in pseudo_gradient(obs).items()}
-            weight, bias = gradient[layer[0]], gradient[layer[1]]
+            gradient = {
+                k: v.detach().double().cpu() for k, v in as_gradient(obs, "mean-step").items()
+            }
+            weight, bias = gradient[layer.weight], gradient[layer.bias]
             n = num_samples(obs)
-            noise = self.params.noise_std * gradient_scale(obs)
+            noise = self.params.noise_std * gradient_factor(obs, "mean-step")
             if n == 1:
                 active = _active(bias, self.params, noise)
                 if bool(active.any()):

@@ -39,11 +39,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from attacks.base import Attack, register_attack
+from attacks.common.layers import first_linear
 from simulator.core.fields import param
-from simulator.core.models import ModelSpec, build_model
+from simulator.core.models import build_model
 from simulator.core.protocol import Observation, Reconstruction
 
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -172,23 +172,6 @@ def select_candidates(
     return (chosen / peak).clamp(0, 1)
 
 
-def first_linear(spec: ModelSpec) -> str:
-    """Name of the weight of the network's first parameterised layer, which must be Linear.
-
-    ValueError otherwise (convolutions mix pixels before any dense layer sees them).
-    """
-    model = build_model(spec, seed=0)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            return f"{name}.weight"
-        if any(True for _ in module.parameters(recurse=False)):
-            break
-    raise ValueError(
-        f"the first-layer subspace needs a fully-connected first layer; model {spec.kind!r} "
-        "starts with another parameterised layer"
-    )
-
-
 def recover_inputs(
     obs: Observation,
     count: int,
@@ -201,7 +184,13 @@ def recover_inputs(
     Under FedSGD the first layer's gradient is the change itself; under FedAvg the returned
     first-layer weights are compared with the global ones and the weight-decay factor fitted.
     """
-    first = first_linear(obs.model)
+    layer = first_linear(obs.model)
+    if isinstance(layer, str):  # convolutions mix pixels before any dense layer sees them
+        raise ValueError(
+            f"the first-layer subspace needs a fully-connected first layer; model "
+            f"{obs.model.kind!r} starts with another parameterised layer"
+        )
+    first = layer.weight
     initial = None if obs.meta.protocol == "fedsgd" else obs.global_weights[first]
     subspace = first_layer_subspace(obs.update[first], initial, obs.meta.num_examples)
     vectors = sparse_vectors(subspace.basis, starts, sparsity, generator=generator)

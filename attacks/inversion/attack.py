@@ -36,9 +36,10 @@ from typing import Literal
 
 import torch
 
-from attacks.base import Attack, register_attack, snapshot_steps
+from attacks.base import Attack, register_attack
 from attacks.inversion.generator import ConditionalGenerator, soft_labels
 from attacks.inversion.losses import LOSSES, FrozenClassifier, LossContext
+from attacks.optim.tracker import snapshot_steps
 from simulator.core.fields import param
 from simulator.core.models import ModelSpec, is_binary
 from simulator.core.protocol import Observation, Reconstruction, Status
@@ -279,7 +280,7 @@ class Inversion(Attack[InversionParams]):
         learned = [problem.class_logits] if p.kkt_coefficients == "learned" else []
         trained = [*problem.generator.parameters(), *learned]
         optimizer = torch.optim.Adam(trained, lr=p.lr)
-        snap_at = snapshot_steps(p.steps, p.snapshots)
+        snap_at = snapshot_steps(p.steps, p.snapshots, start=False)
         trace: list[dict[str, float]] = []
         snapshots: list[tuple[int, torch.Tensor]] = []
         status: Status = "budget"

@@ -81,7 +81,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from attacks.base import Attack, register_attack, snapshot_steps
+from attacks.base import Attack, register_attack
+from attacks.common.updates import weight_change
 from attacks.first_layer.subspace import model_labels, recover_inputs
 from attacks.kkt.runs import (
     Layer,
@@ -96,6 +97,7 @@ from attacks.kkt.runs import (
 )
 from attacks.kkt.runs import Problem as _Problem
 from attacks.kkt.selection import select_candidates
+from attacks.optim.tracker import snapshot_steps
 from simulator.core.fields import param
 from simulator.core.models import Centre, ModelSpec, build_model, is_binary
 from simulator.core.protocol import Observation, Reconstruction, Status
@@ -206,10 +208,8 @@ def _problem(obs: Observation, mode: str, candidates: float, normalise: str) -> 
     names = [n for pair in mlp_parameter_names(spec) for n in pair if n is not None]
     targets = [weights[n] for n in names]
     if mode == "difference":
-        targets = [
-            t - obs.global_weights[n].detach().float().to(t.device)
-            for t, n in zip(targets, names, strict=True)
-        ]
+        change = weight_change(obs)
+        targets = [change[n].detach().float() for n in names]
     norms = [max(float((t**2).sum()), 1e-30) for t in targets]
     if normalise == "global":
         norms = [sum(norms)] * len(norms)
@@ -374,7 +374,7 @@ class KKT(Attack[KKTParams]):
         notes: list[str] = []
         inputs, relative, labels = self._start(obs, problem, settings, notes)
         runs, count = inputs.shape[0], inputs.shape[1]
-        snap_at = snapshot_steps(p.iterations, p.snapshots)
+        snap_at = snapshot_steps(p.iterations, p.snapshots, start=False)
         result = optimise(
             problem,
             inputs,

@@ -31,8 +31,9 @@ every row of M is the same ``pbar`` and this is the probe rule; on a trained mod
 nearly the identity scaled by the confidence, and the rule follows the labels
 (``benchmarks/bench_label_counts.py`` measures both).
 
-Under FedAvg the same rules run on the pseudo-gradient ``(w_global - w_client) / (lr * steps)``,
-which is exact for one local step and an approximation otherwise (the model drifts).
+Under FedAvg the same rules run on the mean step direction ``(w_global - w_client) / (lr *
+steps)`` (:func:`attacks.common.updates.as_gradient`), which is exact for one local step and an
+approximation otherwise (the model drifts).
 
 The binary model (one logit trained with BCE on parity) reveals parity, not digits: with a
 bias, ``db = mean_i sigmoid(z_i) - t_i`` gives the number of odd images ``n (sbar - db)``
@@ -57,9 +58,10 @@ from dataclasses import dataclass
 
 import torch
 from scipy.optimize import nnls as scipy_nnls
-from torch import nn
 from torch.func import functional_call
 
+from attacks.common.layers import final_layer
+from attacks.common.updates import as_gradient, num_samples
 from simulator.core.models import ModelSpec, build_model, is_binary
 from simulator.core.protocol import Observation, PublicData
 
@@ -72,53 +74,6 @@ class LabelRecovery:
     method: str
     reason: str
     exact: bool = False
-
-
-@dataclass(frozen=True)
-class FinalLayer:
-    """Parameter names of the model's last linear layer (the classifier head)."""
-
-    weight: str
-    bias: str | None
-
-
-def num_samples(obs: Observation) -> int:
-    """How many private images produced the update: the batch (FedSGD) or the local dataset."""
-    return obs.meta.batch_size if obs.meta.protocol == "fedsgd" else obs.meta.num_examples
-
-
-def local_steps(obs: Observation) -> int:
-    """SGD steps a FedAvg client took: epochs x ceil(examples / batch size)."""
-    per_epoch = math.ceil(obs.meta.num_examples / obs.meta.batch_size)
-    return obs.meta.local_epochs * per_epoch
-
-
-def gradient_scale(obs: Observation) -> float:
-    """What :func:`pseudo_gradient` multiplies the sent update (or weight change) by."""
-    if obs.meta.protocol == "fedsgd":
-        return 1.0
-    return 1.0 / (obs.meta.lr * local_steps(obs))
-
-
-def pseudo_gradient(obs: Observation) -> dict[str, torch.Tensor]:
-    """The update as a gradient: as sent under FedSGD, mean step direction under FedAvg."""
-    if obs.meta.protocol == "fedsgd":
-        return obs.update
-    scale = gradient_scale(obs)
-    return {k: (obs.global_weights[k] - v) * scale for k, v in obs.update.items()}
-
-
-def final_layer(spec: ModelSpec, model: nn.Module | None = None) -> FinalLayer | None:
-    """Names of the last ``nn.Linear`` if it maps to the classes, else None."""
-    model = model if model is not None else build_model(spec, seed=0)
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        return None
-    name, layer = linears[-1]
-    if layer.out_features != (1 if is_binary(spec) else spec.num_classes):
-        return None
-    prefix = f"{name}." if name else ""
-    return FinalLayer(f"{prefix}weight", f"{prefix}bias" if layer.bias is not None else None)
 
 
 def features_nonnegative(spec: ModelSpec) -> bool:
@@ -238,10 +193,10 @@ def recover_labels(
     layer = final_layer(spec)
     if layer is None:
         return LabelRecovery(None, "none", "no final linear layer onto the classes")
-    grads = pseudo_gradient(obs)
+    grads = as_gradient(obs, "mean-step")
     weight = grads[layer.weight].detach().double().cpu()
     bias = grads[layer.bias].detach().double().cpu() if layer.bias is not None else None
-    exact = obs.meta.protocol == "fedsgd" or local_steps(obs) == 1
+    exact = obs.meta.protocol == "fedsgd" or obs.meta.local_steps == 1
     if is_binary(spec):
         return _recover_parity(obs, bias, n, probes, seed, exact)
 
@@ -292,7 +247,7 @@ def _count_estimate(
     n = num_samples(obs)
     layer = final_layer(obs.model)
     assert layer is not None and layer.bias is not None
-    bias = pseudo_gradient(obs)[layer.bias].detach().double().cpu()
+    bias = as_gradient(obs, "mean-step")[layer.bias].detach().double().cpu()
     if public is not None:
         return n * _public_fractions(bias, public_confusion(obs, public)), (bias < 0).long()
     return n * (_probe_mean_softmax(obs, probes, seed) - bias), (bias < 0).long()

@@ -53,6 +53,7 @@ from torch.func import functional_call, grad, vmap
 
 from attacks.base import Attack, register_attack
 from attacks.common.priors import total_variation
+from attacks.common.updates import as_gradient, epoch_batches
 from attacks.labels.recovery import recover_labels
 from attacks.optim.adam import adam
 from attacks.optim.tracker import Evaluate, Tracker, status_of
@@ -147,11 +148,6 @@ class _Problem:
                 reference = torch.gather(x[p], 1, index).mean(0)
 
 
-def _steps(samples: int, batch_size: int) -> list[slice]:
-    """One epoch's mini-batches over its slots: consecutive, last partial batch kept."""
-    return [slice(s, min(s + batch_size, samples)) for s in range(0, samples, batch_size)]
-
-
 def _evaluator(obs: Observation, problem: _Problem, params: FedAvgMultistepParams) -> Evaluate:
     """The batched objective (objective, distance, d objective / dz) for :func:`adam`."""
     spec, meta = obs.model, obs.meta
@@ -160,8 +156,8 @@ def _evaluator(obs: Observation, problem: _Problem, params: FedAvgMultistepParam
     device = weights[names[0]].device  # the attack's device (the server moved the update)
     model = build_model(spec, seed=0).to(device)
     # The observed step sum: what the client's gradients add up to (scale-free under cosine).
-    target = {k: (weights[k] - obs.update[k].detach().float()) / meta.lr for k in names}
-    steps = _steps(problem.samples, meta.batch_size)
+    target = {k: v.detach().float() for k, v in as_gradient(obs, "step-sum").items()}
+    steps = epoch_batches(problem.samples, meta.batch_size)
     targets = task_targets(spec, problem.slot_labels)
     if not is_binary(spec):
         targets = torch.nn.functional.one_hot(targets, spec.num_classes).float()

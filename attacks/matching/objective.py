@@ -26,7 +26,8 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from attacks.common.priors import total_variation
-from attacks.labels.recovery import COUNT_METHODS, label_candidates, num_samples, recover_labels
+from attacks.common.updates import as_gradient, epoch_batches, num_samples
+from attacks.labels.recovery import COUNT_METHODS, label_candidates, recover_labels
 from attacks.optim.tracker import Evaluate
 from simulator.core.models import ModelSpec, build_model, is_binary
 from simulator.core.protocol import Observation, PublicData
@@ -296,15 +297,13 @@ def _schedule(obs: Observation, samples: int, seed: int) -> list[torch.Tensor] |
     for epoch in range(obs.meta.local_epochs):
         shuffled = torch.randperm(samples, generator=generator)
         order = torch.arange(samples) if epoch == 0 else shuffled
-        steps += list(order.split(obs.meta.batch_size))
+        steps += [order[batch] for batch in epoch_batches(samples, obs.meta.batch_size)]
     return steps
 
 
 def _target(obs: Observation) -> Params:
     """What the dummies must reproduce: the gradient, or the FedAvg step sum (w0 - w1) / lr."""
-    if obs.meta.protocol == "fedsgd":
-        return {k: v.detach() for k, v in obs.update.items()}
-    return {k: (obs.global_weights[k] - v).detach() / obs.meta.lr for k, v in obs.update.items()}
+    return {k: v.detach() for k, v in as_gradient(obs, "step-sum").items()}
 
 
 def make_plan(obs: Observation, params: MatchingSettings, public: PublicData | None = None) -> Plan:

@@ -63,6 +63,22 @@ class TrackerSettings(Protocol):
     def prune_factor(self) -> float: ...
 
 
+def snapshot_steps(total: int, count: int, *, start: bool) -> set[int]:
+    """The iterations of a run of ``total`` at which an iterative attack keeps its ``count``
+    image snapshots: evenly spaced, the last one at ``total``.
+
+    With ``start`` the first is iteration 0 (the starting point: the gradient-matching attacks,
+    whose tracker shows how far the dummies moved); without, the spacing is ``total / count``
+    and the first is one spacing in (KKT and network inversion, whose start is noise). Every
+    iterative attack takes its snapshots from here.
+    """
+    if not count:
+        return set()
+    if start:
+        return {round(i * total / max(count - 1, 1)) for i in range(count)}
+    return {round(k * total / count) for k in range(1, count + 1)}
+
+
 class Tracker:
     """Best iterate per problem, the trace and snapshots of a batched optimisation."""
 
@@ -81,12 +97,7 @@ class Tracker:
         self.threshold = torch.full((problems,), params.tolerance, device=z.device)
         self.rows: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []
         self.snapshots: list[tuple[int, torch.Tensor]] = []
-        count = params.snapshots
-        self.snapshot_at = (
-            {round(i * params.iterations / max(count - 1, 1)) for i in range(count)}
-            if count
-            else set()
-        )
+        self.snapshot_at = snapshot_steps(params.iterations, params.snapshots, start=True)
         self.log_every = params.log_every
         self.start = start
 

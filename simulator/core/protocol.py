@@ -33,6 +33,22 @@ class PublicMeta:
     local_epochs: int
     num_examples: int
 
+    @property
+    def local_steps(self) -> int:
+        """The SGD steps of a FedAvg client with these settings (:func:`local_steps`)."""
+        return local_steps(self.num_examples, self.batch_size, self.local_epochs)
+
+
+def local_steps(examples: int, batch_size: int, epochs: int) -> int:
+    """SGD steps of ``epochs`` passes over ``examples`` in mini-batches of ``batch_size``, the
+    last one partial: ``epochs * ceil(examples / batch_size)``.
+
+    The one count of local training's steps: the client's plain SGD and DP-SGD's (Poisson
+    batches of that expected size) both take it, the privacy ledger charges it, and the attacks
+    that undo FedAvg's steps divide by it.
+    """
+    return epochs * math.ceil(examples / batch_size)
+
 
 @dataclass(frozen=True)
 class Observation:

@@ -201,10 +201,6 @@ class FederationDriver:
         """The strategy's hook for manipulated models, when the attack is an active one."""
         return self.manipulate if self.malicious.active else None
 
-    def public_images(self) -> torch.Tensor:
-        """The server's public images: the referee's public data (the whole test split)."""
-        return self.referee.public_data().images
-
     def manipulate(
         self, server_round: int, sampled: tuple[int, ...], weights: Mapping[str, torch.Tensor]
     ) -> dict[int, SentModel]:
@@ -217,7 +213,7 @@ class FederationDriver:
         try:
             offers = self.malicious.manipulate(
                 server_round, sampled, scenario.model, weights, scenario.federation,
-                self.secure_aggregation, self.public_images,
+                self.secure_aggregation,
             )  # fmt: skip
         except Exception as error:  # a failed attack must not end the federation it watches
             message = f"{type(error).__name__}: {error}"

@@ -8,12 +8,12 @@ RDP accountant for DP-SGD), never a hand-written formula.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable
 
 from defenses.base import TrainingDefense, build_defenses
 from simulator.core.config import Scenario
+from simulator.core.protocol import local_steps
 from simulator.core.records import PrivacyRecord
 from simulator.data.shards import shard_size
 
@@ -42,7 +42,7 @@ class PrivacyLedger:
             examples = shard_size(scenario.data, fed.clients, scenario.seed, client)
             batch = min(fed.batch_size, examples)
             per_participation = (
-                1 if fed.protocol == "fedsgd" else fed.local_epochs * math.ceil(examples / batch)
+                1 if fed.protocol == "fedsgd" else local_steps(examples, batch, fed.local_epochs)
             )
             spent[client] = defense.epsilon(batch / examples, times * per_participation)
         worst = max(spent, key=spent.__getitem__)

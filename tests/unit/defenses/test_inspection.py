@@ -16,7 +16,7 @@ from simulator.core.registry import DEFENSES
 from simulator.core.scenario import load
 from simulator.federation import messages
 from simulator.federation.training import batch_gradient, load_weights
-from tests.unit.attacks.active.helpers import LABELS, PRIVATE, plan
+from tests.unit.attacks.active.helpers import LABELS, PRIVATE, armed, plan
 
 SCENARIO = load("quickstart", {"model.widths": [64]})
 
@@ -49,7 +49,7 @@ def test_honest_rounds_pass_and_become_the_reference() -> None:
 @pytest.mark.parametrize("attack", ["imprint", "trap-weights"])
 def test_manipulated_models_are_refused_first_round_or_later(attack: str) -> None:
     made = Imprint(ImprintParams(bins=32)) if attack == "imprint" else TrapWeights()
-    offer = made.manipulate(plan(spec=SCENARIO.model))[0]
+    offer = armed(made).manipulate(plan(spec=SCENARIO.model))[0]
     for history in (0, 3):  # no reference yet (the zoo's architecture), or honest rounds
         defense, state = Inspection(InspectionParams()), RecordDict()
         for weights in honest_rounds(history):

@@ -4,13 +4,14 @@ a client computes them (the federation's own ``batch_gradient`` / ``local_train`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 
-from attacks.active.base import Plan
+from attacks.active.base import ActiveAttack, Plan
 from simulator.core.config import FederationConfig
 from simulator.core.models import ModelSpec, SentModel, build_model
-from simulator.core.protocol import Observation, PublicMeta
+from simulator.core.protocol import Observation, PublicData, PublicMeta
 from simulator.data.datasets import load_split, to_tensor
 from simulator.data.shards import Shard
 from simulator.federation.training import batch_gradient, load_weights, local_train
@@ -20,17 +21,26 @@ SPEC = ModelSpec("mlp", widths=(64,))
 Weights = dict[str, torch.Tensor]
 
 
-def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     train, labels = load_split("mnist", "train")
-    test, _ = load_split("mnist", "test")
+    test, test_labels = load_split("mnist", "test")
     return (
         to_tensor(train[:4000]),
         torch.tensor(labels[:4000], dtype=torch.int64),
         to_tensor(test[:4000]),
+        torch.tensor(test_labels[:4000], dtype=torch.int64),
     )
 
 
-PRIVATE, LABELS, PUBLIC = _digits()
+PRIVATE, LABELS, PUBLIC, PUBLIC_LABELS = _digits()
+PUBLIC_DATA = PublicData(PUBLIC, PUBLIC_LABELS)
+ActiveT = TypeVar("ActiveT", bound=ActiveAttack)
+
+
+def armed(attack: ActiveT) -> ActiveT:
+    """``attack`` holding the server's public data, as the malicious server hands it."""
+    attack.public = PUBLIC_DATA
+    return attack
 
 
 def plan(
@@ -44,9 +54,8 @@ def plan(
     federation = FederationConfig(protocol=protocol, batch_size=samples)  # type: ignore[arg-type]
     expected = dict.fromkeys(clients, samples)
     return Plan(
-        1, tuple(clients), tuple(clients), spec, weights, federation, expected, PUBLIC,
-        secure_aggregation,
-    )  # fmt: skip
+        1, tuple(clients), tuple(clients), spec, weights, federation, expected, secure_aggregation
+    )
 
 
 def fedsgd(

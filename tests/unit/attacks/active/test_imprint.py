@@ -21,6 +21,7 @@ from tests.unit.attacks.active.helpers import (
     PRIVATE,
     PUBLIC,
     SPEC,
+    armed,
     fedavg,
     fedsgd,
     plan,
@@ -30,7 +31,7 @@ from tests.unit.attacks.active.helpers import (
 
 def bins_of(attack: Imprint, images: torch.Tensor) -> torch.Tensor:
     """Each image's bin in the single chain of a one-direction block."""
-    offer = attack.manipulate(plan())[0]
+    offer = armed(attack).manipulate(plan())[0]
     weight = offer.weights[f"{IMPRINT}.encoder.weight"]
     bias = offer.weights[f"{IMPRINT}.encoder.bias"]
     (chain,) = chains_of(weight, bias, torch.arange(weight.shape[0]))
@@ -65,7 +66,7 @@ def test_the_block_is_the_identity_until_the_server_sets_it() -> None:
 def test_a_planted_batch_with_one_input_per_bin_is_recovered_exactly() -> None:
     attack = Imprint(ImprintParams(bins=64, directions=1))
     index = one_per_bin(attack, 24)
-    offer = attack.manipulate(plan(samples=24))[0]
+    offer = armed(attack).manipulate(plan(samples=24))[0]
     obs = fedsgd(offer, PRIVATE[index], LABELS[index])
     (reconstruction,) = attack.run([obs])
     assert reconstruction.images.shape[0] == 24
@@ -81,18 +82,18 @@ def test_inputs_sharing_a_bin_are_lost_with_one_direction_and_peeled_with_two() 
     others = others[(bins[others] != bins[0])][:14]
     index = torch.cat([torch.tensor([0, first]), others])
     truth = PRIVATE[index]
-    offer = single.manipulate(plan(samples=16))[0]
+    offer = armed(single).manipulate(plan(samples=16))[0]
     found = psnrs(single.run([fedsgd(offer, truth, LABELS[index])])[0].images, truth) >= 60
     assert found.tolist() == [False, False] + [True] * 14  # exactly the guarantee's cases
     double = Imprint(ImprintParams(bins=64, directions=2))
-    offer = double.manipulate(plan(samples=16))[0]
+    offer = armed(double).manipulate(plan(samples=16))[0]
     recovered = psnrs(double.run([fedsgd(offer, truth, LABELS[index])])[0].images, truth) >= 60
     assert int(recovered.sum()) >= 15
 
 
 def test_a_random_batch_beats_the_guarantee_and_stays_quick() -> None:
     attack = Imprint(ImprintParams(bins=256))
-    offer = attack.manipulate(plan(samples=64))[0]
+    offer = armed(attack).manipulate(plan(samples=64))[0]
     assert "2 direction(s)" in offer.change
     shares = []
     for start in range(0, 256, 64):
@@ -106,7 +107,7 @@ def test_a_random_batch_beats_the_guarantee_and_stays_quick() -> None:
 
 def test_fedavg_with_one_local_step_reads_the_whole_local_dataset() -> None:
     attack = Imprint(ImprintParams(bins=256))
-    offer = attack.manipulate(plan(samples=32, protocol="fedavg"))[0]
+    offer = armed(attack).manipulate(plan(samples=32, protocol="fedavg"))[0]
     obs = fedavg(offer, PRIVATE[:32], LABELS[:32], batch=32)
     found = psnrs(attack.run([obs])[0].images, PRIVATE[:32]) >= 60
     assert float(found.float().mean()) >= 0.8
@@ -127,7 +128,7 @@ def test_public_bins_have_equal_mass_and_directions_follow_the_load() -> None:
 
 
 def test_an_unmanipulated_observation_is_refused_in_one_line() -> None:
-    offer = Imprint(ImprintParams(bins=16)).manipulate(plan())[0]
+    offer = armed(Imprint(ImprintParams(bins=16))).manipulate(plan())[0]
     honest = dataclasses.replace(fedsgd(offer, PRIVATE[:4], LABELS[:4]), model=SPEC)
     with pytest.raises(ValueError, match="has none") as error:
         Imprint().run([honest])
@@ -162,7 +163,7 @@ def test_bad_attack_params_get_one_line_errors(
 def test_an_imprint_block_fits_any_model_in_front() -> None:
     spec = ModelSpec("cnn", channels=(4,))
     attack = Imprint(ImprintParams(bins=32, directions=1))
-    offer = attack.manipulate(plan(spec=spec, samples=4))[0]
+    offer = armed(attack).manipulate(plan(spec=spec, samples=4))[0]
     assert "model.0.weight" not in offer.weights and "0.weight" in offer.weights
     index = one_per_bin(Imprint(ImprintParams(bins=32, directions=1)), 4)
     obs = fedsgd(offer, PRIVATE[index], LABELS[index])

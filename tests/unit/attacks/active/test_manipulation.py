@@ -17,20 +17,20 @@ from simulator.core.config import FederationConfig
 from simulator.core.models import SentModel, build_model
 from simulator.core.protocol import Observation, PublicMeta
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID, TrafficPath
-from tests.unit.attacks.active.helpers import PUBLIC, SPEC
+from tests.unit.attacks.active.helpers import PUBLIC_DATA, SPEC
 
 FEDERATION = FederationConfig(clients=5, fraction=1.0, batch_size=4)
 HONEST = build_model(SPEC, seed=0).state_dict()
 
 
 def server(**params: object) -> MaliciousServer:
-    return MaliciousServer("imprint", {"bins": 16, **params}, rounds=(2,))
+    return MaliciousServer(
+        "imprint", {"bins": 16, **params}, rounds=(2,), public=lambda: PUBLIC_DATA
+    )
 
 
 def manipulate(malicious: MaliciousServer, server_round: int, secagg: bool = False) -> dict:
-    return malicious.manipulate(
-        server_round, (0, 1, 3), SPEC, HONEST, FEDERATION, secagg, lambda: PUBLIC
-    )
+    return malicious.manipulate(server_round, (0, 1, 3), SPEC, HONEST, FEDERATION, secagg)
 
 
 def observation(client: int, server_round: int = 2) -> Observation:

@@ -16,12 +16,12 @@ from attacks.active.trap_weights import TrapWeights, TrapWeightsParams, first_la
 from benchmarks.bench_active import secagg_view
 from simulator.core.models import ModelSpec
 from simulator.core.protocol import Observation, PublicMeta
-from tests.unit.attacks.active.helpers import LABELS, PRIVATE, fedsgd, plan, psnrs
+from tests.unit.attacks.active.helpers import LABELS, PRIVATE, armed, fedsgd, plan, psnrs
 
 
 def test_trap_weights_recover_most_of_a_batch_of_32_with_labels() -> None:
     attack = TrapWeights(TrapWeightsParams())
-    offer = attack.manipulate(plan(samples=32))[0]
+    offer = armed(attack).manipulate(plan(samples=32))[0]
     assert offer.spec == plan().spec  # same architecture, re-drawn first layer
     assert "re-drawn" in offer.change
     obs = fedsgd(offer, PRIVATE[:32], LABELS[:32])
@@ -42,7 +42,7 @@ def test_trap_weights_recover_most_of_a_batch_of_32_with_labels() -> None:
 
 def test_trap_weights_refuse_a_model_without_a_dense_first_layer() -> None:
     with pytest.raises(ValueError, match="fully connected") as error:
-        TrapWeights().manipulate(plan(spec=ModelSpec("cnn", channels=(4,))))
+        armed(TrapWeights()).manipulate(plan(spec=ModelSpec("cnn", channels=(4,))))
     assert "\n" not in str(error.value)
     assert first_layer(plan().spec).weight == "1.weight"
 
@@ -50,7 +50,7 @@ def test_trap_weights_refuse_a_model_without_a_dense_first_layer() -> None:
 def test_separation_reads_each_client_out_of_a_secure_aggregate() -> None:
     clients = [0, 1, 2, 3]
     attack = ClientSeparation(SeparationParams(bins=64))
-    offers = attack.manipulate(plan(clients, samples=8, secure_aggregation=True))
+    offers = armed(attack).manipulate(plan(clients, samples=8, secure_aggregation=True))
     assert len({o.spec for o in offers.values()}) == 1  # one architecture for the secure sum
     assert offers[0].spec.imprint_bins == 64 * 4
     updates, truths = [], []
