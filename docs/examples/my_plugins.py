@@ -6,7 +6,8 @@
 Plugin files register with the decorators the built-ins use; their names are then valid in
 scenario files and their parameters are validated like the built-ins' (frozen dataclasses whose
 fields declare ranges with ``param``). Like the built-in attacks and defenses, this file imports
-only ``attacks.base``, ``defenses.base`` and ``simulator.core``.
+only ``attacks.base`` and ``attacks.common`` (the helpers the built-in attacks share),
+``defenses.base`` and ``simulator.core``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from attacks.base import Attack, register_attack
+from attacks.common.layers import image_layer
+from attacks.common.updates import as_gradient
 from defenses.base import UpdateDefense, flatten, register_defense, unflatten
 from simulator.core.fields import param
-from simulator.core.models import build_model
 from simulator.core.protocol import Observation, Reconstruction
 
 # --- The attack -------------------------------------------------------------------------------
@@ -41,17 +42,6 @@ class RowRatioParams:
     )
 
 
-def first_linear(observation: Observation) -> tuple[str, str]:
-    """Names of the first layer's weight and bias, from the public model description."""
-    model = build_model(observation.model, seed=0)  # the architecture only; weights unused
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            break
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            return f"{name}.weight", f"{name}.bias"
-    raise ValueError("row-ratio needs a fully-connected first layer with a bias")
-
-
 @register_attack("row-ratio", "Example plugin: candidate images dW[i] / db[i] of first-layer rows.")
 class RowRatio(Attack[RowRatioParams]):
     """Closed form; reads nothing but the Observation (what the server received)."""
@@ -63,13 +53,14 @@ class RowRatio(Attack[RowRatioParams]):
         return [self.attack_one(obs, start) for obs in observations]
 
     def attack_one(self, obs: Observation, start: float) -> Reconstruction:
-        weight, bias = first_linear(obs)
-        if obs.meta.protocol == "fedsgd":  # the update is the gradient
-            d_weight, d_bias = obs.update[weight], obs.update[bias]
-        else:  # FedAvg: global minus returned weights is a sum of gradient steps (same ratios)
-            d_weight = obs.global_weights[weight] - obs.update[weight]
-            d_bias = obs.global_weights[bias] - obs.update[bias]
-        d_weight, d_bias = d_weight.double(), d_bias.double()
+        # The first layer's names, from the public model description (or why it has none).
+        layer = image_layer(obs.model)
+        if isinstance(layer, str):
+            raise ValueError(f"row-ratio needs a fully-connected first layer with a bias: {layer}")
+        # FedSGD: the gradient; FedAvg: global minus returned weights, a sum of gradient steps
+        # (any positive multiple of the gradients gives the same ratios).
+        gradient = as_gradient(obs, "change")
+        d_weight, d_bias = gradient[layer.weight].double(), gradient[layer.bias].double()
         rows = d_bias.abs().argsort(descending=True)
         rows = rows[d_bias[rows].abs() > 1e-12]  # neurons no sample reached carry no image
         ratios = d_weight[rows] / d_bias[rows, None]
