@@ -39,7 +39,8 @@ class Attack(ABC, Generic[ParamsT]):
     def __init__(self, params: ParamsT | None = None) -> None:
         self.params: ParamsT = params if params is not None else self.Params()
         # The server's labelled public data (its test split), set by the malicious server
-        # before :meth:`run`; None where there is none (a unit test, a bare call).
+        # before it calls the attack (``run``, and an active attack's ``manipulate``); None
+        # where there is none (a unit test, a bare call).
         self.public: PublicData | None = None
 
     @abstractmethod

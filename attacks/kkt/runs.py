@@ -10,7 +10,7 @@ is fitted on its own, and the loss optimised is the sum of the runs' losses, who
 with respect to run r's candidates is exactly that of run r's loss alone. Each run has its own
 step sizes, ReLU-surrogate slope, lambda floor and candidate initialisation (its own seed), so
 R separate runs of :class:`attacks.kkt.attack.KKT` with those settings give the same candidates to
-float tolerance (``tests/unit/attacks/test_kkt_runs.py``).
+float tolerance (``tests/unit/attacks/kkt/test_runs.py``).
 
 Tensor shapes: candidates ``(R, m, D)``, relative lambdas ``(R, m)`` (binary) or
 ``(R, m, C)``, labels ``(R, m)``, per-run scalars ``(R,)``. The functions of the closed form

@@ -1,0 +1,59 @@
+"""The malicious server: one kind of attack, one route for the public data, "none" a no-op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attacks.active.base import ActiveAttack
+from attacks.active.imprint import Imprint
+from attacks.base import Attack
+from attacks.none import NoAttack
+from attacks.server import MaliciousServer
+from simulator.core.config import FederationConfig
+from simulator.core.models import ModelSpec, build_model
+from simulator.core.protocol import Observation, PublicData, PublicMeta
+from simulator.core.registry import ATTACKS
+
+SPEC = ModelSpec("mlp", widths=(16,))
+HONEST = build_model(SPEC, seed=0).state_dict()
+PUBLIC = PublicData(torch.rand(64, 1, 28, 28), torch.arange(64) % 10)
+
+
+def observation(client: int) -> Observation:
+    return Observation(1, client, SPEC, HONEST, HONEST, PublicMeta("fedsgd", 4, 0.1, 1, 4))
+
+
+def test_active_attacks_are_attacks_in_the_one_registry() -> None:
+    assert issubclass(ActiveAttack, Attack)
+    for name in ("imprint", "trap-weights", "client-separation"):
+        assert issubclass(ATTACKS.entry(name).value, ActiveAttack)
+    assert not issubclass(ATTACKS.entry("analytic").value, ActiveAttack)
+
+
+def test_none_is_the_registered_no_op_and_selects_nothing() -> None:
+    loads: list[int] = []
+
+    def public() -> PublicData:
+        loads.append(1)
+        return PUBLIC
+
+    assert ATTACKS.entry("none").value is NoAttack
+    server = MaliciousServer("none", {}, public=public)
+    assert not server.active
+    assert server.targets([observation(0), observation(1)]) == []
+    assert server.observe([observation(0)]) == [] and server.seen == [(1, 0)]
+    assert loads == []  # nothing attacked: the public data is never loaded
+
+
+def test_the_server_hands_its_public_data_to_an_active_attack_before_it_plans() -> None:
+    server = MaliciousServer("imprint", {"bins": 8}, public=lambda: PUBLIC)
+    federation = FederationConfig(clients=2, fraction=1.0, batch_size=4)
+    offers = server.manipulate(1, (0, 1), SPEC, HONEST, federation, False)
+    attack = server.active_attack()
+    assert isinstance(attack, Imprint) and attack.public is not None
+    assert attack.public.images is PUBLIC.images  # on the CPU, where the plan is made
+    assert sorted(offers) == [0, 1]
+    blind = MaliciousServer("imprint", {"bins": 8})
+    with pytest.raises(ValueError, match="needs the server's public data"):
+        blind.manipulate(1, (0,), SPEC, HONEST, federation, False)
