@@ -79,12 +79,12 @@ class MaliciousServer:
         if not self.active or (self.rounds and server_round not in self.rounds):
             return {}
         attack = self.active_attack()
-        self.hand_public(attack, torch.device("cpu"))  # the plan's statistics stay on the CPU
         wanted = attack.params.clients
         chosen = tuple(c for c in sorted(sampled) if not wanted or c in wanted)
         chosen = chosen[: self.max_clients] if self.max_clients else chosen
         if not chosen:
             return {}
+        self.hand_public(attack, torch.device("cpu"))  # the plan's statistics stay on the CPU
         fedsgd = federation.protocol == "fedsgd"
         samples = {c: federation.batch_size if fedsgd else self.examples.get(c, 0) for c in chosen}
         plan = Plan(
