@@ -60,6 +60,8 @@ CASES: list[tuple[str, list[str], str]] = [
         "'min_clients' = 5 exceeds the 3 clients sampled per round",
     ),
     ("rounds-zero", ["federation.rounds=0"], "federation.rounds = 0 is out of range"),
+    ("lr-zero", ["federation.lr=0"], "federation.lr = 0.0 is out of range; allowed: (0.0, inf)"),
+    ("clients-zero", ["federation.clients=0"], "federation.clients = 0 is out of range"),
     ("unknown-key", ["federation.rouds=3"], "unknown key federation.rouds (did you mean 'rounds'"),
     ("unknown-attack", ["attack.name=dgl"], "unknown attack 'dgl' (did you mean 'dlg'?)"),
     ("attack-param", ["attack.params.tolerance=-1.0"], "parameter 'tolerance' = -1.0 is out of"),
@@ -116,6 +118,19 @@ def test_a_bad_scenario_value_stops_before_work(
     for override in overrides:
         args += ["--set", override]
     check(args, guarded, fragment)
+
+
+def test_a_swept_model_key_the_model_kind_does_not_read_is_an_error(
+    guarded: Path, tmp_path: Path
+) -> None:
+    quickstart = (Path(__file__).resolve().parents[2] / "scenarios" / "quickstart.toml").read_text()
+    head, _, rest = quickstart.partition("[model]")
+    federation = rest[rest.index("[federation]") :]
+    scenario = tmp_path / "cnn-widths.toml"
+    model = '[model]\nkind = "cnn"\n\n'
+    sweep = '\n[sweep]\n"model.widths" = [[8], [16]]\n'
+    scenario.write_text(head + model + federation + sweep)
+    check([str(scenario)], guarded, "model.widths is not read by model.kind 'cnn'")
 
 
 def test_a_mistyped_path_is_an_error_not_a_shipped_scenario(guarded: Path) -> None:

@@ -49,6 +49,12 @@ def test_every_shipped_scenario_loads() -> None:
             "federation.fraction = 1.5 is out of range; allowed: (0.0, 1.0]",
         ),
         ("[federation]\nlr = 'fast'", "federation.lr = 'fast' has type str; allowed: float"),
+        ("[federation]\nlr = 0.0", "federation.lr = 0.0 is out of range; allowed: (0.0, inf)"),
+        ("[federation]\nclients = 0", "federation.clients = 0 is out of range; allowed: [1, inf)"),
+        (
+            "[model]\nkind = 'cnn'\n[sweep]\n'model.widths' = [[8], [16]]",
+            "model.widths is not read by model.kind 'cnn'",
+        ),
         ("[model]\nkind = 'resnet'", "model.kind = 'resnet' is not a known model"),
         ("[modle]\nkind = 'mlp'", "unknown top-level key 'modle' (did you mean 'model'?)"),
         ("[data]\ndataset = 'cifar'", "data.dataset = 'cifar' is not a known dataset"),
