@@ -17,7 +17,6 @@ import pytest
 import torch
 from flwr.common import FitRes
 
-from defenses.secure_aggregation import aggregate_view, quantization_tolerance
 from simulator import api
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
@@ -32,6 +31,7 @@ from simulator.federation.training import batch_gradient, load_weights, local_tr
 from simulator.run.engine import RunResult
 from simulator.run.folder import attack_artifact
 from simulator.run.referee import RefereedRound
+from tests.fixtures.secure_aggregation import aggregate_view, quantization_tolerance
 
 Update = dict[str, torch.Tensor]
 
@@ -112,7 +112,8 @@ def max_error(observed: Update, expected: Update) -> float:
 def tolerance(scenario: Scenario, weights: list[float], updates: list[Update]) -> float:
     params = DEFENSES.create("secure-aggregation").params
     largest = max(float(v.abs().max()) for u in updates for v in u.values())
-    bound = quantization_tolerance(weights, params, secagg_app.max_weight(scenario), largest)
+    max_weight = secagg_app.secagg_workflow(scenario).max_weight
+    bound = quantization_tolerance(weights, params, max_weight, largest)
     return bound + 1e-6 * max(1.0, largest)  # the aggregate is cast to float32 at the end
 
 

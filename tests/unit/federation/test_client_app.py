@@ -21,7 +21,7 @@ from simulator.core.models import build_model
 from simulator.core.registry import DEFENSES
 from simulator.core.scenario import load
 from simulator.federation.client_app import train
-from simulator.federation.client_mods import local_dp_mod
+from simulator.federation.client_mods import client_defense_mods
 from simulator.federation.messages import (
     ARRAYS_KEY,
     CLIENT_ID_KEY,
@@ -63,7 +63,7 @@ def train_reply(scenario: Scenario, with_mod: bool) -> tuple[Update, Update, Mes
     metadata = Metadata(1, "m1", 0, 1, "", "1", time.time(), 3600.0, MessageType.TRAIN)
     msg = Message(content, metadata=metadata)
     context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
-    reply = local_dp_mod(msg, context, train) if with_mod else train(msg, context)
+    reply = client_defense_mods(msg, context, train) if with_mod else train(msg, context)
     return dict(sent), from_record(reply.content[ARRAYS_KEY]), reply
 
 
