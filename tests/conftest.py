@@ -3,9 +3,9 @@
 The tests read MNIST and Fashion-MNIST from ``../shared/data`` beside the checkout (or from
 wherever leaksim would look: ``LEAKSIM_DATA_DIR``, ``~/.cache/leaksim``). Where none of those
 holds them, as in a fresh clone, the tests that need them are skipped, not failed: the
-integration tests (every one runs leaksim on MNIST), those that ask for ``shared_data_dir``,
-and any test or test module that stops on :class:`DataNotFoundError`. Nothing is downloaded
-then.
+integration tests (every one runs leaksim on MNIST), those that ask for ``shared_data_dir`` or
+are marked ``needs_data`` (their code catches the missing files' error), and any test or test
+module that stops on :class:`DataNotFoundError`. Nothing is downloaded then.
 """
 
 from __future__ import annotations
@@ -39,12 +39,16 @@ def shared_data_dir() -> Path:
     return SHARED_DATA
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_data: reads the MNIST files (skipped without)")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if HAVE_DATA:
         return
     skip = pytest.mark.skip(reason=NO_DATA)
     for item in items:
-        if item.path.is_relative_to(INTEGRATION):
+        if item.path.is_relative_to(INTEGRATION) or item.get_closest_marker("needs_data"):
             item.add_marker(skip)
 
 
