@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from simulator.core.config import Scenario
 from simulator.federation.client import compute_update
-from simulator.federation.client_mods import client_id_of, local_dp_mod
+from simulator.federation.client_mods import client_defense_mods, client_id_of
 from simulator.federation.messages import (
     ARRAYS_KEY,
     CLIENT_ID_KEY,
@@ -37,7 +37,7 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({CONFIG_KEY: record}), reply_to=msg)
 
 
-@app.train(mods=[local_dp_mod])
+@app.train(mods=[client_defense_mods])
 def train(msg: Message, context: Context) -> Message:
     """Compute this client's update for the round and reply with it.
 

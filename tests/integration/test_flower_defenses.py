@@ -1,8 +1,10 @@
-"""Defenses that run through Flower's own machinery, end to end: SecAgg+ and LocalDpMod.
+"""Flower's SecAgg+ protocol, end to end in real federations.
 
-Each run starts Ray (~20-30 s here), so there are three small ones: SecAgg+ under FedSGD (3
-clients, 2 rounds), SecAgg+ under FedAvg with a client crashing (4 clients, 1 round), and
-LocalDpMod under FedAvg (2 clients, 1 round).
+Each run starts a simulation (~20-30 s here), so there are three small ones: two of SecAgg+
+under FedSGD (3 clients, 2 rounds; the second checks that reruns repeat bit for bit) and one
+under FedAvg with a client crashing (4 clients, 1 round). SecAggStrategy's own logic is tested
+on mock results in ``tests/unit/federation/test_secagg_strategy.py``, and Flower's LocalDpMod
+through the real ClientApp, without Ray, in ``tests/unit/federation/test_client_app.py``.
 """
 
 from __future__ import annotations
@@ -17,14 +19,13 @@ import pytest
 import torch
 from flwr.common import FitRes
 
-from defenses.secure_aggregation import aggregate_view, quantization_tolerance
 from simulator import api
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
 from simulator.core.registry import DEFENSES
 from simulator.core.scenario import load
 from simulator.core.seeding import seeded_generator
-from simulator.data.shards import Shard, load_shard
+from simulator.data.shards import load_shard
 from simulator.federation import secagg as secagg_app
 from simulator.federation.messages import NUM_EXAMPLES_KEY
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID
@@ -32,6 +33,7 @@ from simulator.federation.training import batch_gradient, load_weights, local_tr
 from simulator.run.engine import RunResult
 from simulator.run.folder import attack_artifact
 from simulator.run.referee import RefereedRound
+from tests.fixtures.secure_aggregation import aggregate_view, quantization_tolerance
 
 Update = dict[str, torch.Tensor]
 
@@ -112,7 +114,8 @@ def max_error(observed: Update, expected: Update) -> float:
 def tolerance(scenario: Scenario, weights: list[float], updates: list[Update]) -> float:
     params = DEFENSES.create("secure-aggregation").params
     largest = max(float(v.abs().max()) for u in updates for v in u.values())
-    bound = quantization_tolerance(weights, params, secagg_app.max_weight(scenario), largest)
+    max_weight = secagg_app.secagg_workflow(scenario).max_weight
+    bound = quantization_tolerance(weights, params, max_weight, largest)
     return bound + 1e-6 * max(1.0, largest)  # the aggregate is cast to float32 at the end
 
 
@@ -230,32 +233,3 @@ def test_fedavg_secagg_aggregates_the_weights_of_the_clients_that_stayed(tmp_pat
     assert max_error(observation.update, expected) <= tolerance(scenario, [10.0] * 3, trained)
     assert observation.meta.num_examples == 30
     assert [r["round"] for r in result.table("round")] == [0, 1]
-
-
-def test_local_dp_run_sends_clipped_weights_with_the_documented_noise(tmp_path: Path) -> None:
-    params = {"clipping_norm": 0.05, "sensitivity": 0.1, "epsilon": 1.0, "delta": 1e-5}
-    scenario = small(
-        **{
-            "federation.protocol": "fedavg",
-            "federation.clients": 2,
-            "federation.rounds": 1,
-            "federation.batch_size": 5,
-            "defenses": [{"name": "local-dp", **params}],
-        }
-    )
-    traffic: list[RefereedRound] = []
-    result = api.run(scenario, out_dir=tmp_path / "ldp", taps=[traffic.append])
-    assert [p["status"] for p in result.table("point")] == ["ok"]
-    spec, std = scenario.model, DEFENSES.create("local-dp", params).noise_std  # type: ignore[attr-defined]
-    torch.set_num_threads(1)
-    for observation, truth in zip(traffic[0].traffic.observations, traffic[0].truths, strict=True):
-        sent = observation.global_weights
-        model = load_weights(build_model(spec), sent)
-        generator = seeded_generator(scenario.seed, 1, observation.client_id)
-        local_train(model, spec, Shard(truth.inputs, truth.labels), 1, 5, 0.1, generator)
-        change = torch.cat([(p.detach() - sent[k]).ravel() for k, p in model.named_parameters()])
-        clipped = change.double() * min(1.0, 0.05 / float(change.norm()))
-        seen = torch.cat([(observation.update[k] - sent[k]).ravel() for k in sent]).double()
-        noise = seen - clipped
-        assert float(noise.std()) == pytest.approx(std, rel=0.03)
-        assert abs(float(noise.mean())) < 4 * std / math.sqrt(noise.numel())

@@ -20,8 +20,7 @@ from simulator.core.config import Scenario
 from simulator.core.models import build_model
 from simulator.core.registry import DEFENSES
 from simulator.core.scenario import load
-from simulator.federation.client_app import train
-from simulator.federation.client_mods import local_dp_mod
+from simulator.federation.client_app import app, train
 from simulator.federation.messages import (
     ARRAYS_KEY,
     CLIENT_ID_KEY,
@@ -63,7 +62,8 @@ def train_reply(scenario: Scenario, with_mod: bool) -> tuple[Update, Update, Mes
     metadata = Metadata(1, "m1", 0, 1, "", "1", time.time(), 3600.0, MessageType.TRAIN)
     msg = Message(content, metadata=metadata)
     context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
-    reply = local_dp_mod(msg, context, train) if with_mod else train(msg, context)
+    # with_mod: the ClientApp itself, as Ray runs it (its train function inside its mods)
+    reply = app(msg, context) if with_mod else train(msg, context)
     return dict(sent), from_record(reply.content[ARRAYS_KEY]), reply
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from simulator.core.models import ModelSpec, build_model
@@ -52,6 +53,7 @@ def test_a_crashing_attack_is_recorded_and_the_federation_goes_on() -> None:
     ]
 
 
+@pytest.mark.needs_data  # the referee loads the public test split
 def test_a_diverging_attack_is_recorded_as_failed_without_stopping_the_run(
     tmp_path: Path,
 ) -> None:

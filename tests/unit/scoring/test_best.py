@@ -72,6 +72,7 @@ def test_one_attack_or_class_samples_give_no_best_record() -> None:
     assert best_of([record("a", [40.0], [0.9], False), samples]) is None
 
 
+@pytest.mark.needs_data  # the referee loads the public test split
 def test_the_referee_scores_each_attack_and_their_per_image_best(tmp_path: Path) -> None:
     """Two real attacks on one real FedSGD gradient: the best record takes each image's max."""
     spec = ModelSpec("mlp", widths=(64,), activation="relu")
