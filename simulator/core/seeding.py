@@ -15,7 +15,7 @@ import torch
 
 def seeded_generator(*keys: int) -> torch.Generator:
     """A torch generator whose state depends only on ``keys`` (seed, round, client...)."""
-    state = np.random.SeedSequence([abs(k) for k in keys[:2]]).generate_state(2, dtype=np.uint64)
+    state = np.random.SeedSequence([abs(k) for k in keys]).generate_state(2, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
