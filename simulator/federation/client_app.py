@@ -14,18 +14,17 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from simulator.core.config import Scenario
-from simulator.federation.client import compute_update
-from simulator.federation.client_mods import client_id_of, local_dp_mod
-from simulator.federation.messages import (
+from simulator.core.protocol import (
     ARRAYS_KEY,
     CLIENT_ID_KEY,
     CONFIG_KEY,
     METRICS_KEY,
     ROUND_KEY,
     SCENARIO_KEY,
-    from_record,
-    to_record,
 )
+from simulator.federation.client import compute_update
+from simulator.federation.client_mods import client_id_of, local_dp_mod
+from simulator.federation.messages import from_record, to_record
 
 app = ClientApp()
 

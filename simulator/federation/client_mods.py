@@ -15,8 +15,8 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from defenses.base import ClientModDefense, build_defenses
 from simulator.core.config import Scenario
+from simulator.core.protocol import CONFIG_KEY, ROUND_KEY, SCENARIO_KEY
 from simulator.core.seeding import seeded_numpy
-from simulator.federation.messages import CONFIG_KEY, ROUND_KEY, SCENARIO_KEY
 
 # Where flwr.compat puts a legacy FitIns' config (the SecAgg+ workflow's train messages).
 FITINS_CONFIG_KEY = "fitins.config"

@@ -54,12 +54,12 @@ from defenses.inspection import Inspection
 from defenses.secure_aggregation import SecureAggregation, SecureAggregationParams
 from simulator.core.config import Scenario
 from simulator.core.models import ModelSpec, SentModel, build_model
+from simulator.core.protocol import ROUND_KEY, SCENARIO_KEY
 from simulator.data.shards import shard_size
 from simulator.federation.client import compute_update
 from simulator.federation.client_app import identify
 from simulator.federation.client_mods import client_id_of, seeded_numpy_mod
 from simulator.federation.interceptor import Manipulate, honest_part, manipulated_scenario
-from simulator.federation.messages import ROUND_KEY, SCENARIO_KEY
 from simulator.federation.strategies import sgd_step
 from simulator.federation.traffic import (
     AGGREGATE_CLIENT_ID,

@@ -18,8 +18,8 @@ from attacks.kkt import (
     mlp_layers,
 )
 from simulator.core.models import ModelSpec, build_model, is_binary
+from simulator.core.protocol import Truth
 from simulator.core.registry import ATTACKS
-from simulator.federation.truth import Truth
 from simulator.scoring.metrics import nearest_candidates, ssim
 from simulator.scoring.score import score
 from tests.fixtures.trained_model import (

@@ -18,11 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, Reco
 
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
-from simulator.core.registry import DEFENSES
-from simulator.core.scenario import load
-from simulator.federation.client_app import train
-from simulator.federation.client_mods import local_dp_mod
-from simulator.federation.messages import (
+from simulator.core.protocol import (
     ARRAYS_KEY,
     CLIENT_ID_KEY,
     CONFIG_KEY,
@@ -30,9 +26,12 @@ from simulator.federation.messages import (
     NUM_EXAMPLES_KEY,
     ROUND_KEY,
     SCENARIO_KEY,
-    from_record,
-    to_record,
 )
+from simulator.core.registry import DEFENSES
+from simulator.core.scenario import load
+from simulator.federation.client_app import train
+from simulator.federation.client_mods import local_dp_mod
+from simulator.federation.messages import from_record, to_record
 from simulator.federation.truth import TRUTH_DIR_ENV, TruthStore
 
 Update = dict[str, torch.Tensor]

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from simulator.core.models import ModelSpec, build_model, task_loss
-from simulator.core.protocol import Observation, PublicMeta
+from simulator.core.protocol import Observation, PublicMeta, Truth
 from simulator.core.records import AttackRecord, Record
 from simulator.core.scenario import load
 from simulator.federation.traffic import RoundTraffic
-from simulator.federation.truth import Truth, TruthStore
+from simulator.federation.truth import TruthStore
 from simulator.run.privacy import PrivacyLedger
 from simulator.run.referee import Referee
 from simulator.scoring.best import BEST, best_of
