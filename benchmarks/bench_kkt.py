@@ -49,8 +49,8 @@ import torch
 from attacks.kkt import KKT, KKTParams, _problem, combination
 from simulator.core.models import ModelSpec, build_model
 from simulator.core.protocol import Observation
-from simulator.core.scenario import load
 from simulator.run.folder import write_atomic
+from simulator.scenario import load
 from simulator.scoring.metrics import nearest_candidates
 from simulator.scoring.score import selection_scores
 from tests.fixtures.trained_model import (

@@ -1,4 +1,7 @@
-"""Shared fixtures: the verified MNIST copies beside the checkout, and a clean environment."""
+"""Shared fixtures: the verified MNIST copies beside the checkout, and a clean environment.
+
+Tests compose the process as the command line does: every built-in plugin registered.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+import simulator.run.builtins  # noqa: F401  (registers every built-in plugin)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,12 +1,16 @@
-"""The scenario schema: one frozen dataclass per section, validated by the one validator.
+"""The scenario schema: one frozen dataclass per section, built by the one validator.
 
 A scenario is a TOML file with one table per section (``[data]``, ``[model]``,
 ``[federation]``, ``[attack]``, ``[faults]``), ``[[defenses]]`` tables applied in order by the
 clients, an optional ``[sweep]`` table mapping dotted keys to lists of values, and an optional
 ``plugins`` list of Python files that register more attacks, defenses, models or datasets.
-Every key is checked by :mod:`simulator.core.fields`; names of plugins (model kinds, datasets,
-partitioners, attacks, defenses) and their parameters by :mod:`simulator.core.registry`. An
-error names the key, the value and what is allowed.
+
+:func:`parse` checks every key's type and range (:mod:`simulator.core.fields`); the checks
+that need plugin files, registries or several keys at once are the loader's
+(:mod:`simulator.scenario`), which is the only way a scenario enters a run. A scenario that
+was validated there travels as JSON (:meth:`Scenario.to_json`) and is decoded on the other
+side by :meth:`Scenario.from_json`, without validating it again. An error names the key, the
+value and what is allowed.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,9 +31,7 @@ from simulator.core.fields import (
     param,
     suggest,
 )
-from simulator.core.models import SHARED_MODEL_KEYS, ModelSpec
-from simulator.core.plugins import load_plugins
-from simulator.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PARTITIONERS
+from simulator.core.models import ModelSpec
 
 DEFAULT_SCENARIO = "quickstart"
 
@@ -113,11 +114,11 @@ SECTIONS: dict[str, type] = {
 
 @dataclass(frozen=True)
 class Scenario:
-    """A validated run description; :func:`simulator.core.scenario.expand` makes its points.
+    """A validated run description; :func:`simulator.scenario.expand` makes its points.
 
     ``model`` is the resolved :class:`ModelSpec` (its input shape and class count derived
     from the dataset and task); ``plugins`` are absolute paths of plugin files, imported
-    before validation wherever the scenario is read (the clients too).
+    before the scenario is read wherever it is read (the clients too).
     """
 
     name: str = DEFAULT_SCENARIO
@@ -144,64 +145,37 @@ class Scenario:
         return raw
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        """The form messages carry: :meth:`to_dict` plus the derived model fields, so that the
+        receiver decodes it (:meth:`from_json`) without the dataset registry."""
+        raw = self.to_dict()
+        raw["model"].update({f: getattr(self.model, f) for f in DERIVED_MODEL_FIELDS})
+        return json.dumps(raw, sort_keys=True, default=list)
 
     @classmethod
     def from_json(cls, text: str) -> Scenario:
+        """Decode :meth:`to_json` (a scenario validated by its sender); its plugin files must
+        already be imported. Cached per process: every train message carries the scenario."""
         return _from_json(text)
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> Scenario:
-        """A new scenario with dotted keys (``federation.batch_size``) replaced, re-validated."""
-        raw = self.to_dict()
-        for key, value in overrides.items():
-            assign(raw, key, value)
-        return from_dict(raw)
 
-    def with_sweep(self, sweep: Mapping[str, Sequence[Any]]) -> Scenario:
-        """A new scenario sweeping the grid over ``sweep`` (dotted key -> list of values)."""
-        raw = self.to_dict()
-        raw["sweep"] = {key: list(values) for key, values in sweep.items()}
-        return from_dict(raw)
+DERIVED_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec) if is_derived(f))
 
 
-def from_dict(raw: Mapping[str, Any]) -> Scenario:
-    """Validate a nested dict (a parsed TOML file, plugin paths absolute) into a Scenario."""
+def parse(raw: Mapping[str, Any]) -> Scenario:
+    """The typed scenario of a nested dict: every key's type and range checked (ScenarioError).
+
+    Plugin names and parameters, the derived model fields and the checks across keys are
+    :func:`simulator.scenario.from_dict`'s, which calls this after importing the plugin files.
+    """
     try:
-        return _from_dict(raw)
+        return _parse(raw)
     except FieldError as error:
         raise ScenarioError(str(error)) from None
 
 
-def model_kinds(scenario: Scenario) -> set[str]:
-    """Every ``model.kind`` a point of ``scenario`` may have (its own and the swept ones)."""
-    return {scenario.model.kind, *scenario.sweep.get("model.kind", ())}
-
-
-def model_keys_read(scenario: Scenario) -> set[str]:
-    """The ``[model]`` keys some kind of ``scenario`` reads."""
-    uses = (MODELS.entry(kind).value.uses for kind in model_kinds(scenario))
-    return set(SHARED_MODEL_KEYS).union(*uses)
-
-
-def check_model_keys(written: set[str], scenario: Scenario) -> None:
-    """Refuse a ``[model]`` key the user wrote that no model kind of ``scenario`` reads.
-
-    ``written``: the keys of the file's ``[model]`` table (checked against the file's own
-    scenario) or of the overrides (against the scenario they give); swept ``model.*`` keys
-    always count. Only written keys can be checked (``to_dict`` spells out every default), and
-    a key is fine if any swept kind reads it: one ``[model]`` table may serve several kinds.
-    """
-    written = written | {k.split(".", 1)[1] for k in scenario.sweep if k.startswith("model.")}
-    for key in sorted(written - model_keys_read(scenario)):
-        names = " or ".join(repr(k) for k in sorted(model_kinds(scenario)))
-        readers = [k for k in MODELS if key in MODELS.entry(k).value.uses]
-        raise ScenarioError(
-            f"model.{key} is not read by model.kind {names}; it is read by "
-            f"{', '.join(readers) or 'no model kind'}"
-        )
-
-
-def _from_dict(raw: Mapping[str, Any]) -> Scenario:
+def _parse(raw: Mapping[str, Any]) -> Scenario:
+    if not isinstance(raw, Mapping):
+        raise ScenarioError(f"a scenario must be a table, got {raw!r}")
     top = [f.name for f in dataclasses.fields(Scenario)]
     for key in raw:
         if key not in top:
@@ -212,109 +186,23 @@ def _from_dict(raw: Mapping[str, Any]) -> Scenario:
             values[key] = coerce(raw[key], hint, key)
     if values.get("seed", 0) < 0:
         raise ScenarioError(f"seed = {values['seed']} must be >= 0")
-    values["plugins"] = coerce(raw.get("plugins", []), tuple[str, ...], "plugins")
-    try:
-        load_plugins(values["plugins"])
-    except ValueError as error:
-        raise ScenarioError(str(error)) from None
+    values["plugins"] = plugin_paths(raw)
     for name, section in SECTIONS.items():
         values[name] = build_section(section, raw.get(name, {}), name)
-    values["model"] = _resolved_model(values["model"], values["data"].dataset)
     values["defenses"] = _defenses(raw.get("defenses", []))
     sweep = raw.get("sweep", {})
     if not isinstance(sweep, Mapping):
         raise ScenarioError(f"[sweep] must be a table of key = [values], got {sweep!r}")
     values["sweep"] = {k: tuple(_sweep_values(k, v)) for k, v in _flatten(sweep).items()}
-    scenario = Scenario(**values)
-    check_rules(scenario)
-    for key, options in scenario.sweep.items():
-        for option in options:  # every grid value must itself be valid
-            _check_point(scenario, key, option)
-    return scenario
+    return Scenario(**values)
 
 
-def _check_point(scenario: Scenario, key: str, value: Any) -> None:
-    raw = scenario.to_dict()
-    raw["sweep"] = {}
-    assign(raw, key, value)
-    _from_dict(raw)
-
-
-def _resolved_model(model: ModelSpec, dataset: str) -> ModelSpec:
-    """The model with the input shape of ``dataset`` and the class count of its task."""
-    if dataset not in DATASETS:
-        raise ScenarioError(
-            f"data.dataset = {dataset!r} is not a known dataset; "
-            f"choose one of {', '.join(DATASETS)}"
-        )
-    source = DATASETS.entry(dataset).value
-    classes = 1 if model.task == "parity" else int(source.num_classes)
-    shape = tuple(source.shape)
-    return dataclasses.replace(model, input_shape=shape, num_classes=classes)
-
-
-def check_rules(scenario: Scenario) -> None:
-    """Checks that involve several keys or the plugin registries."""
-    model, fed = scenario.model, scenario.federation
-    for registry, key, value in (
-        (MODELS, "model.kind", model.kind),
-        (PARTITIONERS, "data.partition", scenario.data.partition),
-    ):
-        if value not in registry:
-            raise ScenarioError(
-                f"{key} = {value!r} is not a known {registry.kind}; "
-                f"choose one of {', '.join(registry)}"
-            )
-    for key in ("widths", "channels"):
-        if any(v < 1 for v in getattr(model, key)):
-            raise ScenarioError(f"model.{key} = {list(getattr(model, key))} must be >= 1")
-    bad = [c for c in scenario.faults.crash_clients if not 0 <= c < fed.clients]
-    if bad:
-        raise ScenarioError(
-            f"faults.crash_clients = {bad} must be client ids in 0..{fed.clients - 1}"
-        )
-    if model.task == "parity" and model.kind != "homogeneous-mlp":
-        raise ScenarioError(
-            f"model.task = 'parity' needs model.kind 'homogeneous-mlp' ('binary-fc' is always "
-            f"binary), got {model.kind!r}"
-        )
-    for key, rounds in (
-        ("attack.rounds", scenario.attack.rounds),
-        ("faults.crash_rounds", scenario.faults.crash_rounds),
-    ):
-        if bad_rounds := [r for r in rounds if not 1 <= r <= fed.rounds]:
-            raise ScenarioError(f"{key} = {bad_rounds} must be rounds in 1..{fed.rounds}")
-    cores = os.cpu_count() or 1
-    if fed.cpus_per_client > cores:
-        raise ScenarioError(
-            f"federation.cpus_per_client = {fed.cpus_per_client:g} exceeds the {cores} CPU "
-            f"cores of this machine; allowed: (0, {cores}]"
-        )
-    defenses = []
-    for index, entry in enumerate(scenario.defenses):
-        params = {k: v for k, v in entry.items() if k != "name"}
-        try:
-            defenses.append(DEFENSES.create(entry["name"], params))
-        except ValueError as error:
-            raise ScenarioError(f"defenses[{index}]: {error}") from None
-    for defense in defenses:
-        try:
-            defense.check_scenario(fed, defenses)
-        except ValueError as error:
-            raise ScenarioError(str(error)) from None
+def plugin_paths(raw: Mapping[str, Any]) -> tuple[str, ...]:
+    """The ``plugins`` list of a raw scenario, checked to be a list of paths."""
     try:
-        ATTACKS.validate(scenario.attack.name, scenario.attack.params)
-    except ValueError as error:
-        raise ScenarioError(f"attack: {error}") from None
-    for index, entry in enumerate(scenario.attack.also):
-        if not isinstance(entry.get("name"), str):
-            raise ScenarioError(f"attack.also[{index}] must be a table with a name, got {entry!r}")
-        try:
-            ATTACKS.validate(entry["name"], {k: v for k, v in entry.items() if k != "name"})
-        except ValueError as error:
-            raise ScenarioError(f"attack.also[{index}]: {error}") from None
-    if scenario.attack.also and scenario.attack.name == "none":
-        raise ScenarioError("attack.also needs a first attack: set attack.name")
+        return coerce(raw.get("plugins", []), tuple[str, ...], "plugins")  # type: ignore[no-any-return]
+    except FieldError as error:
+        raise ScenarioError(str(error)) from None
 
 
 def _defenses(raw: Any) -> tuple[dict[str, Any], ...]:
@@ -344,6 +232,19 @@ def _sweep_values(key: str, values: Any) -> Sequence[Any]:
     if not isinstance(values, list) or not values:
         raise ScenarioError(f"sweep.{key} must be a non-empty list of values, got {values!r}")
     return values
+
+
+@functools.lru_cache(maxsize=16)
+def _from_json(text: str) -> Scenario:
+    raw = json.loads(text)
+    derived = {f: raw["model"].pop(f) for f in DERIVED_MODEL_FIELDS}
+    scenario = parse(raw)
+    model = dataclasses.replace(
+        scenario.model,
+        input_shape=tuple(derived["input_shape"]),
+        num_classes=int(derived["num_classes"]),
+    )
+    return dataclasses.replace(scenario, model=model)
 
 
 def assign(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -386,10 +287,3 @@ def _assign_defense(raw: dict[str, Any], path: list[str], value: Any, dotted: st
             f"{len(defenses)} (the scenario's [[defenses]] tables, from 0)"
         )
     defenses[int(path[0])] = {**defenses[int(path[0])], path[1]: value}
-
-
-@functools.lru_cache(maxsize=16)
-def _from_json(text: str) -> Scenario:
-    """Parsed and validated once per process: every client message carries the scenario, and
-    validating it again costs about a millisecond a client a round (the scenario is frozen)."""
-    return from_dict(json.loads(text))

@@ -4,7 +4,7 @@ Every kind of plugin is a :class:`Registry` of entries by the names scenario fil
 built-in plugins and a user's plugin files (:mod:`simulator.scenario.plugins`) register with
 the same decorators, ``leaksim list`` reads the registries, and scenario validation looks names
 and parameters up here. A registry holds what the process has imported: the composition root
-:mod:`simulator.builtins` imports every built-in package, and an honest client imports only
+:mod:`simulator.run.builtins` imports every built-in package, and an honest client imports only
 what it uses (models, datasets, partitioners, defenses), never an attack. The core layer never
 imports the layers that register into it, neither by name nor by string.
 """
@@ -84,6 +84,8 @@ class Registry(Mapping[str, str], Generic[T]):
             known = sorted(self._entries)
             close = difflib.get_close_matches(str(name), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
+            if not known:  # a process that validates scenarios without the composition root
+                hint = " (none registered: import simulator.run.builtins first)"
             raise ValueError(f"unknown {self.kind} {name!r}{hint}; known {self.kind}s: {known}")
         return self._entries[name]
 

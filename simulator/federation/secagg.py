@@ -70,6 +70,7 @@ from simulator.federation.traffic import (
     client_error_message,
     public_meta,
 )
+from simulator.scenario import from_message
 
 Weights = dict[str, torch.Tensor]
 
@@ -310,7 +311,7 @@ class SecAggClient(NumPyClient):
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """The update (masked by secaggplus_mod afterwards), its weight and its metrics."""
-        scenario = Scenario.from_json(str(config[SCENARIO_KEY]))
+        scenario = from_message(str(config[SCENARIO_KEY]))
         names = parameter_names(scenario.model)
         received = {n: np.asarray(a) for n, a in zip(names, parameters, strict=True)}
         for defense in build_defenses(scenario.defenses):

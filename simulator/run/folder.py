@@ -30,9 +30,11 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
-from simulator.core.config import Scenario, model_keys_read
+from simulator.core.config import Scenario
 from simulator.core.fields import InputError
 from simulator.core.records import InterruptedRecord, PointRecord, Record
+from simulator.scenario import from_dict
+from simulator.scenario.validation import model_keys_read
 
 RESULTS_FILE = "results.jsonl"
 INTERRUPTED_FILE = "interrupted.jsonl"
@@ -201,7 +203,7 @@ class RunFolder:
         return list(read_records(self.path))
 
     def scenario(self) -> Scenario:
-        return Scenario.from_json((self.path / SCENARIO_FILE).read_text())
+        return from_dict(json.loads((self.path / SCENARIO_FILE).read_text()))
 
     def tidy(self) -> None:
         """Remove what a killed run leaves behind: truth stores and half-written files."""

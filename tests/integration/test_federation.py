@@ -9,12 +9,12 @@ import torch
 
 from simulator import api
 from simulator.core.config import Scenario
-from simulator.core.scenario import load
 from simulator.data.shards import load_shard
 from simulator.run import engine
 from simulator.run.engine import RunResult
 from simulator.run.folder import read_records
 from simulator.run.referee import RefereedRound
+from simulator.scenario import load, with_sweep
 
 TIMING_KEYS = {"seconds", "discovery_s"}
 
@@ -167,7 +167,7 @@ def test_fedavg_sweep_observes_real_weights_after_local_training(tmp_path: Path)
             "data.examples_per_client": 20,
         }
     )
-    sweep = scenario.with_sweep({"federation.local_epochs": [1, 2]})
+    sweep = with_sweep(scenario, {"federation.local_epochs": [1, 2]})
     result, traffic = run_with_traffic(sweep, tmp_path, "sweep")
     assert [p["status"] for p in result.table("point")] == ["ok", "ok"]
     assert [p["set:federation.local_epochs"] for p in result.table("point")] == [1, 2]

@@ -23,7 +23,6 @@ from simulator.core.config import Scenario
 from simulator.core.models import build_model
 from simulator.core.protocol import NUM_EXAMPLES_KEY
 from simulator.core.registry import DEFENSES
-from simulator.core.scenario import load
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import Shard, load_shard
 from simulator.federation import secagg as secagg_app
@@ -32,6 +31,7 @@ from simulator.federation.training import batch_gradient, load_weights, local_tr
 from simulator.run.engine import RunResult
 from simulator.run.folder import attack_artifact
 from simulator.run.referee import RefereedRound
+from simulator.scenario import load
 
 Update = dict[str, torch.Tensor]
 

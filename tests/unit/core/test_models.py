@@ -9,7 +9,7 @@ import torch
 
 from benchmarks.bench_kkt_regimes import first_layer_initial
 from simulator.core.models import ModelSpec, build_model
-from simulator.core.scenario import ScenarioError, load
+from simulator.scenario import ScenarioError, load
 from tests.fixtures.trained_model import homogeneous_spec
 
 

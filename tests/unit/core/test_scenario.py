@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from simulator.core.config import Scenario, ScenarioError
-from simulator.core.scenario import expand, load, parse_override
+from simulator.scenario import expand, load, parse_override
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -23,7 +23,7 @@ def test_quickstart_is_the_default_and_valid() -> None:
 
 
 def test_every_shipped_scenario_loads() -> None:
-    from simulator.core.scenario import SCENARIO_DIR
+    from simulator.scenario import SCENARIO_DIR
 
     for path in SCENARIO_DIR.glob("*.toml"):
         assert expand(load(path)), path

@@ -27,9 +27,9 @@ from defenses.secure_aggregation import aggregate_view
 from simulator.core.config import Scenario, ScenarioError
 from simulator.core.models import ModelSpec, build_model
 from simulator.core.registry import DEFENSES
-from simulator.core.scenario import load
 from simulator.data.shards import Shard
 from simulator.federation.training import batch_gradient, local_train
+from simulator.scenario import load, with_overrides
 
 Update = dict[str, torch.Tensor]
 
@@ -480,7 +480,8 @@ def test_local_dp_is_fedavg_only_and_not_under_secure_aggregation() -> None:
     with pytest.raises(ScenarioError, match=r"'local-dp' needs federation.protocol = 'fedavg'"):
         local_dp_scenario("fedsgd")
     with pytest.raises(ScenarioError, match="cannot be combined with 'secure-aggregation'"):
-        local_dp_scenario().with_overrides(
-            {"defenses": [{"name": "local-dp"}, {"name": "secure-aggregation"}]}
+        with_overrides(
+            local_dp_scenario(),
+            {"defenses": [{"name": "local-dp"}, {"name": "secure-aggregation"}]},
         )
     assert local_dp_scenario().defenses[0]["name"] == "local-dp"  # fedavg alone is fine

@@ -13,8 +13,8 @@ from defenses import inspection
 from defenses.inspection import Inspection, InspectionParams, ModelRejected
 from simulator.core.models import build_model
 from simulator.core.registry import DEFENSES
-from simulator.core.scenario import load
 from simulator.federation.training import batch_gradient, load_weights
+from simulator.scenario import load
 from tests.unit.attacks.active.helpers import LABELS, PRIVATE, plan
 
 SCENARIO = load("quickstart", {"model.widths": [64]})

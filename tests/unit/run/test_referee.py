@@ -10,11 +10,11 @@ import torch
 from simulator.core.models import ModelSpec, build_model
 from simulator.core.protocol import Observation, PublicMeta, Truth
 from simulator.core.records import Record
-from simulator.core.scenario import load
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID, RoundTraffic
 from simulator.federation.truth import TruthStore
 from simulator.run.privacy import PrivacyLedger
 from simulator.run.referee import Referee, RefereedRound
+from simulator.scenario import load
 
 
 def batch(n: int, seed: int = 0) -> torch.Tensor:

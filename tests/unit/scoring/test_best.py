@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from simulator.core.models import ModelSpec, build_model, task_loss
 from simulator.core.protocol import Observation, PublicMeta, Truth
 from simulator.core.records import AttackRecord, Record
-from simulator.core.scenario import load
 from simulator.federation.traffic import RoundTraffic
 from simulator.federation.truth import TruthStore
 from simulator.run.privacy import PrivacyLedger
 from simulator.run.referee import Referee
+from simulator.scenario import load
 from simulator.scoring.best import BEST, best_of
 
 

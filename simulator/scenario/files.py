@@ -1,8 +1,9 @@
 """Scenario files: finding and reading them, command-line overrides, sweep points.
 
-The schema and its validation live in :mod:`simulator.core.config`; this module turns a name
-or a path (plus ``key=value`` overrides and plugin files) into a validated
-:class:`~simulator.core.config.Scenario`, and a scenario's sweep into its points.
+The schema lives in :mod:`simulator.core.config` and the validation in
+:mod:`simulator.scenario.validation`; this module turns a name or a path (plus ``key=value``
+overrides and plugin files) into a validated :class:`~simulator.core.config.Scenario`, and a
+scenario's sweep into its points.
 """
 
 from __future__ import annotations
@@ -16,27 +17,10 @@ from typing import Any
 
 import tomllib
 
-from simulator.core.config import (
-    DEFAULT_SCENARIO,
-    Scenario,
-    ScenarioError,
-    check_model_keys,
-    from_dict,
-)
+from simulator.core.config import DEFAULT_SCENARIO, Scenario, ScenarioError
+from simulator.scenario.validation import check_model_keys, from_dict, with_overrides
 
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios"
-
-__all__ = [
-    "DEFAULT_SCENARIO",
-    "SCENARIO_DIR",
-    "Point",
-    "Scenario",
-    "ScenarioError",
-    "expand",
-    "load",
-    "parse_override",
-    "resolve_path",
-]
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -108,7 +92,7 @@ def load(
         # make the file's keys for its own kind an error.
         check_model_keys(in_file, scenario)
         if pairs:
-            scenario = scenario.with_overrides(pairs)
+            scenario = with_overrides(scenario, pairs)
             check_model_keys(overridden, scenario)
         return scenario
     except ScenarioError as error:
@@ -133,7 +117,7 @@ def expand(scenario: Scenario) -> list[Point]:
         Point(
             i,
             dict(zip(keys, combo, strict=True)),
-            base.with_overrides(dict(zip(keys, combo, strict=True))),
+            with_overrides(base, dict(zip(keys, combo, strict=True))),
         )
         for i, combo in enumerate(grid)
     ]
