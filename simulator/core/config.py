@@ -5,8 +5,10 @@ A scenario is a TOML file with one table per section (``[data]``, ``[model]``,
 clients, an optional ``[sweep]`` table mapping dotted keys to lists of values, and an optional
 ``plugins`` list of Python files that register more attacks, defenses, models or datasets.
 
-:func:`parse` checks every key's type and range (:mod:`simulator.core.fields`); the checks
-that need plugin files, registries or several keys at once are the loader's
+:func:`parse` checks every key's type and range (:mod:`simulator.core.fields`), and the keys
+of the chosen model kind and partitioner (:data:`KINDED`): each is the ``Params`` of its
+registry entry, written in the same table. The checks that need plugin files, other
+registries or several keys at once are the loader's
 (:mod:`simulator.scenario`), which is the only way a scenario enters a run. A scenario that
 was validated there travels as JSON (:meth:`Scenario.to_json`) and is decoded on the other
 side by :meth:`Scenario.from_json`, without validating it again. An error names the key, the
@@ -27,11 +29,12 @@ from simulator.core.fields import (
     InputError,
     build_section,
     coerce,
-    is_derived,
+    derived,
     param,
     suggest,
 )
 from simulator.core.models import ModelSpec
+from simulator.core.registry import MODELS, PARTITIONERS, Registry
 
 DEFAULT_SCENARIO = "quickstart"
 
@@ -42,7 +45,12 @@ class ScenarioError(InputError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which dataset the clients hold and how it is sharded among them."""
+    """Which dataset the clients hold and how it is sharded among them.
+
+    ``params`` holds the ``[data]`` keys only the ``partition`` scheme reads (its registered
+    ``Params``: dirichlet's ``alpha``, label-skew's ``classes_per_client``; None for iid); left
+    out, the scheme's defaults.
+    """
 
     dataset: str = "mnist"
     dir: str = ""
@@ -50,10 +58,14 @@ class DataConfig:
     train_examples: int = param(0, low=0)
     train_balance: Literal["none", "parity"] = "none"
     partition: str = "iid"
-    classes_per_client: int = param(2, low=1, high=10)
-    alpha: float = param(0.5, low=0.0, low_open=True)
     examples_per_client: int = param(0, low=0)
     test_examples: int = param(0, low=0)
+    params: Any = derived(None)  # noqa: RUF009  (None: immutable, like every derived default)
+
+    def __post_init__(self) -> None:
+        # The scheme's defaults, once the data layer has registered it (or a plugin file).
+        if self.params is None and self.partition in PARTITIONERS:
+            object.__setattr__(self, "params", PARTITIONERS.validate(self.partition, {}))
 
 
 @dataclass(frozen=True)
@@ -132,14 +144,22 @@ class Scenario:
     faults: FaultConfig = field(default_factory=FaultConfig)
     defenses: tuple[Mapping[str, Any], ...] = ()
     sweep: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    # Per kinded section ("model", "data"): its keys that only kinds the sweep selects read
+    # (``model.kind`` swept, one [model] table for them all); each such point reads them.
+    for_swept_kinds: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists, not tuples), derived fields left out: the form written
-        to run folders and messages, and read back by :func:`from_dict`."""
+        to run folders (only keys some kind of the scenario reads), read back by
+        :func:`simulator.scenario.from_dict`. A kind's params are keys of its table."""
         raw = json.loads(json.dumps(dataclasses.asdict(self), default=list))
-        for item in dataclasses.fields(ModelSpec):
-            if is_derived(item):
-                raw["model"].pop(item.name)
+        extra = raw.pop("for_swept_kinds")
+        for kinded in KINDED:
+            table = raw[kinded.section]
+            table.update(table.pop("params") or {})
+            table.update(extra.get(kinded.section, {}))
+        for name in DERIVED_MODEL_FIELDS:
+            raw["model"].pop(name)
         if not raw["plugins"]:
             del raw["plugins"]
         return raw
@@ -158,7 +178,55 @@ class Scenario:
         return _from_json(text)
 
 
-DERIVED_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec) if is_derived(f))
+DERIVED_MODEL_FIELDS = ("input_shape", "num_classes")
+
+
+@dataclass(frozen=True)
+class Kinded:
+    """A section whose other keys depend on one key: ``selector`` names an entry of
+    ``registry``, whose ``Params`` are read from the same table into the field ``params``."""
+
+    section: str
+    selector: str
+    registry: Registry[Any]
+
+    def own_keys(self) -> set[str]:
+        """The section's own keys (every kind reads them)."""
+        fields = dataclasses.fields(SECTIONS[self.section])
+        return {f.name for f in fields if not f.metadata.get("derived")}
+
+    def readers(self) -> dict[str, set[str]]:
+        """Every registered kind -> the keys its ``Params`` declare."""
+        return {
+            name: {f.name for f in dataclasses.fields(params)} if params is not None else set()
+            for name in self.registry
+            for params in [self.registry.entry(name).params]
+        }
+
+    def kinds(self, raw: Mapping[str, Any]) -> list[str]:
+        """The kinds a raw scenario selects: its table's, then the swept ones."""
+        table = raw.get(self.section, {})
+        default = SECTIONS[self.section].__dataclass_fields__[self.selector].default
+        chosen = table.get(self.selector, default) if isinstance(table, Mapping) else default
+        swept = _flatten(raw.get("sweep", {})).get(f"{self.section}.{self.selector}", [])
+        return [chosen, *(swept if isinstance(swept, list | tuple) else [])]
+
+
+KINDED = (Kinded("model", "kind", MODELS), Kinded("data", "partition", PARTITIONERS))
+
+
+def drop_unread(raw: dict[str, Any], kinds_of: Mapping[str, Any] | None = None) -> None:
+    """Remove from ``raw``'s kinded tables every key no selected kind reads: the kinds of
+    ``kinds_of`` (``raw`` by default). A scenario's keys for a kind that an override or a sweep
+    point no longer selects are then dropped, as that kind's own defaults are."""
+    for kinded in KINDED:
+        table = raw.get(kinded.section)
+        if not isinstance(table, dict):
+            continue
+        readers = kinded.readers()
+        kinds = [k for k in kinded.kinds(kinds_of or raw) if isinstance(k, str) and k in readers]
+        read = kinded.own_keys().union(*(readers[k] for k in kinds))
+        raw[kinded.section] = {k: v for k, v in table.items() if k in read}
 
 
 def parse(raw: Mapping[str, Any]) -> Scenario:
@@ -176,7 +244,7 @@ def parse(raw: Mapping[str, Any]) -> Scenario:
 def _parse(raw: Mapping[str, Any]) -> Scenario:
     if not isinstance(raw, Mapping):
         raise ScenarioError(f"a scenario must be a table, got {raw!r}")
-    top = [f.name for f in dataclasses.fields(Scenario)]
+    top = [f.name for f in dataclasses.fields(Scenario) if f.name != "for_swept_kinds"]
     for key in raw:
         if key not in top:
             raise ScenarioError(f"unknown top-level key {key!r}{suggest(key, top)}")
@@ -187,14 +255,65 @@ def _parse(raw: Mapping[str, Any]) -> Scenario:
     if values.get("seed", 0) < 0:
         raise ScenarioError(f"seed = {values['seed']} must be >= 0")
     values["plugins"] = plugin_paths(raw)
-    for name, section in SECTIONS.items():
-        values[name] = build_section(section, raw.get(name, {}), name)
-    values["defenses"] = _defenses(raw.get("defenses", []))
     sweep = raw.get("sweep", {})
     if not isinstance(sweep, Mapping):
         raise ScenarioError(f"[sweep] must be a table of key = [values], got {sweep!r}")
     values["sweep"] = {k: tuple(_sweep_values(k, v)) for k, v in _flatten(sweep).items()}
+    kinded_sections = {kinded.section for kinded in KINDED}
+    for name, section in SECTIONS.items():
+        if name not in kinded_sections:
+            values[name] = build_section(section, raw.get(name, {}), name)
+    extra = {}
+    for kinded in KINDED:
+        values[kinded.section], extra[kinded.section] = _kinded(kinded, raw, values["sweep"])
+    values["for_swept_kinds"] = {k: v for k, v in extra.items() if v}
+    values["defenses"] = _defenses(raw.get("defenses", []))
     return Scenario(**values)
+
+
+def _kinded(kinded: Kinded, raw: Mapping[str, Any], sweep: Mapping[str, Any]) -> tuple[Any, dict]:
+    """(the section with its kind's params, its keys only other swept kinds read)."""
+    name, own = kinded.section, kinded.own_keys()
+    table = raw.get(name, {})
+    if not isinstance(table, Mapping):
+        raise FieldError(f"[{name}] must be a table, got {table!r}")
+    readers = kinded.readers()
+    kinds = [coerce(k, str, f"{name}.{kinded.selector}") for k in kinded.kinds(raw)]
+    for kind in kinds:
+        if kind not in readers:
+            raise ScenarioError(
+                f"{name}.{kinded.selector} = {kind!r} is not a known {kinded.registry.kind}; "
+                f"choose one of {', '.join(readers)}"
+            )
+    read = set().union(*(readers[k] for k in kinds))
+    swept = [k.split(".", 1)[1] for k in sweep if k.startswith(f"{name}.")]
+    for key in [*table, *swept]:
+        if key not in own and key not in read:
+            raise ScenarioError(_unread(kinded, key, kinds, readers, own | read))
+    try:
+        params = kinded.registry.validate(
+            kinds[0], {k: v for k, v in table.items() if k in readers[kinds[0]]}
+        )
+    except ValueError as error:
+        raise ScenarioError(f"{name}: {error}") from None
+    section = build_section(SECTIONS[name], {k: v for k, v in table.items() if k in own}, name)
+    extra = {k: v for k, v in table.items() if k not in own and k not in readers[kinds[0]]}
+    return dataclasses.replace(section, params=params), extra
+
+
+def _unread(
+    kinded: Kinded, key: str, kinds: list[str], readers: dict[str, set[str]], allowed: set[str]
+) -> str:
+    """A key of a kinded section that no selected kind reads: who does, or "unknown key"."""
+    name = kinded.section
+    by = [kind for kind, keys in readers.items() if key in keys]
+    if not by:
+        return f"unknown key {name}.{key}{suggest(key, sorted(allowed))}"
+    chosen = " or ".join(repr(k) for k in dict.fromkeys(kinds))
+    return (
+        f"{name}.{key} is not read by {name}.{kinded.selector} {chosen}; "
+        f"it is read by {', '.join(by)}"
+    )
 
 
 def plugin_paths(raw: Mapping[str, Any]) -> tuple[str, ...]:

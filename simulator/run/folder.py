@@ -34,7 +34,6 @@ from simulator.core.config import Scenario
 from simulator.core.fields import InputError
 from simulator.core.records import InterruptedRecord, PointRecord, Record
 from simulator.scenario import from_dict
-from simulator.scenario.validation import model_keys_read
 
 RESULTS_FILE = "results.jsonl"
 INTERRUPTED_FILE = "interrupted.jsonl"
@@ -122,11 +121,9 @@ def _toml_value(value: Any) -> str:
 
 def scenario_toml(scenario: Scenario) -> str:
     """The resolved scenario as TOML, loadable again with ``leaksim run FILE``."""
+    # Only keys some kind of the scenario reads: a model kind's and a partitioner's keys are
+    # their params, which hold no other.
     raw = scenario.to_dict()
-    # Only the [model] keys some kind of the scenario reads: the others are defaults that
-    # loading the file again would refuse as written but unread (check_model_keys).
-    read = model_keys_read(scenario)
-    raw["model"] = {k: v for k, v in raw["model"].items() if k in read}
     top = [key for key in ("name", "description", "seed", "plugins") if key in raw]
     lines = [f"{key} = {_toml_value(raw.pop(key))}" for key in top]
     lines.append(f"defenses = {_toml_value(raw.pop('defenses'))}")

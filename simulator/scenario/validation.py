@@ -11,6 +11,7 @@ imports the plugin files and never looks an attack up, so it imports no attack m
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
@@ -20,12 +21,13 @@ from simulator.core.config import (
     Scenario,
     ScenarioError,
     assign,
+    drop_unread,
     parse,
     plugin_paths,
 )
 from simulator.core.fields import FieldError
-from simulator.core.models import SHARED_MODEL_KEYS, ModelSpec
-from simulator.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PARTITIONERS
+from simulator.core.models import ModelSpec
+from simulator.core.registry import ATTACKS, DATASETS, DEFENSES
 from simulator.scenario.plugins import load_plugins
 
 
@@ -45,10 +47,30 @@ def from_message(text: str) -> Scenario:
 
 
 def with_overrides(scenario: Scenario, overrides: Mapping[str, Any]) -> Scenario:
-    """A new scenario with dotted keys (``federation.batch_size``) replaced, re-validated."""
+    """A new scenario with dotted keys (``federation.batch_size``) replaced, re-validated.
+
+    When an override selects another model kind or partitioner, the scenario's keys that the
+    new one does not read are dropped first; every key the overrides write must be read.
+    """
     raw = scenario.to_dict()
+    selected = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        assign(selected, key, value)
+    drop_unread(raw, kinds_of=selected)
     for key, value in overrides.items():
         assign(raw, key, value)
+    return from_dict(raw)
+
+
+def point_scenario(scenario: Scenario, values: Mapping[str, Any]) -> Scenario:
+    """The scenario of one sweep point: ``values`` (dotted key -> one swept value) set, no
+    sweep, and only the keys its model kind and partitioner read (one [model] table may serve
+    several swept kinds)."""
+    raw = scenario.to_dict()
+    raw["sweep"] = {}
+    for key, value in values.items():
+        assign(raw, key, value)
+    drop_unread(raw)
     return from_dict(raw)
 
 
@@ -84,6 +106,7 @@ def _check_point(scenario: Scenario, key: str, value: Any) -> None:
     raw = scenario.to_dict()
     raw["sweep"] = {}
     assign(raw, key, value)
+    drop_unread(raw)
     _from_dict(raw)
 
 
@@ -100,50 +123,10 @@ def _resolved_model(model: ModelSpec, dataset: str) -> ModelSpec:
     return dataclasses.replace(model, input_shape=shape, num_classes=classes)
 
 
-def model_kinds(scenario: Scenario) -> set[str]:
-    """Every ``model.kind`` a point of ``scenario`` may have (its own and the swept ones)."""
-    return {scenario.model.kind, *scenario.sweep.get("model.kind", ())}
-
-
-def model_keys_read(scenario: Scenario) -> set[str]:
-    """The ``[model]`` keys some kind of ``scenario`` reads."""
-    uses = (MODELS.entry(kind).value.uses for kind in model_kinds(scenario))
-    return set(SHARED_MODEL_KEYS).union(*uses)
-
-
-def check_model_keys(written: set[str], scenario: Scenario) -> None:
-    """Refuse a ``[model]`` key the user wrote that no model kind of ``scenario`` reads.
-
-    ``written``: the keys of the file's ``[model]`` table (checked against the file's own
-    scenario) or of the overrides (against the scenario they give); swept ``model.*`` keys
-    always count. Only written keys can be checked (``to_dict`` spells out every default), and
-    a key is fine if any swept kind reads it: one ``[model]`` table may serve several kinds.
-    """
-    written = written | {k.split(".", 1)[1] for k in scenario.sweep if k.startswith("model.")}
-    for key in sorted(written - model_keys_read(scenario)):
-        names = " or ".join(repr(k) for k in sorted(model_kinds(scenario)))
-        readers = [k for k in MODELS if key in MODELS.entry(k).value.uses]
-        raise ScenarioError(
-            f"model.{key} is not read by model.kind {names}; it is read by "
-            f"{', '.join(readers) or 'no model kind'}"
-        )
-
-
 def check_rules(scenario: Scenario) -> None:
-    """Checks that involve several keys or the plugin registries."""
+    """Checks that involve several keys or the plugin registries (the model kind's and the
+    partitioner's keys are :func:`~simulator.core.config.parse`'s)."""
     model, fed = scenario.model, scenario.federation
-    for registry, key, value in (
-        (MODELS, "model.kind", model.kind),
-        (PARTITIONERS, "data.partition", scenario.data.partition),
-    ):
-        if value not in registry:
-            raise ScenarioError(
-                f"{key} = {value!r} is not a known {registry.kind}; "
-                f"choose one of {', '.join(registry)}"
-            )
-    for key in ("widths", "channels"):
-        if any(v < 1 for v in getattr(model, key)):
-            raise ScenarioError(f"model.{key} = {list(getattr(model, key))} must be >= 1")
     bad = [c for c in scenario.faults.crash_clients if not 0 <= c < fed.clients]
     if bad:
         raise ScenarioError(

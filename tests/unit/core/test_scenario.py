@@ -94,7 +94,7 @@ def test_overrides_parse_toml_values_and_revalidate() -> None:
     assert parse_override("data.dataset=fashion-mnist") == ("data.dataset", "fashion-mnist")
     scenario = load("quickstart", ["federation.batch_size=1", "model.widths=[32]"])
     assert scenario.federation.batch_size == 1
-    assert scenario.model.widths == (32,)
+    assert scenario.model.params.widths == (32,)
     with pytest.raises(ScenarioError, match=r"federation\.batch_size = 0"):
         load("quickstart", ["federation.batch_size=0"])
     with pytest.raises(ScenarioError, match="unknown section 'federaton'"):
@@ -109,7 +109,9 @@ def test_sweep_is_the_grid_over_its_keys(tmp_path: Path) -> None:
     )
     points = expand(load(path))
     assert len(points) == 6
-    combos = {(p.scenario.federation.batch_size, p.scenario.model.activation) for p in points}
+    combos = {
+        (p.scenario.federation.batch_size, p.scenario.model.params.activation) for p in points
+    }
     assert combos == {(b, a) for b in (1, 2, 4) for a in ("relu", "tanh")}
     assert all(not p.scenario.sweep for p in points)
     assert [p.index for p in points] == list(range(6))

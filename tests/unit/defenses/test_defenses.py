@@ -25,7 +25,7 @@ from defenses.pruning import Pruning, PruningParams
 from defenses.quantization import Quantization, QuantizationParams
 from defenses.secure_aggregation import aggregate_view
 from simulator.core.config import Scenario, ScenarioError
-from simulator.core.models import ModelSpec, build_model
+from simulator.core.models import ModelSpec, build_model, model_spec
 from simulator.core.registry import DEFENSES
 from simulator.data.shards import Shard
 from simulator.federation.training import batch_gradient, local_train
@@ -300,7 +300,7 @@ def test_int8_uses_at_most_255_levels_and_errs_by_at_most_half_a_step() -> None:
 
 # --- DP-SGD ------------------------------------------------------------------------------------
 
-SMALL_MLP = ModelSpec(kind="mlp", widths=(16,))
+SMALL_MLP = model_spec(kind="mlp", widths=(16,))
 
 
 def batch(seed: int, n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
