@@ -30,6 +30,7 @@ from simulator.core.fields import (
     build_section,
     coerce,
     derived,
+    is_derived,
     param,
     suggest,
 )
@@ -193,7 +194,7 @@ class Kinded:
     def own_keys(self) -> set[str]:
         """The section's own keys (every kind reads them)."""
         fields = dataclasses.fields(SECTIONS[self.section])
-        return {f.name for f in fields if not f.metadata.get("derived")}
+        return {f.name for f in fields if not is_derived(f)}
 
     def readers(self) -> dict[str, set[str]]:
         """Every registered kind -> the keys its ``Params`` declare."""
@@ -208,7 +209,9 @@ class Kinded:
         table = raw.get(self.section, {})
         default = SECTIONS[self.section].__dataclass_fields__[self.selector].default
         chosen = table.get(self.selector, default) if isinstance(table, Mapping) else default
-        swept = _flatten(raw.get("sweep", {})).get(f"{self.section}.{self.selector}", [])
+        sweep = raw.get("sweep", {})
+        flat = _flatten(sweep) if isinstance(sweep, Mapping) else {}
+        swept = flat.get(f"{self.section}.{self.selector}", [])
         return [chosen, *(swept if isinstance(swept, list | tuple) else [])]
 
 
@@ -271,7 +274,9 @@ def _parse(raw: Mapping[str, Any]) -> Scenario:
     return Scenario(**values)
 
 
-def _kinded(kinded: Kinded, raw: Mapping[str, Any], sweep: Mapping[str, Any]) -> tuple[Any, dict]:
+def _kinded(
+    kinded: Kinded, raw: Mapping[str, Any], sweep: Mapping[str, Any]
+) -> tuple[Any, dict[str, Any]]:
     """(the section with its kind's params, its keys only other swept kinds read)."""
     name, own = kinded.section, kinded.own_keys()
     table = raw.get(name, {})
@@ -294,8 +299,8 @@ def _kinded(kinded: Kinded, raw: Mapping[str, Any], sweep: Mapping[str, Any]) ->
         params = kinded.registry.validate(
             kinds[0], {k: v for k, v in table.items() if k in readers[kinds[0]]}
         )
-    except ValueError as error:
-        raise ScenarioError(f"{name}: {error}") from None
+    except ValueError as error:  # "model 'mlp': parameter 'widths'[0] = 0 is out of range..."
+        raise ScenarioError(str(error)) from None
     section = build_section(SECTIONS[name], {k: v for k, v in table.items() if k in own}, name)
     extra = {k: v for k, v in table.items() if k not in own and k not in readers[kinds[0]]}
     return dataclasses.replace(section, params=params), extra

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
-from simulator.core.config import Scenario
+from simulator.core.config import Scenario, drop_unread
 from simulator.core.fields import InputError
 from simulator.core.records import InterruptedRecord, PointRecord, Record
 from simulator.scenario import from_dict
@@ -200,7 +200,10 @@ class RunFolder:
         return list(read_records(self.path))
 
     def scenario(self) -> Scenario:
-        return from_dict(json.loads((self.path / SCENARIO_FILE).read_text()))
+        raw = json.loads((self.path / SCENARIO_FILE).read_text())
+        # Folders written before a kind's keys were its params list every kind's defaults.
+        drop_unread(raw)
+        return from_dict(raw)
 
     def tidy(self) -> None:
         """Remove what a killed run leaves behind: truth stores and half-written files."""

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 from simulator.core.config import Scenario, ScenarioError
+from simulator.core.models import CnnParams, MlpParams
+from simulator.data.partition import DirichletParams
+from simulator.run.folder import scenario_toml
 from simulator.scenario import expand, load, parse_override
 
 
@@ -125,8 +128,6 @@ def test_scenarios_are_immutable_and_roundtrip_through_json() -> None:
 
 
 def test_resolved_scenario_toml_loads_back(tmp_path: Path) -> None:
-    from simulator.run.folder import scenario_toml
-
     scenario = load("fedavg-label-skew")
     assert load(write(tmp_path, scenario_toml(scenario))) == scenario
 
@@ -153,3 +154,28 @@ def test_model_keys_are_checked_against_every_kind_the_scenario_takes(tmp_path: 
     assert load("fedavg-multistep", overrides=['model.kind="mlp"']).model.kind == "mlp"
     with pytest.raises(ScenarioError, match=r"model\.widths"):
         load("fedavg-multistep", overrides=['model.kind="cnn"', "model.widths=[]"])
+
+
+def test_each_point_of_a_sweep_over_kinds_keeps_the_keys_its_kind_reads(tmp_path: Path) -> None:
+    """One [model] table for cnn and mlp: the mlp point gets the table's widths (not mlp's
+    default), the cnn point its channels, and neither holds the other's keys."""
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[model]\nkind = "cnn"\nchannels = [4]\nwidths = [8]\n'
+        '[sweep]\n"model.kind" = ["cnn", "mlp"]\n'
+    )
+    cnn, mlp = (point.scenario.model for point in expand(load(path)))
+    assert cnn.params == CnnParams(channels=(4,)) and mlp.params == MlpParams(widths=(8,))
+    assert load(write(tmp_path, scenario_toml(load(path)))) == load(path)
+
+
+def test_a_partitioners_key_is_read_only_under_that_partitioner() -> None:
+    with pytest.raises(ScenarioError, match=r"data\.alpha is not read by data\.partition 'iid'"):
+        load("quickstart", ["data.alpha=0.3"])
+    scenario = load("quickstart", ['data.partition="dirichlet"', "data.alpha=0.3"])
+    assert scenario.data.params == DirichletParams(alpha=0.3)
+    data = scenario.to_dict()["data"]
+    assert data["alpha"] == 0.3 and "classes_per_client" not in data
+    # Switching the partitioner by override drops the file's keys for the old one.
+    skewed = load("fedavg-label-skew", ['data.partition="iid"'])
+    assert skewed.data.params is None and "classes_per_client" not in skewed.to_dict()["data"]
