@@ -233,10 +233,12 @@ def drop_unread(raw: dict[str, Any], kinds_of: Mapping[str, Any] | None = None) 
 
 
 def parse(raw: Mapping[str, Any]) -> Scenario:
-    """The typed scenario of a nested dict: every key's type and range checked (ScenarioError).
+    """The typed scenario of a nested dict: every key's type and range checked (ScenarioError),
+    the model kind's and the partitioner's keys as their registered ``Params``.
 
-    Plugin names and parameters, the derived model fields and the checks across keys are
-    :func:`simulator.scenario.from_dict`'s, which calls this after importing the plugin files.
+    The plugin files must be imported first. Attack and defense names and parameters, the
+    derived model fields and the checks across keys are :func:`simulator.scenario.from_dict`'s,
+    which imports the plugin files and calls this.
     """
     try:
         return _parse(raw)
