@@ -49,16 +49,15 @@ from attacks.active.imprint import Imprint, ImprintParams
 from attacks.active.separation import ClientSeparation, SeparationParams
 from attacks.active.trap_weights import TrapWeights, TrapWeightsParams
 from simulator.core.config import DataConfig, FederationConfig
-from simulator.core.models import ModelSpec, SentModel, build_model
-from simulator.core.protocol import Observation, PublicMeta, Reconstruction
+from simulator.core.models import SentModel, build_model, model_spec
+from simulator.core.protocol import Observation, PublicMeta, Reconstruction, Truth
 from simulator.data.shards import Shard, load_test_set, load_training_union
 from simulator.federation.training import batch_gradient, load_weights, local_train
-from simulator.federation.truth import Truth
 from simulator.run.folder import write_atomic
 from simulator.scoring.score import score
 
 RESULTS = Path(__file__).parent / "results" / "active.json"
-SPEC = ModelSpec("mlp", widths=(256,), input_shape=(1, 28, 28), num_classes=10)
+SPEC = model_spec("mlp", widths=(256,), input_shape=(1, 28, 28), num_classes=10)
 Weights = dict[str, torch.Tensor]
 
 

@@ -33,13 +33,13 @@ import torch
 from simulator import api
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
-from simulator.core.scenario import expand, load
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import load_shard
 from simulator.federation.traffic import sample_clients
 from simulator.federation.training import batch_gradient
 from simulator.run.folder import write_atomic
 from simulator.run.processes import descendants, process_table
+from simulator.scenario import expand, load
 
 RESULTS = Path(__file__).parent / "results" / "engine.json"
 

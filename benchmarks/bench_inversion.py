@@ -31,7 +31,7 @@ import torch
 
 from attacks.inversion import classifier_confidence
 from attacks.inversion_losses import LOSSES
-from simulator.core.models import ModelSpec, build_model
+from simulator.core.models import ModelSpec, build_model, model_spec
 from simulator.core.protocol import Observation, PublicMeta
 from simulator.core.registry import ATTACKS
 from simulator.data.datasets import load_split, to_tensor
@@ -41,12 +41,12 @@ from simulator.scoring.inversion import random_noise_baseline, score_inversion
 RESULTS = Path(__file__).parent / "results" / "inversion.json"
 
 CONFIGS: dict[str, tuple[ModelSpec, dict[str, Any]]] = {
-    "mlp": (ModelSpec(kind="mlp", widths=(100,)), {}),
+    "mlp": (model_spec(kind="mlp", widths=(100,)), {}),
     "mlp_ce_only": (
-        ModelSpec(kind="mlp", widths=(100,)),
+        model_spec(kind="mlp", widths=(100,)),
         {f"weight_{t}": 0.0 for t in LOSSES if t != "cross_entropy"},
     ),
-    "cnn": (ModelSpec(kind="cnn", channels=(8, 16)), {}),
+    "cnn": (model_spec(kind="cnn", channels=(8, 16)), {}),
 }
 
 

@@ -36,10 +36,8 @@ from defenses.base import ClientMod, ClientModDefense, register_defense
 from simulator.core.config import Scenario
 from simulator.core.fields import param
 from simulator.core.models import build_model
+from simulator.core.protocol import SCENARIO_KEY
 
-# The config key the scenario travels under (simulator.federation.messages.SCENARIO_KEY, which
-# this layer may not import; a test keeps the two equal).
-SCENARIO_KEY = "leaksim-scenario"
 REFERENCE_KEY = "inspection-reference"
 # Where flwr.compat puts a legacy FitIns' weights (the SecAgg+ client's train message).
 LEGACY_PARAMETERS_KEY = "fitins.parameters"

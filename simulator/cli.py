@@ -20,13 +20,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+import simulator.run.builtins  # noqa: F401  (registers every built-in plugin)
 from simulator.api import report as write_report
 from simulator.api import run as run_scenario
 from simulator.core.config import Scenario, ScenarioError
 from simulator.core.fields import InputError
-from simulator.core.plugins import PluginError, load_plugins
 from simulator.core.registry import REGISTRIES
-from simulator.core.scenario import SCENARIO_DIR, expand, load
 from simulator.data.datasets import DataError
 from simulator.report import landscape as landscapes
 from simulator.report.html import HTML_FILE
@@ -35,6 +34,8 @@ from simulator.run.cluster import RAY_ADDRESS_ENV
 from simulator.run.engine import RunInterrupted
 from simulator.run.folder import RunFolder, RunFolderError, check_new, read_records
 from simulator.run.preflight import PreflightError, preflight
+from simulator.scenario import SCENARIO_DIR, expand, load
+from simulator.scenario.plugins import PluginError, load_plugins
 
 PluginOption = Annotated[
     list[Path],

@@ -6,6 +6,8 @@ holds them, as in a fresh clone, the tests that need them are skipped, not faile
 integration tests (every one runs leaksim on MNIST), those that ask for ``shared_data_dir`` or
 are marked ``needs_data`` (their code catches the missing files' error), and any test or test
 module that stops on :class:`DataNotFoundError`. Nothing is downloaded then.
+
+Tests compose the process as the command line does: every built-in plugin registered.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import simulator.run.builtins  # noqa: F401  (registers every built-in plugin)
 from simulator.data.datasets import DataNotFoundError, candidate_dirs
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -1,5 +1,9 @@
 """The types that cross the trust boundary: what a real FL server receives from one client in
-one round (:class:`Observation`), and what an attack returns (:class:`Reconstruction`)."""
+one round (:class:`Observation`), and what an attack returns (:class:`Reconstruction`).
+
+At the end, apart: the ground truth the referee scores against (:class:`Truth`, which never
+crosses to an attack), and the keys of the messages between the ServerApp and the ClientApps.
+"""
 
 from __future__ import annotations
 
@@ -103,3 +107,30 @@ class Reconstruction:
             raise ValueError(f"status {self.status!r} is not one of {STATUSES}")
         if self.images.dim() != 4:
             raise ValueError(f"images must be (n, C, H, W), got shape {tuple(self.images.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The ground truth and the wire keys. The truth's type lives here, beside the boundary types,
+# so that scoring reads it without the federation that stores it
+# (:class:`simulator.federation.truth.TruthStore`); the wire keys, so that a client defense
+# reading a train message (``defenses/inspection.py``) names the same key as the ServerApp.
+
+
+@dataclass(frozen=True)
+class Truth:
+    """The exact images and labels a client's update was computed from, in order."""
+
+    round: int
+    client_id: int
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+
+# Record keys of the train and query messages (``flwr.app.RecordDict``) and of their config.
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+SCENARIO_KEY = "leaksim-scenario"
+ROUND_KEY = "server-round"
+CLIENT_ID_KEY = "client-id"
+NUM_EXAMPLES_KEY = "num-examples"

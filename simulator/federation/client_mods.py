@@ -18,8 +18,9 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from defenses.base import ClientModDefense, build_defenses
 from simulator.core.config import Scenario
+from simulator.core.protocol import CONFIG_KEY, ROUND_KEY, SCENARIO_KEY
 from simulator.core.seeding import seeded_numpy
-from simulator.federation.messages import CONFIG_KEY, ROUND_KEY, SCENARIO_KEY
+from simulator.scenario import from_message
 
 # Where flwr.compat puts a legacy FitIns' config (the SecAgg+ workflow's train messages).
 FITINS_CONFIG_KEY = "fitins.config"
@@ -37,7 +38,7 @@ def message_scenario(msg: Message) -> tuple[Scenario, int] | None:
     for key in (CONFIG_KEY, FITINS_CONFIG_KEY):
         config = msg.content.config_records.get(key)
         if config is not None and SCENARIO_KEY in config:
-            return Scenario.from_json(str(config[SCENARIO_KEY])), int(config[ROUND_KEY])  # type: ignore[arg-type]
+            return from_message(str(config[SCENARIO_KEY])), int(config[ROUND_KEY])  # type: ignore[arg-type]
     return None
 
 

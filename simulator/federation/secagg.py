@@ -55,6 +55,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from defenses.base import AggregationDefense, build_defenses
 from simulator.core.config import Scenario
 from simulator.core.models import ModelSpec, SentModel, build_model
+from simulator.core.protocol import ROUND_KEY, SCENARIO_KEY
 from simulator.data.shards import shard_size
 from simulator.federation.client import compute_update
 from simulator.federation.client_app import identify
@@ -64,7 +65,6 @@ from simulator.federation.client_mods import (
     seeded_numpy_mod,
 )
 from simulator.federation.interceptor import Manipulate, honest_part, manipulated_scenario
-from simulator.federation.messages import ROUND_KEY, SCENARIO_KEY
 from simulator.federation.strategies import sgd_step
 from simulator.federation.traffic import (
     AGGREGATE_CLIENT_ID,
@@ -75,6 +75,7 @@ from simulator.federation.traffic import (
     client_error_message,
     public_meta,
 )
+from simulator.scenario import from_message
 
 Weights = dict[str, torch.Tensor]
 
@@ -303,7 +304,7 @@ class SecAggClient(NumPyClient):
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """The update (masked by secaggplus_mod afterwards), its weight and its metrics."""
-        scenario = Scenario.from_json(str(config[SCENARIO_KEY]))
+        scenario = from_message(str(config[SCENARIO_KEY]))
         names = parameter_names(scenario.model)
         sent = {n: torch.from_numpy(np.array(a)) for n, a in zip(names, parameters, strict=True)}
         result = compute_update(scenario, int(config[ROUND_KEY]), self.client_id, sent)

@@ -37,7 +37,6 @@ from simulator.core.records import (
     Record,
     RoundRecord,
 )
-from simulator.core.scenario import Point, expand
 from simulator.federation.client_app import app as client_app
 from simulator.federation.secagg import app as secagg_client_app
 from simulator.federation.truth import TRUTH_DIR_ENV, TruthStore
@@ -49,6 +48,7 @@ from simulator.run.ray_head import run_cluster
 from simulator.run.referee import Referee, Tap
 from simulator.run.server_app import make_server_app
 from simulator.run.supervisor import Interrupted, Supervisor
+from simulator.scenario import Point, expand
 
 # A record as written to results.jsonl (and read back): the JSON object of a typed record.
 Written = dict[str, Any]

@@ -30,9 +30,10 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
-from simulator.core.config import Scenario, model_keys_read
+from simulator.core.config import Scenario, drop_unread
 from simulator.core.fields import InputError
 from simulator.core.records import InterruptedRecord, PointRecord, Record
+from simulator.scenario import from_dict
 
 RESULTS_FILE = "results.jsonl"
 INTERRUPTED_FILE = "interrupted.jsonl"
@@ -120,11 +121,9 @@ def _toml_value(value: Any) -> str:
 
 def scenario_toml(scenario: Scenario) -> str:
     """The resolved scenario as TOML, loadable again with ``leaksim run FILE``."""
+    # Only keys some kind of the scenario reads: a model kind's and a partitioner's keys are
+    # their params, which hold no other.
     raw = scenario.to_dict()
-    # Only the [model] keys some kind of the scenario reads: the others are defaults that
-    # loading the file again would refuse as written but unread (check_model_keys).
-    read = model_keys_read(scenario)
-    raw["model"] = {k: v for k, v in raw["model"].items() if k in read}
     top = [key for key in ("name", "description", "seed", "plugins") if key in raw]
     lines = [f"{key} = {_toml_value(raw.pop(key))}" for key in top]
     lines.append(f"defenses = {_toml_value(raw.pop('defenses'))}")
@@ -201,7 +200,10 @@ class RunFolder:
         return list(read_records(self.path))
 
     def scenario(self) -> Scenario:
-        return Scenario.from_json((self.path / SCENARIO_FILE).read_text())
+        raw = json.loads((self.path / SCENARIO_FILE).read_text())
+        # Folders written before a kind's keys were its params list every kind's defaults.
+        drop_unread(raw)
+        return from_dict(raw)
 
     def tidy(self) -> None:
         """Remove what a killed run leaves behind: truth stores and half-written files."""

@@ -38,9 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from simulator.core.protocol import Reconstruction
+from simulator.core.protocol import Reconstruction, Truth
 from simulator.core.records import AttackRecord
-from simulator.federation.truth import Truth
 from simulator.scoring.inversion import random_noise_baseline, score_inversion
 from simulator.scoring.metrics import (
     label_counts_right,

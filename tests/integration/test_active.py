@@ -17,13 +17,13 @@ import torch
 from simulator import api
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
-from simulator.core.scenario import load
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import load_shard
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID
 from simulator.federation.training import batch_gradient, load_weights
 from simulator.run.engine import RunResult
 from simulator.run.referee import RefereedRound
+from simulator.scenario import load
 
 
 def small(**overrides: object) -> Scenario:

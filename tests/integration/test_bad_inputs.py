@@ -32,7 +32,17 @@ CASES: list[tuple[str, list[str], str]] = [
     ("lr-inf", ["federation.lr=inf"], "federation.lr = inf must be a finite number"),
     ("lr-minus-inf", ["federation.lr=-inf"], "federation.lr = -inf must be a finite number"),
     ("timeout-nan", ["federation.timeout_s=nan"], "federation.timeout_s = nan must be a finite"),
-    ("alpha-nan", ["data.alpha=nan"], "data.alpha = nan must be a finite number"),
+    (
+        "alpha-nan",
+        ['data.partition="dirichlet"', "data.alpha=nan"],
+        "partitioner 'dirichlet': parameter 'alpha' = nan must be a finite number",
+    ),
+    ("alpha-under-iid", ["data.alpha=0.3"], "data.alpha is not read by data.partition 'iid'"),
+    (
+        "widths-swept-under-cnn",
+        ['model.kind="cnn"', "sweep.model.widths=[[8], [16]]"],
+        "model.widths is not read by model.kind 'cnn'; it is read by",
+    ),
     ("threshold-nan", ["attack.leak_threshold_db=nan"], "attack.leak_threshold_db = nan"),
     ("ssim-inf", ["attack.leak_threshold_ssim=inf"], "attack.leak_threshold_ssim = inf"),
     ("seed-negative", ["seed=-1"], "seed = -1 must be >= 0"),

@@ -16,7 +16,6 @@ from simulator import api
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
 from simulator.core.registry import DEFENSES
-from simulator.core.scenario import load
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import Shard, load_shard
 from simulator.federation.training import load_weights, local_train
@@ -24,6 +23,7 @@ from simulator.run import engine
 from simulator.run.engine import RunResult
 from simulator.run.folder import read_records
 from simulator.run.referee import RefereedRound
+from simulator.scenario import load, with_sweep
 
 
 def small(**overrides: object) -> Scenario:
@@ -153,7 +153,7 @@ def fedavg_points(tmp_path_factory: pytest.TempPathFactory) -> tuple:
             "data.examples_per_client": 20,
         }
     )
-    sweep = scenario.with_sweep({"faults.crash_clients": [[], [0, 1, 2, 3]]})
+    sweep = with_sweep(scenario, {"faults.crash_clients": [[], [0, 1, 2, 3]]})
     out = tmp_path_factory.mktemp("fedavg") / "run"
     traffic: list[RefereedRound] = []
     with pytest.raises(engine.RunFailed) as info:

@@ -22,17 +22,17 @@ from flwr.common import FitRes
 from simulator import api
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
+from simulator.core.protocol import NUM_EXAMPLES_KEY
 from simulator.core.registry import DEFENSES
-from simulator.core.scenario import load
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import load_shard
 from simulator.federation import secagg as secagg_app
-from simulator.federation.messages import NUM_EXAMPLES_KEY
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID
 from simulator.federation.training import batch_gradient, load_weights, local_train
 from simulator.run.engine import RunResult
 from simulator.run.folder import attack_artifact
 from simulator.run.referee import RefereedRound
+from simulator.scenario import load
 from tests.fixtures.secure_aggregation import aggregate_view, quantization_tolerance
 
 Update = dict[str, torch.Tensor]

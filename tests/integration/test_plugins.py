@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from simulator.cli import app
-from simulator.core.scenario import load
+from simulator.scenario import load
 from tests.integration.conftest import leaksim, read_results
 
 ROOT = Path(__file__).resolve().parents[2]

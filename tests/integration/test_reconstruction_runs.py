@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 from simulator import api
-from simulator.core.scenario import load
 from simulator.run.engine import RunResult
+from simulator.scenario import load, with_sweep
 
 
 def attack_records(result: RunResult) -> list[dict]:
@@ -57,7 +57,7 @@ def test_inversion_scenario_is_scored_against_the_clients_training_union(tmp_pat
         "attack.params.batch_size": 32,
         "attack.params.samples_per_class": 2,
     }
-    scenario = load("inversion-pooling", overrides).with_sweep({})
+    scenario = with_sweep(load("inversion-pooling", overrides), {})
     result = api.run(scenario, out_dir=tmp_path / "inversion")
     [record] = attack_records(result)
     assert record["matching"] == "training" and record["training_images"] == 1800

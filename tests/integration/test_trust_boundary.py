@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from simulator.core.plugins import load_plugin
+from simulator.scenario.plugins import load_plugin
 from tests.integration.conftest import ROOT, leaksim, read_results
 
 PROBE = '''
@@ -160,7 +160,7 @@ report = "{report}"
 TARGETS = """
 import json, sys
 import numpy as np
-from simulator.core.scenario import load
+from simulator.scenario import load
 from simulator.core.seeding import seeded_generator
 from simulator.data.datasets import load_split
 from simulator.data.shards import _shard_indices

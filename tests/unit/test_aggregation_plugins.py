@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 from simulator import api
 from simulator.cli import app
-from simulator.core.scenario import load
 from simulator.federation.secagg import SecAggStrategy, secagg_workflow
 from simulator.run.cluster import RAY_ADDRESS_ENV
 from simulator.run.preflight import preflight
+from simulator.scenario import load
 
 USABLE = '''
 """A user's aggregation defense: Flower's SecAgg (every client shares keys with all)."""

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simulator.core.scenario import load
 from simulator.data.shards import load_test_set
+from simulator.scenario import load
 
 
 def first_test_image(shared_data_dir: Path) -> torch.Tensor:

@@ -32,11 +32,11 @@ from defenses.noise import GaussianNoise, GaussianNoiseParams, LaplaceNoise, Lap
 from defenses.pruning import Pruning, PruningParams
 from defenses.quantization import Quantization, QuantizationParams
 from simulator.core.config import FederationConfig, Scenario, ScenarioError
-from simulator.core.models import ModelSpec, build_model
+from simulator.core.models import ModelSpec, build_model, model_spec
 from simulator.core.registry import DEFENSES
-from simulator.core.scenario import load
 from simulator.data.shards import Shard
 from simulator.federation.training import batch_gradient, local_train
+from simulator.scenario import load, with_overrides
 from tests.fixtures.secure_aggregation import aggregate_view
 
 Update = dict[str, torch.Tensor]
@@ -308,7 +308,7 @@ def test_int8_uses_at_most_255_levels_and_errs_by_at_most_half_a_step() -> None:
 
 # --- DP-SGD ------------------------------------------------------------------------------------
 
-SMALL_MLP = ModelSpec(kind="mlp", widths=(16,))
+SMALL_MLP = model_spec(kind="mlp", widths=(16,))
 
 
 def batch(seed: int, n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
@@ -515,7 +515,8 @@ def test_local_dp_is_fedavg_only_and_not_under_secure_aggregation() -> None:
     with pytest.raises(ScenarioError, match=r"'local-dp' needs federation.protocol = 'fedavg'"):
         local_dp_scenario("fedsgd")
     with pytest.raises(ScenarioError, match="cannot be combined with 'secure-aggregation'"):
-        local_dp_scenario().with_overrides(
-            {"defenses": [{"name": "local-dp"}, {"name": "secure-aggregation"}]}
+        with_overrides(
+            local_dp_scenario(),
+            {"defenses": [{"name": "local-dp"}, {"name": "secure-aggregation"}]},
         )
     assert local_dp_scenario().defenses[0]["name"] == "local-dp"  # fedavg alone is fine

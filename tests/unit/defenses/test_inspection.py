@@ -13,9 +13,8 @@ from defenses import inspection
 from defenses.inspection import Inspection, InspectionParams, ModelRejected
 from simulator.core.models import build_model
 from simulator.core.registry import DEFENSES
-from simulator.core.scenario import load
-from simulator.federation import messages
 from simulator.federation.training import batch_gradient, load_weights
+from simulator.scenario import load
 from tests.unit.attacks.active.helpers import LABELS, PRIVATE, plan
 
 SCENARIO = load("quickstart", {"model.widths": [64]})
@@ -59,10 +58,6 @@ def test_manipulated_models_are_refused_first_round_or_later(attack: str) -> Non
         assert "\n" not in str(error.value)
         reason = "structure differs" if attack == "imprint" else "RMS"
         assert reason in str(error.value)
-
-
-def test_the_mod_reads_the_scenario_under_the_federations_key() -> None:
-    assert inspection.SCENARIO_KEY == messages.SCENARIO_KEY
 
 
 def test_bad_params_get_one_line_errors() -> None:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from simulator.core.models import build_model
-from simulator.core.scenario import load
 from simulator.data.shards import load_shard
 from simulator.federation.client import compute_update
+from simulator.scenario import load
 
 # Noise far above the gradient, so that two updates are alike only if their noise is.
 NOISY = load("quickstart", {"defenses": [{"name": "gaussian-noise", "std": 10.0}]})

@@ -22,10 +22,11 @@ from flwr.compat.common import recorddict_compat as compat
 from defenses.inspection import REFERENCE_KEY, ModelRejected
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
-from simulator.core.scenario import load
+from simulator.core.protocol import ARRAYS_KEY, CONFIG_KEY, ROUND_KEY, SCENARIO_KEY
 from simulator.federation import secagg
 from simulator.federation.client_mods import client_defense_mods
-from simulator.federation.messages import ARRAYS_KEY, CONFIG_KEY, ROUND_KEY, SCENARIO_KEY, to_record
+from simulator.federation.messages import to_record
+from simulator.scenario import load
 
 SCENARIO = load("quickstart", {"model.widths": [8], "defenses": [{"name": "inspection"}]})
 HONEST = build_model(SCENARIO.model, seed=0).state_dict()

@@ -18,20 +18,19 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from simulator.core.config import Scenario
 from simulator.core.models import IMPRINT, SentModel, build_model
-from simulator.core.scenario import load
-from simulator.federation.interceptor import Interceptor, Manipulate
-from simulator.federation.messages import (
+from simulator.core.protocol import (
     ARRAYS_KEY,
     CLIENT_ID_KEY,
     CONFIG_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     SCENARIO_KEY,
-    from_record,
-    to_record,
 )
+from simulator.federation.interceptor import Interceptor, Manipulate
+from simulator.federation.messages import from_record, to_record
 from simulator.federation.strategies import make_strategy
 from simulator.federation.traffic import AllClientsFailed, RoundTraffic
+from simulator.scenario import load, with_overrides
 
 Weights = dict[str, torch.Tensor]
 
@@ -294,7 +293,7 @@ def test_a_manipulated_reply_that_may_join_adds_only_the_honest_models_tensors()
 
 
 def test_when_every_sampled_client_refuses_its_manipulated_model_the_round_passes() -> None:
-    one = scenario().with_overrides({"federation.fraction": 0.25})
+    one = with_overrides(scenario(), {"federation.fraction": 0.25})
 
     def manipulate(
         _round: int, sampled: tuple[int, ...], sent: Mapping[str, torch.Tensor]

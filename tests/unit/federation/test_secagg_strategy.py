@@ -20,11 +20,11 @@ from flwr.common import parameters_to_ndarrays as ndarrays
 
 from simulator.core.config import Scenario
 from simulator.core.models import IMPRINT, SentModel, build_model
-from simulator.core.scenario import load
+from simulator.core.protocol import NUM_EXAMPLES_KEY, ROUND_KEY, SCENARIO_KEY
 from simulator.federation.interceptor import Manipulate
-from simulator.federation.messages import NUM_EXAMPLES_KEY, ROUND_KEY, SCENARIO_KEY
 from simulator.federation.secagg import SecAggHalted, SecAggStrategy
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID, AllClientsFailed, RoundTraffic
+from simulator.scenario import load
 
 Weights = dict[str, torch.Tensor]
 

@@ -22,8 +22,8 @@ from simulator.core.records import (
     Record,
     RoundRecord,
 )
-from simulator.core.scenario import expand, load
 from simulator.run.folder import RunFolder
+from simulator.scenario import expand, load
 
 # Single-seed defense sweeps (the shipped studies' earlier form), so that the figures and
 # tables tested here keep a fixed set of points whatever the shipped studies become.

@@ -12,10 +12,10 @@ from flwr.app import ArrayRecord
 
 from simulator.core.models import build_model
 from simulator.core.records import RoundRecord
-from simulator.core.scenario import load
 from simulator.data.shards import Shard
 from simulator.federation.training import evaluate
 from simulator.run.driver import FederationDriver
+from simulator.scenario import load
 
 
 def idx(path: Path, count: int, header: int, shape: tuple[int, ...]) -> np.ndarray:

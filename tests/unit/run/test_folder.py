@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulator.core.scenario import load
 from simulator.run.folder import (
     INTERRUPTED_FILE,
     CorruptRecordsWarning,
@@ -21,6 +20,7 @@ from simulator.run.folder import (
     safe_name,
     write_atomic,
 )
+from simulator.scenario import load, with_sweep
 
 
 def named(name: str):
@@ -148,7 +148,7 @@ def point(index: int, status: str = "ok") -> dict:
 
 def test_rewind_keeps_finished_points_and_moves_the_rest_nothing_lost(tmp_path: Path) -> None:
     folder = RunFolder.create(
-        named("q").with_sweep({"federation.lr": [0.1, 0.2, 0.3]}), path=tmp_path / "r"
+        with_sweep(named("q"), {"federation.lr": [0.1, 0.2, 0.3]}), path=tmp_path / "r"
     )
     lines = write_run(
         folder.path,

@@ -13,9 +13,9 @@ import pytest
 from dp_accounting import dp_event, privacy_accountant, rdp
 
 from simulator.core.config import Scenario
-from simulator.core.scenario import load
 from simulator.data.shards import shard_size
 from simulator.run.privacy import PrivacyLedger
+from simulator.scenario import load
 
 NOISE, DELTA, BATCH = 2.0, 1e-5, 8
 

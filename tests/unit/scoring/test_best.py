@@ -10,14 +10,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator.core.models import ModelSpec, build_model, task_loss
-from simulator.core.protocol import Observation, PublicMeta
+from simulator.core.models import build_model, model_spec, task_loss
+from simulator.core.protocol import Observation, PublicMeta, Truth
 from simulator.core.records import AttackRecord, Record
-from simulator.core.scenario import load
 from simulator.federation.traffic import RoundTraffic
-from simulator.federation.truth import Truth, TruthStore
+from simulator.federation.truth import TruthStore
 from simulator.run.privacy import PrivacyLedger
 from simulator.run.referee import Referee
+from simulator.scenario import load
 from simulator.scoring.best import BEST, best_of
 
 
@@ -75,7 +75,7 @@ def test_one_attack_or_class_samples_give_no_best_record() -> None:
 @pytest.mark.needs_data  # the referee loads the public test split
 def test_the_referee_scores_each_attack_and_their_per_image_best(tmp_path: Path) -> None:
     """Two real attacks on one real FedSGD gradient: the best record takes each image's max."""
-    spec = ModelSpec("mlp", widths=(64,), activation="relu")
+    spec = model_spec("mlp", widths=(64,), activation="relu")
     model = build_model(spec, seed=0)
     images = torch.rand((4, 1, 28, 28), generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 1, 2, 3])

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simulator.core.protocol import Reconstruction
-from simulator.federation.truth import Truth
+from simulator.core.protocol import Reconstruction, Truth
 from simulator.scoring.score import score, score_round
 
 
