@@ -23,7 +23,8 @@ from attacks.base import Attack
 from simulator.core.config import FederationConfig
 from simulator.core.devices import move, resolve_device
 from simulator.core.models import ModelSpec, SentModel
-from simulator.core.protocol import Observation, PublicData, Reconstruction, objective_key
+from simulator.core.objectives import objective_key
+from simulator.core.protocol import Observation, PublicData, Reconstruction
 from simulator.core.registry import ATTACKS
 
 NO_ATTACK = "none"

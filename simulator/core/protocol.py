@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from simulator.core.models import ModelSpec
+from simulator.core.objectives import OBJECTIVES, Objective, objective_key
 
 Protocol = Literal["fedsgd", "fedavg"]
 
@@ -61,25 +62,6 @@ class Observation:
 Status = Literal["converged", "stalled", "budget", "diverged"]
 STATUSES: tuple[str, ...] = ("converged", "stalled", "budget", "diverged")
 Matching = Literal["hungarian", "nearest", "training"]
-# What an attack minimised: the distance of its images' gradients to the observed update; the
-# KKT stationarity loss of trained weights; a generator's (network inversion's) total loss;
-# the energy of the update outside the candidates' span; "none" for closed forms.
-Objective = Literal[
-    "gradient-distance", "kkt-stationarity", "generator-loss", "span-residual", "none"
-]
-OBJECTIVES: tuple[str, ...] = (
-    "gradient-distance",
-    "kkt-stationarity",
-    "generator-loss",
-    "span-residual",
-    "none",
-)
-
-
-def objective_key(objective: str) -> str:
-    """The key of an objective's value in trace rows and records: its name with underscores
-    (``kkt-stationarity``: ``kkt_stationarity``)."""
-    return objective.replace("-", "_")
 
 
 @dataclass
@@ -88,8 +70,9 @@ class Reconstruction:
 
     ``images`` is (n, C, H, W) in [0, 1]; ``labels`` is (n,) int64 dataset labels, or None when
     the attack could not recover them (``notes`` says why).
-    ``objective`` names what the attack minimised (:data:`Objective`; "none" for a closed
-    form) and ``objective_value`` is its value at the reported images (NaN when not computed).
+    ``objective`` names what the attack minimised (:mod:`simulator.core.objectives`; "none"
+    for a closed form) and ``objective_value`` is its value at the reported images (NaN when
+    not computed).
     ``trace`` holds one dict per logged iteration: at least "iteration", "seconds" (wall time
     since the batched run started) and the objective's value under
     :func:`objective_key` (``gradient_distance``, ``kkt_stationarity``, ...; none for "none").

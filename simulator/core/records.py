@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from simulator.core.protocol import objective_key
+from simulator.core.objectives import objective_key
 
 # 2: typed ``best`` records, ``true_images``/``generated``, the objective named in attack
 # records and their traces. 1: before the startup record held a version.

@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from simulator.core.protocol import objective_key
+from simulator.core.objectives import objective_key
 from simulator.core.records import AttackRecord, PointRecord, RoundRecord
 from simulator.report.tables import Row
 from simulator.run.folder import write_atomic

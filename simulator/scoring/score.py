@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from simulator.core.protocol import Reconstruction, objective_key
+from simulator.core.objectives import objective_key
+from simulator.core.protocol import Reconstruction
 from simulator.core.records import AttackRecord
 from simulator.federation.truth import Truth
 from simulator.scoring.inversion import random_noise_baseline, score_inversion

@@ -19,6 +19,7 @@ import numpy as np
 from simulator.core.records import (
     AttackErrorRecord,
     AttackRecord,
+    BestRecord,
     FailureRecord,
     PointRecord,
     PrivacyRecord,
@@ -78,6 +79,33 @@ def attack_record(
         "psnr_curve": [],
     }  # fmt: skip
     return AttackRecord(**(values | fields))
+
+
+def best_record(psnr: Sequence[float] = (100.0,), **fields: Any) -> BestRecord:
+    """The per-image best of two attacks ("a", "b") of round 1, client 0, at 30 dB; ``fields``
+    set any other field."""
+    leaked = [p >= 30 for p in psnr]
+    values: dict[str, Any] = {
+        "round": 1, "client": 0, "status": "converged", "notes": "synthetic",
+        "attacks": ["a", "b"], "true_images": len(psnr), "mean_psnr": statistics.fmean(psnr),
+        "median_psnr": statistics.median(psnr), "mean_ssim": 1.0,
+        "fraction_leaked": statistics.fmean(leaked), "leak_threshold_db": 30.0,
+        "psnr": list(psnr), "ssim": [1.0] * len(psnr), "leaked": leaked,
+        "best_attack": ["a"] * len(psnr), "seconds": 2.0,
+    }  # fmt: skip
+    return BestRecord(**(values | fields))
+
+
+def point_record(index: int, swept: dict[str, Any], **fields: Any) -> PointRecord:
+    """A finished sweep point that set ``swept``, with its defense and strength read from a
+    swept defense list as the engine reads them; ``fields`` set any other field."""
+    defense, strength = _defense(swept)
+    values: dict[str, Any] = {
+        "point": index, "swept": swept, "status": "ok", "rounds_completed": 1,
+        "defense": defense, "strength": strength, "final_accuracy": 0.9, "failed_updates": 0,
+        "seconds": 1.0,
+    }  # fmt: skip
+    return PointRecord(**(values | fields))
 
 
 def _defense(values: dict[str, Any]) -> tuple[str, Any]:
