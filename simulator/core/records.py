@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from simulator.core.objectives import objective_key
+from simulator.core.objectives import Objective, objective_key
 
 # 2: typed ``best`` records, ``true_images``/``generated``, the objective named in attack
 # records and their traces. 1: before the startup record held a version.
@@ -188,8 +188,8 @@ class AttackRecord(LeakageRecord):
 
     kind: ClassVar[str] = "attack"
     attack: str
-    matching: str = "hungarian"
-    objective: str = "gradient-distance"
+    matching: str
+    objective: Objective
     generated: int | None = field(default=None, metadata=OPTIONAL)
     recovered: int
     label_accuracy: float | None

@@ -267,7 +267,7 @@ TERMINAL_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("PSNR dB", "mean_psnr", "decibel"),
         ("SSIM", "mean_ssim", "ratio"),
         ("labels", "label_accuracy", "percent"),
-        ("60 dB", "recovered_60db", "percent"),
+        ("at 60 dB", "recovered_60db", "percent"),
         ("bound", "predicted_share", "percent"),
     ],
 }

@@ -69,7 +69,8 @@ def attack_record(
     bar = {} if matching == "hungarian" else {"leak_threshold_ssim": 0.4}
     values: dict[str, Any] = {
         "round": 1, "client": 0, "attack": attack, "status": "converged", "notes": "synthetic",
-        "matching": matching, **count, "recovered": len(psnr),
+        "matching": matching, "objective": "gradient-distance", **count,
+        "recovered": len(psnr),
         "mean_psnr": statistics.fmean(psnr), "median_psnr": statistics.median(psnr),
         "mean_ssim": statistics.fmean(ssim), "label_accuracy": None,
         "fraction_leaked": statistics.fmean(p >= 30 for p in psnr),

@@ -104,7 +104,7 @@ def test_an_active_attack_table_gives_the_exact_share_beside_its_bound() -> None
     ((title, headings, cells),) = [t for t in terminal_tables(records) if t[0] != "points"]
     assert title == "attacks (leaked: PSNR >= 30 dB)"
     names = [h for h, _ in headings]
-    assert names[-2:] == ["60 dB", "bound"] and "labels" not in names  # no labels recovered
+    assert names[-2:] == ["at 60 dB", "bound"] and "labels" not in names  # no labels recovered
     assert cells[0][-2:] == ["87.5%", "90.0%"]
 
 
