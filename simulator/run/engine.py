@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from flwr.simulation import run_simulation
@@ -36,6 +36,7 @@ from simulator.core.records import (
     InterruptedRecord,
     PointRecord,
     Record,
+    RecordT,
     RoundRecord,
     of_kind,
 )
@@ -52,7 +53,6 @@ from simulator.run.referee import Referee, Tap
 from simulator.run.server_app import make_server_app
 from simulator.run.supervisor import Interrupted, Supervisor
 
-RecordT = TypeVar("RecordT", bound=Record)
 ProgressHook = Callable[[Point, int], None]
 
 
