@@ -120,7 +120,7 @@ def main() -> None:
         "mean_psnr": round(float(mine.psnr.clamp(max=100).mean()), 2),
         "mean_ssim": round(float(mine.ssim.mean()), 4),
         "label_accuracy": mine.label_accuracy,
-        "distance": ours.distance,
+        "distance": ours.objective_value,
         "status": ours.status,
         "seconds": round(seconds, 1),
         "baseline": "idlg",

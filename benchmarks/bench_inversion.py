@@ -111,7 +111,7 @@ def bench(
         "attack_seconds": round(attack_seconds, 2),
         "seconds_per_step": round(attack_seconds / args.steps, 4),
         "score_seconds": round(score_seconds, 2),
-        "final_loss": round(rec.distance, 4),
+        "final_loss": round(rec.objective_value, 4),
         "mean_confidence": round(float(confidence.mean()), 4),
         "min_confidence": round(float(confidence.min()), 4),
         "mean_nn_ssim": round(scores["mean_nn_ssim"], 4),

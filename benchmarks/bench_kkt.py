@@ -108,7 +108,9 @@ def _score(
         ),
         "random_candidates_recovered": noise.recovered,
         "random_candidates_mean_best_ssim": round(float(noise.ssim.mean()), 4),
-        "final_stationarity": None if math.isnan(rec.distance) else round(rec.distance, 5),
+        "final_stationarity": None
+        if math.isnan(rec.objective_value)
+        else round(rec.objective_value, 5),
         **extra,
     }
     print(name, json.dumps(record), flush=True)
@@ -346,7 +348,7 @@ def bench_converged_victim() -> dict[str, object]:
         report = nearest_candidates(images, rec.images, threshold=THRESHOLD)
         record[f"recovered_after_{iterations}"] = report.recovered
         record[f"residual_after_{iterations}"] = (
-            None if math.isnan(rec.distance) else round(rec.distance, 4)
+            None if math.isnan(rec.objective_value) else round(rec.objective_value, 4)
         )
     print("converged_victim", json.dumps(record), flush=True)
     return record
@@ -394,7 +396,7 @@ def bench_paper_regime_small() -> dict[str, object]:
             "recovered": report.recovered,
             "recovered_paper": report.recovered_paper,
             "mean_best_ssim": round(float(report.ssim.mean()), 4),
-            "residual": None if math.isnan(rec.distance) else round(rec.distance, 4),
+            "residual": None if math.isnan(rec.objective_value) else round(rec.objective_value, 4),
         }
     print("paper_regime_small", json.dumps(record), flush=True)
     return record

@@ -2,7 +2,7 @@
 
     from simulator.api import load, run
     result = run(load("quickstart"))
-    print(result.table())          # one row per sweep point
+    print(result.table())          # the point records, one per sweep point
 
 ``load`` validates a scenario (a shipped name or a file, with overrides and plugin files);
 ``run`` runs every sweep point, writes the run folder and its report, and returns the records.

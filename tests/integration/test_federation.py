@@ -15,6 +15,13 @@ from defenses.dp_sgd import epsilon
 from simulator import api
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
+from simulator.core.records import (
+    AttackRecord,
+    FailureRecord,
+    PointRecord,
+    PrivacyRecord,
+    UpdateRecord,
+)
 from simulator.core.registry import DEFENSES
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import Shard, load_shard
@@ -118,14 +125,12 @@ def test_observations_hold_the_sent_global_weights_and_public_meta(fedsgd_runs: 
 
 def test_a_crashed_client_is_recorded_and_the_round_goes_on(fedsgd_runs: tuple) -> None:
     _, (result, traffic) = fedsgd_runs
-    failures = result.table("failure")
-    assert [(f["round"], f["client"]) for f in failures] == [(2, 2)]
-    assert "injected crash of client 2 in round 2" in failures[0]["reason"]
+    failures = result.table(FailureRecord)
+    assert [(f.round, f.client) for f in failures] == [(2, 2)]
+    assert "injected crash of client 2 in round 2" in failures[0].reason
     assert traffic[1].traffic.failures[0].client_id == 2
-    (point,) = result.table("point")
-    assert (
-        point["status"] == "ok" and point["rounds_completed"] == 2 and point["failed_updates"] == 1
-    )
+    (point,) = result.table()
+    assert point.status == "ok" and point.rounds_completed == 2 and point.failed_updates == 1
     summary = (result.folder.path / "summary.md").read_text()
     assert "Failed client updates (1)" in summary and "injected crash" in summary
 
@@ -134,7 +139,7 @@ def test_results_file_is_written_record_by_record(fedsgd_runs: tuple) -> None:
     _, (result, _) = fedsgd_runs
     on_disk = list(read_records(result.folder.path))
     assert on_disk == result.records
-    kinds = [r["kind"] for r in on_disk]
+    kinds = [r.kind for r in on_disk]
     assert kinds[0] == "startup" and kinds[-1] == "point" and kinds.count("round") == 3
     assert (result.folder.path / "scenario.toml").is_file()
     assert (result.folder.path / "figures" / "accuracy.png").stat().st_size > 1000
@@ -163,8 +168,8 @@ def fedavg_points(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 
 def test_fedavg_observes_real_weights_after_local_training(fedavg_points: tuple) -> None:
     scenario, records, traffic, _ = fedavg_points
-    points = [r for r in records if r["kind"] == "point"]
-    assert [(p["set:faults.crash_clients"], p["status"]) for p in points] == [
+    points = [r for r in records if isinstance(r, PointRecord)]
+    assert [(list(p.swept["faults.crash_clients"]), p.status) for p in points] == [
         ([], "ok"),
         ([0, 1, 2, 3], "failed"),
     ]
@@ -185,10 +190,10 @@ def test_a_point_where_every_client_fails_stops_with_a_clear_error(fedavg_points
     _, records, traffic, message = fedavg_points
     assert "AllClientsFailed: round 1: all 2 sampled clients failed" in message
     assert "injected crash of client" in message
-    (point,) = [r for r in records if r["kind"] == "point" and r["point"] == 1]
-    assert point["status"] == "failed" and point["rounds_completed"] == 0
-    failures = [r for r in records if r["kind"] == "failure" and r["point"] == 1]
-    assert [f["round"] for f in failures] == [1, 1]
+    (point,) = [r for r in records if isinstance(r, PointRecord) and r.point == 1]
+    assert point.status == "failed" and point.rounds_completed == 0
+    failures = [r for r in records if isinstance(r, FailureRecord) and r.point == 1]
+    assert [f.round for f in failures] == [1, 1]
     assert traffic[1].traffic.observations == () and len(traffic[1].traffic.failures) == 2
 
 
@@ -196,11 +201,11 @@ def test_the_malicious_server_attacks_and_the_scorer_scores_against_the_truth(
     fedsgd_runs: tuple,
 ) -> None:
     _, (result, _) = fedsgd_runs
-    attacks = result.table("attack")
-    assert [(a["round"], a["client"]) for a in attacks] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    attacks = result.table(AttackRecord)
+    assert [(a.round, a.client) for a in attacks] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     for record in attacks:
-        assert record["attack"] == "analytic" and record["fraction_leaked"] == 1.0
-        assert record["mean_psnr"] > 60 and record["mean_ssim"] > 0.99
+        assert record.attack == "analytic" and record.fraction_leaked == 1.0
+        assert record.mean_psnr > 60 and record.mean_ssim > 0.99
     folder = result.folder.path
     assert (folder / "artifacts" / "p0-attack-r1-c0.npz").is_file()
     assert (folder / "figures" / "reconstructions-p0-r1.png").stat().st_size > 1000
@@ -226,17 +231,17 @@ def test_defenses_change_what_the_server_sees_and_dp_reports_its_epsilon(tmp_pat
         assert observation.client_id == -1 == truth.client_id
         assert round_traffic.traffic.participants == (0, 1, 2, 3)
     # what the server saw: only the aggregate of the four clients, attacked as one batch
-    updates = result.table("update")
-    assert [(u["round"], u["client"]) for u in updates] == [(1, -1), (2, -1)]
-    attacks = result.table("attack")
-    assert [(a["round"], a["client"]) for a in attacks] == [(1, -1), (2, -1)]
+    updates = result.table(UpdateRecord)
+    assert [(u.round, u.client) for u in updates] == [(1, -1), (2, -1)]
+    attacks = result.table(AttackRecord)
+    assert [(a.round, a.client) for a in attacks] == [(1, -1), (2, -1)]
     for attack, round_traffic in zip(attacks, traffic, strict=True):
-        assert attack["batch_size"] == sum(len(t.labels) for t in round_traffic.truths)
-        assert attack["fraction_leaked"] == 0.0
+        assert attack.true_images == sum(len(t.labels) for t in round_traffic.truths)
+        assert attack.fraction_leaked == 0.0
     # epsilon from the accountant: 2 rounds of one Poisson step at rate 4/50 for every client
-    (privacy,) = result.table("privacy")
+    (privacy,) = result.table(PrivacyRecord)
     params = DEFENSES.create("dp-sgd", {k: v for k, v in dp.items() if k != "name"}).params
-    assert privacy["epsilon"] == pytest.approx(epsilon(params, 4 / 50, 2))
-    assert privacy["delta"] == 1e-5
-    (point,) = result.table("point")
-    assert point["defense"] == "dp-sgd+pruning+secure-aggregation"
+    assert privacy.epsilon == pytest.approx(epsilon(params, 4 / 50, 2))
+    assert privacy.delta == 1e-5
+    (point,) = result.table()
+    assert point.defense == "dp-sgd+pruning+secure-aggregation"

@@ -23,6 +23,7 @@ from simulator import api
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
 from simulator.core.protocol import NUM_EXAMPLES_KEY
+from simulator.core.records import AttackRecord, FailureRecord, Record, RoundRecord, UpdateRecord
 from simulator.core.registry import DEFENSES
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import load_shard
@@ -163,10 +164,10 @@ def test_the_observed_aggregate_is_the_true_mean_within_quantization(fedsgd_seca
 
 def test_an_attack_on_the_aggregate_is_scored_against_the_union(fedsgd_secagg: tuple) -> None:
     scenario, (result, traffic, _), _ = fedsgd_secagg
-    attacks = result.table("attack")
-    assert [(a["round"], a["client"]) for a in attacks] == [(1, -1), (2, -1)]
+    attacks = result.table(AttackRecord)
+    assert [(a.round, a.client) for a in attacks] == [(1, -1), (2, -1)]
     for record, round_traffic in zip(attacks, traffic, strict=True):
-        assert record["attack"] == "analytic" and record["batch_size"] == 6
+        assert record.attack == "analytic" and record.true_images == 6
         (union,) = round_traffic.truths
         truth = np.load(attack_artifact(result.folder.path, record))["truth"]
         np.testing.assert_array_equal(truth, union.inputs.numpy())
@@ -181,22 +182,23 @@ def test_an_attack_on_the_aggregate_is_scored_against_the_union(fedsgd_secagg: t
 
 def test_a_secagg_run_records_rounds_with_test_accuracy(fedsgd_secagg: tuple) -> None:
     result = fedsgd_secagg[1][0]
-    rounds = result.table("round")
-    assert [r["round"] for r in rounds] == [0, 1, 2]
-    assert all(0.0 <= r["test_accuracy"] <= 1.0 and math.isfinite(r["test_loss"]) for r in rounds)
-    assert [(u["round"], u["client"]) for u in result.table("update")] == [(1, -1), (2, -1)]
-    (point,) = result.table("point")
-    assert point["status"] == "ok" and point["defense"] == "secure-aggregation"
-    assert point["final_accuracy"] == rounds[-1]["test_accuracy"]
+    rounds = result.table(RoundRecord)
+    assert [r.round for r in rounds] == [0, 1, 2]
+    assert all(0.0 <= r.test_accuracy <= 1.0 and math.isfinite(r.test_loss) for r in rounds)
+    assert [(u.round, u.client) for u in result.table(UpdateRecord)] == [(1, -1), (2, -1)]
+    (point,) = result.table()
+    assert point.status == "ok" and point.defense == "secure-aggregation"
+    assert point.final_accuracy == rounds[-1].test_accuracy
 
 
 def test_secagg_runs_repeat_bit_for_bit(fedsgd_secagg: tuple) -> None:
     """SecAgg+'s stochastic rounding draws from numpy, seeded per (seed, round, client)."""
     _, (first, traffic_a, _), (second, traffic_b, _) = fedsgd_secagg
 
-    def stable(records: list[dict]) -> list[dict]:
+    def stable(records: list[Record]) -> list[dict[str, Any]]:
         return [
-            {k: v for k, v in r.items() if k not in {"seconds", "discovery_s"}} for r in records
+            {k: v for k, v in r.to_dict().items() if k not in {"seconds", "discovery_s"}}
+            for r in records
         ]
 
     assert stable(first.records) == stable(second.records)
@@ -217,8 +219,8 @@ def test_fedavg_secagg_aggregates_the_weights_of_the_clients_that_stayed(tmp_pat
         }
     )
     result, traffic, spy = run_spied(scenario, tmp_path / "fedavg")
-    assert [(f["round"], f["client"]) for f in result.table("failure")] == [(1, 3)]
-    assert "injected crash of client 3" in result.table("failure")[0]["reason"]
+    assert [(f.round, f.client) for f in result.table(FailureRecord)] == [(1, 3)]
+    assert "injected crash of client 3" in result.table(FailureRecord)[0].reason
     assert spy.calls[0]["clients"] == [0, 1, 2]
     (observation,) = traffic[0].traffic.observations
     spec = scenario.model
@@ -232,4 +234,4 @@ def test_fedavg_secagg_aggregates_the_weights_of_the_clients_that_stayed(tmp_pat
     expected = aggregate_view(trained, [10.0, 10.0, 10.0])
     assert max_error(observation.update, expected) <= tolerance(scenario, [10.0] * 3, trained)
     assert observation.meta.num_examples == 30
-    assert [r["round"] for r in result.table("round")] == [0, 1]
+    assert [r.round for r in result.table(RoundRecord)] == [0, 1]

@@ -216,7 +216,7 @@ def test_an_attack_searching_the_server_process_finds_no_true_image(tmp_path: Pa
     attacks = [r for r in records if r["kind"] == "attack"]
     expected = [(server_round, client) for server_round in (1, 2) for client in (0, 1, 2)]
     assert [(r["round"], r["client"]) for r in attacks] == expected
-    assert all(r["batch_size"] == 4 and r["fraction_leaked"] == 0.0 for r in attacks)
+    assert all(r["true_images"] == 4 and r["fraction_leaked"] == 0.0 for r in attacks)
     assert not list((tmp_path / "o").glob(".truth-*"))  # the truth store is gone
 
 

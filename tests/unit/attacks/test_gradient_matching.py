@@ -237,7 +237,7 @@ def test_dlg_reconstructs_a_digit_and_its_label() -> None:
     (result,) = ATTACKS.create("dlg", {"iterations": 100}).run([obs])
     assert float(_psnr(result, images)[0]) > 30
     assert torch.equal(result.labels, labels)
-    assert result.trace[0]["gradient_distance"] > 1e3 * result.distance
+    assert result.trace[0]["gradient_distance"] > 1e3 * result.objective_value
     assert {"iteration", "gradient_distance", "seconds"} <= set(result.trace[-1])
 
 
@@ -267,7 +267,7 @@ def test_fedavg_replay_matches_the_weights_and_beats_random_init() -> None:
     params = {"iterations": 150, "snapshots": 2, "init": "uniform"}
     (result,) = ATTACKS.create("idlg", params).run([obs])
     # Not 0: which labels shared a mini-batch is unknown (restarts try arrangements).
-    assert result.distance < 0.02 * result.trace[0]["gradient_distance"]
+    assert result.objective_value < 0.02 * result.trace[0]["gradient_distance"]
     start = leak_summary(result.snapshots[0][1], images).psnr
     final = _psnr(result, images)
     assert (final > 25).all() and (final > start + 15).all()
@@ -297,7 +297,7 @@ def test_more_restarts_never_end_worse() -> None:
     one = ATTACKS.create("dlg", {"iterations": 15, "restarts": 1}).run([obs])[0]
     three = ATTACKS.create("dlg", {"iterations": 15, "restarts": 3}).run([obs])[0]
     # Restart 0 is the single run's start; the batch may only round differently.
-    assert three.distance <= one.distance * (1 + 1e-3)
+    assert three.objective_value <= one.objective_value * (1 + 1e-3)
 
 
 def test_run_returns_one_reconstruction_per_observation_in_order() -> None:
@@ -315,7 +315,7 @@ def test_run_returns_one_reconstruction_per_observation_in_order() -> None:
         assert float(result.images.min()) >= 0 and float(result.images.max()) <= 1
         assert [it for it, _ in result.snapshots] == sorted(it for it, _ in result.snapshots)
         assert {it for it, _ in result.snapshots} <= {t["iteration"] for t in result.trace}
-        assert math.isfinite(result.distance) and result.round == 1
+        assert math.isfinite(result.objective_value) and result.round == 1
 
 
 def test_label_candidates_start_with_the_recovered_multiset_then_single_moves() -> None:

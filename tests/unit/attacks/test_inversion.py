@@ -243,9 +243,9 @@ def test_attack_makes_the_classifier_confident(
         float(confidence.mean()), abs=1e-5
     )
     assert last["confidence_min"] == pytest.approx(float(confidence.min()), abs=1e-5)
-    assert result.distance == pytest.approx(last["gradient_distance"])
+    assert result.objective_value == pytest.approx(last["generator_loss"])
     for record in result.trace:
-        assert {"iteration", "gradient_distance", "seconds", "confidence"} <= set(record)
+        assert {"iteration", "generator_loss", "seconds", "confidence"} <= set(record)
         assert {f"loss_{t}" for t in LOSSES} <= set(record)
     assert "confidence mean" in result.notes
 
@@ -271,7 +271,7 @@ def test_each_term_can_be_switched_off(
     assert all(f"loss_{term}" not in record for record in rec.trace)
     others = set(LOSSES) - {term}
     assert all({f"loss_{t}" for t in others} <= set(record) for record in rec.trace)
-    assert math.isfinite(rec.distance) and rec.images.shape == (10, 1, 28, 28)
+    assert math.isfinite(rec.objective_value) and rec.images.shape == (10, 1, 28, 28)
     assert rec.matching == "training"
 
 

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from simulator.core.records import Record
 from simulator.report.frontier import (
     Setting,
     cheapest,
@@ -17,6 +18,7 @@ from simulator.report.frontier import (
     settings,
     within_noise,
 )
+from tests.unit.report.synthetic_run import attack_record, best_record
 
 
 def row(curve: str, strength: float | None, leaked: float, accuracy: float, seed: int) -> dict:
@@ -69,9 +71,10 @@ def test_differences_inside_the_spread_are_flagged() -> None:
 
 
 def test_leakage_is_recorded_for_every_attacked_round() -> None:
-    def attack(point: int, server_round: int, leaked: float, name: str = "idlg") -> dict:
-        return {"kind": "attack", "point": point, "round": server_round, "attack": name,
-                "fraction_leaked": leaked}  # fmt: skip
+    def attack(point: int, server_round: int, leaked: float, name: str = "idlg") -> Record:
+        if name == "best":
+            return best_record(point=point, round=server_round, fraction_leaked=leaked)
+        return attack_record(name, point=point, round=server_round, fraction_leaked=leaked)
 
     records = [
         attack(0, 1, 1.0), attack(0, 1, 0.5), attack(0, 5, 0.25), attack(0, 10, 0.0),

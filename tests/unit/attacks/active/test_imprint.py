@@ -70,7 +70,7 @@ def test_a_planted_batch_with_one_input_per_bin_is_recovered_exactly() -> None:
     (reconstruction,) = attack.run([obs])
     assert reconstruction.images.shape[0] == 24
     assert bool((psnrs(reconstruction.images, PRIVATE[index]) >= 60).all())
-    assert reconstruction.trace[-1]["predicted_share"] == pytest.approx(predicted_share(64, 24))
+    assert reconstruction.predicted_share == pytest.approx(predicted_share(64, 24))
 
 
 def test_inputs_sharing_a_bin_are_lost_with_one_direction_and_peeled_with_two() -> None:
