@@ -23,6 +23,7 @@ from attacks.base import Attack
 from simulator.core.config import FederationConfig
 from simulator.core.devices import move, resolve_device
 from simulator.core.models import ModelSpec, SentModel
+from simulator.core.objectives import objective_key
 from simulator.core.protocol import Observation, PublicData, Reconstruction
 from simulator.core.registry import ATTACKS
 
@@ -175,15 +176,17 @@ def on_device(observations: Sequence[Observation], device: torch.device) -> list
 
 
 def flag_divergence(reconstruction: Reconstruction) -> Reconstruction:
-    """Mark a reconstruction diverged when its images, or the distance it tracked, are not finite.
+    """Mark a reconstruction diverged when its images, or the objective it tracked, are not
+    finite.
 
     A safety net for every attack: non-finite images are replaced by mid-grey so that scoring
-    stays defined, and the run records a failed attack instead of stopping. A NaN ``distance``
-    means "not computed" (closed-form attacks), so only a tracked, non-finite one counts.
+    stays defined, and the run records a failed attack instead of stopping. A NaN
+    ``objective_value`` means "not computed" (closed-form attacks), so only a tracked,
+    non-finite one counts.
     """
     trace = reconstruction.trace
-    last = trace[-1]["gradient_distance"] if trace else 0.0
-    tracked = not math.isnan(reconstruction.distance)
+    last = trace[-1].get(objective_key(reconstruction.objective), math.nan) if trace else 0.0
+    tracked = not math.isnan(reconstruction.objective_value)
     finite_images = bool(torch.isfinite(reconstruction.images).all())
     if finite_images and (math.isfinite(last) or not tracked):
         return reconstruction

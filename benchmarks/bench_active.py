@@ -49,16 +49,15 @@ from attacks.active.imprint import Imprint, ImprintParams
 from attacks.active.separation import ClientSeparation, SeparationParams
 from attacks.active.trap_weights import TrapWeights, TrapWeightsParams
 from simulator.core.config import DataConfig, FederationConfig
-from simulator.core.models import ModelSpec, SentModel, build_model
-from simulator.core.protocol import Observation, PublicData, PublicMeta, Reconstruction
+from simulator.core.models import SentModel, build_model, model_spec
+from simulator.core.protocol import Observation, PublicData, PublicMeta, Reconstruction, Truth
 from simulator.data.shards import Shard, load_test_set, load_training_union
 from simulator.federation.training import batch_gradient, load_weights, local_train
-from simulator.federation.truth import Truth
 from simulator.run.folder import write_atomic
 from simulator.scoring.score import score
 
 RESULTS = Path(__file__).parent / "results" / "active.json"
-SPEC = ModelSpec("mlp", widths=(256,), input_shape=(1, 28, 28), num_classes=10)
+SPEC = model_spec("mlp", widths=(256,), input_shape=(1, 28, 28), num_classes=10)
 Weights = dict[str, torch.Tensor]
 ActiveT = TypeVar("ActiveT", bound=ActiveAttack)
 
@@ -118,12 +117,14 @@ class Tally:
     labels: float = 0.0
 
     def add(self, reconstruction: Reconstruction, truth: Truth, seconds: float) -> None:
-        scores = score(reconstruction, truth).record.scores
+        record = score(reconstruction, truth).record
+        # the active attacks state a bound, so their records hold the exact shares
+        assert record.recovered_60db is not None and record.recovered_30db is not None
         count = int(truth.inputs.shape[0])
         self.images += count
-        self.at_60 += scores["recovered_60db"] * count
-        self.at_30 += scores["recovered_30db"] * count
-        self.labels += (scores["label_accuracy"] or 0.0) * count
+        self.at_60 += record.recovered_60db * count
+        self.at_30 += record.recovered_30db * count
+        self.labels += (record.label_accuracy or 0.0) * count
         self.seconds += seconds
         self.updates += 1
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from simulator.core.models import ModelSpec, build_model, task_loss
+from simulator.core.models import ModelSpec, build_model, model_spec, task_loss
 from simulator.core.protocol import Observation, PublicMeta
 from simulator.core.registry import ATTACKS
 from simulator.data.datasets import load_split
@@ -43,14 +43,14 @@ CONFIGS: list[tuple[str, str, dict[str, object], ModelSpec, int]] = [
         "inverting-gradients / cnn(8,16) relu / bs 4",
         "inverting-gradients",
         {"iterations": 100, "tolerance": 0.0},
-        ModelSpec("cnn", channels=(8, 16), activation="relu"),
+        model_spec("cnn", channels=(8, 16), activation="relu"),
         4,
     ),
     (
         "dlg (L-BFGS) / mlp(32) sigmoid / bs 1",
         "dlg",
         {"iterations": 100, "tolerance": 0.0},
-        ModelSpec("mlp", widths=(32,), activation="sigmoid"),
+        model_spec("mlp", widths=(32,), activation="sigmoid"),
         1,
     ),
 ]

@@ -33,13 +33,14 @@ import torch
 from simulator import api
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
-from simulator.core.scenario import expand, load
+from simulator.core.records import RoundRecord, StartupRecord
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import load_shard
 from simulator.federation.traffic import sample_clients
 from simulator.federation.training import batch_gradient
 from simulator.run.folder import write_atomic
 from simulator.run.processes import descendants, process_table
+from simulator.scenario import expand, load
 
 RESULTS = Path(__file__).parent / "results" / "engine.json"
 
@@ -118,9 +119,9 @@ def measure(
     with PeakMemory() as memory:
         result = api.run(scenario, out_dir=out)
     total = time.perf_counter() - started
-    round_records = result.table("round")
-    per_round = [r["seconds"] for r in round_records if r["round"] >= 2]  # round 1 loads data
-    startup = total - sum(r.get("seconds", 0.0) for r in round_records)
+    round_records = result.table(RoundRecord)
+    per_round = [r.seconds or 0.0 for r in round_records if r.round >= 2]  # round 1 loads data
+    startup = total - sum(r.seconds or 0.0 for r in round_records)
     engine_round = statistics.median(per_round)
     compute_round = in_process_round_seconds(scenario, min(rounds, 10))
     return {
@@ -131,8 +132,8 @@ def measure(
         "rounds": rounds,
         "total_s": round(total, 2),
         "startup_s": round(startup, 2),
-        "discovery_s": round(result.table("startup")[0]["discovery_s"], 2),
-        "first_round_s": round(round_records[1]["seconds"], 3),
+        "discovery_s": round(result.table(StartupRecord)[0].discovery_s, 2),
+        "first_round_s": round(round_records[1].seconds or 0.0, 3),
         "median_round_s": round(engine_round, 4),
         "in_process_round_s": round(compute_round, 4),
         "engine_overhead_per_round_s": round(engine_round - compute_round, 4),
@@ -160,7 +161,7 @@ def measure_sweep(scratch: Path, rounds: int = 2) -> dict[str, object]:
         "before": round(before, 1),
         "after": round(after, 1),
         "saved_per_point": round((before - after) / len(points), 2),
-        "point_seconds_after": [round(r["seconds"], 1) for r in result.table()],
+        "point_seconds_after": [round(r.seconds, 1) for r in result.table()],
     }
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from simulator.core.models import ModelSpec, build_model
+from simulator.core.models import ModelSpec, build_model, model_spec
 from simulator.core.protocol import Observation, PublicData, PublicMeta, Reconstruction
 from simulator.core.registry import ATTACKS
 from simulator.data.datasets import load_split, to_tensor
@@ -48,7 +48,7 @@ RESULTS = Path(__file__).parent / "results" / "fedavg.json"
 # --model: (spec, record name, description)
 MODELS: dict[str, tuple[ModelSpec, str, str]] = {
     "cnn-fc": (
-        ModelSpec("cnn-fc", channels=(32, 64), widths=(100,)),
+        model_spec("cnn-fc", channels=(32, 64), widths=(100,)),
         "multistep_10_epochs",
         "cnn-fc (channels 32, 64; dense 100; relu; avg pooling): the paper's FEMNIST CNN",
     ),
@@ -120,7 +120,7 @@ def main() -> None:
         "mean_psnr": round(float(mine.psnr.clamp(max=100).mean()), 2),
         "mean_ssim": round(float(mine.ssim.mean()), 4),
         "label_accuracy": mine.label_accuracy,
-        "distance": ours.distance,
+        "distance": ours.objective_value,
         "status": ours.status,
         "seconds": round(seconds, 1),
         "baseline": "idlg",

@@ -151,7 +151,7 @@ def measure_batch(
         (result,) = attack.run([obs])
         seconds.append(time.perf_counter() - began)
         psnrs += leaked(result.images, truth)
-        distances.append(result.distance)
+        distances.append(result.objective_value)
     base_seconds, base_psnrs = [], []
     for start in baseline_starts:
         truth = images[start : start + size]

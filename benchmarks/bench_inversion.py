@@ -31,7 +31,7 @@ import torch
 
 from attacks.inversion.attack import classifier_confidence
 from attacks.inversion.losses import LOSSES
-from simulator.core.models import ModelSpec, build_model
+from simulator.core.models import ModelSpec, build_model, model_spec
 from simulator.core.protocol import Observation, PublicMeta
 from simulator.core.registry import ATTACKS
 from simulator.data.datasets import load_split, to_tensor
@@ -41,12 +41,12 @@ from simulator.scoring.inversion import random_noise_baseline, score_inversion
 RESULTS = Path(__file__).parent / "results" / "inversion.json"
 
 CONFIGS: dict[str, tuple[ModelSpec, dict[str, Any]]] = {
-    "mlp": (ModelSpec(kind="mlp", widths=(100,)), {}),
+    "mlp": (model_spec(kind="mlp", widths=(100,)), {}),
     "mlp_ce_only": (
-        ModelSpec(kind="mlp", widths=(100,)),
+        model_spec(kind="mlp", widths=(100,)),
         {f"weight_{t}": 0.0 for t in LOSSES if t != "cross_entropy"},
     ),
-    "cnn": (ModelSpec(kind="cnn", channels=(8, 16)), {}),
+    "cnn": (model_spec(kind="cnn", channels=(8, 16)), {}),
 }
 
 
@@ -111,7 +111,7 @@ def bench(
         "attack_seconds": round(attack_seconds, 2),
         "seconds_per_step": round(attack_seconds / args.steps, 4),
         "score_seconds": round(score_seconds, 2),
-        "final_loss": round(rec.distance, 4),
+        "final_loss": round(rec.objective_value, 4),
         "mean_confidence": round(float(confidence.mean()), 4),
         "min_confidence": round(float(confidence.min()), 4),
         "mean_nn_ssim": round(scores["mean_nn_ssim"], 4),

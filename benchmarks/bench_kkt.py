@@ -47,10 +47,10 @@ from pathlib import Path
 import torch
 
 from attacks.kkt.attack import KKT, KKTParams, _problem, combination
-from simulator.core.models import ModelSpec, build_model
+from simulator.core.models import build_model, model_spec
 from simulator.core.protocol import Observation
-from simulator.core.scenario import load
 from simulator.run.folder import write_atomic
+from simulator.scenario import load
 from simulator.scoring.metrics import nearest_candidates
 from simulator.scoring.score import selection_scores
 from tests.fixtures.trained_model import (
@@ -108,7 +108,9 @@ def _score(
         ),
         "random_candidates_recovered": noise.recovered,
         "random_candidates_mean_best_ssim": round(float(noise.ssim.mean()), 4),
-        "final_stationarity": None if math.isnan(rec.distance) else round(rec.distance, 5),
+        "final_stationarity": None
+        if math.isnan(rec.objective_value)
+        else round(rec.objective_value, 5),
         **extra,
     }
     print(name, json.dumps(record), flush=True)
@@ -346,7 +348,7 @@ def bench_converged_victim() -> dict[str, object]:
         report = nearest_candidates(images, rec.images, threshold=THRESHOLD)
         record[f"recovered_after_{iterations}"] = report.recovered
         record[f"residual_after_{iterations}"] = (
-            None if math.isnan(rec.distance) else round(rec.distance, 4)
+            None if math.isnan(rec.objective_value) else round(rec.objective_value, 4)
         )
     print("converged_victim", json.dumps(record), flush=True)
     return record
@@ -364,7 +366,9 @@ def bench_paper_regime_small() -> dict[str, object]:
     """
     images, labels = mnist_odd_even(per_class=50, seed=0)
     spec = homogeneous_spec((1, 28, 28), widths=(500, 500), init_scale=1.0)
-    spec = dataclasses.replace(spec, first_layer_scale=1e-4)
+    spec = dataclasses.replace(
+        spec, params=dataclasses.replace(spec.params, first_layer_scale=1e-4)
+    )
     config = TrainConfig(steps=3000, lr=0.01, anneal=0.0, log_every=3000)
     victim = train_victim(spec, images, labels, config)
     obs = victim.observation(100, config)
@@ -392,7 +396,7 @@ def bench_paper_regime_small() -> dict[str, object]:
             "recovered": report.recovered,
             "recovered_paper": report.recovered_paper,
             "mean_best_ssim": round(float(report.ssim.mean()), 4),
-            "residual": None if math.isnan(rec.distance) else round(rec.distance, 4),
+            "residual": None if math.isnan(rec.objective_value) else round(rec.objective_value, 4),
         }
     print("paper_regime_small", json.dumps(record), flush=True)
     return record
@@ -405,7 +409,7 @@ def bench_fedavg(local_epochs: int, iterations: int) -> dict[str, object]:
     KKT refinement follow (0: none, what kkt-fedavg-client ships).
     """
     images, labels = mnist_odd_even(per_class=16, seed=1)
-    spec = ModelSpec(kind="mlp", widths=(100,), activation="relu")
+    spec = model_spec(kind="mlp", widths=(100,), activation="relu")
     start = time.perf_counter()
     obs = fedavg_client_update(images, labels, spec, local_epochs, 8, 0.05, 5e-4, seed=3)
     train_seconds = time.perf_counter() - start

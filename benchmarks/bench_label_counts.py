@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from attacks.labels.recovery import recover_labels
-from simulator.core.models import ModelSpec, build_model, task_loss
+from simulator.core.models import ModelSpec, build_model, model_spec, task_loss
 from simulator.core.protocol import Observation, PublicData, PublicMeta
 from simulator.data.datasets import load_split, to_tensor
 from simulator.run.folder import write_atomic
@@ -34,7 +34,7 @@ from simulator.run.folder import write_atomic
 RESULTS = Path(__file__).parent / "results" / "label_counts.json"
 SUMMARY = Path(__file__).parent / "results" / "labels.json"
 MODELS = {
-    "mlp": (ModelSpec("mlp", widths=(256,), activation="relu"), 0.8),
+    "mlp": (model_spec("mlp", widths=(256,), activation="relu"), 0.8),
     "cnn": (ModelSpec("cnn"), 0.3),
 }
 ROUNDS = (1, 10, 20, 50)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import attacks  # noqa: F401  (registers the attacks)
-from simulator.core.models import ModelSpec, build_model, task_loss
+from simulator.core.models import build_model, model_spec, task_loss
 from simulator.core.protocol import Observation, PublicMeta
 from simulator.core.registry import ATTACKS
 from simulator.data.datasets import load_split, to_tensor
@@ -26,7 +26,7 @@ from simulator.run.folder import write_atomic
 from simulator.scoring.metrics import leak_summary
 
 RESULTS = Path(__file__).parent / "results" / "noise_aware.json"
-SPEC = ModelSpec("mlp", widths=(256,), activation="relu")
+SPEC = model_spec("mlp", widths=(256,), activation="relu")
 SIGMAS = (0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 
 

@@ -1,9 +1,11 @@
 """Compare two run folders record by record, timings and paths aside.
 
-    python -m benchmarks.compare_runs RUN_A RUN_B
+    python -m benchmarks.compare_runs RUN_A RUN_B [--read]
 
 Prints one line per run (records compared, differences) and exits 1 on any difference.
-Used to show that a refactor leaves a scenario's records bit-identical.
+Used to show that a refactor leaves a scenario's records bit-identical. ``--read`` compares
+the records as :func:`simulator.core.records.read` types them, so that a folder written in an
+older format (renamed fields) is compared as today's.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from simulator.core.records import read
+
 # Wall-clock figures and where things were written differ between any two runs.
-IGNORED = {"seconds", "discovery_s", "elapsed_s", "artifact"}
+IGNORED = {"seconds", "seconds_to_threshold", "discovery_s", "elapsed_s", "artifact"}
 
 
 def _clean(value: Any) -> Any:
@@ -36,9 +40,13 @@ def _trace_without_time(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def records(run: Path) -> list[dict[str, Any]]:
-    lines = (run / "results.jsonl").read_text().splitlines()
-    return [_clean(_trace_without_time(json.loads(line))) for line in lines if line.strip()]
+def records(run: Path, typed: bool = False) -> list[dict[str, Any]]:
+    """The records of a run, timings aside (``typed``: as today's format writes them)."""
+    text = (run / "results.jsonl").read_text().splitlines()
+    lines = [json.loads(line) for line in text if line.strip()]
+    if typed:  # through JSON again, as written: NaN as null, tuples as lists
+        lines = [json.loads(json.dumps(read(line).to_dict())) for line in lines]
+    return [_clean(_trace_without_time(line)) for line in lines]
 
 
 def artifacts(run: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -49,8 +57,8 @@ def artifacts(run: Path) -> dict[str, dict[str, np.ndarray]]:
     return found
 
 
-def compare(first: Path, second: Path) -> list[str]:
-    a, b = records(first), records(second)
+def compare(first: Path, second: Path, typed: bool = False) -> list[str]:
+    a, b = records(first, typed), records(second, typed)
     problems = []
     if len(a) != len(b):
         problems.append(f"{len(a)} records against {len(b)}")
@@ -71,7 +79,8 @@ def compare(first: Path, second: Path) -> list[str]:
 
 def main() -> int:
     first, second = map(Path, sys.argv[1:3])
-    problems = compare(first, second)
+    typed = "--read" in sys.argv[3:]
+    problems = compare(first, second, typed)
     count = len(records(first))
     status = "identical" if not problems else f"{len(problems)} differences"
     print(f"{first.name}: {count} records, {len(artifacts(first))} artifacts: {status}")

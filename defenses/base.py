@@ -8,8 +8,9 @@
   privacy it spent.
 - :class:`ClientModDefense` wraps the client's reply as a Flower client mod after everything
   above (Flower's LocalDpMod).
-- :class:`AggregationDefense` changes what the server receives across clients (Flower's
-  SecAgg+: the aggregate only).
+- :class:`AggregationDefense` changes what the server receives across clients: the run
+  carries it out with Flower's SecAgg+ protocol, and the defense chooses the workflow's
+  settings (the server then holds the aggregate only).
 
 ``changes_observation`` says whether the server's view differs from the undefended one: a
 client-side transformation does; a defense applied after the server has observed (central DP)
@@ -19,12 +20,14 @@ plugin registry (:data:`simulator.core.registry.DEFENSES`), like attack paramete
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
+from flwr.server.workflow import SecAggPlusWorkflow
 from torch import nn
 
 from simulator.core.config import FederationConfig
@@ -138,15 +141,48 @@ class ClientModDefense(Defense):
 
 
 class AggregationDefense(Defense):
-    """Changes what the server receives across clients (it sees only their aggregate)."""
+    """Changes what the server receives across clients: it sees only their aggregate.
+
+    The run carries out every aggregation defense with Flower's SecAgg+ protocol: the clients
+    mask their updates (``secaggplus_mod``), the server's fit workflow is the one
+    :meth:`workflow` returns, and it can unmask only the example-weighted mean of the updates
+    that arrived. The server observes that mean once a round, when at least
+    :attr:`min_clients` updates are in it.
+    """
+
+    @property
+    @abstractmethod
+    def min_clients(self) -> int:
+        """The fewest updates whose aggregate the server may observe (fewer: nothing)."""
 
     @abstractmethod
-    def view(
-        self,
-        updates: Sequence[Mapping[str, torch.Tensor]],
-        weights: Sequence[float] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The one update the server observes for a round with these client ``updates``."""
+    def workflow(self, federation: FederationConfig, largest_weight: float) -> SecAggPlusWorkflow:
+        """Flower's SecAgg+ fit workflow (or a subclass, e.g. ``SecAggWorkflow``) to run.
+
+        ``largest_weight`` is the largest example count a client reports in ``federation``
+        (the FedSGD batch, or the largest shard under FedAvg): SecAgg+ quantizes each
+        client's weight relative to the workflow's ``max_weight``.
+        """
+
+    def check_scenario(self, federation: FederationConfig, defenses: Sequence[Defense]) -> None:
+        """One aggregation per scenario; SecAgg+ masks between at least 2 sampled clients, and
+        reveals the aggregate only when ``min_clients`` updates arrive: with fewer sampled,
+        no round could ever end."""
+        aggregation = [d.name for d in defenses if isinstance(d, AggregationDefense)]
+        if len(aggregation) > 1:
+            raise ValueError(f"at most one aggregation defense per scenario, got {aggregation}")
+        sampled = max(1, int(federation.clients * federation.fraction))
+        if sampled < 2:
+            raise ValueError(
+                f"defense {self.name!r} needs at least 2 clients sampled per round, got "
+                f"{sampled} (federation.clients = {federation.clients} x federation.fraction "
+                f"= {federation.fraction:g})"
+            )
+        if self.min_clients > sampled:
+            raise ValueError(
+                f"defense {self.name!r}: parameter 'min_clients' = {self.min_clients} exceeds "
+                f"the {sampled} clients sampled per round; allowed: [1, {sampled}]"
+            )
 
 
 DEFENSE_KINDS: tuple[type[Defense], ...] = (
@@ -165,6 +201,10 @@ def register_defense(name: str, description: str) -> Callable[[DefenseT], Defens
         if not (isinstance(cls, type) and issubclass(cls, DEFENSE_KINDS)):
             kinds = ", ".join(k.__name__ for k in DEFENSE_KINDS)
             raise TypeError(f"defense {name!r}: {cls!r} must subclass one of {kinds}")
+        if inspect.isabstract(cls):
+            # Refused here, where a plugin file is loaded (one line), not when a run builds it.
+            missing = ", ".join(sorted(cls.__abstractmethods__))
+            raise TypeError(f"defense {name!r}: {cls.__name__} does not implement {missing}")
         return DEFENSES.decorator(name, description)(cls)
 
     return decorate

@@ -15,10 +15,10 @@ its reference. Honest training moves a tensor's scale slowly, so the false-posit
 honest rounds is the share of such failures where no model was manipulated (measured in
 ``scenarios/active-defenses.toml``).
 
-A client-mod defense: on the Message-API path it wraps the train function like local DP does
-(:mod:`simulator.federation.client_mods`) and keeps its reference in the node's
-``context.state``; the SecAgg+ client calls :meth:`Inspection.inspect` itself before training.
-It does not change the update a client sends, only whether it sends one.
+A client-mod defense: it wraps the train function like local DP does, in both clients
+(:mod:`simulator.federation.client_mods`; under SecAgg+ it reads Flower's legacy fit message),
+and keeps its reference in the node's ``context.state``. It does not change the update a
+client sends, only whether it sends one.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from defenses.base import ClientMod, ClientModDefense, register_defense
 from simulator.core.config import Scenario
 from simulator.core.fields import param
 from simulator.core.models import build_model
+from simulator.core.protocol import SCENARIO_KEY
 
-# The config key the scenario travels under (simulator.federation.messages.SCENARIO_KEY, which
-# this layer may not import; a test keeps the two equal).
-SCENARIO_KEY = "leaksim-scenario"
 REFERENCE_KEY = "inspection-reference"
+# Where flwr.compat puts a legacy FitIns' weights (the SecAgg+ client's train message).
+LEGACY_PARAMETERS_KEY = "fitins.parameters"
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -88,10 +88,19 @@ def difference(received: Arrays, reference: Arrays, max_ratio: float) -> str | N
     return None
 
 
-def _received(msg: Message) -> dict[str, np.ndarray]:
-    """The weights a train message carries (its one ArrayRecord)."""
+def _received(msg: Message, scenario: Scenario) -> dict[str, np.ndarray]:
+    """The weights a train message carries (its one ArrayRecord), by parameter name.
+
+    A legacy fit message (the SecAgg+ client's) carries them unnamed, in the state-dict order
+    of the model its scenario describes.
+    """
     (record,) = msg.content.array_records.values()
-    return {name: array.numpy() for name, array in record.items()}
+    arrays = {name: array.numpy() for name, array in record.items()}
+    if LEGACY_PARAMETERS_KEY not in msg.content.array_records:
+        return arrays
+    # Seeded only so that naming draws nothing from torch's global generator.
+    names = list(build_model(scenario.model, seed=0).state_dict())
+    return dict(zip(names, arrays.values(), strict=True))
 
 
 def _scenario(msg: Message) -> Scenario:
@@ -132,7 +141,8 @@ class Inspection(ClientModDefense):
 
         def inspection_mod(msg: Message, context: Context, call_next: Any) -> Message:
             if msg.metadata.message_type == MessageType.TRAIN:
-                self.inspect(_received(msg), context.state, _scenario(msg))
+                scenario = _scenario(msg)
+                self.inspect(_received(msg, scenario), context.state, scenario)
             return call_next(msg, context)  # type: ignore[no-any-return]
 
         return inspection_mod

@@ -66,8 +66,10 @@ class LocalDp(ClientModDefense):
                 f"defense 'local-dp' needs federation.protocol = 'fedavg' (got {protocol!r}): "
                 "Flower's LocalDpMod clips and noises the weights a client sends back"
             )
-        if any(isinstance(d, AggregationDefense) for d in defenses):
-            raise ValueError(
-                "defense 'local-dp' cannot be combined with 'secure-aggregation': SecAgg+ runs "
-                "Flower's legacy message format, which the Message-API LocalDpMod does not read"
-            )
+        for other in defenses:
+            if isinstance(other, AggregationDefense):
+                raise ValueError(
+                    f"defense 'local-dp' cannot be combined with {other.name!r}: SecAgg+ runs "
+                    "Flower's legacy message format, which the Message-API LocalDpMod does not "
+                    "read"
+                )

@@ -2,7 +2,7 @@
 
     from simulator.api import load, run
     result = run(load("quickstart"))
-    print(result.table())          # one row per sweep point
+    print(result.table())          # the point records, one per sweep point
 
 ``load`` validates a scenario (a shipped name or a file, with overrides and plugin files);
 ``run`` runs every sweep point, writes the run folder and its report, and returns the records.
@@ -13,11 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import simulator.run.builtins  # noqa: F401  (registers every built-in plugin)
 from simulator.core.config import Scenario
-from simulator.core.scenario import load
 from simulator.report.summary import write_report
 from simulator.run.engine import RunResult, execute
 from simulator.run.preflight import preflight
+from simulator.scenario import load
 
 __all__ = ["RunResult", "load", "report", "run"]
 

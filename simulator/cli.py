@@ -20,13 +20,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+import simulator.run.builtins  # noqa: F401  (registers every built-in plugin)
 from simulator.api import report as write_report
 from simulator.api import run as run_scenario
 from simulator.core.config import Scenario, ScenarioError
 from simulator.core.fields import InputError
-from simulator.core.plugins import PluginError, load_plugins
+from simulator.core.records import Record
 from simulator.core.registry import REGISTRIES
-from simulator.core.scenario import SCENARIO_DIR, expand, load
 from simulator.data.datasets import DataError
 from simulator.report import landscape as landscapes
 from simulator.report.html import HTML_FILE
@@ -35,6 +35,8 @@ from simulator.run.cluster import RAY_ADDRESS_ENV
 from simulator.run.engine import RunInterrupted
 from simulator.run.folder import RunFolder, RunFolderError, check_new, read_records
 from simulator.run.preflight import PreflightError, preflight
+from simulator.scenario import SCENARIO_DIR, expand, load
+from simulator.scenario.plugins import PluginError, load_plugins
 
 PluginOption = Annotated[
     list[Path],
@@ -145,10 +147,10 @@ def run(
     console.print(f"results: {result.folder.path}")
     if result.report_error:
         console.print(f"[yellow]report not drawn:[/yellow] {result.report_error}")
-    failed = [r for r in result.table() if r["status"] == "failed"]
+    failed = [r for r in result.table() if r.status == "failed"]
     if failed:
         for record in failed:
-            console.print(f"[red]point {record['point']} failed:[/red] {record['error']}")
+            console.print(f"[red]point {record.point} failed:[/red] {record.error}")
         raise typer.Exit(1)
 
 
@@ -196,9 +198,10 @@ def _resumable(run_dir: Path, alone: bool) -> Scenario:
         raise RunFolderError(f"{run_dir}: cannot read its scenario: {error}") from None
 
 
-def _print_points(records: list[dict]) -> None:
+def _print_points(records: list[Record]) -> None:
     """The run's key figures in tables that fit 80 columns: one row per sweep point, and the
-    attack outcomes (every column is in summary.md and report.html)."""
+    attack outcomes with the bar for "leaked" (every column is in summary.md and
+    report.html)."""
     out = Console()
     for title, headings, rows in terminal_tables(records):
         table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)

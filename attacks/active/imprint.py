@@ -27,7 +27,6 @@ and reading it exactly ask for opposite scales; the attack favours one step.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,17 +120,12 @@ def reconstruction(
     start: float,
     notes: str,
 ) -> Reconstruction:
-    """A closed-form reconstruction; ``predicted_share`` in the trace tells the scorer to
-    report the shares recovered at 60 and 30 dB beside the guarantee."""
+    """A closed-form reconstruction; its ``predicted_share`` tells the scorer to report the
+    shares recovered at 60 and 30 dB beside the guarantee."""
     if images.shape[0] == 0:  # nothing found: one grey image keeps scoring defined
         images = torch.full((1, *obs.model.input_shape), 0.5)
         confirmed = torch.zeros(1, dtype=torch.bool)
-    trace = {
-        "iteration": 0.0,
-        "gradient_distance": math.nan,
-        "seconds": time.perf_counter() - start,
-        "predicted_share": predicted,
-    }
+    trace = {"iteration": 0.0, "seconds": time.perf_counter() - start}
     return Reconstruction(
         round=obs.round,
         client_id=obs.client_id,
@@ -141,6 +135,8 @@ def reconstruction(
         status="converged",
         notes=notes,
         confident=confirmed,
+        objective="none",
+        predicted_share=predicted,
     )
 
 

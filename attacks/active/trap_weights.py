@@ -245,12 +245,7 @@ class TrapWeights(ActiveAttack[TrapWeightsParams]):
                 labels = torch.full((1,), -1, dtype=torch.int64)
             if is_binary(obs.model):
                 labels = None
-            trace = {
-                "iteration": 0.0,
-                "gradient_distance": math.nan,
-                "seconds": time.perf_counter() - start,
-                "predicted_share": predicted,
-            }
+            trace = {"iteration": 0.0, "seconds": time.perf_counter() - start}
             results.append(
                 Reconstruction(
                     round=obs.round,
@@ -264,6 +259,8 @@ class TrapWeights(ActiveAttack[TrapWeightsParams]):
                         f"neurons; {images.shape[0] - found.verified} unverified"
                     ),
                     confident=torch.arange(images.shape[0]) < found.verified,
+                    objective="none",
+                    predicted_share=predicted,
                 )
             )
         return results

@@ -226,7 +226,7 @@ class Analytic(Attack[AnalyticParams]):
                     notes=f"{count} of {n} images from single-sample neurons"
                     + ("" if labels is not None else "; labels: binary model reveals parity only"),
                     confident=confident,
-                    distance=distance,
+                    objective_value=distance,
                 )
             )
         return results

@@ -254,7 +254,8 @@ class SubspaceAttack(Attack[SubspaceParams]):
             client_id=obs.client_id,
             images=images,
             labels=labels,
-            trace=[{"iteration": 0.0, "gradient_distance": subspace.outside, "seconds": seconds}],
+            trace=[{"iteration": 0.0, "span_residual": subspace.outside, "seconds": seconds}],
+            objective="span-residual",
             status="converged",
             attack=self.name,
             notes=(

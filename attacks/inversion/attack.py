@@ -242,7 +242,7 @@ def _record(iteration: int, ev: _Evaluation, seconds: float) -> dict[str, float]
     value = float(ev.total.detach())
     return {
         "iteration": float(iteration),
-        "gradient_distance": value,
+        "generator_loss": value,
         "loss": value,
         **{f"loss_{t}": float(v.detach()) for t, v in ev.terms.items()},
         "confidence": float(ev.confidence.mean()),
@@ -258,10 +258,10 @@ def _record(iteration: int, ev: _Evaluation, seconds: float) -> dict[str, float]
 class Inversion(Attack[InversionParams]):
     """Train a generator against the frozen classifier; return its samples for every class.
 
-    ``distance`` and the trace's "gradient_distance" hold the weighted total loss (of the
-    returned images for ``distance``). ``status``: "converged" when ``stop_confidence`` was
-    reached, "budget" when the steps ran out, "diverged" when the loss became non-finite (the
-    generator of the last finite trace record is used).
+    ``objective_value`` and the trace's "generator_loss" hold the weighted total loss (of the
+    returned images for ``objective_value``). ``status``: "converged" when
+    ``stop_confidence`` was reached, "budget" when the steps ran out, "diverged" when the loss
+    became non-finite (the generator of the last finite trace record is used).
     """
 
     Params = InversionParams
@@ -339,5 +339,6 @@ class Inversion(Attack[InversionParams]):
                 f"{float(confidence.mean()):.3f}, min {float(confidence.min()):.3f}; per class "
                 + " ".join(f"{k}:{float(v):.2f}" for k, v in enumerate(per_class))
             ),
-            distance=float(final.total.detach()),
+            objective="generator-loss",
+            objective_value=float(final.total.detach()),
         )

@@ -300,8 +300,8 @@ class KKT(Attack[KKTParams]):
     """Fit candidates and lambdas so that sum_i lambda_i y_i grad f(x_i) reproduces theta.
 
     ``status`` is "diverged" if the loss became non-finite (the best finite iterate is
-    returned), else "budget". ``distance`` and the trace's "gradient_distance" hold the
-    unweighted stationarity loss of the reported candidates.
+    returned), else "budget". ``objective_value`` and the trace's "kkt_stationarity" hold
+    the unweighted stationarity loss of the reported candidates.
     """
 
     Params = KKTParams
@@ -462,7 +462,8 @@ class KKT(Attack[KKTParams]):
             status=status,
             attack=self.name,
             notes="; ".join(notes),
-            distance=residual,
+            objective="kkt-stationarity",
+            objective_value=residual,
             matching="nearest",
         )
 

@@ -377,7 +377,7 @@ def optimise(
             stats = {k: float(v[lowest].detach()) for k, v in terms.items()}
             row = {
                 "iteration": float(iteration),
-                "gradient_distance": stats["stationarity"],
+                "kkt_stationarity": stats["stationarity"],
                 "loss": float(values[lowest]),
                 **stats,
                 "scale": float(scale[lowest]),

@@ -55,6 +55,7 @@ class LabelCounts(Attack[LabelCountParams]):
                     recovered.labels,
                     status="converged",
                     notes=notes,
+                    objective="none",
                 )
             )
         return found

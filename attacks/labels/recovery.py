@@ -80,9 +80,10 @@ def features_nonnegative(spec: ModelSpec) -> bool:
     """Whether the head's input features are >= 0 for images in [0, 1], from the spec alone."""
     if spec.kind == "lenet":
         return True  # sigmoid body
-    if spec.kind == "mlp" and not spec.widths:
+    if spec.kind == "mlp" and not spec.params.widths:
         return True  # the head sees raw pixels
-    return spec.activation in ("relu", "sigmoid")
+    # Kinds without an activation key are ReLU networks or have no hidden layer.
+    return getattr(spec.params, "activation", "relu") in ("relu", "sigmoid")
 
 
 def _probe_mean_softmax(obs: Observation, probes: int, seed: int) -> torch.Tensor:

@@ -228,7 +228,7 @@ def _solve(
                 status=status_of(tracker, p),
                 attack=attack,
                 notes=f"{notes}; best of {batch.restarts} restart(s)",
-                distance=float(distance[p]),
+                objective_value=float(distance[p]),
             )
         )
     return results

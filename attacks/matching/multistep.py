@@ -298,7 +298,7 @@ def attack_fedavg(
         status=status_of(tracker, p),
         attack=attack,
         notes=notes,
-        distance=float(tracker.best_distance[p]),
+        objective_value=float(tracker.best_distance[p]),
     )
 
 

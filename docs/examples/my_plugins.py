@@ -78,8 +78,9 @@ class RowRatio(Attack[RowRatioParams]):
             client_id=obs.client_id,
             images=images,
             labels=None,
-            trace=[{"iteration": 0, "gradient_distance": math.nan, "seconds": seconds}],
+            trace=[{"iteration": 0, "seconds": seconds}],
             status="converged",  # a closed form (the server fills in `attack`)
+            objective="none",  # nothing minimised, so the trace holds no objective value
             notes=f"{int(inside.sum())} of {len(rows)} active rows inside the pixel box",
             matching="nearest",  # candidates: each true image is scored against its best one
         )

@@ -1,12 +1,18 @@
-"""The scenario schema: one frozen dataclass per section, validated by the one validator.
+"""The scenario schema: one frozen dataclass per section, built by the one validator.
 
 A scenario is a TOML file with one table per section (``[data]``, ``[model]``,
 ``[federation]``, ``[attack]``, ``[faults]``), ``[[defenses]]`` tables applied in order by the
 clients, an optional ``[sweep]`` table mapping dotted keys to lists of values, and an optional
 ``plugins`` list of Python files that register more attacks, defenses, models or datasets.
-Every key is checked by :mod:`simulator.core.fields`; names of plugins (model kinds, datasets,
-partitioners, attacks, defenses) and their parameters by :mod:`simulator.core.registry`. An
-error names the key, the value and what is allowed.
+
+:func:`parse` checks every key's type and range (:mod:`simulator.core.fields`), and the keys
+of the chosen model kind and partitioner (:data:`KINDED`): each is the ``Params`` of its
+registry entry, written in the same table. The checks that need plugin files, other
+registries or several keys at once are the loader's
+(:mod:`simulator.scenario`), which is the only way a scenario enters a run. A scenario that
+was validated there travels as JSON (:meth:`Scenario.to_json`) and is decoded on the other
+side by :meth:`Scenario.from_json`, without validating it again. An error names the key, the
+value and what is allowed.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,13 +29,13 @@ from simulator.core.fields import (
     InputError,
     build_section,
     coerce,
+    derived,
     is_derived,
     param,
     suggest,
 )
-from simulator.core.models import SHARED_MODEL_KEYS, ModelSpec
-from simulator.core.plugins import load_plugins
-from simulator.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PARTITIONERS
+from simulator.core.models import ModelSpec
+from simulator.core.registry import MODELS, PARTITIONERS, Registry
 
 DEFAULT_SCENARIO = "quickstart"
 
@@ -41,7 +46,12 @@ class ScenarioError(InputError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which dataset the clients hold and how it is sharded among them."""
+    """Which dataset the clients hold and how it is sharded among them.
+
+    ``params`` holds the ``[data]`` keys only the ``partition`` scheme reads (its registered
+    ``Params``: dirichlet's ``alpha``, label-skew's ``classes_per_client``; None for iid); left
+    out, the scheme's defaults.
+    """
 
     dataset: str = "mnist"
     dir: str = ""
@@ -49,10 +59,14 @@ class DataConfig:
     train_examples: int = param(0, low=0)
     train_balance: Literal["none", "parity"] = "none"
     partition: str = "iid"
-    classes_per_client: int = param(2, low=1, high=10)
-    alpha: float = param(0.5, low=0.0, low_open=True)
     examples_per_client: int = param(0, low=0)
     test_examples: int = param(0, low=0)
+    params: Any = derived(None)  # noqa: RUF009  (None: immutable, like every derived default)
+
+    def __post_init__(self) -> None:
+        # The scheme's defaults, once the data layer has registered it (or a plugin file).
+        if self.params is None and self.partition in PARTITIONERS:
+            object.__setattr__(self, "params", PARTITIONERS.validate(self.partition, {}))
 
 
 @dataclass(frozen=True)
@@ -113,11 +127,11 @@ SECTIONS: dict[str, type] = {
 
 @dataclass(frozen=True)
 class Scenario:
-    """A validated run description; :func:`simulator.core.scenario.expand` makes its points.
+    """A validated run description; :func:`simulator.scenario.expand` makes its points.
 
     ``model`` is the resolved :class:`ModelSpec` (its input shape and class count derived
     from the dataset and task); ``plugins`` are absolute paths of plugin files, imported
-    before validation wherever the scenario is read (the clients too).
+    before the scenario is read wherever it is read (the clients too).
     """
 
     name: str = DEFAULT_SCENARIO
@@ -131,78 +145,111 @@ class Scenario:
     faults: FaultConfig = field(default_factory=FaultConfig)
     defenses: tuple[Mapping[str, Any], ...] = ()
     sweep: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    # Per kinded section ("model", "data"): its keys that only kinds the sweep selects read
+    # (``model.kind`` swept, one [model] table for them all); each such point reads them.
+    for_swept_kinds: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists, not tuples), derived fields left out: the form written
-        to run folders and messages, and read back by :func:`from_dict`."""
+        to run folders (only keys some kind of the scenario reads), read back by
+        :func:`simulator.scenario.from_dict`. A kind's params are keys of its table."""
         raw = json.loads(json.dumps(dataclasses.asdict(self), default=list))
-        for item in dataclasses.fields(ModelSpec):
-            if is_derived(item):
-                raw["model"].pop(item.name)
+        extra = raw.pop("for_swept_kinds")
+        for kinded in KINDED:
+            table = raw[kinded.section]
+            table.update(table.pop("params") or {})
+            table.update(extra.get(kinded.section, {}))
+        for name in DERIVED_MODEL_FIELDS:
+            raw["model"].pop(name)
         if not raw["plugins"]:
             del raw["plugins"]
         return raw
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        """The form messages carry: :meth:`to_dict` plus the derived model fields, so that the
+        receiver decodes it (:meth:`from_json`) without the dataset registry."""
+        raw = self.to_dict()
+        raw["model"].update({f: getattr(self.model, f) for f in DERIVED_MODEL_FIELDS})
+        return json.dumps(raw, sort_keys=True, default=list)
 
     @classmethod
     def from_json(cls, text: str) -> Scenario:
+        """Decode :meth:`to_json` (a scenario validated by its sender); its plugin files must
+        already be imported. Cached per process: every train message carries the scenario."""
         return _from_json(text)
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> Scenario:
-        """A new scenario with dotted keys (``federation.batch_size``) replaced, re-validated."""
-        raw = self.to_dict()
-        for key, value in overrides.items():
-            assign(raw, key, value)
-        return from_dict(raw)
 
-    def with_sweep(self, sweep: Mapping[str, Sequence[Any]]) -> Scenario:
-        """A new scenario sweeping the grid over ``sweep`` (dotted key -> list of values)."""
-        raw = self.to_dict()
-        raw["sweep"] = {key: list(values) for key, values in sweep.items()}
-        return from_dict(raw)
+DERIVED_MODEL_FIELDS = ("input_shape", "num_classes")
 
 
-def from_dict(raw: Mapping[str, Any]) -> Scenario:
-    """Validate a nested dict (a parsed TOML file, plugin paths absolute) into a Scenario."""
+@dataclass(frozen=True)
+class Kinded:
+    """A section whose other keys depend on one key: ``selector`` names an entry of
+    ``registry``, whose ``Params`` are read from the same table into the field ``params``."""
+
+    section: str
+    selector: str
+    registry: Registry[Any]
+
+    def own_keys(self) -> set[str]:
+        """The section's own keys (every kind reads them)."""
+        fields = dataclasses.fields(SECTIONS[self.section])
+        return {f.name for f in fields if not is_derived(f)}
+
+    def readers(self) -> dict[str, set[str]]:
+        """Every registered kind -> the keys its ``Params`` declare."""
+        return {
+            name: {f.name for f in dataclasses.fields(params)} if params is not None else set()
+            for name in self.registry
+            for params in [self.registry.entry(name).params]
+        }
+
+    def kinds(self, raw: Mapping[str, Any]) -> list[str]:
+        """The kinds a raw scenario selects: its table's, then the swept ones."""
+        table = raw.get(self.section, {})
+        default = SECTIONS[self.section].__dataclass_fields__[self.selector].default
+        chosen = table.get(self.selector, default) if isinstance(table, Mapping) else default
+        sweep = raw.get("sweep", {})
+        flat = _flatten(sweep) if isinstance(sweep, Mapping) else {}
+        swept = flat.get(f"{self.section}.{self.selector}", [])
+        return [chosen, *(swept if isinstance(swept, list | tuple) else [])]
+
+
+KINDED = (Kinded("model", "kind", MODELS), Kinded("data", "partition", PARTITIONERS))
+
+
+def drop_unread(raw: dict[str, Any], kinds_of: Mapping[str, Any] | None = None) -> None:
+    """Remove from ``raw``'s kinded tables every key no selected kind reads: the kinds of
+    ``kinds_of`` (``raw`` by default). A scenario's keys for a kind that an override or a sweep
+    point no longer selects are then dropped, as that kind's own defaults are."""
+    for kinded in KINDED:
+        table = raw.get(kinded.section)
+        if not isinstance(table, dict):
+            continue
+        readers = kinded.readers()
+        kinds = [k for k in kinded.kinds(kinds_of or raw) if isinstance(k, str) and k in readers]
+        read = kinded.own_keys().union(*(readers[k] for k in kinds))
+        raw[kinded.section] = {k: v for k, v in table.items() if k in read}
+
+
+def parse(raw: Mapping[str, Any]) -> Scenario:
+    """The typed scenario of a nested dict: every key's type and range checked (ScenarioError),
+    the model kind's and the partitioner's keys as their registered ``Params``.
+
+    The plugin files must be imported first. Attack and defense names and parameters, the
+    derived model fields and the checks across keys are :func:`simulator.scenario.from_dict`'s,
+    which imports the plugin files and calls this.
+    """
     try:
-        return _from_dict(raw)
+        return _parse(raw)
     except FieldError as error:
         raise ScenarioError(str(error)) from None
 
 
-def model_kinds(scenario: Scenario) -> set[str]:
-    """Every ``model.kind`` a point of ``scenario`` may have (its own and the swept ones)."""
-    return {scenario.model.kind, *scenario.sweep.get("model.kind", ())}
-
-
-def model_keys_read(scenario: Scenario) -> set[str]:
-    """The ``[model]`` keys some kind of ``scenario`` reads."""
-    uses = (MODELS.entry(kind).value.uses for kind in model_kinds(scenario))
-    return set(SHARED_MODEL_KEYS).union(*uses)
-
-
-def check_model_keys(written: set[str], scenario: Scenario) -> None:
-    """Refuse a ``[model]`` key the user wrote that no model kind of ``scenario`` reads.
-
-    ``written``: the keys of the file's ``[model]`` table (checked against the file's own
-    scenario) or of the overrides (against the scenario they give); swept ``model.*`` keys
-    always count. Only written keys can be checked (``to_dict`` spells out every default), and
-    a key is fine if any swept kind reads it: one ``[model]`` table may serve several kinds.
-    """
-    written = written | {k.split(".", 1)[1] for k in scenario.sweep if k.startswith("model.")}
-    for key in sorted(written - model_keys_read(scenario)):
-        names = " or ".join(repr(k) for k in sorted(model_kinds(scenario)))
-        readers = [k for k in MODELS if key in MODELS.entry(k).value.uses]
-        raise ScenarioError(
-            f"model.{key} is not read by model.kind {names}; it is read by "
-            f"{', '.join(readers) or 'no model kind'}"
-        )
-
-
-def _from_dict(raw: Mapping[str, Any]) -> Scenario:
-    top = [f.name for f in dataclasses.fields(Scenario)]
+def _parse(raw: Mapping[str, Any]) -> Scenario:
+    if not isinstance(raw, Mapping):
+        raise ScenarioError(f"a scenario must be a table, got {raw!r}")
+    top = [f.name for f in dataclasses.fields(Scenario) if f.name != "for_swept_kinds"]
     for key in raw:
         if key not in top:
             raise ScenarioError(f"unknown top-level key {key!r}{suggest(key, top)}")
@@ -212,109 +259,76 @@ def _from_dict(raw: Mapping[str, Any]) -> Scenario:
             values[key] = coerce(raw[key], hint, key)
     if values.get("seed", 0) < 0:
         raise ScenarioError(f"seed = {values['seed']} must be >= 0")
-    values["plugins"] = coerce(raw.get("plugins", []), tuple[str, ...], "plugins")
-    try:
-        load_plugins(values["plugins"])
-    except ValueError as error:
-        raise ScenarioError(str(error)) from None
-    for name, section in SECTIONS.items():
-        values[name] = build_section(section, raw.get(name, {}), name)
-    values["model"] = _resolved_model(values["model"], values["data"].dataset)
-    values["defenses"] = _defenses(raw.get("defenses", []))
+    values["plugins"] = plugin_paths(raw)
     sweep = raw.get("sweep", {})
     if not isinstance(sweep, Mapping):
         raise ScenarioError(f"[sweep] must be a table of key = [values], got {sweep!r}")
     values["sweep"] = {k: tuple(_sweep_values(k, v)) for k, v in _flatten(sweep).items()}
-    scenario = Scenario(**values)
-    check_rules(scenario)
-    for key, options in scenario.sweep.items():
-        for option in options:  # every grid value must itself be valid
-            _check_point(scenario, key, option)
-    return scenario
+    kinded_sections = {kinded.section for kinded in KINDED}
+    for name, section in SECTIONS.items():
+        if name not in kinded_sections:
+            values[name] = build_section(section, raw.get(name, {}), name)
+    extra = {}
+    for kinded in KINDED:
+        values[kinded.section], extra[kinded.section] = _kinded(kinded, raw, values["sweep"])
+    values["for_swept_kinds"] = {k: v for k, v in extra.items() if v}
+    values["defenses"] = _defenses(raw.get("defenses", []))
+    return Scenario(**values)
 
 
-def _check_point(scenario: Scenario, key: str, value: Any) -> None:
-    raw = scenario.to_dict()
-    raw["sweep"] = {}
-    assign(raw, key, value)
-    _from_dict(raw)
-
-
-def _resolved_model(model: ModelSpec, dataset: str) -> ModelSpec:
-    """The model with the input shape of ``dataset`` and the class count of its task."""
-    if dataset not in DATASETS:
-        raise ScenarioError(
-            f"data.dataset = {dataset!r} is not a known dataset; "
-            f"choose one of {', '.join(DATASETS)}"
-        )
-    source = DATASETS.entry(dataset).value
-    classes = 1 if model.task == "parity" else int(source.num_classes)
-    shape = tuple(source.shape)
-    return dataclasses.replace(model, input_shape=shape, num_classes=classes)
-
-
-def check_rules(scenario: Scenario) -> None:
-    """Checks that involve several keys or the plugin registries."""
-    model, fed = scenario.model, scenario.federation
-    for registry, key, value in (
-        (MODELS, "model.kind", model.kind),
-        (PARTITIONERS, "data.partition", scenario.data.partition),
-    ):
-        if value not in registry:
+def _kinded(
+    kinded: Kinded, raw: Mapping[str, Any], sweep: Mapping[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """(the section with its kind's params, its keys only other swept kinds read)."""
+    name, own = kinded.section, kinded.own_keys()
+    table = raw.get(name, {})
+    if not isinstance(table, Mapping):
+        raise FieldError(f"[{name}] must be a table, got {table!r}")
+    readers = kinded.readers()
+    kinds = [coerce(k, str, f"{name}.{kinded.selector}") for k in kinded.kinds(raw)]
+    for kind in kinds:
+        if kind not in readers:
             raise ScenarioError(
-                f"{key} = {value!r} is not a known {registry.kind}; "
-                f"choose one of {', '.join(registry)}"
+                f"{name}.{kinded.selector} = {kind!r} is not a known {kinded.registry.kind}; "
+                f"choose one of {', '.join(readers)}"
             )
-    for key in ("widths", "channels"):
-        if any(v < 1 for v in getattr(model, key)):
-            raise ScenarioError(f"model.{key} = {list(getattr(model, key))} must be >= 1")
-    bad = [c for c in scenario.faults.crash_clients if not 0 <= c < fed.clients]
-    if bad:
-        raise ScenarioError(
-            f"faults.crash_clients = {bad} must be client ids in 0..{fed.clients - 1}"
-        )
-    if model.task == "parity" and model.kind != "homogeneous-mlp":
-        raise ScenarioError(
-            f"model.task = 'parity' needs model.kind 'homogeneous-mlp' ('binary-fc' is always "
-            f"binary), got {model.kind!r}"
-        )
-    for key, rounds in (
-        ("attack.rounds", scenario.attack.rounds),
-        ("faults.crash_rounds", scenario.faults.crash_rounds),
-    ):
-        if bad_rounds := [r for r in rounds if not 1 <= r <= fed.rounds]:
-            raise ScenarioError(f"{key} = {bad_rounds} must be rounds in 1..{fed.rounds}")
-    cores = os.cpu_count() or 1
-    if fed.cpus_per_client > cores:
-        raise ScenarioError(
-            f"federation.cpus_per_client = {fed.cpus_per_client:g} exceeds the {cores} CPU "
-            f"cores of this machine; allowed: (0, {cores}]"
-        )
-    defenses = []
-    for index, entry in enumerate(scenario.defenses):
-        params = {k: v for k, v in entry.items() if k != "name"}
-        try:
-            defenses.append(DEFENSES.create(entry["name"], params))
-        except ValueError as error:
-            raise ScenarioError(f"defenses[{index}]: {error}") from None
-    for defense in defenses:
-        try:
-            defense.check_scenario(fed, defenses)
-        except ValueError as error:
-            raise ScenarioError(str(error)) from None
+    read = set().union(*(readers[k] for k in kinds))
+    swept = [k.split(".", 1)[1] for k in sweep if k.startswith(f"{name}.")]
+    for key in [*table, *swept]:
+        if key not in own and key not in read:
+            raise ScenarioError(_unread(kinded, key, kinds, readers, own | read))
     try:
-        ATTACKS.validate(scenario.attack.name, scenario.attack.params)
-    except ValueError as error:
-        raise ScenarioError(f"attack: {error}") from None
-    for index, entry in enumerate(scenario.attack.also):
-        if not isinstance(entry.get("name"), str):
-            raise ScenarioError(f"attack.also[{index}] must be a table with a name, got {entry!r}")
-        try:
-            ATTACKS.validate(entry["name"], {k: v for k, v in entry.items() if k != "name"})
-        except ValueError as error:
-            raise ScenarioError(f"attack.also[{index}]: {error}") from None
-    if scenario.attack.also and scenario.attack.name == "none":
-        raise ScenarioError("attack.also needs a first attack: set attack.name")
+        params = kinded.registry.validate(
+            kinds[0], {k: v for k, v in table.items() if k in readers[kinds[0]]}
+        )
+    except ValueError as error:  # "model 'mlp': parameter 'widths'[0] = 0 is out of range..."
+        raise ScenarioError(str(error)) from None
+    section = build_section(SECTIONS[name], {k: v for k, v in table.items() if k in own}, name)
+    extra = {k: v for k, v in table.items() if k not in own and k not in readers[kinds[0]]}
+    return dataclasses.replace(section, params=params), extra
+
+
+def _unread(
+    kinded: Kinded, key: str, kinds: list[str], readers: dict[str, set[str]], allowed: set[str]
+) -> str:
+    """A key of a kinded section that no selected kind reads: who does, or "unknown key"."""
+    name = kinded.section
+    by = [kind for kind, keys in readers.items() if key in keys]
+    if not by:
+        return f"unknown key {name}.{key}{suggest(key, sorted(allowed))}"
+    chosen = " or ".join(repr(k) for k in dict.fromkeys(kinds))
+    return (
+        f"{name}.{key} is not read by {name}.{kinded.selector} {chosen}; "
+        f"it is read by {', '.join(by)}"
+    )
+
+
+def plugin_paths(raw: Mapping[str, Any]) -> tuple[str, ...]:
+    """The ``plugins`` list of a raw scenario, checked to be a list of paths."""
+    try:
+        return coerce(raw.get("plugins", []), tuple[str, ...], "plugins")  # type: ignore[no-any-return]
+    except FieldError as error:
+        raise ScenarioError(str(error)) from None
 
 
 def _defenses(raw: Any) -> tuple[dict[str, Any], ...]:
@@ -344,6 +358,19 @@ def _sweep_values(key: str, values: Any) -> Sequence[Any]:
     if not isinstance(values, list) or not values:
         raise ScenarioError(f"sweep.{key} must be a non-empty list of values, got {values!r}")
     return values
+
+
+@functools.lru_cache(maxsize=16)
+def _from_json(text: str) -> Scenario:
+    raw = json.loads(text)
+    derived = {f: raw["model"].pop(f) for f in DERIVED_MODEL_FIELDS}
+    scenario = parse(raw)
+    model = dataclasses.replace(
+        scenario.model,
+        input_shape=tuple(derived["input_shape"]),
+        num_classes=int(derived["num_classes"]),
+    )
+    return dataclasses.replace(scenario, model=model)
 
 
 def assign(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -386,10 +413,3 @@ def _assign_defense(raw: dict[str, Any], path: list[str], value: Any, dotted: st
             f"{len(defenses)} (the scenario's [[defenses]] tables, from 0)"
         )
     defenses[int(path[0])] = {**defenses[int(path[0])], path[1]: value}
-
-
-@functools.lru_cache(maxsize=16)
-def _from_json(text: str) -> Scenario:
-    """Parsed and validated once per process: every client message carries the scenario, and
-    validating it again costs about a millisecond a client a round (the scenario is frozen)."""
-    return from_dict(json.loads(text))

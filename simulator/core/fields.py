@@ -129,7 +129,12 @@ def _choose(choices: Sequence[Any]) -> str:
 
 
 def check_range(value: Any, meta: Mapping[str, Any], where: str) -> None:
-    """Raise FieldError when a number is outside the field's range (NaN is always outside)."""
+    """Raise FieldError when a number is outside the field's range (NaN is always outside);
+    the range of a list field holds for each of its items."""
+    if isinstance(value, tuple):
+        for index, item in enumerate(value):
+            check_range(item, meta, f"{where}[{index}]")
+        return
     if not isinstance(value, int | float) or isinstance(value, bool):
         return
     low, high = meta.get("low"), meta.get("high")

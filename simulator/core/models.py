@@ -2,15 +2,17 @@
 
 A model is described by a small, hashable :class:`ModelSpec` that travels in messages and
 observations, so the server (and the attacker sitting in it) rebuilds exactly the network the
-clients train without ever touching client state.
+clients train without ever touching client state. The keys every kind reads are the spec's own
+fields; the rest are the kind's ``params``, a frozen dataclass registered with its builder and
+validated like an attack's parameters (``MODELS.validate``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -28,27 +30,16 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoi
 class ModelSpec:
     """The ``[model]`` section: the public description of the classifier everyone rebuilds.
 
-    ``input_shape`` and ``num_classes`` are derived when a scenario is validated (from the
-    dataset and ``task``), never written in a scenario file.
+    The fields are the keys every kind reads; ``params`` holds the keys only ``kind`` reads
+    (the ``Params`` its builder was registered with, None for a kind that takes none; left
+    out, the kind's defaults), written in the same ``[model]`` table. ``input_shape`` and
+    ``num_classes`` are derived when a scenario is validated (from the dataset and ``task``),
+    never written in a scenario file. :func:`model_spec` builds one from flat keys.
     """
 
     kind: str = "mlp"
-    widths: tuple[int, ...] = (100,)
-    activation: Activation = "relu"
-    bias: bool = True
-    pooling: Pooling = "avg"
-    channels: tuple[int, ...] = (8, 16)
     # "uniform": every parameter drawn from U(-0.5, 0.5), the initialisation of the iDLG code.
     init: Literal["default", "uniform"] = "default"
-    # Multiplies every initial weight (homogeneous-mlp only): small inits put gradient descent
-    # in the rich regime whose limit is a KKT point of margin maximisation (Haim et al. 2022).
-    init_scale: float = param(1.0, low=0.0, low_open=True)
-    # Multiplies the first layer's initial weight and bias (homogeneous-mlp only), on top of
-    # ``init_scale``: Haim et al. start the first layer at PyTorch's default x 1e-4 and the other
-    # layers at their default, so the first layer is (almost) the sum of its gradient steps.
-    first_layer_scale: float = param(
-        1.0, low=0.0, low_open=True, help="extra factor on the first layer's initial weights"
-    )
     # "parity": one logit trained on odd/even (binary cross-entropy); binary-fc always is.
     task: Literal["classes", "parity"] = "classes"
     # The network first maps its [0, 1] input to 2 x - 1 (a fixed layer, no parameters): the
@@ -58,30 +49,87 @@ class ModelSpec:
     # leave it at 0; a malicious server sends it to the clients it manipulates
     # (attacks/active/imprint.py), and each client builds the model the spec describes.
     imprint_bins: int = param(0, low=0, help="neurons of an imprint block in front (0: none)")
+    params: Any = derived(None)  # noqa: RUF009  (None: immutable, like every derived default)
     input_shape: tuple[int, int, int] = derived((1, 28, 28))
     num_classes: int = derived(10)
 
+    def __post_init__(self) -> None:
+        if self.params is None:  # the kind's defaults (ValueError for an unknown kind)
+            object.__setattr__(self, "params", MODELS.validate(self.kind, {}))
 
-# ``[model]`` keys that hold for every kind (the rest are read only by the kinds whose
-# ``uses`` name them; a scenario that sets a key no kind of it reads is refused).
-SHARED_MODEL_KEYS = frozenset({"kind", "init", "task", "centre_inputs", "imprint_bins"})
+
+def model_spec(kind: str = "mlp", **keys: Any) -> ModelSpec:
+    """A :class:`ModelSpec` from flat ``[model]`` keys (``model_spec("mlp", widths=(64,))``):
+    the keys every kind reads go to the spec, the others are validated as ``kind``'s params."""
+    shared = {k: keys.pop(k) for k in list(keys) if k in MODEL_SPEC_KEYS}
+    return ModelSpec(kind, params=MODELS.validate(kind, keys), **shared)
+
+
+# The keys of a [model] table that are the spec's own (every kind reads them).
+MODEL_SPEC_KEYS = frozenset(
+    {"kind", "init", "task", "centre_inputs", "imprint_bins", "input_shape", "num_classes"}
+)
 
 
 @dataclass(frozen=True)
-class ModelBuilder:
-    """What the model registry holds: the builder and the ``[model]`` keys it reads."""
+class MlpParams:
+    """Parameters of "mlp"."""
 
-    build: Callable[[ModelSpec], nn.Module]
-    uses: frozenset[str] = field(default_factory=frozenset)
+    widths: tuple[int, ...] = param((100,), low=1, help="hidden layer widths")
+    activation: Activation = "relu"
+    bias: bool = True
+
+
+@dataclass(frozen=True)
+class CnnParams:
+    """Parameters of "cnn"."""
+
+    channels: tuple[int, ...] = param((8, 16), low=1, help="channels of the 3x3 conv blocks")
+    pooling: Pooling = "avg"
+    activation: Activation = "relu"
+
+
+@dataclass(frozen=True)
+class CnnFcParams(CnnParams):
+    """Parameters of "cnn-fc": the cnn's, and the widths of the dense hidden part."""
+
+    widths: tuple[int, ...] = param((100,), low=1, help="hidden dense layer widths")
+
+
+@dataclass(frozen=True)
+class BinaryFcParams:
+    """Parameters of "binary-fc"."""
+
+    bias: bool = True
+
+
+@dataclass(frozen=True)
+class HomogeneousMlpParams:
+    """Parameters of "homogeneous-mlp"."""
+
+    widths: tuple[int, ...] = param((100,), low=1, help="hidden layer widths")
+    # Multiplies every initial weight: small inits put gradient descent in the rich regime
+    # whose limit is a KKT point of margin maximisation (Haim et al. 2022).
+    init_scale: float = param(1.0, low=0.0, low_open=True, help="factor on every initial weight")
+    # Multiplies the first layer's initial weight and bias, on top of ``init_scale``: Haim et
+    # al. start the first layer at PyTorch's default x 1e-4 and the other layers at their
+    # default, so the first layer is (almost) the sum of its gradient steps.
+    first_layer_scale: float = param(
+        1.0, low=0.0, low_open=True, help="extra factor on the first layer's initial weights"
+    )
+
+
+Builder = Callable[[ModelSpec], nn.Module]
 
 
 def register_model(
-    name: str, description: str, uses: tuple[str, ...] = ()
-) -> Callable[[Callable[[ModelSpec], nn.Module]], Callable[[ModelSpec], nn.Module]]:
-    """Register a builder under the name scenario files use for ``model.kind``."""
+    name: str, description: str, params: type | None = None
+) -> Callable[[Builder], Builder]:
+    """Register a builder under the name scenario files use for ``model.kind``; ``params``, a
+    frozen dataclass, declares the ``[model]`` keys it reads besides the spec's own."""
 
-    def decorate(build: Callable[[ModelSpec], nn.Module]) -> Callable[[ModelSpec], nn.Module]:
-        MODELS.add(name, description, ModelBuilder(build, frozenset(uses)))
+    def decorate(build: Builder) -> Builder:
+        MODELS.add(name, description, build, params)
         return build
 
     return decorate
@@ -93,17 +141,16 @@ def _flat_size(shape: tuple[int, int, int]) -> int:
 
 
 @register_model(
-    "mlp",
-    "Fully-connected network: hidden `widths`, `activation`, `bias` on or off.",
-    uses=("widths", "activation", "bias"),
+    "mlp", "Fully-connected network: hidden `widths`, `activation`, `bias` on or off.", MlpParams
 )
 def build_mlp(spec: ModelSpec) -> nn.Module:
+    params: MlpParams = spec.params
     layers: list[nn.Module] = [nn.Flatten()]
     width_in = _flat_size(spec.input_shape)
-    for width in spec.widths:
-        layers += [nn.Linear(width_in, width, bias=spec.bias), ACTIVATIONS[spec.activation]()]
+    for width in params.widths:
+        layers += [nn.Linear(width_in, width, bias=params.bias), ACTIVATIONS[params.activation]()]
         width_in = width
-    layers.append(nn.Linear(width_in, spec.num_classes, bias=spec.bias))
+    layers.append(nn.Linear(width_in, spec.num_classes, bias=params.bias))
     return nn.Sequential(*layers)
 
 
@@ -136,7 +183,7 @@ def build_lenet(spec: ModelSpec) -> nn.Module:
 @register_model(
     "cnn",
     "Small CNN: 3x3 conv blocks of `channels`, `pooling` avg or max, `activation`, linear head.",
-    uses=("channels", "pooling", "activation"),
+    CnnParams,
 )
 def build_cnn(spec: ModelSpec) -> nn.Module:
     return nn.Sequential(*_conv_blocks(spec, dense=()))
@@ -146,29 +193,30 @@ def build_cnn(spec: ModelSpec) -> nn.Module:
     "cnn-fc",
     "CNN with a dense hidden part: 3x3 conv blocks of `channels`, then hidden `widths`, linear "
     "head (channels [32, 64], widths [100]: the FEMNIST CNN of Dimitrov et al. 2022).",
-    uses=("channels", "pooling", "activation", "widths"),
+    CnnFcParams,
 )
 def build_cnn_fc(spec: ModelSpec) -> nn.Module:
-    return nn.Sequential(*_conv_blocks(spec, dense=spec.widths))
+    return nn.Sequential(*_conv_blocks(spec, dense=spec.params.widths))
 
 
 def _conv_blocks(spec: ModelSpec, dense: tuple[int, ...]) -> list[nn.Module]:
-    """3x3 conv blocks of ``spec.channels`` (activation, 2x2 pooling), then hidden dense layers
-    of widths ``dense`` (activation), then the linear head."""
+    """3x3 conv blocks of ``channels`` (activation, 2x2 pooling), then hidden dense layers of
+    widths ``dense`` (activation), then the linear head."""
+    params: CnnParams = spec.params
     channels_in, height, width = spec.input_shape
-    pool = nn.AvgPool2d if spec.pooling == "avg" else nn.MaxPool2d
+    pool = nn.AvgPool2d if params.pooling == "avg" else nn.MaxPool2d
     layers: list[nn.Module] = []
-    for channels_out in spec.channels:
+    for channels_out in params.channels:
         layers += [
             nn.Conv2d(channels_in, channels_out, kernel_size=3, padding=1),
-            ACTIVATIONS[spec.activation](),
+            ACTIVATIONS[params.activation](),
             pool(2),
         ]
         channels_in, height, width = channels_out, height // 2, width // 2
     layers.append(nn.Flatten())
     width_in = channels_in * height * width
     for width_out in dense:
-        layers += [nn.Linear(width_in, width_out), ACTIVATIONS[spec.activation]()]
+        layers += [nn.Linear(width_in, width_out), ACTIVATIONS[params.activation]()]
         width_in = width_out
     layers.append(nn.Linear(width_in, spec.num_classes))
     return layers
@@ -177,35 +225,37 @@ def _conv_blocks(spec: ModelSpec, dense: tuple[int, ...]) -> list[nn.Module]:
 @register_model(
     "binary-fc",
     "One fully-connected layer to a single logit: the binary classifier of the seed study.",
-    uses=("bias",),
+    BinaryFcParams,
 )
 def build_binary_fc(spec: ModelSpec) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(_flat_size(spec.input_shape), 1, bias=spec.bias))
+    bias = spec.params.bias
+    return nn.Sequential(nn.Flatten(), nn.Linear(_flat_size(spec.input_shape), 1, bias=bias))
 
 
 @register_model(
     "homogeneous-mlp",
     "ReLU MLP, bias on the first layer only, weights scaled by `init_scale` (the first layer "
     'also by `first_layer_scale`); `task = "parity"` gives one logit (binary parity).',
-    uses=("widths", "init_scale", "first_layer_scale"),
+    HomogeneousMlpParams,
 )
 def build_homogeneous_mlp(spec: ModelSpec) -> nn.Module:
+    params: HomogeneousMlpParams = spec.params
     layers: list[nn.Module] = [nn.Flatten()]
     width_in = _flat_size(spec.input_shape)
-    for index, width in enumerate(spec.widths):
+    for index, width in enumerate(params.widths):
         layers += [nn.Linear(width_in, width, bias=index == 0), nn.ReLU()]
         width_in = width
-    layers.append(nn.Linear(width_in, spec.num_classes, bias=not spec.widths))
+    layers.append(nn.Linear(width_in, spec.num_classes, bias=not params.widths))
     model = nn.Sequential(*layers)
-    if spec.init_scale != 1.0:
+    if params.init_scale != 1.0:
         with torch.no_grad():
             for weight in model.parameters():
-                weight.mul_(spec.init_scale)
-    if spec.first_layer_scale != 1.0:
+                weight.mul_(params.init_scale)
+    if params.first_layer_scale != 1.0:
         first = model[1]  # model[0] is the Flatten
         with torch.no_grad():
             for weight in first.parameters():  # weight and bias
-                weight.mul_(spec.first_layer_scale)
+                weight.mul_(params.first_layer_scale)
     return model
 
 
@@ -215,12 +265,12 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
     With ``imprint_bins``, an :class:`ImprintBlock` goes in front, built after the model so
     that the model's own initial weights are those of the spec without it.
     """
-    builder: ModelBuilder = MODELS.entry(spec.kind).value
+    build: Builder = MODELS.entry(spec.kind).value
     if seed is None:
-        return _imprinted(_initialised(builder.build(spec), spec), spec)
+        return _imprinted(_initialised(build(spec), spec), spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _imprinted(_initialised(builder.build(spec), spec), spec)
+        return _imprinted(_initialised(build(spec), spec), spec)
 
 
 IMPRINT = "imprint"  # the name of the imprint block: its parameters are "imprint.*"

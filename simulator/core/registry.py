@@ -1,17 +1,18 @@
 """The one plugin registry: attacks, defenses, models, datasets, partitioners, inversion losses.
 
 Every kind of plugin is a :class:`Registry` of entries by the names scenario files use. The
-built-in plugins and a user's plugin files (:mod:`simulator.core.plugins`) register with the
-same decorators, ``leaksim list`` reads the registries, and scenario validation looks names and
-parameters up here. Built-in packages are found the way plugin files are, by importing them by
-name on first use, so the core layer never imports the layers that register into it.
+built-in plugins and a user's plugin files (:mod:`simulator.scenario.plugins`) register with
+the same decorators, ``leaksim list`` reads the registries, and scenario validation looks names
+and parameters up here. A registry holds what the process has imported: the composition root
+:mod:`simulator.run.builtins` imports every built-in package, and an honest client imports only
+what it uses (models, datasets, partitioners, defenses), never an attack. The core layer never
+imports the layers that register into it, neither by name nor by string.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -41,9 +42,8 @@ class PluginEntry(Generic[T]):
 class Registry(Mapping[str, str], Generic[T]):
     """Plugins of one kind by name; as a mapping, name -> description (sorted by name)."""
 
-    def __init__(self, kind: str, builtin_package: str) -> None:
+    def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._builtin_package = builtin_package
         self._entries: dict[str, PluginEntry[T]] = {}
 
     def add(
@@ -78,16 +78,14 @@ class Registry(Mapping[str, str], Generic[T]):
 
         return decorate
 
-    def _load_builtins(self) -> None:
-        importlib.import_module(self._builtin_package)
-
     def entry(self, name: str) -> PluginEntry[T]:
         """The entry for ``name``; ValueError listing the known names otherwise."""
-        self._load_builtins()
         if name not in self._entries:
             known = sorted(self._entries)
             close = difflib.get_close_matches(str(name), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
+            if not known:  # a process that validates scenarios without the composition root
+                hint = " (none registered: import simulator.run.builtins first)"
             raise ValueError(f"unknown {self.kind} {name!r}{hint}; known {self.kind}s: {known}")
         return self._entries[name]
 
@@ -111,15 +109,12 @@ class Registry(Mapping[str, str], Generic[T]):
         return params_rows(params) if params is not None else []
 
     def __getitem__(self, name: str) -> str:
-        self._load_builtins()
         return self._entries[name].description
 
     def __iter__(self) -> Iterator[str]:
-        self._load_builtins()
         return iter(sorted(self._entries))
 
     def __len__(self) -> int:
-        self._load_builtins()
         return len(self._entries)
 
 
@@ -127,12 +122,12 @@ def _qualname(value: object) -> str:
     return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', repr(value))}"
 
 
-ATTACKS: Registry[Any] = Registry("attack", "attacks")
-DEFENSES: Registry[Any] = Registry("defense", "defenses")
-MODELS: Registry[Any] = Registry("model", "simulator.core.models")
-DATASETS: Registry[Any] = Registry("dataset", "simulator.data.datasets")
-PARTITIONERS: Registry[Any] = Registry("partitioner", "simulator.data.partition")
-INVERSION_LOSSES: Registry[Any] = Registry("inversion loss", "attacks.inversion.losses")
+ATTACKS: Registry[Any] = Registry("attack")
+DEFENSES: Registry[Any] = Registry("defense")
+MODELS: Registry[Any] = Registry("model")
+DATASETS: Registry[Any] = Registry("dataset")
+PARTITIONERS: Registry[Any] = Registry("partitioner")
+INVERSION_LOSSES: Registry[Any] = Registry("inversion loss")
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "models": MODELS,

@@ -3,7 +3,9 @@
 "iid" and "dirichlet" use Flower's partitioners (flwr-datasets), which work on Hugging Face
 ``datasets.Dataset`` objects: here an in-memory one holding just the labels and the original row
 index, so nothing is downloaded and callers get plain index arrays. "label-skew" reimplements
-Flower's PathologicalPartitioner in numpy (see ``_label_skew`` for why).
+Flower's PathologicalPartitioner in numpy (see ``_label_skew`` for why). A partitioner's own
+settings (dirichlet's ``alpha``, label-skew's ``classes_per_client``) are its ``Params``,
+registered with it and validated like an attack's parameters; they are written in ``[data]``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
+from simulator.core.fields import param
 from simulator.core.registry import PARTITIONERS
 
 __all__ = ["POOL_BALANCES", "Split", "partition", "register_partitioner", "training_pool"]
@@ -26,29 +30,48 @@ __all__ = ["POOL_BALANCES", "Split", "partition", "register_partitioner", "train
 
 @dataclass(frozen=True)
 class PartitionRequest:
-    """What a partitioner is asked: labels in a seeded order, and the scheme's settings."""
+    """What a partitioner is asked: labels in a seeded order, and the scheme's ``params`` (its
+    registered ``Params``, validated; None for a scheme that takes none)."""
 
     labels: np.ndarray
     order: np.ndarray
     num_clients: int
     seed: int
-    classes_per_client: int
-    alpha: float
     min_size: int
+    params: Any
 
 
 # A partitioner: the index arrays of every client, for one request.
 Split = Callable[[PartitionRequest], tuple[np.ndarray, ...]]
 
 
-def register_partitioner(name: str, description: str) -> Callable[[Split], Split]:
-    """Make a partitioner usable as ``data.partition`` in scenario files (plugin files too)."""
+def register_partitioner(
+    name: str, description: str, params: type | None = None
+) -> Callable[[Split], Split]:
+    """Make a partitioner usable as ``data.partition`` in scenario files (plugin files too);
+    ``params``, a frozen dataclass, declares the ``[data]`` keys it reads."""
 
     def decorate(split: Split) -> Split:
-        PARTITIONERS.add(name, description, split)
+        PARTITIONERS.add(name, description, split, params)
         return split
 
     return decorate
+
+
+@dataclass(frozen=True)
+class DirichletParams:
+    """Parameters of "dirichlet"."""
+
+    alpha: float = param(
+        0.5, low=0.0, low_open=True, help="Dirichlet concentration: smaller, more skew"
+    )
+
+
+@dataclass(frozen=True)
+class LabelSkewParams:
+    """Parameters of "label-skew"."""
+
+    classes_per_client: int = param(2, low=1, high=10, help="classes every client holds")
 
 
 POOL_BALANCES: dict[str, str] = {
@@ -90,21 +113,25 @@ def partition(
     num_clients: int,
     scheme: str,
     seed: int,
-    classes_per_client: int = 2,
-    alpha: float = 0.5,
+    params: Any = None,
     min_size: int = 1,
 ) -> list[np.ndarray]:
     """Split sample indices ``0..len(labels)-1`` among ``num_clients`` clients.
 
-    Returns one int64 index array per client, in a seeded random order (so a prefix is a
-    uniform subsample); no index appears twice and every client holds at least ``min_size``
-    samples. The result depends only on the arguments.
+    ``params`` is the scheme's ``Params`` (``PARTITIONERS.validate(scheme, {...})``; None: its
+    defaults). Returns one int64 index array per client, in a seeded random order (so a
+    prefix is a uniform subsample); no index appears twice and every client holds at least
+    ``min_size`` samples. The result depends only on the arguments.
     "label-skew" gives client ``i`` the classes ``i, i+1, ..., i+classes_per_client-1``
     (mod the number of classes, in sorted label order), so with fewer than
     ``num_classes - classes_per_client + 1`` clients some classes go unused.
     """
     labels = np.asarray(labels)
-    _check(labels, num_clients, scheme, seed, classes_per_client, alpha, min_size)
+    if scheme not in PARTITIONERS:
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(PARTITIONERS)}")
+    if params is None:
+        params = PARTITIONERS.validate(scheme, {})
+    _check(labels, num_clients, scheme, seed, params, min_size)
     shards = _partition_cached(
         labels.tobytes(),
         labels.dtype.str,
@@ -112,24 +139,15 @@ def partition(
         operator.index(num_clients),
         scheme,
         operator.index(seed),
-        operator.index(classes_per_client),
-        float(alpha),
+        params,
         operator.index(min_size),
     )
     return [s.copy() for s in shards]
 
 
 def _check(
-    labels: np.ndarray,
-    num_clients: int,
-    scheme: str,
-    seed: int,
-    classes_per_client: int,
-    alpha: float,
-    min_size: int,
+    labels: np.ndarray, num_clients: int, scheme: str, seed: int, params: Any, min_size: int
 ) -> None:
-    if scheme not in PARTITIONERS:
-        raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(PARTITIONERS)}")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
     n = len(labels)
@@ -144,15 +162,19 @@ def _check(
             f"num_clients={num_clients} with min_size={min_size} needs "
             f"{num_clients * min_size} samples, but there are only {n}"
         )
-    if scheme == "label-skew":
+    if isinstance(params, LabelSkewParams):
         num_classes = len(np.unique(labels))
-        if not 1 <= classes_per_client <= num_classes:
+        if not 1 <= params.classes_per_client <= num_classes:
             raise ValueError(
-                f"classes_per_client={classes_per_client}: must be between 1 and the "
+                f"classes_per_client={params.classes_per_client}: must be between 1 and the "
                 f"{num_classes} classes present in the labels"
             )
-    if scheme == "dirichlet" and not (alpha > 0 and math.isfinite(alpha)):
-        raise ValueError(f"alpha={alpha}: the Dirichlet concentration must be a finite number > 0")
+    if isinstance(params, DirichletParams) and not (
+        params.alpha > 0 and math.isfinite(params.alpha)
+    ):
+        raise ValueError(
+            f"alpha={params.alpha}: the Dirichlet concentration must be a finite number > 0"
+        )
 
 
 def _flower() -> tuple[ModuleType, ModuleType]:
@@ -175,8 +197,7 @@ def _partition_cached(
     num_clients: int,
     scheme: str,
     seed: int,
-    classes_per_client: int,
-    alpha: float,
+    params: Any,
     min_size: int,
 ) -> tuple[np.ndarray, ...]:
     labels = np.frombuffer(label_bytes, dtype=np.dtype(dtype), count=n)
@@ -185,9 +206,7 @@ def _partition_cached(
     # A spawned stream, so it is independent of the partitioners' own default_rng(seed).
     order = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0]).permutation(n)
     split: Split = PARTITIONERS.entry(scheme).value
-    shards = split(
-        PartitionRequest(labels, order, num_clients, seed, classes_per_client, alpha, min_size)
-    )
+    shards = split(PartitionRequest(labels, order, num_clients, seed, min_size, params))
     if (smallest := min(len(s) for s in shards)) < min_size:
         raise ValueError(
             f"scheme {scheme!r} left a client with {smallest} samples, fewer than "
@@ -204,7 +223,7 @@ def _flower_partition(
     num_clients: int,
     scheme: str,
     seed: int,
-    alpha: float,
+    alpha: float | None,
     min_size: int,
 ) -> tuple[np.ndarray, ...]:
     datasets, fp = _flower()
@@ -231,9 +250,10 @@ def _flower_partition(
                 for i in range(num_clients)
             )
     except ValueError as e:
+        setting = "" if alpha is None else f"alpha={alpha}, "
         raise ValueError(
             f"scheme {scheme!r} cannot split {len(labels)} samples into {num_clients} clients "
-            f"with alpha={alpha}, min_size={min_size}: {e}"
+            f"with {setting}min_size={min_size}: {e}"
         ) from e
 
 
@@ -277,9 +297,10 @@ def _flower_scheme(scheme: str) -> Split:
     """The partitioner that runs Flower's own partitioner for ``scheme``."""
 
     def split(request: PartitionRequest) -> tuple[np.ndarray, ...]:
+        alpha = request.params.alpha if isinstance(request.params, DirichletParams) else None
         return _flower_partition(
             request.labels, request.order, request.num_clients, scheme, request.seed,
-            request.alpha, request.min_size,
+            alpha, request.min_size,
         )  # fmt: skip
 
     return split
@@ -289,15 +310,19 @@ register_partitioner("iid", "uniform random split: client sizes differ by at mos
     _flower_scheme("iid")
 )
 register_partitioner(
-    "dirichlet", "per-class shares drawn from Dirichlet(alpha): smaller alpha, more skew"
+    "dirichlet",
+    "per-class shares drawn from Dirichlet(alpha): smaller alpha, more skew",
+    DirichletParams,
 )(_flower_scheme("dirichlet"))
 
 
 @register_partitioner(
-    "label-skew", "pathological non-IID: every client holds exactly classes_per_client classes"
+    "label-skew",
+    "pathological non-IID: every client holds exactly classes_per_client classes",
+    LabelSkewParams,
 )
 def _skewed(request: PartitionRequest) -> tuple[np.ndarray, ...]:
     return _label_skew(
-        request.labels, request.order, request.num_clients, request.classes_per_client,
-        request.seed,
+        request.labels, request.order, request.num_clients,
+        request.params.classes_per_client, request.seed,
     )  # fmt: skip

@@ -30,14 +30,7 @@ def _shard_indices(data: DataConfig, num_clients: int, seed: int) -> tuple[np.nd
     all_labels = load_labels(data.dataset, "train", data.dir or None)
     pool = training_pool(all_labels, data.train_examples, data.train_balance, seed)
     labels = all_labels[pool]
-    shards = partition(
-        labels,
-        num_clients,
-        data.partition,
-        seed=seed,
-        classes_per_client=data.classes_per_client,
-        alpha=data.alpha,
-    )
+    shards = partition(labels, num_clients, data.partition, seed=seed, params=data.params)
     if data.examples_per_client:
         shards = [s[: data.examples_per_client] for s in shards]
     return tuple(pool[s] for s in shards)

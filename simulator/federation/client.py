@@ -20,11 +20,11 @@ from defenses.base import TrainingDefense, UpdateDefense, build_defenses, compos
 from simulator.core.config import FederationConfig, Scenario
 from simulator.core.devices import move, resolve_device
 from simulator.core.models import ModelSpec, build_model
+from simulator.core.protocol import NUM_EXAMPLES_KEY, Truth
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import Shard, load_shard
-from simulator.federation.messages import NUM_EXAMPLES_KEY
 from simulator.federation.training import batch_gradient, load_weights, local_train
-from simulator.federation.truth import Truth, TruthStore
+from simulator.federation.truth import TruthStore
 
 
 class InjectedCrash(RuntimeError):

@@ -13,19 +13,18 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from simulator.core.config import Scenario
-from simulator.federation.client import compute_update
-from simulator.federation.client_mods import client_id_of, local_dp_mod
-from simulator.federation.messages import (
+from simulator.core.protocol import (
     ARRAYS_KEY,
     CLIENT_ID_KEY,
     CONFIG_KEY,
     METRICS_KEY,
     ROUND_KEY,
     SCENARIO_KEY,
-    from_record,
-    to_record,
 )
+from simulator.federation.client import compute_update
+from simulator.federation.client_mods import client_defense_mods, client_id_of
+from simulator.federation.messages import from_record, to_record
+from simulator.scenario import from_message
 
 app = ClientApp()
 
@@ -37,14 +36,14 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({CONFIG_KEY: record}), reply_to=msg)
 
 
-@app.train(mods=[local_dp_mod])
+@app.train(mods=[client_defense_mods])
 def train(msg: Message, context: Context) -> Message:
     """Compute this client's update for the round and reply with it.
 
     The reply holds exactly one ArrayRecord (the update), so Flower's LocalDpMod can wrap it.
     """
     config = msg.content[CONFIG_KEY]
-    scenario = Scenario.from_json(str(config[SCENARIO_KEY]))
+    scenario = from_message(str(config[SCENARIO_KEY]))
     server_round = int(config[ROUND_KEY])  # type: ignore[arg-type]
     client_id = client_id_of(context)
     result = compute_update(scenario, server_round, client_id, from_record(msg.content[ARRAYS_KEY]))

@@ -1,11 +1,14 @@
-"""Client mods of ours around Flower's: local DP when the scenario asks for it, seeded numpy.
+"""Client mods of ours around Flower's: the scenario's client-mod defenses, seeded numpy.
 
 The scenario arrives in each train message, so the ClientApp cannot pick its mods when it is
-built; :func:`local_dp_mod` reads the scenario and delegates to Flower's LocalDpMod when the
-"local-dp" defense is there. Flower's mods draw from numpy's global generator (LocalDpMod's
-noise, SecAgg+'s stochastic quantization); a Ray worker handles one message at a time, so
-seeding that generator from (seed, round, client) around the call and restoring it afterwards
-makes them repeat across reruns without disturbing anything else in the process.
+built; :func:`client_defense_mods` reads the scenario and runs the ``mod()`` of each of its
+:class:`defenses.base.ClientModDefense` (Flower's LocalDpMod for "local-dp", "inspection"), in
+the scenario's order, around the train function. Both clients use it: the Message-API one
+around its ``train``, the SecAgg+ one inside ``secaggplus_mod`` around its ``fit`` (a legacy
+fit message there). Flower's mods draw from numpy's global generator (LocalDpMod's noise,
+SecAgg+'s stochastic quantization); a Ray worker handles one message at a time, so seeding that
+generator from (seed, round, client) around the call and restoring it afterwards makes them
+repeat across reruns without disturbing anything else in the process.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from defenses.base import ClientModDefense, build_defenses
 from simulator.core.config import Scenario
+from simulator.core.protocol import CONFIG_KEY, ROUND_KEY, SCENARIO_KEY
 from simulator.core.seeding import seeded_numpy
-from simulator.federation.messages import CONFIG_KEY, ROUND_KEY, SCENARIO_KEY
+from simulator.scenario import from_message
 
 # Where flwr.compat puts a legacy FitIns' config (the SecAgg+ workflow's train messages).
 FITINS_CONFIG_KEY = "fitins.config"
@@ -34,7 +38,7 @@ def message_scenario(msg: Message) -> tuple[Scenario, int] | None:
     for key in (CONFIG_KEY, FITINS_CONFIG_KEY):
         config = msg.content.config_records.get(key)
         if config is not None and SCENARIO_KEY in config:
-            return Scenario.from_json(str(config[SCENARIO_KEY])), int(config[ROUND_KEY])  # type: ignore[arg-type]
+            return from_message(str(config[SCENARIO_KEY])), int(config[ROUND_KEY])  # type: ignore[arg-type]
     return None
 
 
@@ -48,8 +52,8 @@ def seeded_numpy_mod(msg: Message, context: Context, call_next: ClientAppCallabl
         return call_next(msg, context)
 
 
-def local_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's LocalDpMod around the train function when the scenario has "local-dp"."""
+def client_defense_mods(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The scenario's client-mod defenses around the train function, first listed outermost."""
     found = message_scenario(msg)
     if found is None:
         return call_next(msg, context)

@@ -22,15 +22,14 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from simulator.core.config import FederationConfig, Scenario
 from simulator.core.models import IMPRINT, ModelSpec, SentModel
-from simulator.federation.messages import (
+from simulator.core.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     SCENARIO_KEY,
-    from_record,
-    to_record,
 )
+from simulator.federation.messages import from_record, to_record
 from simulator.federation.traffic import (
     Failure,
     RoundTraffic,

@@ -1,4 +1,7 @@
-"""The wire format between the ServerApp and ClientApps: record keys and converters."""
+"""The wire format between the ServerApp and ClientApps: the converters of named tensors.
+
+The record keys are :mod:`simulator.core.protocol`'s (``SCENARIO_KEY``, ``ROUND_KEY``...).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,6 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-
-ARRAYS_KEY = "arrays"
-CONFIG_KEY = "config"
-METRICS_KEY = "metrics"
-SCENARIO_KEY = "leaksim-scenario"
-ROUND_KEY = "server-round"
-CLIENT_ID_KEY = "client-id"
-NUM_EXAMPLES_KEY = "num-examples"
 
 
 def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:

@@ -2,10 +2,13 @@
 
 Chosen by the federation driver (:mod:`simulator.run.driver`) when a scenario lists an
 aggregation defense.
-Server: the federation driver's discovery, then Flower's legacy ``DefaultWorkflow`` with
-``SecAggPlusWorkflow`` as its fit workflow, around :class:`SecAggStrategy`. Clients: a
-NumPyClient that runs :func:`simulator.federation.client.compute_update`, the Message-API client's
-own computation, behind ``secaggplus_mod``, which quantizes, masks and sends its update.
+Server: the federation driver's discovery, then Flower's legacy ``DefaultWorkflow`` with the
+aggregation defense's fit workflow (:meth:`defenses.base.AggregationDefense.workflow`, Flower's
+``SecAggPlusWorkflow``) around :class:`SecAggStrategy`, which reveals nothing for fewer than
+the defense's ``min_clients`` updates. Clients: a NumPyClient that runs
+:func:`simulator.federation.client.compute_update`, the Message-API client's own computation,
+behind ``secaggplus_mod``, which quantizes, masks and sends its update; the client-mod defenses
+wrap that computation as they wrap the Message-API client's.
 
 What the strategy receives (flwr 1.41, ``SecAggPlusWorkflow.unmask_stage``): one FitRes per
 client that sent a masked vector, with that client's ``num_examples`` and metrics, but with
@@ -28,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord
 from flwr.client import Client, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -49,17 +52,19 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 
-from defenses.base import build_defenses
-from defenses.inspection import Inspection
-from defenses.secure_aggregation import SecureAggregation, SecureAggregationParams
+from defenses.base import AggregationDefense, build_defenses
 from simulator.core.config import Scenario
 from simulator.core.models import ModelSpec, SentModel, build_model
+from simulator.core.protocol import ROUND_KEY, SCENARIO_KEY
 from simulator.data.shards import shard_size
 from simulator.federation.client import compute_update
 from simulator.federation.client_app import identify
-from simulator.federation.client_mods import client_id_of, seeded_numpy_mod
+from simulator.federation.client_mods import (
+    client_defense_mods,
+    client_id_of,
+    seeded_numpy_mod,
+)
 from simulator.federation.interceptor import Manipulate, honest_part, manipulated_scenario
-from simulator.federation.messages import ROUND_KEY, SCENARIO_KEY
 from simulator.federation.strategies import sgd_step
 from simulator.federation.traffic import (
     AGGREGATE_CLIENT_ID,
@@ -70,6 +75,7 @@ from simulator.federation.traffic import (
     client_error_message,
     public_meta,
 )
+from simulator.scenario import from_message
 
 Weights = dict[str, torch.Tensor]
 
@@ -83,22 +89,19 @@ def parameter_names(spec: ModelSpec) -> list[str]:
     return list(build_model(spec).state_dict())
 
 
-def secagg_params(scenario: Scenario) -> SecureAggregationParams:
-    """The scenario's "secure-aggregation" parameters."""
-    (defense,) = [d for d in build_defenses(scenario.defenses) if isinstance(d, SecureAggregation)]
-    return defense.params
+def aggregation_defense(scenario: Scenario) -> AggregationDefense:
+    """The scenario's aggregation defense (its check allows one per scenario)."""
+    (defense,) = [d for d in build_defenses(scenario.defenses) if isinstance(d, AggregationDefense)]
+    return defense
 
 
-def max_weight(scenario: Scenario) -> float:
-    """The largest example count a client reports, unless the defense sets it.
+def largest_weight(scenario: Scenario) -> float:
+    """The largest example count a client reports, which SecAgg+ quantizes weights against.
 
-    SecAgg+ quantizes each weight relative to it: too large costs precision, too small
-    overflows. FedSGD: the batch size (DP-SGD's Poisson batches may exceed it slightly, which
-    Flower warns about); FedAvg: the largest shard.
+    FedSGD: the batch size (DP-SGD's Poisson batches may exceed it slightly, which Flower
+    warns about); FedAvg: the largest shard.
     """
-    fed, params = scenario.federation, secagg_params(scenario)
-    if params.max_weight is not None:
-        return params.max_weight
+    fed = scenario.federation
     if fed.protocol == "fedsgd":
         return float(fed.batch_size)
     return float(
@@ -107,16 +110,8 @@ def max_weight(scenario: Scenario) -> float:
 
 
 def secagg_workflow(scenario: Scenario) -> SecAggPlusWorkflow:
-    """Flower's SecAgg+ fit workflow with the defense's parameters (shares as fractions)."""
-    params = secagg_params(scenario)
-    return SecAggPlusWorkflow(
-        num_shares=params.num_shares,
-        reconstruction_threshold=params.reconstruction_threshold,
-        max_weight=max_weight(scenario),
-        clipping_range=params.clipping_range,
-        quantization_range=params.quantization_range,
-        timeout=scenario.federation.timeout_s,
-    )
+    """The fit workflow of the scenario's aggregation defense."""
+    return aggregation_defense(scenario).workflow(scenario.federation, largest_weight(scenario))
 
 
 class SecAggStrategy(Strategy):
@@ -142,7 +137,7 @@ class SecAggStrategy(Strategy):
         self.client_to_node = {c: n for n, c in self.node_to_client.items()}
         self.initial = {k: v.detach().clone() for k, v in initial.items()}
         self.evaluate_fn = evaluate_fn
-        self.min_clients = secagg_params(scenario).min_clients
+        self.min_clients = aggregation_defense(scenario).min_clients
         self.path = TrafficPath(
             self.client_to_node,
             scenario.federation,
@@ -298,24 +293,19 @@ class SecAggStrategy(Strategy):
 class SecAggClient(NumPyClient):
     """One client under SecAgg+: the Message-API client's computation, legacy types around it.
 
-    A client with the "inspection" defense inspects the model first (its reference lives in
-    the node's ``state``), as the Message-API client's mod does.
+    Its client-mod defenses run as the Message-API client's do (:func:`client_defense_mods`),
+    inside ``secaggplus_mod``, around this ``fit``.
     """
 
-    def __init__(self, client_id: int, state: RecordDict | None = None) -> None:
+    def __init__(self, client_id: int) -> None:
         self.client_id = client_id
-        self.state = state if state is not None else RecordDict()
 
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """The update (masked by secaggplus_mod afterwards), its weight and its metrics."""
-        scenario = Scenario.from_json(str(config[SCENARIO_KEY]))
+        scenario = from_message(str(config[SCENARIO_KEY]))
         names = parameter_names(scenario.model)
-        received = {n: np.asarray(a) for n, a in zip(names, parameters, strict=True)}
-        for defense in build_defenses(scenario.defenses):
-            if isinstance(defense, Inspection):
-                defense.inspect(received, self.state, scenario)
         sent = {n: torch.from_numpy(np.array(a)) for n, a in zip(names, parameters, strict=True)}
         result = compute_update(scenario, int(config[ROUND_KEY]), self.client_id, sent)
         metrics: dict[str, Scalar] = dict(result.metrics)
@@ -323,7 +313,7 @@ class SecAggClient(NumPyClient):
 
 
 def client_fn(context: Context) -> Client:
-    return SecAggClient(client_id_of(context), context.state).to_client()
+    return SecAggClient(client_id_of(context)).to_client()
 
 
 def answer_queries(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -333,5 +323,9 @@ def answer_queries(msg: Message, context: Context, call_next: ClientAppCallable)
     return call_next(msg, context)
 
 
-# seeded_numpy_mod sits outside secaggplus_mod so that its stochastic rounding repeats.
-app = ClientApp(client_fn=client_fn, mods=[answer_queries, seeded_numpy_mod, secaggplus_mod])
+# seeded_numpy_mod sits outside secaggplus_mod so that its stochastic rounding repeats; the
+# defenses' mods sit inside it, where it passes on only the train message with the model.
+app = ClientApp(
+    client_fn=client_fn,
+    mods=[answer_queries, seeded_numpy_mod, secaggplus_mod, client_defense_mods],
+)

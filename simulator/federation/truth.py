@@ -1,6 +1,7 @@
 """The ground truth behind each update, on a channel outside Flower (simulation only).
 
-A client writes the exact batch its update came from to a run-local :class:`TruthStore`, a
+A client writes the exact batch its update came from (a :class:`~simulator.core.protocol.Truth`)
+to a run-local :class:`TruthStore`, a
 folder named by the environment variable :data:`TRUTH_DIR_ENV` that the engine sets for each
 sweep point; the referee reads an update's truth only after the attacks of its round have
 returned, scores, and deletes the round's files. No Flower message ever carries the truth, so
@@ -16,23 +17,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from simulator.core.protocol import Truth
+
 TRUTH_DIR_ENV = "LEAKSIM_TRUTH_DIR"
-
-
-@dataclass(frozen=True)
-class Truth:
-    """The exact images and labels a client's update was computed from, in order."""
-
-    round: int
-    client_id: int
-    inputs: torch.Tensor
-    labels: torch.Tensor
 
 
 class TruthStore:

@@ -29,8 +29,7 @@ from simulator.report.figures import (
     plt,
     show,
 )
-
-Record = dict[str, Any]
+from simulator.report.tables import Row
 
 
 def strength_order(strength: Any) -> tuple[int, float, str]:
@@ -40,7 +39,7 @@ def strength_order(strength: Any) -> tuple[int, float, str]:
     return (1 if strength is not None else 2, 0.0, str(strength))
 
 
-def strength_words(row: Record) -> str:
+def strength_words(row: Row) -> str:
     """A point's strength as ``std=0.01`` (the defense's parameter) or ``batch size=4``."""
     if row["curve"] == "none":
         return BASELINE
@@ -51,9 +50,9 @@ def strength_words(row: Record) -> str:
     return f"{words}={number(row['strength'])}"
 
 
-def _curves(rows: Sequence[Record]) -> dict[str, list[Record]]:
+def _curves(rows: Sequence[Row]) -> dict[str, list[Row]]:
     """Defended points grouped by curve, each sorted by strength (the baseline not included)."""
-    curves: dict[str, list[Record]] = defaultdict(list)
+    curves: dict[str, list[Row]] = defaultdict(list)
     for record in rows:
         if record["curve"] != "none":
             curves[record["curve"]].append(record)
@@ -62,12 +61,12 @@ def _curves(rows: Sequence[Record]) -> dict[str, list[Record]]:
     return dict(curves)
 
 
-def _baseline(rows: Sequence[Record]) -> Record | None:
+def _baseline(rows: Sequence[Row]) -> Row | None:
     return next((r for r in rows if r["curve"] == "none"), None)
 
 
 def privacy_utility_figure(
-    rows: Sequence[Record], path: Path, threshold_db: float | None = None
+    rows: Sequence[Row], path: Path, threshold_db: float | None = None
 ) -> Path | None:
     """Leakage (mean PSNR) against final accuracy: one curve per defense from the undefended
     run (a black star), each point labelled by its strength where the labels do not collide."""
@@ -157,7 +156,7 @@ def place_labels(
     return drawn
 
 
-def leakage_by_strength_figure(rows: Sequence[Record], path: Path) -> Path | None:
+def leakage_by_strength_figure(rows: Sequence[Row], path: Path) -> Path | None:
     """Per defense with numeric strengths: mean PSNR and images leaked against its strength,
     the undefended run as a dashed black line on every panel."""
     curves = {

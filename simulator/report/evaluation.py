@@ -9,43 +9,53 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from simulator.core.records import (
+    AttackRecord,
+    BestRecord,
+    LeakageRecord,
+    PointRecord,
+    PrivacyRecord,
+    Record,
+    of_kind,
+)
 from simulator.report import defense_figures, frontier, frontier_figures
 from simulator.report.defense_figures import strength_order, strength_words
 from simulator.report.figures import FigureFile
+from simulator.report.tables import Row, leak_threshold
 from simulator.run.folder import attack_artifact
 
-Record = dict[str, Any]
 SECTION = "evaluation"
 
 COLUMNS = (
     "point", "seed", "curve", "strength", "epsilon", "attacked", "mean_psnr", "median_psnr",
-    "mean_ssim", "leaked_fraction", "label_accuracy", "final_accuracy", "accuracy_loss",
+    "mean_ssim", "leaked_fraction", "leak_threshold", "label_accuracy", "final_accuracy",
+    "accuracy_loss",
 )  # fmt: skip
 
 
-def _curve_and_strength(point: Record) -> tuple[str, Any, str | None]:
+def _curve_and_strength(point: PointRecord) -> tuple[str, Any, str | None]:
     """The curve a point belongs to (its defenses, or the swept protocol key), its strength,
     and the name of the defense parameter the strength is (``std``), where known."""
-    if point.get("defense", "none") != "none":
-        return point["defense"], point.get("strength"), _strength_parameter(point)
+    if point.defense != "none":
+        return point.defense, point.strength, _strength_parameter(point)
     # The seed repeats a setting; it is not the setting.
-    ignored = {"set:defenses", "set:seed"}
-    swept = {k[4:]: v for k, v in point.items() if k.startswith("set:") and k not in ignored}
+    swept = {k: v for k, v in point.swept.items() if k not in {"defenses", "seed"}}
     if len(swept) == 1:
         ((key, value),) = swept.items()
         return key.rsplit(".", 1)[-1], value, None
     return "none", None, None
 
 
-def _strength_parameter(point: Record) -> str | None:
+def _strength_parameter(point: PointRecord) -> str | None:
     """The strength's parameter: the first numeric one of the last defense (as the engine's
     ``defense_summary`` picks it), read from the swept defense list."""
-    defenses = point.get("set:defenses")
+    defenses = point.swept.get("defenses")
     if not isinstance(defenses, list) or not defenses or not isinstance(defenses[-1], dict):
         return None
     return next(
@@ -58,57 +68,69 @@ def _strength_parameter(point: Record) -> str | None:
     )
 
 
-def best_per_update(records: list[Record]) -> list[Record]:
+def best_per_update(records: Sequence[LeakageRecord]) -> list[LeakageRecord]:
     """Per attacked update (round, client): its ``best`` record where several attacks scored
     it, else the records it has (one attack scored it: the others failed or do not apply)."""
-    updates: dict[tuple[int, int], list[Record]] = defaultdict(list)
+    updates: dict[tuple[int, int], list[LeakageRecord]] = defaultdict(list)
     for record in records:
-        updates[(record.get("round", 0), record.get("client", 0))].append(record)
-    chosen = []
+        updates[(record.round, record.client)].append(record)
+    chosen: list[LeakageRecord] = []
     for members in updates.values():
-        best = [r for r in members if r.get("attack") == "best"]
+        best = [r for r in members if isinstance(r, BestRecord)]
         chosen += best or members
     return chosen
 
 
-def defense_table(records: list[Record]) -> list[Record]:
-    """One row per point: its defense curve and strength, leakage, accuracy, epsilon."""
-    points = [r for r in records if r.get("kind") == "point"]
-    attacks: dict[int, list[Record]] = defaultdict(list)
+def scored_by_point(records: Sequence[Record]) -> dict[int, list[LeakageRecord]]:
+    """Per sweep point, the attack and best records of its updates, in order."""
+    scored: dict[int, list[LeakageRecord]] = defaultdict(list)
     for record in records:
-        if record.get("kind") == "attack":
-            attacks[record["point"]].append(record)
-    for point, mine in attacks.items():  # several attacks: their per-image best of each update
-        attacks[point] = best_per_update(mine)
-    privacy = {r["point"]: r for r in records if r.get("kind") == "privacy"}
+        if isinstance(record, LeakageRecord):
+            scored[record.point or 0].append(record)
+    return scored
+
+
+def defense_table(records: Sequence[Record]) -> list[Row]:
+    """One row per point: its defense curve and strength, leakage, accuracy, epsilon."""
+    points = of_kind(records, PointRecord)
+    scored = scored_by_point(records)
+    # Several attacks: their per-image best of each update.
+    attacks = {point: best_per_update(mine) for point, mine in scored.items()}
+    privacy = {r.point: r for r in of_kind(records, PrivacyRecord)}
     # The accuracy cost is against the undefended point of the same seed (the first one when
     # no point of that seed is undefended).
-    undefended = [p for p in points if p.get("defense", "none") == "none"]
-    baselines = {p.get("set:seed"): p.get("final_accuracy") for p in reversed(undefended)}
-    first = undefended[0].get("final_accuracy") if undefended else None
+    undefended = [p for p in points if p.defense == "none"]
+    baselines = {p.swept.get("seed"): p.final_accuracy for p in reversed(undefended)}
+    first = undefended[0].final_accuracy if undefended else None
     rows = []
     for point in points:
-        base_accuracy = baselines.get(point.get("set:seed"), first)
+        base_accuracy = baselines.get(point.swept.get("seed"), first)
         curve, strength, parameter = _curve_and_strength(point)
-        mine = attacks.get(point["point"], [])
-        psnrs = [p for r in mine for p in r["psnr"]]
-        labels = [r["label_accuracy"] for r in mine if r.get("label_accuracy") is not None]
-        accuracy = point.get("final_accuracy")
+        mine = attacks.get(point.point, [])
+        psnrs = [p for r in mine for p in r.psnr]
+        labels = [
+            r.label_accuracy
+            for r in mine
+            if isinstance(r, AttackRecord) and r.label_accuracy is not None
+        ]
+        accuracy = point.final_accuracy
+        spent = privacy.get(point.point)
         rows.append(
             {
-                "point": point["point"],
-                "seed": point.get("set:seed"),
+                "point": point.point,
+                "seed": point.swept.get("seed"),
                 "curve": curve,
                 "strength": strength,
                 "parameter": parameter,
-                "epsilon": privacy.get(point["point"], {}).get("epsilon"),
+                "epsilon": None if spent is None else spent.epsilon,
                 "attacked": len(mine),
                 "mean_psnr": float(np.mean(psnrs)) if psnrs else None,
                 "median_psnr": float(np.median(psnrs)) if psnrs else None,
-                "mean_ssim": float(np.mean([r["mean_ssim"] for r in mine])) if mine else None,
-                "leaked_fraction": float(np.mean([r["fraction_leaked"] for r in mine]))
+                "mean_ssim": float(np.mean([r.mean_ssim for r in mine])) if mine else None,
+                "leaked_fraction": float(np.mean([r.fraction_leaked for r in mine]))
                 if mine
                 else None,
+                "leak_threshold": leak_threshold(scored.get(point.point, [])),
                 "label_accuracy": float(np.mean(labels)) if labels else None,
                 "final_accuracy": accuracy,
                 "accuracy_loss": None
@@ -119,7 +141,7 @@ def defense_table(records: list[Record]) -> list[Record]:
     return rows
 
 
-def is_evaluation(records: list[Record]) -> bool:
+def is_evaluation(records: Sequence[Record]) -> bool:
     """Whether a run compares defended points (worth the evaluation section and figures)."""
     rows = defense_table(records)
     return (
@@ -129,13 +151,13 @@ def is_evaluation(records: list[Record]) -> bool:
     )
 
 
-def write_figures(run_dir: Path, records: list[Record], figures_dir: Path) -> list[FigureFile]:
+def write_figures(run_dir: Path, records: Sequence[Record], figures_dir: Path) -> list[FigureFile]:
     """The privacy-utility plot, leakage against strength, and side-by-side grids."""
     rows = defense_table(records)
     thresholds = {
-        r["leak_threshold_db"]
-        for r in records
-        if r.get("kind") == "attack" and isinstance(r.get("leak_threshold_db"), int | float)
+        r.leak_threshold_db
+        for r in of_kind(records, AttackRecord)
+        if isinstance(r.leak_threshold_db, int | float)
     }
     threshold = thresholds.pop() if len(thresholds) == 1 else None
     drawn = [
@@ -181,7 +203,7 @@ def write_figures(run_dir: Path, records: list[Record], figures_dir: Path) -> li
     return [FigureFile(SECTION, caption, path) for path, caption in drawn if path is not None]
 
 
-def _seed_words(row: Record) -> str:
+def _seed_words(row: Row) -> str:
     return "" if row.get("seed") is None else f", seed {row['seed']}"
 
 
@@ -193,7 +215,7 @@ ROUND_COLUMNS = ("curve", "strength", "round", "seeds", "leakage", "leakage_spre
 CHEAPEST_BOUNDS = (0.01, 0.1)
 
 
-def settings_table(records: list[Record]) -> list[Record]:
+def settings_table(records: Sequence[Record]) -> list[Row]:
     """One row per (defense, strength) over its seeds: mean, spread, and whether it is on the
     privacy-utility frontier."""
     found = frontier.settings(defense_table(records))
@@ -212,7 +234,7 @@ def settings_table(records: list[Record]) -> list[Record]:
     ]
 
 
-def rounds_table(records: list[Record]) -> list[Record]:
+def rounds_table(records: Sequence[Record]) -> list[Row]:
     """Leakage in each attacked round per (defense, strength), mean and spread over seeds: a
     defense that protects only the untrained model shows it here."""
     rows = {row["point"]: row for row in defense_table(records)}
@@ -245,7 +267,7 @@ def _setting_order(setting: frontier.Setting) -> tuple[bool, str, tuple[int, flo
     return (setting.curve != "none", setting.curve, strength_order(setting.strength))
 
 
-def cheapest_table(records: list[Record]) -> list[Record]:
+def cheapest_table(records: Sequence[Record]) -> list[Row]:
     """For each bound X in :data:`CHEAPEST_BOUNDS` and each defense, the setting with the best
     accuracy among those leaking under X (a dash where none does)."""
     found = [s for s in frontier.settings(defense_table(records)) if s.curve != "none"]
@@ -271,27 +293,23 @@ CHEAPEST_COLUMNS = (
 
 
 def _strength_grids(
-    run_dir: Path, records: list[Record], rows: list[Record], per_curve: int = 4
+    run_dir: Path, records: Sequence[Record], rows: Sequence[Row], per_curve: int = 4
 ) -> list[tuple[str, np.ndarray, list[tuple[str, np.ndarray]]]]:
     """Per defense: one client's truth, its reconstruction without a defense, and at up to
     ``per_curve`` strengths (the same round and client at every point where it was attacked)."""
-    attacks: dict[int, list[Record]] = defaultdict(list)
-    for record in records:
-        if record.get("kind") == "attack" and attack_artifact(run_dir, record).is_file():
-            attacks[record["point"]].append(record)
+    attacks: dict[int, list[AttackRecord]] = defaultdict(list)
+    for record in of_kind(records, AttackRecord):
+        if attack_artifact(run_dir, record).is_file():
+            attacks[record.point or 0].append(record)
     baseline = next((r for r in rows if r["curve"] == "none" and attacks.get(r["point"])), None)
     first = attacks[baseline["point"]][0] if baseline else None
 
-    def attack_of(point: int) -> Record | None:
+    def attack_of(point: int) -> AttackRecord | None:
         mine = attacks.get(point, [])
-        same = [
-            r
-            for r in mine
-            if first and (r["round"], r["client"]) == (first["round"], first["client"])
-        ]
+        same = [r for r in mine if first and (r.round, r.client) == (first.round, first.client)]
         return (same or mine or [None])[0]
 
-    by_curve: dict[str, list[Record]] = defaultdict(list)
+    by_curve: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
         if row["curve"] != "none" and attack_of(row["point"]) is not None:
             by_curve[row["curve"]].append(row)

@@ -22,9 +22,10 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from simulator.core.objectives import objective_key
+from simulator.core.records import AttackRecord, PointRecord, RoundRecord
+from simulator.report.tables import Row
 from simulator.run.folder import write_atomic
-
-Record = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,16 @@ METRICS: dict[str, tuple[str, float]] = {
     "test_accuracy": ("test accuracy (%)", 100.0),
 }
 BASELINE = "no defense"
+# What each attack objective is, in words, for the axis it is plotted on.
+OBJECTIVE_WORDS = {
+    "gradient-distance": "gradient distance",
+    "kkt-stationarity": "KKT stationarity loss",
+    "generator-loss": "generator loss",
+    "span-residual": "energy outside the span",
+}
 
 
-def metric_values(rows: Sequence[Record], metric: str) -> list[float]:
+def metric_values(rows: Sequence[Row], metric: str) -> list[float]:
     """A metric of every row on its axis scale, NaN where missing."""
     factor = METRICS[metric][1]
     return [
@@ -83,12 +91,10 @@ def number(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def point_labels(points: Sequence[Record]) -> dict[int, str]:
+def point_labels(points: Sequence[PointRecord]) -> dict[int, str]:
     """A legend label per sweep point from its swept values."""
     return {
-        r["point"]: ", ".join(value_words(k, v) for k, v in r.items() if k.startswith("set:"))
-        or "run"
-        for r in points
+        r.point: ", ".join(value_words(k, v) for k, v in r.swept.items()) or "run" for r in points
     }
 
 
@@ -101,13 +107,15 @@ def save(figure: Figure, path: Path) -> Path:
     return write_atomic(path, buffer.getvalue())
 
 
-def accuracy_figure(rounds: Sequence[Record], points: Sequence[Record], path: Path) -> Path | None:
+def accuracy_figure(
+    rounds: Sequence[RoundRecord], points: Sequence[PointRecord], path: Path
+) -> Path | None:
     """Global test accuracy against round, one line per sweep point (no defense in black)."""
     labels = point_labels(points)
     curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
     for record in rounds:
-        if isinstance(record.get("test_accuracy"), int | float):
-            curves[record["point"]].append((record["round"], 100 * record["test_accuracy"]))
+        if isinstance(record.test_accuracy, int | float):
+            curves[record.point or 0].append((record.round, 100 * record.test_accuracy))
     if not curves:
         return None
     figure, axis = plt.subplots(figsize=(7.2 if len(curves) > 1 else 5.0, 3.4))
@@ -173,55 +181,66 @@ def reconstruction_figure(
     return save(figure, path)
 
 
+def objective_trace(record: AttackRecord) -> list[tuple[float, float]]:
+    """(iteration, objective value) of an attack record's trace, where the value is known."""
+    key = objective_key(record.objective)
+    return [(row["iteration"], row[key]) for row in record.trace if row.get(key) is not None]
+
+
 def convergence_figure(
-    attacks: Sequence[Record], points: Sequence[Record], path: Path
+    attacks: Sequence[AttackRecord], points: Sequence[PointRecord], path: Path
 ) -> Path | None:
-    """Gradient distance and PSNR against iteration, one line per attacked update.
+    """Each attack's objective (one panel per objective, named on its axis) and PSNR against
+    iteration, one line per attacked update.
 
     A panel is drawn only when some update has at least two points on it (a one-shot attack
     such as the analytic one has none), and the figure only when a panel is.
     """
-    traces = {
-        id(r): [t for t in r.get("trace") or [] if t.get("gradient_distance") is not None]
-        for r in attacks
-    }
-    has_trace = any(len(t) > 1 for t in traces.values())
-    has_curve = any(len(r.get("psnr_curve") or []) > 1 for r in attacks)
-    panels = [name for name, present in (("trace", has_trace), ("psnr", has_curve)) if present]
+    traces = {id(r): objective_trace(r) for r in attacks}
+    objectives = [
+        o
+        for o in OBJECTIVE_WORDS
+        if any(r.objective == o and len(traces[id(r)]) > 1 for r in attacks)
+    ]
+    has_curve = any(len(r.psnr_curve) > 1 for r in attacks)
+    panels = [*objectives, *(["psnr"] if has_curve else [])]
     if not panels:
         return None
     labels = point_labels(points)
     figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
     axis_of = dict(zip(panels, axes[0], strict=True))
     colours = plt.get_cmap("viridis")
-    point_ids = sorted({r["point"] for r in attacks})
-    seen: set[int] = set()
+    point_ids = sorted({r.point or 0 for r in attacks})
+    seen: set[tuple[int, str]] = set()
     for record in attacks:
-        colour = colours(point_ids.index(record["point"]) / max(1, len(point_ids) - 1))
-        label = None if record["point"] in seen else labels.get(record["point"])
-        seen.add(record["point"])
+        point = record.point or 0
+        colour = colours(point_ids.index(point) / max(1, len(point_ids) - 1))
+        label = None if (point, record.objective) in seen else labels.get(point)
         trace = traces[id(record)]
-        if "trace" in axis_of and len(trace) > 1:
-            axis_of["trace"].plot(
-                [t["iteration"] for t in trace],
-                [max(t["gradient_distance"], 1e-12) for t in trace],
+        if record.objective in axis_of and len(trace) > 1:
+            seen.add((point, record.objective))
+            axis_of[record.objective].plot(
+                [iteration for iteration, _ in trace],
+                [max(value, 1e-12) for _, value in trace],
                 color=colour,
                 alpha=0.6,
                 label=label,
             )
-        curve = record.get("psnr_curve") or []
+        curve = record.psnr_curve
         if "psnr" in axis_of and len(curve) > 1:
             axis_of["psnr"].plot(*zip(*curve, strict=True), color=colour, alpha=0.6)
-    if "trace" in axis_of:
-        axis_of["trace"].set(
-            xlabel="attack iteration", ylabel="gradient distance (log scale)", yscale="log"
+    for objective in objectives:
+        axis_of[objective].set(
+            xlabel="attack iteration",
+            ylabel=f"{OBJECTIVE_WORDS[objective]} (log scale)",
+            yscale="log",
         )
         if len(point_ids) > 1:
-            axis_of["trace"].legend(fontsize=7)
+            axis_of[objective].legend(fontsize=7)
     if "psnr" in axis_of:
         axis_of["psnr"].set(xlabel="attack iteration", ylabel="mean PSNR (dB)")
         for threshold in sorted(
-            {r["leak_threshold_db"] for r in attacks if "leak_threshold_db" in r}
+            {r.leak_threshold_db for r in attacks if r.leak_threshold_db is not None}
         ):
             axis_of["psnr"].axhline(threshold, color="red", lw=0.8, ls="--")
             axis_of["psnr"].annotate(
@@ -238,7 +257,7 @@ def convergence_figure(
 
 
 def by_value_figure(
-    rows: Sequence[Record], key: str, metrics: Sequence[str], path: Path
+    rows: Sequence[Row], key: str, metrics: Sequence[str], path: Path
 ) -> Path | None:
     """Attack metrics against one swept key (e.g. the batch size), one panel per metric.
 
@@ -296,7 +315,7 @@ def inversion_figure(
     return save(figure, path)
 
 
-def inversion_comparison_figure(rows: Sequence[Record], path: Path) -> Path | None:
+def inversion_comparison_figure(rows: Sequence[Row], path: Path) -> Path | None:
     """Mean and top-k NN-SSIM of the inverted samples per sweep point, noise as the floor."""
     if not rows:
         return None

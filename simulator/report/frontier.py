@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-Row = Mapping[str, Any]
+from simulator.core.records import BestRecord, LeakageRecord, Record
+from simulator.report.tables import Row
 
 
 @dataclass(frozen=True)
@@ -106,20 +107,19 @@ def within_noise(first: Setting, second: Setting) -> bool:
     return abs(first.leakage - second.leakage) <= combined
 
 
-def leakage_by_round(records: Iterable[Row]) -> dict[int, dict[int, float]]:
+def leakage_by_round(records: Iterable[Record]) -> dict[int, dict[int, float]]:
     """Per sweep point, the mean leaked fraction of each attacked round (the per-image best
     of several attacks when a round has one, else every attack record of that round)."""
-    updates: dict[tuple[int, int, int], list[Row]] = defaultdict(list)
+    updates: dict[tuple[int, int, int], list[LeakageRecord]] = defaultdict(list)
     for record in records:
-        if record.get("kind") == "attack":
-            key = (record.get("point", 0), record.get("round", 0), record.get("client", 0))
-            updates[key].append(record)
-    rounds: dict[tuple[int, int], list[Row]] = defaultdict(list)
+        if isinstance(record, LeakageRecord):
+            updates[(record.point or 0, record.round, record.client)].append(record)
+    rounds: dict[tuple[int, int], list[LeakageRecord]] = defaultdict(list)
     for (point, server_round, _client), members in updates.items():
         # Per update: its best record, else what it has (the same rule as the point's table).
-        best = [r for r in members if r.get("attack") == "best"]
+        best = [r for r in members if isinstance(r, BestRecord)]
         rounds[(point, server_round)] += best or members
     curves: dict[int, dict[int, float]] = defaultdict(dict)
     for (point, server_round), chosen in sorted(rounds.items()):
-        curves[point][server_round] = statistics.fmean(r["fraction_leaked"] for r in chosen)
+        curves[point][server_round] = statistics.fmean(r.fraction_leaked for r in chosen)
     return dict(curves)

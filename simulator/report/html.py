@@ -15,6 +15,15 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from simulator.core.records import (
+    AttackErrorRecord,
+    AttackRecord,
+    FailureRecord,
+    PointRecord,
+    Record,
+    RoundRecord,
+    of_kind,
+)
 from simulator.report import evaluation
 from simulator.report.figures import FigureFile
 from simulator.report.tables import (
@@ -22,16 +31,17 @@ from simulator.report.tables import (
     FAILURE_COLUMNS,
     MANIPULATION_COLUMNS,
     ROUND_COLUMNS,
+    Row,
     attack_table,
     column_name,
     format_value,
     inversion_table,
     manipulation_table,
     point_table,
+    rows_of,
 )
 from simulator.run.folder import SCENARIO_FILE, SCENARIO_TOML, write_atomic
 
-Record = dict[str, Any]
 HTML_FILE = "report.html"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -77,12 +87,12 @@ ul.errors li { font-family: ui-monospace, monospace; font-size: 13px; white-spac
 """
 
 
-def write_html(run_dir: Path, records: list[Record], drawn: Sequence[FigureFile]) -> Path:
+def write_html(run_dir: Path, records: Sequence[Record], drawn: Sequence[FigureFile]) -> Path:
     """Write ``report.html`` into the run folder atomically; returns its path."""
     return write_atomic(run_dir / HTML_FILE, render_html(run_dir, records, drawn))
 
 
-def render_html(run_dir: Path, records: list[Record], drawn: Sequence[FigureFile]) -> str:
+def render_html(run_dir: Path, records: Sequence[Record], drawn: Sequence[FigureFile]) -> str:
     """The page: scenario, points, accuracy, attacks, defense evaluation (sweeps), failures."""
     scenario = _scenario(run_dir)
     title = f"leaksim run {run_dir.name}"
@@ -136,11 +146,11 @@ def _scenario(run_dir: Path) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def _lead(scenario: dict[str, Any], records: list[Record]) -> str:
+def _lead(scenario: dict[str, Any], records: Sequence[Record]) -> str:
     """One line under the title: the scenario, its description, and how the points ended."""
-    points = [r for r in records if r.get("kind") == "point"]
-    failed = sum(r.get("status") == "failed" for r in points)
-    attacked = sum(r.get("kind") == "attack" for r in records)
+    points = of_kind(records, PointRecord)
+    failed = sum(r.status == "failed" for r in points)
+    attacked = len(of_kind(records, AttackRecord))
     parts = [str(scenario.get("name", "unnamed scenario"))]
     if scenario.get("description"):
         parts[0] += f": {scenario['description']}"
@@ -159,15 +169,15 @@ def _scenario_section(run_dir: Path) -> str:
     )
 
 
-def _points_section(records: list[Record]) -> str:
+def _points_section(records: Sequence[Record]) -> str:
     rows, columns = point_table(records)
     if not rows:
         return _none("No point finished (the run was interrupted before its first point ended).")
     return table(rows, columns)
 
 
-def _accuracy_section(records: list[Record], drawn: Sequence[FigureFile]) -> str:
-    rounds = [r for r in records if r.get("kind") == "round"]
+def _accuracy_section(records: Sequence[Record], drawn: Sequence[FigureFile]) -> str:
+    rounds = rows_of(of_kind(records, RoundRecord))
     if not rounds:
         return _none("No round was evaluated.")
     return "\n".join(
@@ -180,15 +190,15 @@ def _accuracy_section(records: list[Record], drawn: Sequence[FigureFile]) -> str
     )
 
 
-def _attacks_section(records: list[Record], drawn: Sequence[FigureFile]) -> str:
-    attacks = [r for r in records if r.get("kind") == "attack"]
+def _attacks_section(records: Sequence[Record], drawn: Sequence[FigureFile]) -> str:
+    attacks = of_kind(records, AttackRecord)
     if not attacks:
         return _none("No update was attacked.")
     parts = []
-    if any(r.get("matching") == "training" for r in attacks):
+    if any(r.matching == "training" for r in attacks):
         parts += ["<h3>Network inversion (generated samples against the training data)</h3>"]
         parts += [table(*inversion_table(records))]
-    if any(r.get("matching") != "training" for r in attacks):
+    if any(r.matching != "training" for r in attacks):
         parts += ["<h3>Reconstruction per point (mean over attacked updates)</h3>"]
         parts += [table(*attack_table(records))]
     manipulated = manipulation_table(records)
@@ -198,7 +208,7 @@ def _attacks_section(records: list[Record], drawn: Sequence[FigureFile]) -> str:
     return "\n".join(parts + _figures(drawn, "attacks"))
 
 
-def _evaluation_section(records: list[Record], drawn: Sequence[FigureFile]) -> str:
+def _evaluation_section(records: Sequence[Record], drawn: Sequence[FigureFile]) -> str:
     parts = [
         "<p>Leakage and utility of every point, the undefended run (curve <code>none</code>) "
         "as the baseline; <code>accuracy_loss</code> is its accuracy minus the point's.</p>",
@@ -211,18 +221,18 @@ def _evaluation_section(records: list[Record], drawn: Sequence[FigureFile]) -> s
     return "\n".join(parts + _figures(drawn, evaluation.SECTION))
 
 
-def _failures_section(records: list[Record]) -> str:
-    failed_points = [r for r in records if r.get("kind") == "point" and r.get("error")]
-    failures = [r for r in records if r.get("kind") == "failure"]
-    attack_errors = [r for r in records if r.get("kind") == "attack_error"]
+def _failures_section(records: Sequence[Record]) -> str:
+    failed_points = [r for r in of_kind(records, PointRecord) if r.error]
+    failures = rows_of(of_kind(records, FailureRecord))
+    attack_errors = rows_of(of_kind(records, AttackErrorRecord))
     if not (failed_points or failures or attack_errors):
         return _none("None: every point finished, every client answered, every attack ran.")
     parts = []
     if failed_points:
         parts += [f"<h3>Points that failed ({len(failed_points)})</h3>", '<ul class="errors">']
         parts += [
-            f"<li>point {escape(str(r.get('point')))}: "
-            f'<span class="error">{escape(str(r["error"]))}</span></li>'
+            f"<li>point {escape(str(r.point))}: "
+            f'<span class="error">{escape(str(r.error))}</span></li>'
             for r in failed_points
         ]
         parts += ["</ul>"]
@@ -235,7 +245,7 @@ def _failures_section(records: list[Record]) -> str:
     return "\n".join(parts)
 
 
-def table(rows: Sequence[Record], columns: Sequence[str]) -> str:
+def table(rows: Sequence[Row], columns: Sequence[str]) -> str:
     """An HTML table of ``rows`` (every cell escaped; numbers right-aligned)."""
     head = "".join(f"<th>{escape(column_name(c))}</th>" for c in columns)
     body = []

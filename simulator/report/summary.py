@@ -7,11 +7,21 @@ content on one self-contained page), each atomically.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from simulator.core.records import (
+    AttackErrorRecord,
+    AttackRecord,
+    BestRecord,
+    FailureRecord,
+    PointRecord,
+    Record,
+    RoundRecord,
+    of_kind,
+)
 from simulator.report import evaluation, figures, html
 from simulator.report.figures import FigureFile
 from simulator.report.tables import (
@@ -25,12 +35,12 @@ from simulator.report.tables import (
     manipulation_table,
     markdown_table,
     point_table,
+    rows_of,
 )
 from simulator.run.folder import attack_artifact, read_records, write_atomic
 
 __all__ = ["attack_table", "format_value", "inversion_table", "point_table", "write_report"]
 
-Record = dict[str, Any]
 SUMMARY_FILE = "summary.md"
 FIGURES_DIR = "figures"
 # The figures a report draws; those of an earlier report not drawn this time are removed.
@@ -50,22 +60,23 @@ def write_report(run_dir: Path | str) -> Path:
     return summary
 
 
-def markdown_summary(run_dir: Path, records: list[Record], drawn: list[FigureFile]) -> str:
+def markdown_summary(run_dir: Path, records: Sequence[Record], drawn: Sequence[FigureFile]) -> str:
     """``summary.md``: every table of the run, then links to its figures."""
     rows, columns = point_table(records)
-    failures = [r for r in records if r.get("kind") == "failure"]
-    rounds = [r for r in records if r.get("kind") == "round"]
+    points = of_kind(records, PointRecord)
+    failures = rows_of(of_kind(records, FailureRecord))
+    rounds = rows_of(of_kind(records, RoundRecord))
     parts = [f"# Run {run_dir.name}", "", "## Points", "", markdown_table(rows, columns)]
     parts += ["", "## Rounds", "", markdown_table(rounds, ROUND_COLUMNS)]
     if failures:
         parts += ["", f"## Failed client updates ({len(failures)})", ""]
         parts += [markdown_table(failures, FAILURE_COLUMNS)]
-    if any(r.get("status") == "failed" for r in rows):
+    if any(p.status == "failed" for p in points):
         parts += ["", "## Errors", ""] + [
-            f"- point {r['point']}: {r.get('error')}" for r in rows if r.get("error")
+            f"- point {p.point}: {p.error}" for p in points if p.error
         ]
-    attacks = [r for r in records if r.get("kind") == "attack"]
-    if any(r.get("matching") == "training" for r in attacks):
+    attacks = of_kind(records, AttackRecord)
+    if any(r.matching == "training" for r in attacks):
         parts += ["", "## Network inversion (generated samples against the training data)", ""]
         parts += [markdown_table(*inversion_table(records))]
     if attacks:
@@ -84,7 +95,7 @@ def markdown_summary(run_dir: Path, records: list[Record], drawn: list[FigureFil
     if manipulated:
         parts += ["", "## Manipulated models (the server's active attack)", ""]
         parts += [markdown_table(manipulated, MANIPULATION_COLUMNS)]
-    attack_errors = [r for r in records if r.get("kind") == "attack_error"]
+    attack_errors = rows_of(of_kind(records, AttackErrorRecord))
     if attack_errors:
         parts += ["", f"## Attack errors ({len(attack_errors)})", ""]
         parts += [markdown_table(attack_errors, ATTACK_ERROR_COLUMNS)]
@@ -95,18 +106,18 @@ def markdown_summary(run_dir: Path, records: list[Record], drawn: list[FigureFil
     return "\n".join(parts) + "\n"
 
 
-def write_figures(run_dir: Path, records: list[Record]) -> list[FigureFile]:
+def write_figures(run_dir: Path, records: Sequence[Record]) -> list[FigureFile]:
     """Draw every figure the records have data for; returns them with their report sections."""
     figures_dir = run_dir / FIGURES_DIR
-    rows, _ = point_table(records)
-    rounds = [r for r in records if r.get("kind") == "round"]
-    attacks = [r for r in records if r.get("kind") == "attack"]
-    inversions = [r for r in attacks if r.get("matching") == "training"]
-    attacks = [r for r in attacks if r.get("matching") != "training"]
+    points = of_kind(records, PointRecord)
+    rounds = of_kind(records, RoundRecord)
+    attacks = of_kind(records, AttackRecord)
+    inversions = [r for r in attacks if r.matching == "training"]
+    attacks = [r for r in attacks if r.matching != "training"]
     drawn: list[tuple[str, Path | None, str]] = [
         (
             "accuracy",
-            figures.accuracy_figure(rounds, rows, figures_dir / "accuracy.png"),
+            figures.accuracy_figure(rounds, points, figures_dir / "accuracy.png"),
             "Global test accuracy after each round (round 0: the initial model).",
         )
     ]
@@ -124,8 +135,8 @@ def write_figures(run_dir: Path, records: list[Record]) -> list[FigureFile]:
     if attacks:
         attack_rows, attack_columns = attack_table(records)
         if "attack" in attack_columns:  # several attacks: plot the strongest, per image
-            best = [row for row in attack_rows if row["attack"] == "best"]
-            attack_rows = best or [r for r in attack_rows if r["attack"] == attacks[0]["attack"]]
+            best = [row for row in attack_rows if row["attack"] == BestRecord.kind]
+            attack_rows = best or [r for r in attack_rows if r["attack"] == attacks[0].attack]
         swept = [c for c in attack_columns if c.startswith("set:")]
         scalar = all(
             isinstance(row.get(c), int | float | str) for row in attack_rows for c in swept
@@ -142,11 +153,12 @@ def write_figures(run_dir: Path, records: list[Record]) -> list[FigureFile]:
         drawn.append(
             (
                 "attacks",
-                figures.convergence_figure(attacks, rows, figures_dir / "convergence.png"),
-                "Convergence of the iterative attacks: gradient distance and PSNR by iteration.",
+                figures.convergence_figure(attacks, points, figures_dir / "convergence.png"),
+                "Convergence of the iterative attacks: the objective each minimised (gradient "
+                "distance, KKT stationarity, ...) and PSNR by iteration.",
             )
         )
-        drawn += _reconstruction_figures(run_dir, attacks, figures_dir, rows)
+        drawn += _reconstruction_figures(run_dir, attacks, figures_dir, points)
     written = [FigureFile(section, caption, path) for section, path, caption in drawn if path]
     if evaluation.is_evaluation(records):
         written += evaluation.write_figures(run_dir, records, figures_dir)
@@ -163,7 +175,7 @@ def _remove_stale(figures_dir: Path, keep: set[Path]) -> None:
 
 
 def _inversion_figures(
-    run_dir: Path, inversions: list[Record], figures_dir: Path
+    run_dir: Path, inversions: Sequence[AttackRecord], figures_dir: Path
 ) -> list[tuple[str, Path | None, str]]:
     """Per inverted model: generated samples per class above their nearest training images."""
     drawn = []
@@ -176,11 +188,11 @@ def _inversion_figures(
                 arrays["reconstruction"],
                 arrays["truth"],
                 arrays["labels"],
-                record["ssim"],
-                figures_dir / f"inversion-p{record['point']}-r{record['round']}.png",
+                record.ssim,
+                figures_dir / f"inversion-p{record.point}-r{record.round}.png",
             )
         caption = (
-            f"Point {record['point']}, round {record['round']}: generated samples per class, "
+            f"Point {record.point}, round {record.round}: generated samples per class, "
             "each above its nearest training image (SSIM below)."
         )
         drawn.append(("attacks", written, caption))
@@ -188,33 +200,36 @@ def _inversion_figures(
 
 
 def _reconstruction_figures(
-    run_dir: Path, attacks: list[Record], figures_dir: Path, points: list[Record]
+    run_dir: Path,
+    attacks: Sequence[AttackRecord],
+    figures_dir: Path,
+    points: Sequence[PointRecord],
 ) -> list[tuple[str, Path | None, str]]:
     """One figure per (point, round): every attacked client's truth above its reconstruction."""
     labels = figures.point_labels(points)
-    groups: dict[tuple[int, int], list[Record]] = defaultdict(list)
+    groups: dict[tuple[int, int], list[AttackRecord]] = defaultdict(list)
     seen: set[tuple[int, int, int]] = set()
     for record in attacks:  # the first attack of each update: the one whose images are kept
-        update = (record["point"], record["round"], record["client"])
+        update = (record.point or 0, record.round, record.client)
         if update not in seen:
             seen.add(update)
-            groups[(record["point"], record["round"])].append(record)
+            groups[(record.point or 0, record.round)].append(record)
     drawn = []
     for (point, round_), group in sorted(groups.items()):
         pairs = []
         nearest = False
-        for record in sorted(group, key=lambda r: r["client"]):
+        for record in sorted(group, key=lambda r: r.client):
             path = attack_artifact(run_dir, record)
             if not path.is_file():
                 continue
             with np.load(path) as arrays:
-                title = f"client {record['client']}: mean PSNR {record['mean_psnr']:.1f} dB"
-                if record.get("matching") == "nearest":
+                title = f"client {record.client}: mean PSNR {record.mean_psnr:.1f} dB"
+                if record.matching == "nearest":
                     nearest = True
                     title = (
-                        f"client {record['client']}: best matches by SSIM, "
-                        f"{record['images_leaked']}/{record['batch_size']} at or above "
-                        f"{record['leak_threshold_ssim']}"
+                        f"client {record.client}: best matches by SSIM, "
+                        f"{record.extra.get('images_leaked')}/{record.true_images} at or above "
+                        f"{record.leak_threshold_ssim}"
                     )
                 pairs.append((title, arrays["truth"], arrays["reconstruction"]))
         names = ("truth", "best match") if nearest else ("truth", "recon.")

@@ -39,6 +39,7 @@ from attacks.server import MaliciousServer
 from defenses.base import AggregationDefense, build_defenses
 from simulator.core.config import Scenario
 from simulator.core.models import SentModel, build_model
+from simulator.core.protocol import CLIENT_ID_KEY, CONFIG_KEY, SCENARIO_KEY
 from simulator.core.records import (
     AttackErrorRecord,
     ManipulationRecord,
@@ -48,13 +49,7 @@ from simulator.core.records import (
 )
 from simulator.data.shards import Shard, load_test_set
 from simulator.federation.interceptor import Interceptor, Manipulate
-from simulator.federation.messages import (
-    CLIENT_ID_KEY,
-    CONFIG_KEY,
-    SCENARIO_KEY,
-    from_record,
-    to_record,
-)
+from simulator.federation.messages import from_record, to_record
 from simulator.federation.secagg import SecAggStrategy, secagg_workflow
 from simulator.federation.strategies import make_strategy
 from simulator.federation.traffic import RoundTraffic

@@ -14,6 +14,7 @@ A stopped run gets an ``interrupted`` record and raises :class:`RunInterrupted`;
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -35,9 +36,10 @@ from simulator.core.records import (
     InterruptedRecord,
     PointRecord,
     Record,
+    RecordT,
     RoundRecord,
+    of_kind,
 )
-from simulator.core.scenario import Point, expand
 from simulator.federation.client_app import app as client_app
 from simulator.federation.secagg import app as secagg_client_app
 from simulator.federation.truth import TRUTH_DIR_ENV, TruthStore
@@ -49,9 +51,8 @@ from simulator.run.ray_head import run_cluster
 from simulator.run.referee import Referee, Tap
 from simulator.run.server_app import make_server_app
 from simulator.run.supervisor import Interrupted, Supervisor
+from simulator.scenario import Point, expand
 
-# A record as written to results.jsonl (and read back): the JSON object of a typed record.
-Written = dict[str, Any]
 ProgressHook = Callable[[Point, int], None]
 
 
@@ -85,12 +86,12 @@ class RunResult:
     """What a run left behind: its folder and every record it wrote."""
 
     folder: RunFolder
-    records: list[Written]
+    records: list[Record]
     report_error: str | None = None
 
-    def table(self, kind: str = "point") -> list[Written]:
-        """Records of one kind (``point`` rows are the run's summary table)."""
-        return [r for r in self.records if r.get("kind") == kind]
+    def table(self, kind: type[RecordT] = PointRecord) -> list[RecordT]:  # type: ignore[assignment]
+        """Records of one kind (``point`` records are the run's summary table)."""
+        return of_kind(self.records, kind)
 
 
 def client_gpus(scenario: Scenario) -> float:
@@ -171,12 +172,12 @@ def truth_store(folder: RunFolder | None, point: int) -> Iterator[TruthStore]:
 
 def run_point(
     point: Point,
-    emit: Callable[[Written], None],
+    emit: Callable[[Record], None],
     on_round: Callable[[int], None] = lambda _r: None,
     verbose: bool = False,
     taps: Sequence[Tap] = (),
     folder: RunFolder | None = None,
-) -> Written:
+) -> PointRecord:
     """Run one sweep point through Flower; returns its summary (``point``) record.
 
     The point's truth store is a private temporary folder (inside the run folder when there
@@ -188,11 +189,11 @@ def run_point(
     def tagged(record: Record) -> None:
         if isinstance(record, RoundRecord):
             rounds.append(record)
-        emit({"point": point.index, **record.to_dict()})
+        emit(dataclasses.replace(record, point=point.index))
 
     def save(record: AttackRecord, arrays: Mapping[str, np.ndarray]) -> None:
         if folder is not None:
-            folder.save_attack({"point": point.index, **record.to_dict()}, arrays)
+            folder.save_attack(dataclasses.replace(record, point=point.index), arrays)
 
     started = time.perf_counter()
     error: BaseException | None = None
@@ -224,14 +225,13 @@ def run_point(
         seconds=time.perf_counter() - started,
         error=None if error is None else f"{type(error).__name__}: {error}",
     )
-    written = summary.to_dict()
-    emit(written)
-    return written
+    emit(summary)
+    return summary
 
 
 def run_points(
     points: Sequence[Point],
-    emit: Callable[[Written], None],
+    emit: Callable[[Record], None],
     on_round: ProgressHook = lambda _p, _r: None,
     verbose: bool = False,
     taps: Sequence[Tap] = (),
@@ -255,18 +255,16 @@ class Progress:
     failures: dict[int, int] = field(default_factory=dict)
     since: float = field(default_factory=time.perf_counter)
 
-    def see(self, record: Mapping[str, Any]) -> None:
-        point, kind = record.get("point"), record.get("kind")
-        if not isinstance(point, int):
+    def see(self, record: Record) -> None:
+        point = record.point
+        if point is None:
             return
-        if kind == PointRecord.kind:
+        if isinstance(record, PointRecord):
             self.finished.add(point)
             self.since = time.perf_counter()
-        elif kind == RoundRecord.kind:
-            self.rounds[point] = RoundRecord(
-                record["round"], record["test_accuracy"], record["test_loss"]
-            )
-        elif kind == FailureRecord.kind:
+        elif isinstance(record, RoundRecord):
+            self.rounds[point] = record
+        elif isinstance(record, FailureRecord):
             self.failures[point] = self.failures.get(point, 0) + 1
 
     def current(self) -> int | None:
@@ -297,7 +295,7 @@ class Progress:
 
 def open_folder(
     scenario: Scenario, out_dir: Path | str | None, runs_root: Path | str, resume: bool
-) -> tuple[RunFolder, list[Written], int]:
+) -> tuple[RunFolder, list[Record], int]:
     """(the run folder, the records it keeps, the first point to run)."""
     if not resume:
         return RunFolder.create(scenario, root=runs_root, path=out_dir), [], 0
@@ -348,9 +346,9 @@ def execute(
     pending = points[first:]
     progress = Progress([p.index for p in pending])
 
-    def emit(record: Mapping[str, Any]) -> None:
+    def emit(record: Record) -> None:
         folder.append(record)
-        records.append(dict(record))
+        records.append(record)
         progress.see(record)
 
     stopped: list[RunInterrupted] = []
@@ -360,7 +358,7 @@ def execute(
         current = progress.current()
         running = list(running) or ([] if current is None else [current])
         for point in running:
-            emit(InterruptedRecord(point, signal, progress.reached(point)).to_dict())
+            emit(InterruptedRecord(point, signal, progress.reached(point)))
         first = min(running, default=None)
         reached = 0 if first is None else progress.reached(first)
         stopped.append(RunInterrupted(folder, signal, first, reached))
@@ -372,7 +370,7 @@ def execute(
                 emit,
                 lambda index, server_round: on_round(points[index], server_round),
                 stop,
-                lambda index, ending: emit(progress.lost(points[index], ending).to_dict()),
+                lambda index, ending: emit(progress.lost(points[index], ending)),
                 verbose,
                 lanes=min(parallel, len(pending)) or 1,
                 cpus=max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None,
@@ -393,9 +391,9 @@ def execute(
         raise RunInterrupted(folder, "SIGINT", None, 0) from None
     except Exception as error:  # the records are safe on disk; `leaksim report` can retry
         result.report_error = f"{type(error).__name__}: {error}"
-    failed = [r for r in result.table() if r["status"] == "failed"]
+    failed = [r for r in result.table() if r.status == "failed"]
     if failed and raise_on_failure:
-        lines = "\n".join(f"  point {r['point']}: {r['error']}" for r in failed)
+        lines = "\n".join(f"  point {r.point}: {r.error}" for r in failed)
         raise RunFailed(
             f"{len(failed)} of {len(points)} points failed (records in {folder.path}):\n{lines}"
         )

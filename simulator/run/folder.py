@@ -30,9 +30,17 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
-from simulator.core.config import Scenario, model_keys_read
+from simulator.core.config import Scenario, drop_unread
 from simulator.core.fields import InputError
-from simulator.core.records import InterruptedRecord, PointRecord, Record
+from simulator.core.records import (
+    AttackRecord,
+    InterruptedRecord,
+    PointRecord,
+    Record,
+    RecordError,
+    read,
+)
+from simulator.scenario import from_dict
 
 RESULTS_FILE = "results.jsonl"
 INTERRUPTED_FILE = "interrupted.jsonl"
@@ -49,7 +57,8 @@ class RunFolderError(InputError):
 
 
 class CorruptRecordsWarning(UserWarning):
-    """Lines of results.jsonl that are not JSON objects were skipped."""
+    """Lines of results.jsonl that are not records (not JSON objects, or of no known kind)
+    were skipped."""
 
 
 def safe_name(name: str) -> str:
@@ -120,11 +129,9 @@ def _toml_value(value: Any) -> str:
 
 def scenario_toml(scenario: Scenario) -> str:
     """The resolved scenario as TOML, loadable again with ``leaksim run FILE``."""
+    # Only keys some kind of the scenario reads: a model kind's and a partitioner's keys are
+    # their params, which hold no other.
     raw = scenario.to_dict()
-    # Only the [model] keys some kind of the scenario reads: the others are defaults that
-    # loading the file again would refuse as written but unread (check_model_keys).
-    read = model_keys_read(scenario)
-    raw["model"] = {k: v for k, v in raw["model"].items() if k in read}
     top = [key for key in ("name", "description", "seed", "plugins") if key in raw]
     lines = [f"{key} = {_toml_value(raw.pop(key))}" for key in top]
     lines.append(f"defenses = {_toml_value(raw.pop('defenses'))}")
@@ -179,10 +186,10 @@ class RunFolder:
     def results_path(self) -> Path:
         return self.path / RESULTS_FILE
 
-    def append(self, record: Mapping[str, Any]) -> None:
+    def append(self, record: Record) -> None:
         """Append one record durably (flush + fsync) before returning."""
         with self.results_path.open("a") as stream:
-            stream.write(json.dumps(_jsonable(record)) + "\n")
+            stream.write(json.dumps(_jsonable(record.to_dict())) + "\n")
             stream.flush()
             os.fsync(stream.fileno())
 
@@ -193,15 +200,18 @@ class RunFolder:
             np.savez_compressed(stream, **arrays)
         return target
 
-    def save_attack(self, record: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Path:
+    def save_attack(self, record: AttackRecord, arrays: Mapping[str, np.ndarray]) -> Path:
         """Store the true batch and reconstruction behind an ``attack`` record."""
         return self.save_arrays(_attack_name(record), arrays)
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[Record]:
         return list(read_records(self.path))
 
     def scenario(self) -> Scenario:
-        return Scenario.from_json((self.path / SCENARIO_FILE).read_text())
+        raw = json.loads((self.path / SCENARIO_FILE).read_text())
+        # Folders written before a kind's keys were its params list every kind's defaults.
+        drop_unread(raw)
+        return from_dict(raw)
 
     def tidy(self) -> None:
         """Remove what a killed run leaves behind: truth stores and half-written files."""
@@ -211,7 +221,7 @@ class RunFolder:
             for partial in folder.glob(f".*{TEMPORARY_SUFFIX}"):
                 partial.unlink(missing_ok=True)
 
-    def rewind(self, points: int) -> tuple[list[dict[str, Any]], int]:
+    def rewind(self, points: int) -> tuple[list[Record], int]:
         """Prepare to resume: (the records kept, the first point to run again).
 
         Points 0, 1, ... that ended ``ok`` are kept up to the first that did not (never run,
@@ -219,21 +229,17 @@ class RunFolder:
         records and unreadable lines are appended to interrupted.jsonl, then results.jsonl is
         rewritten atomically with the kept lines as they were.
         """
-        lines = _lines(self.results_path)
-        done = {
-            r.get("point")
-            for _, _, r in lines
-            if r is not None and r.get("kind") == PointRecord.kind and r.get("status") == "ok"
-        }
+        lines = [(n, line, _typed(r)) for n, line, r in _lines(self.results_path)]
+        done = {r.point for _, _, r in lines if isinstance(r, PointRecord) and r.status == "ok"}
         first = next((index for index in range(points) if index not in done), points)
-        kept: list[tuple[str, dict[str, Any]]] = []
+        kept: list[tuple[str, Record]] = []
         moved: list[str] = []
         for _, line, record in lines:
-            point = record.get("point") if record is not None else None
+            point = record.point if record is not None else None
             if (
                 record is not None
-                and record.get("kind") != InterruptedRecord.kind
-                and isinstance(point, int)
+                and not isinstance(record, InterruptedRecord)
+                and point is not None
                 and point < first
             ):
                 kept.append((line, record))
@@ -258,11 +264,11 @@ def check_new(path: Path | str) -> None:
         )
 
 
-def _attack_name(record: Mapping[str, Any]) -> str:
-    return f"p{record['point']}-attack-r{record['round']}-c{record['client']}"
+def _attack_name(record: AttackRecord) -> str:
+    return f"p{record.point}-attack-r{record.round}-c{record.client}"
 
 
-def attack_artifact(run_dir: Path | str, record: Mapping[str, Any]) -> Path:
+def attack_artifact(run_dir: Path | str, record: AttackRecord) -> Path:
     """Where :meth:`RunFolder.save_attack` put the arrays behind an ``attack`` record."""
     return Path(run_dir) / ARTIFACTS_DIR / f"{_attack_name(record)}.npz"
 
@@ -283,16 +289,28 @@ def _lines(path: Path) -> list[tuple[int, str, dict[str, Any] | None]]:
     return found
 
 
-def read_records(run_dir: Path | str) -> Iterator[dict[str, Any]]:
-    """The records of a run folder, in order.
+def _typed(written: dict[str, Any] | None) -> Record | None:
+    """The typed record of a line's JSON object; None when it is no record."""
+    if written is None:
+        return None
+    try:
+        return read(written)
+    except RecordError:
+        return None
 
-    Lines that are not JSON objects (a torn last line after a crash, a damaged file) are
-    skipped with a :class:`CorruptRecordsWarning` that says how many and where.
+
+def read_records(run_dir: Path | str) -> Iterator[Record]:
+    """The typed records of a run folder, in order (those of older formats read as today's:
+    :func:`simulator.core.records.read`).
+
+    Lines that are not records (a torn last line after a crash, a damaged file, a kind this
+    version does not know) are skipped with a :class:`CorruptRecordsWarning` that says how
+    many and where.
     """
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a leaksim run folder: no {RESULTS_FILE}")
-    lines = _lines(path)
+    lines = [(number, line, _typed(record)) for number, line, record in _lines(path)]
     skipped = [number for number, _, record in lines if record is None]
     if skipped:
         shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")

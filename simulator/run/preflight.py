@@ -1,11 +1,12 @@
-"""Checks a run needs before any work starts: the data files, and the rules that need data.
+"""Checks a run needs before any work starts: the data files, this machine, the rules that
+need data.
 
-Scenario keys are validated when a scenario is loaded (:mod:`simulator.core.config`); what
-needs the data is checked here, in the driver, before a run folder exists or Ray starts:
-every dataset file is present and verified (MD5) once, every client's shard can be cut, and
-each sweep point's batch fits its smallest shard (a larger batch would be clamped by the
-clients while the server is told the configured size). Each failure is one line naming the
-key or file.
+Scenario keys are validated when a scenario is loaded (:mod:`simulator.scenario`); what needs
+the data or this machine is checked here, in the driver, before a run folder exists or Ray
+starts: the CPU cores and devices a client or an attack asks for exist, every dataset file is
+present and verified (MD5) once, every client's shard can be cut, and each sweep point's batch
+fits its smallest shard (a larger batch would be clamped by the clients while the server is
+told the configured size). Each failure is one line naming the key or file.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from simulator.core.config import DataConfig, Scenario
 from simulator.core.devices import DeviceError, check_device
 from simulator.core.fields import InputError
 from simulator.core.registry import DATASETS
-from simulator.core.scenario import expand
 from simulator.data.datasets import (
     DATA_DIR_ENV,
     DataError,
@@ -28,6 +28,7 @@ from simulator.data.datasets import (
 )
 from simulator.data.shards import shard_size
 from simulator.run.cluster import ClusterAddressError, check_address, ray_address
+from simulator.scenario import expand
 
 
 class PreflightError(InputError):
@@ -83,6 +84,18 @@ def check_devices(scenario: Scenario, on_cluster: bool) -> None:
         raise PreflightError(str(error)) from None
 
 
+def check_cores(scenario: Scenario, on_cluster: bool) -> None:
+    """A client's CPU share fits this machine, unless the clients run on a cluster (whose
+    nodes may have more cores: Ray then places them)."""
+    cores = os.cpu_count() or 1
+    cpus = scenario.federation.cpus_per_client
+    if not on_cluster and cpus > cores:
+        raise PreflightError(
+            f"federation.cpus_per_client = {cpus:g} exceeds the {cores} CPU cores of this "
+            f"machine; allowed: (0, {cores}]"
+        )
+
+
 def preflight(scenario: Scenario) -> None:
     """Raise PreflightError unless every sweep point of ``scenario`` can run (and the Ray
     cluster it is to use, if any, answers)."""
@@ -93,6 +106,7 @@ def preflight(scenario: Scenario) -> None:
             raise PreflightError(str(error)) from None
     checked: set[DataConfig] = set()
     for point in expand(scenario):
+        check_cores(point.scenario, on_cluster=address is not None)
         check_devices(point.scenario, on_cluster=address is not None)
         data = point.scenario.data
         if data not in checked:

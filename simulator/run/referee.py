@@ -21,7 +21,7 @@ import torch
 from attacks.server import MaliciousServer
 from simulator.core.config import Scenario
 from simulator.core.models import is_binary
-from simulator.core.protocol import PublicData, Reconstruction
+from simulator.core.protocol import PublicData, Reconstruction, Truth
 from simulator.core.records import (
     AttackErrorRecord,
     AttackRecord,
@@ -31,7 +31,7 @@ from simulator.core.records import (
 )
 from simulator.data.shards import load_test_set, load_training_union
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID, RoundTraffic
-from simulator.federation.truth import Truth, TruthStore
+from simulator.federation.truth import TruthStore
 from simulator.run.privacy import PrivacyLedger
 from simulator.scoring.best import best_of
 from simulator.scoring.score import score_round

@@ -18,13 +18,14 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+import simulator.run.builtins  # noqa: F401  (registers every built-in plugin)
 from simulator.core.config import DEFAULT_SCENARIO
 from simulator.core.records import NoteRecord
-from simulator.core.scenario import load
 from simulator.run.driver import FederationDriver, connected_nodes
 from simulator.run.folder import print_record, write_atomic
 from simulator.run.privacy import PrivacyLedger
 from simulator.run.referee import Referee, RefereedRound, Tap
+from simulator.scenario import load, with_overrides
 
 
 def make_server_app(driver: FederationDriver) -> ServerApp:
@@ -49,7 +50,7 @@ def flwr_main(grid: Grid, context: Context) -> None:
     nodes = connected_nodes(grid, timeout=scenario.federation.timeout_s)
     if nodes != scenario.federation.clients:
         print_record(NoteRecord(f"federation.clients set to {nodes} SuperNodes"))
-        scenario = scenario.with_overrides({"federation.clients": nodes})
+        scenario = with_overrides(scenario, {"federation.clients": nodes})
     folder = context.run_config.get("reconstructions")
     taps = [reconstruction_writer(Path(str(folder)))] if folder else []
     referee = Referee(scenario, print_record, PrivacyLedger(scenario), None, taps)

@@ -3,12 +3,13 @@
 The worker (``python -m simulator.run.worker``, in a session of its own, so that a terminal's
 Ctrl-C reaches only this process) runs the points and sends each record, progress tick and
 error here as one JSON line on a pipe. This process is the only writer of results.jsonl: it
-hands each record to ``on_record`` as it arrives. On SIGINT or SIGTERM it stops reading (so
-nothing the dying federation says, such as clients that stopped answering, is recorded),
-calls ``on_interrupt`` and ends every process of the run: the worker at once (SIGKILL: it is
-the Ray driver and nothing of it is kept), then Ray's processes (SIGTERM, then SIGKILL after
-a short grace), orphans included (:mod:`simulator.run.processes`); then raises
-:class:`Interrupted`. It ends the same processes whenever it returns or raises.
+hands each record (typed again, :func:`simulator.core.records.read`) to ``on_record`` as it
+arrives. On SIGINT or SIGTERM it stops reading (so nothing the dying federation says, such
+as clients that stopped answering, is recorded), calls ``on_interrupt`` and ends every
+process of the run: the worker at once (SIGKILL: it is the Ray driver and nothing of it is
+kept), then Ray's processes (SIGTERM, then SIGKILL after a short grace), orphans included
+(:mod:`simulator.run.processes`); then raises :class:`Interrupted`. It ends the same
+processes whenever it returns or raises.
 
 A worker that dies mid-point costs that point only: ``on_lost`` records it and a new worker
 takes the points after it.
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from simulator.core.records import PointRecord, Record, read
 from simulator.run.cluster import RAY_ENVIRONMENT
 from simulator.run.processes import ProcessTree, SignalFlag, send, subreaper
 
@@ -66,8 +68,8 @@ class Channel:
     def send(self, kind: str, payload: Any) -> None:
         self.stream.write(json.dumps({kind: payload}) + "\n")
 
-    def record(self, record: Mapping[str, Any]) -> None:
-        self.send("record", record)
+    def record(self, record: Record) -> None:
+        self.send("record", record.to_dict())
 
     def progress(self, point: int, server_round: int) -> None:
         self.send("progress", [point, server_round])
@@ -135,7 +137,7 @@ class Supervisor:
     """
 
     folder: Path
-    on_record: Callable[[dict[str, Any]], None]
+    on_record: Callable[[Record], None]
     on_progress: Callable[[int, int], None]
     on_interrupt: Callable[[str, list[int]], None]
     on_lost: Callable[[int, str], None]
@@ -247,9 +249,9 @@ class Supervisor:
 
     def _dispatch(self, message: Mapping[str, Any]) -> None:
         if "record" in message:
-            record = message["record"]
-            if record.get("kind") == "point":
-                self._finished.add(record["point"])
+            record = read(message["record"])
+            if isinstance(record, PointRecord):
+                self._finished.add(record.point)
             self.on_record(record)
         elif "progress" in message:
             self.on_progress(*message["progress"])

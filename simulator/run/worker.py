@@ -16,11 +16,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from simulator.core.scenario import expand
+import simulator.run.builtins  # noqa: F401  (registers every built-in plugin)
 from simulator.run.engine import run_points
 from simulator.run.folder import RunFolder
 from simulator.run.processes import end_with_parent, set_subreaper
 from simulator.run.supervisor import Channel
+from simulator.scenario import expand
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -8,10 +8,14 @@ Each reconstruction is matched to its client's true batch (Hungarian on MSE) and
 image (MSE, PSNR, SSIM with a Gaussian window), with label accuracy and the fraction leaked
 (PSNR >= threshold). Snapshots taken during the attack give PSNR against iteration.
 
-Attacks that state a guarantee (the active attacks of :mod:`attacks.active`) put
-``predicted_share`` in their last trace entry; their records then also hold
-``recovered_60db`` and ``recovered_30db`` (shares of the batch at PSNR >= 60 and >= 30 dB,
-whatever ``leak_threshold_db`` is) and that ``predicted_share``. Other records are unchanged.
+Attacks that state a guarantee (the active attacks of :mod:`attacks.active`) set
+:attr:`Reconstruction.predicted_share`; their records then also hold ``recovered_60db`` and
+``recovered_30db`` (shares of the batch at PSNR >= 60 and >= 30 dB, whatever
+``leak_threshold_db`` is) and that ``predicted_share``. Other records are unchanged.
+
+The typed fields of :class:`AttackRecord` are common to every matching; the figures below,
+particular to one, are its ``extra`` (written beside the others). One-to-one records add
+``label_counts_right``.
 
 Candidate sets ("nearest") and class samples ("training") are scored in two SSIM windows: ours
 (11x11 Gaussian, the ``ssim``/``mean_ssim``/``images_leaked``/``fraction_leaked`` fields) and
@@ -38,9 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from simulator.core.protocol import Reconstruction
+from simulator.core.objectives import objective_key
+from simulator.core.protocol import Reconstruction, Truth
 from simulator.core.records import AttackRecord
-from simulator.federation.truth import Truth
 from simulator.scoring.inversion import random_noise_baseline, score_inversion
 from simulator.scoring.metrics import (
     label_counts_right,
@@ -68,24 +72,29 @@ class Scored:
         return arrays if self.labels is None else arrays | {"labels": self.labels}
 
 
-def _attack_record(reconstruction: Reconstruction, scores: dict[str, Any]) -> AttackRecord:
-    """The record of one scored reconstruction: which update, which attack, how it ended."""
+def _attack_record(reconstruction: Reconstruction, **scores: Any) -> AttackRecord:
+    """The record of one scored reconstruction: which update, which attack, how it ended,
+    how it was matched and what it minimised, and its ``scores``."""
     return AttackRecord(
         round=reconstruction.round,
         client=reconstruction.client_id,
         attack=reconstruction.attack,
         status=reconstruction.status,
         notes=reconstruction.notes,
-        scores=scores,
+        matching=reconstruction.matching,
+        objective=reconstruction.objective,
+        trace=_objective_trace(reconstruction),
+        **scores,
     )
 
 
-def _distance_trace(trace: Sequence[dict[str, float]]) -> list[dict[str, float]]:
-    """The attack's trace reduced to (iteration, gradient distance) for the convergence plot."""
-    return [
-        {"iteration": int(t["iteration"]), "gradient_distance": float(t["gradient_distance"])}
-        for t in trace
-    ]
+def _objective_trace(reconstruction: Reconstruction) -> list[dict[str, float]]:
+    """The attack's trace reduced to (iteration, objective value) for the convergence plot;
+    the value under the objective's own key, none for a closed form."""
+    if reconstruction.objective == "none":
+        return [{"iteration": int(t["iteration"])} for t in reconstruction.trace]
+    key = objective_key(reconstruction.objective)
+    return [{"iteration": int(t["iteration"]), key: float(t[key])} for t in reconstruction.trace]
 
 
 EXACT_DB = 60.0  # "recovered exactly": the bar closed-form attacks are held to
@@ -93,11 +102,10 @@ EXACT_DB = 60.0  # "recovered exactly": the bar closed-form attacks are held to
 
 def exact_shares(reconstruction: Reconstruction, psnrs: torch.Tensor) -> dict[str, Any]:
     """``recovered_60db``, ``recovered_30db`` and ``predicted_share`` when the attack states
-    a prediction (``predicted_share`` in its last trace entry); nothing otherwise."""
-    trace = reconstruction.trace
-    if not trace or "predicted_share" not in trace[-1]:
+    a prediction (:attr:`Reconstruction.predicted_share`); nothing otherwise."""
+    if reconstruction.predicted_share is None:
         return {}
-    predicted = float(trace[-1]["predicted_share"])
+    predicted = float(reconstruction.predicted_share)
     return {
         "recovered_60db": float((psnrs >= EXACT_DB).double().mean()),
         "recovered_30db": float((psnrs >= 30.0).double().mean()),
@@ -153,27 +161,26 @@ def score(
     finite_psnr = summary.psnr.clamp(max=100)
     record = _attack_record(
         reconstruction,
-        {
-            "batch_size": int(truth.shape[0]),
-            "recovered": int(reconstruction.images.shape[0]),
-            "mean_psnr": float(finite_psnr.mean()),
-            "median_psnr": float(finite_psnr.median()),
-            "mean_ssim": float(summary.ssim.mean()),
-            "label_accuracy": summary.label_accuracy,
+        true_images=int(truth.shape[0]),
+        recovered=int(reconstruction.images.shape[0]),
+        mean_psnr=float(finite_psnr.mean()),
+        median_psnr=float(finite_psnr.median()),
+        mean_ssim=float(summary.ssim.mean()),
+        label_accuracy=summary.label_accuracy,
+        fraction_leaked=summary.fraction_leaked,
+        leak_threshold_db=threshold_db,
+        psnr=finite_psnr.tolist(),
+        ssim=summary.ssim.tolist(),
+        iterations=int(trace[-1]["iteration"]) if trace else 0,
+        seconds=float(trace[-1]["seconds"]) if trace else math.nan,
+        iterations_to_threshold=reached,
+        seconds_to_threshold=seconds_at.get(reached) if reached is not None else None,
+        psnr_curve=curve,
+        **exact_shares(reconstruction, finite_psnr),
+        extra={
             "label_counts_right": None
             if labels is None
-            else label_counts_right(labels, true_labels),
-            "fraction_leaked": summary.fraction_leaked,
-            "leak_threshold_db": threshold_db,
-            "psnr": finite_psnr.tolist(),
-            "ssim": summary.ssim.tolist(),
-            "iterations": int(trace[-1]["iteration"]) if trace else 0,
-            "seconds": float(trace[-1]["seconds"]) if trace else math.nan,
-            "iterations_to_threshold": reached,
-            "seconds_to_threshold": seconds_at.get(reached) if reached is not None else None,
-            "trace": _distance_trace(trace),
-            "psnr_curve": curve,
-            **exact_shares(reconstruction, finite_psnr),
+            else label_counts_right(labels, true_labels)
         },
     )
     paired = images[summary.permutation]
@@ -235,32 +242,30 @@ def score_candidates(
     trace = reconstruction.trace
     record = _attack_record(
         reconstruction,
-        {
-            "matching": "nearest",
-            "batch_size": int(truth.shape[0]),
-            "recovered": int(candidates.shape[0]),
-            "mean_psnr": float(scores.mean()),
-            "median_psnr": float(scores.median()),
-            "mean_ssim": float(nearest.ssim.mean()),
+        true_images=int(truth.shape[0]),
+        recovered=int(candidates.shape[0]),
+        mean_psnr=float(scores.mean()),
+        median_psnr=float(scores.median()),
+        mean_ssim=float(nearest.ssim.mean()),
+        label_accuracy=accuracy,
+        fraction_leaked=nearest.fraction,
+        leak_threshold_ssim=threshold_ssim,
+        psnr=scores.tolist(),
+        ssim=nearest.ssim.tolist(),
+        iterations=int(trace[-1]["iteration"]) if trace else 0,
+        seconds=float(trace[-1]["seconds"]) if trace else math.nan,
+        iterations_to_threshold=None,
+        seconds_to_threshold=None,
+        psnr_curve=psnr_curve(reconstruction, truth),
+        extra={
             "median_ssim": float(nearest.ssim.median()),
-            "label_accuracy": accuracy,
-            "fraction_leaked": nearest.fraction,
             "images_leaked": nearest.recovered,
-            "leak_threshold_ssim": threshold_ssim,
-            "psnr": scores.tolist(),
-            "ssim": nearest.ssim.tolist(),
             "ssim_paper": nearest.ssim_paper.tolist(),
             "mean_ssim_paper": float(nearest.ssim_paper.mean()),
             "images_leaked_paper": nearest.recovered_paper,
             "fraction_leaked_paper": nearest.recovered_paper / truth.shape[0],
             **selection,
-            "residual": reconstruction.distance,
-            "iterations": int(trace[-1]["iteration"]) if trace else 0,
-            "seconds": float(trace[-1]["seconds"]) if trace else math.nan,
-            "iterations_to_threshold": None,
-            "seconds_to_threshold": None,
-            "trace": _distance_trace(trace),
-            "psnr_curve": psnr_curve(reconstruction, truth),
+            "residual": reconstruction.objective_value,
         },
     )
     order = nearest.ssim.argsort(descending=True)
@@ -292,13 +297,22 @@ def score_training_like(
     index = torch.tensor(found["nn_index"])
     record = _attack_record(
         reconstruction,
-        {
-            "matching": "training",
-            "batch_size": int(images.shape[0]),
-            "recovered": int(images.shape[0]),
-            "mean_psnr": found["mean_nn_psnr"],
-            "median_psnr": float(psnrs.nanmedian()),
-            "mean_ssim": found["mean_nn_ssim"],
+        generated=int(images.shape[0]),
+        recovered=int(images.shape[0]),
+        mean_psnr=found["mean_nn_psnr"],
+        median_psnr=float(psnrs.nanmedian()),
+        mean_ssim=found["mean_nn_ssim"],
+        label_accuracy=None,
+        fraction_leaked=found["fraction_above_threshold"],
+        leak_threshold_ssim=threshold_ssim,
+        psnr=psnrs.tolist(),
+        ssim=found["nn_ssim"],
+        iterations=int(last.get("iteration", 0)),
+        seconds=float(last.get("seconds", math.nan)),
+        iterations_to_threshold=None,
+        seconds_to_threshold=None,
+        psnr_curve=[],
+        extra={
             "top_k_ssim": found["top_k_nn_ssim"],
             "max_ssim": found["max_nn_ssim"],
             "noise_ssim": noise["mean_nn_ssim"],
@@ -308,20 +322,9 @@ def score_training_like(
             "noise_ssim_paper": noise["mean_nn_ssim_paper"],
             "confidence": last.get("confidence"),
             "diversity": found["diversity"],
-            "label_accuracy": None,
-            "fraction_leaked": found["fraction_above_threshold"],
             "images_leaked": found["above_threshold"],
-            "leak_threshold_ssim": threshold_ssim,
             "per_class": found["per_class"],
-            "psnr": psnrs.tolist(),
-            "ssim": found["nn_ssim"],
             "training_images": int(train_images.shape[0]),
-            "iterations": int(last.get("iteration", 0)),
-            "seconds": float(last.get("seconds", math.nan)),
-            "iterations_to_threshold": None,
-            "seconds_to_threshold": None,
-            "trace": _distance_trace(trace),
-            "psnr_curve": [],
         },
     )
     nearest = train_images[index.clamp(min=0)].float()

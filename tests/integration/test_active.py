@@ -17,13 +17,14 @@ import torch
 from simulator import api
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
-from simulator.core.scenario import load
+from simulator.core.records import AttackRecord, ManipulationRecord
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import load_shard
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID
 from simulator.federation.training import batch_gradient, load_weights
 from simulator.run.engine import RunResult
 from simulator.run.referee import RefereedRound
+from simulator.scenario import load
 
 
 def small(**overrides: object) -> Scenario:
@@ -68,18 +69,19 @@ def imprint_run(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 
 def test_only_the_named_client_gets_the_manipulated_model(imprint_run: tuple) -> None:
     scenario, result, traffic = imprint_run
-    (manipulation,) = result.table("manipulation")
-    assert (manipulation["round"], manipulation["client"]) == (1, 1)
-    assert manipulation["aggregated"] is False
+    (manipulation,) = result.table(ManipulationRecord)
+    assert (manipulation.round, manipulation.client) == (1, 1)
+    assert manipulation.aggregated is False
     first = {o.client_id: o for o in traffic[0].traffic.observations}
     initial = build_model(scenario.model, seed=scenario.seed).state_dict()
     for client in (0, 2):
         assert first[client].model == scenario.model
         assert all(torch.equal(first[client].global_weights[k], v) for k, v in initial.items())
     assert first[1].model.imprint_bins == 128 and "imprint.encoder.weight" in first[1].update
-    (attack,) = result.table("attack")
-    assert attack["client"] == 1 and attack["recovered_60db"] >= 0.75
-    assert attack["predicted_share"] == pytest.approx((1 - 1 / 128) ** 7)
+    (attack,) = result.table(AttackRecord)
+    assert attack.client == 1 and attack.recovered_60db is not None
+    assert attack.recovered_60db >= 0.75
+    assert attack.predicted_share == pytest.approx((1 - 1 / 128) ** 7)
     # round 2 is honest for everyone
     assert all(o.model == scenario.model for o in traffic[1].traffic.observations)
 
@@ -108,14 +110,15 @@ def secagg_run(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 
 def test_client_separation_reads_inputs_through_secagg(secagg_run: tuple) -> None:
     scenario, result, traffic = secagg_run
-    assert sorted(r["client"] for r in result.table("manipulation")) == [0, 1, 2]
+    assert sorted(r.client for r in result.table(ManipulationRecord)) == [0, 1, 2]
     (observation,) = traffic[0].traffic.observations
     assert observation.client_id == AGGREGATE_CLIENT_ID
     assert observation.model.imprint_bins == 64 * 3
-    (attack,) = result.table("attack")
-    assert attack["batch_size"] == 12 and attack["recovered_60db"] >= 0.5
+    (attack,) = result.table(AttackRecord)
+    assert attack.true_images == 12 and attack.recovered_60db is not None
+    assert attack.recovered_60db >= 0.5
     # the manipulated round was not applied: round 2 starts from the initial weights
     initial = build_model(scenario.model, seed=scenario.seed).state_dict()
     second = traffic[1].traffic.observations[0].global_weights
     assert all(torch.equal(second[k], v) for k, v in initial.items())
-    assert result.table("point")[0]["status"] == "ok"
+    assert result.table()[0].status == "ok"

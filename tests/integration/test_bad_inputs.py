@@ -32,7 +32,17 @@ CASES: list[tuple[str, list[str], str]] = [
     ("lr-inf", ["federation.lr=inf"], "federation.lr = inf must be a finite number"),
     ("lr-minus-inf", ["federation.lr=-inf"], "federation.lr = -inf must be a finite number"),
     ("timeout-nan", ["federation.timeout_s=nan"], "federation.timeout_s = nan must be a finite"),
-    ("alpha-nan", ["data.alpha=nan"], "data.alpha = nan must be a finite number"),
+    (
+        "alpha-nan",
+        ['data.partition="dirichlet"', "data.alpha=nan"],
+        "partitioner 'dirichlet': parameter 'alpha' = nan must be a finite number",
+    ),
+    ("alpha-under-iid", ["data.alpha=0.3"], "data.alpha is not read by data.partition 'iid'"),
+    (
+        "widths-swept-under-cnn",
+        ['model.kind="cnn"', "sweep.model.widths=[[8], [16]]"],
+        "model.widths is not read by model.kind 'cnn'; it is read by",
+    ),
     ("threshold-nan", ["attack.leak_threshold_db=nan"], "attack.leak_threshold_db = nan"),
     ("ssim-inf", ["attack.leak_threshold_ssim=inf"], "attack.leak_threshold_ssim = inf"),
     ("seed-negative", ["seed=-1"], "seed = -1 must be >= 0"),
@@ -60,6 +70,8 @@ CASES: list[tuple[str, list[str], str]] = [
         "'min_clients' = 5 exceeds the 3 clients sampled per round",
     ),
     ("rounds-zero", ["federation.rounds=0"], "federation.rounds = 0 is out of range"),
+    ("lr-zero", ["federation.lr=0"], "federation.lr = 0.0 is out of range; allowed: (0.0, inf)"),
+    ("clients-zero", ["federation.clients=0"], "federation.clients = 0 is out of range"),
     ("unknown-key", ["federation.rouds=3"], "unknown key federation.rouds (did you mean 'rounds'"),
     ("unknown-attack", ["attack.name=dgl"], "unknown attack 'dgl' (did you mean 'dlg'?)"),
     ("attack-param", ["attack.params.tolerance=-1.0"], "parameter 'tolerance' = -1.0 is out of"),
@@ -116,6 +128,19 @@ def test_a_bad_scenario_value_stops_before_work(
     for override in overrides:
         args += ["--set", override]
     check(args, guarded, fragment)
+
+
+def test_a_swept_model_key_the_model_kind_does_not_read_is_an_error(
+    guarded: Path, tmp_path: Path
+) -> None:
+    quickstart = (Path(__file__).resolve().parents[2] / "scenarios" / "quickstart.toml").read_text()
+    head, _, rest = quickstart.partition("[model]")
+    federation = rest[rest.index("[federation]") :]
+    scenario = tmp_path / "cnn-widths.toml"
+    model = '[model]\nkind = "cnn"\n\n'
+    sweep = '\n[sweep]\n"model.widths" = [[8], [16]]\n'
+    scenario.write_text(head + model + federation + sweep)
+    check([str(scenario)], guarded, "model.widths is not read by model.kind 'cnn'")
 
 
 def test_a_mistyped_path_is_an_error_not_a_shipped_scenario(guarded: Path) -> None:

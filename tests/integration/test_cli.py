@@ -65,7 +65,17 @@ def test_report_redraws_summary_and_figures_from_records(tmp_path: Path) -> None
         {"point": 0, "kind": "round", "round": 0, "test_accuracy": 0.1, "test_loss": 2.3},
         {"point": 0, "kind": "round", "round": 1, "test_accuracy": 0.5, "test_loss": 1.0},
         {"point": 0, "kind": "failure", "round": 1, "client": 3, "reason": "boom"},
-        {"kind": "point", "point": 0, "status": "ok", "final_accuracy": 0.5, "failed_updates": 1},
+        {
+            "kind": "point",
+            "point": 0,
+            "status": "ok",
+            "rounds_completed": 1,
+            "defense": "none",
+            "strength": None,
+            "final_accuracy": 0.5,
+            "failed_updates": 1,
+            "seconds": 3.0,
+        },
     ]
     text = "\n".join(json.dumps(r) for r in records) + '\n{"kind": "ro'  # torn last line
     (run_dir / "results.jsonl").write_text(text)

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from simulator.core.models import build_model
-from simulator.core.scenario import load
 from simulator.federation.client import compute_update
 from simulator.federation.truth import TRUTH_DIR_ENV
 from simulator.run.network import free_port, wait_for_port
+from simulator.scenario import load
 from simulator.scoring.metrics import leak_summary
 
 REPO = Path(__file__).resolve().parents[2]

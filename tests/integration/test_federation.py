@@ -1,4 +1,8 @@
-"""End-to-end federations through Flower's Simulation Engine (each run starts Ray: ~10 s)."""
+"""End-to-end federations through Flower's Simulation Engine (each point starts one: ~10 s).
+
+The strategies' own logic (sorting, failures, aggregation, manipulated replies) is tested on
+mock replies in ``tests/unit/federation``; these runs check what only a real federation shows.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from defenses.dp_sgd import epsilon
 from simulator import api
 from simulator.core.config import Scenario
-from simulator.core.scenario import load
-from simulator.data.shards import load_shard
+from simulator.core.models import build_model
+from simulator.core.records import (
+    AttackRecord,
+    FailureRecord,
+    PointRecord,
+    PrivacyRecord,
+    UpdateRecord,
+)
+from simulator.core.registry import DEFENSES
+from simulator.core.seeding import seeded_generator
+from simulator.data.shards import Shard, load_shard
+from simulator.federation.training import load_weights, local_train
 from simulator.run import engine
 from simulator.run.engine import RunResult
 from simulator.run.folder import read_records
 from simulator.run.referee import RefereedRound
-
-TIMING_KEYS = {"seconds", "discovery_s"}
+from simulator.scenario import load, with_sweep
 
 
 def small(**overrides: object) -> Scenario:
@@ -46,7 +60,12 @@ def run_with_traffic(
 
 @pytest.fixture(scope="module")
 def fedsgd_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    """Two runs of one FedSGD scenario (batch size 1) where client 2 crashes in round 2."""
+    """One run of a FedSGD scenario (batch size 1) where client 2 crashes in round 2.
+
+    That two runs of one scenario give the same records is checked where runs are compared
+    whole: the resumed and the parallel runs of ``test_interrupt.py``, and the SecAgg+ runs of
+    ``test_flower_defenses.py``.
+    """
     scenario = small(
         **{
             "faults.crash_clients": [2],
@@ -56,14 +75,13 @@ def fedsgd_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple:
             "attack.rounds": [],
         }
     )
-    tmp = tmp_path_factory.mktemp("fedsgd")
-    return scenario, run_with_traffic(scenario, tmp, "a"), run_with_traffic(scenario, tmp, "b")
+    return scenario, run_with_traffic(scenario, tmp_path_factory.mktemp("fedsgd"), "a")
 
 
 def test_every_update_reaches_the_hook_once_per_round_with_its_client_id(
     fedsgd_runs: tuple,
 ) -> None:
-    scenario, (_, traffic), _ = fedsgd_runs
+    scenario, (_, traffic) = fedsgd_runs
     seen = [(o.round, o.client_id) for t in traffic for o in t.traffic.observations]
     assert sorted(seen) == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 3)]
     for t in traffic:
@@ -83,7 +101,7 @@ def test_every_update_reaches_the_hook_once_per_round_with_its_client_id(
 
 
 def test_fedsgd_gradient_is_real_first_layer_over_bias_gives_the_image(fedsgd_runs: tuple) -> None:
-    _, (_, traffic), _ = fedsgd_runs
+    _, (_, traffic) = fedsgd_runs
     for observation, truth in zip(traffic[0].traffic.observations, traffic[0].truths, strict=True):
         weight_grad, bias_grad = observation.update["1.weight"], observation.update["1.bias"]
         row = bias_grad.abs().argmax()
@@ -92,7 +110,7 @@ def test_fedsgd_gradient_is_real_first_layer_over_bias_gives_the_image(fedsgd_ru
 
 
 def test_observations_hold_the_sent_global_weights_and_public_meta(fedsgd_runs: tuple) -> None:
-    _, (_, traffic), _ = fedsgd_runs
+    _, (_, traffic) = fedsgd_runs
     round1, round2 = (t.traffic for t in traffic)
     sent1 = round1.observations[0].global_weights
     assert all(o.global_weights.keys() == sent1.keys() for o in round1.observations)
@@ -106,94 +124,88 @@ def test_observations_hold_the_sent_global_weights_and_public_meta(fedsgd_runs: 
 
 
 def test_a_crashed_client_is_recorded_and_the_round_goes_on(fedsgd_runs: tuple) -> None:
-    _, ((result, traffic)), _ = fedsgd_runs
-    failures = result.table("failure")
-    assert [(f["round"], f["client"]) for f in failures] == [(2, 2)]
-    assert "injected crash of client 2 in round 2" in failures[0]["reason"]
+    _, (result, traffic) = fedsgd_runs
+    failures = result.table(FailureRecord)
+    assert [(f.round, f.client) for f in failures] == [(2, 2)]
+    assert "injected crash of client 2 in round 2" in failures[0].reason
     assert traffic[1].traffic.failures[0].client_id == 2
-    (point,) = result.table("point")
-    assert (
-        point["status"] == "ok" and point["rounds_completed"] == 2 and point["failed_updates"] == 1
-    )
+    (point,) = result.table()
+    assert point.status == "ok" and point.rounds_completed == 2 and point.failed_updates == 1
     summary = (result.folder.path / "summary.md").read_text()
     assert "Failed client updates (1)" in summary and "injected crash" in summary
 
 
-def test_the_same_seed_gives_the_same_results_twice(fedsgd_runs: tuple) -> None:
-    _, (first, traffic_a), (second, traffic_b) = fedsgd_runs
-
-    def stable(records: list[dict]) -> list[dict]:
-        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
-
-    assert stable(first.records) == stable(second.records)
-    for a, b in zip(traffic_a, traffic_b, strict=True):
-        for oa, ob in zip(a.traffic.observations, b.traffic.observations, strict=True):
-            assert all(torch.equal(oa.update[k], ob.update[k]) for k in oa.update)
-
-
 def test_results_file_is_written_record_by_record(fedsgd_runs: tuple) -> None:
-    _, (result, _), _ = fedsgd_runs
+    _, (result, _) = fedsgd_runs
     on_disk = list(read_records(result.folder.path))
     assert on_disk == result.records
-    kinds = [r["kind"] for r in on_disk]
+    kinds = [r.kind for r in on_disk]
     assert kinds[0] == "startup" and kinds[-1] == "point" and kinds.count("round") == 3
     assert (result.folder.path / "scenario.toml").is_file()
     assert (result.folder.path / "figures" / "accuracy.png").stat().st_size > 1000
 
 
-def test_a_run_where_every_client_fails_stops_with_a_clear_error(tmp_path: Path) -> None:
-    scenario = small(**{"faults.crash_clients": [0, 1, 2, 3], "federation.rounds": 3})
-    with pytest.raises(engine.RunFailed) as info:
-        api.run(scenario, out_dir=tmp_path / "run")
-    message = str(info.value)
-    assert "AllClientsFailed: round 1: all 4 sampled clients failed" in message
-    assert "injected crash of client 0 in round 1" in message
-    (point,) = [r for r in read_records(tmp_path / "run") if r["kind"] == "point"]
-    assert point["status"] == "failed" and point["rounds_completed"] == 0
-
-
-def test_fedavg_sweep_observes_real_weights_after_local_training(tmp_path: Path) -> None:
-    from simulator.core.models import build_model
-    from simulator.core.seeding import seeded_generator
-    from simulator.data.shards import Shard
-    from simulator.federation.training import load_weights, local_train
-
+@pytest.fixture(scope="module")
+def fedavg_points(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """One FedAvg run of two points: an honest one, then one where every client crashes."""
     scenario = small(
         **{
             "federation.protocol": "fedavg",
             "federation.batch_size": 10,
             "federation.fraction": 0.5,
+            "federation.local_epochs": 2,
             "federation.rounds": 1,
             "data.examples_per_client": 20,
         }
     )
-    sweep = scenario.with_sweep({"federation.local_epochs": [1, 2]})
-    result, traffic = run_with_traffic(sweep, tmp_path, "sweep")
-    assert [p["status"] for p in result.table("point")] == ["ok", "ok"]
-    assert [p["set:federation.local_epochs"] for p in result.table("point")] == [1, 2]
+    sweep = with_sweep(scenario, {"faults.crash_clients": [[], [0, 1, 2, 3]]})
+    out = tmp_path_factory.mktemp("fedavg") / "run"
+    traffic: list[RefereedRound] = []
+    with pytest.raises(engine.RunFailed) as info:
+        api.run(sweep, out_dir=out, taps=[traffic.append])
+    return scenario, list(read_records(out)), traffic, str(info.value)
+
+
+def test_fedavg_observes_real_weights_after_local_training(fedavg_points: tuple) -> None:
+    scenario, records, traffic, _ = fedavg_points
+    points = [r for r in records if isinstance(r, PointRecord)]
+    assert [(list(p.swept["faults.crash_clients"]), p.status) for p in points] == [
+        ([], "ok"),
+        ([0, 1, 2, 3], "failed"),
+    ]
     torch.set_num_threads(1)  # as the clients do, for bit-identical replay
-    for point_traffic, epochs in zip(traffic, (1, 2), strict=True):
-        for observation, truth in zip(
-            point_traffic.traffic.observations, point_traffic.truths, strict=True
-        ):
-            spec = scenario.model
-            model = load_weights(build_model(spec), observation.global_weights)
-            generator = seeded_generator(scenario.seed, 1, observation.client_id)
-            local_train(model, spec, Shard(truth.inputs, truth.labels), epochs, 10, 0.1, generator)
-            for name, value in model.named_parameters():
-                torch.testing.assert_close(observation.update[name], value.detach())
-            assert observation.meta.local_epochs == epochs and observation.meta.num_examples == 20
+    honest = traffic[0]
+    assert len(honest.traffic.observations) == 2  # fraction 0.5 of 4 clients
+    for observation, truth in zip(honest.traffic.observations, honest.truths, strict=True):
+        spec = scenario.model
+        model = load_weights(build_model(spec), observation.global_weights)
+        generator = seeded_generator(scenario.seed, 1, observation.client_id)
+        local_train(model, spec, Shard(truth.inputs, truth.labels), 2, 10, 0.1, generator)
+        for name, value in model.named_parameters():
+            torch.testing.assert_close(observation.update[name], value.detach())
+        assert observation.meta.local_epochs == 2 and observation.meta.num_examples == 20
+
+
+def test_a_point_where_every_client_fails_stops_with_a_clear_error(fedavg_points: tuple) -> None:
+    _, records, traffic, message = fedavg_points
+    assert "AllClientsFailed: round 1: all 2 sampled clients failed" in message
+    assert "injected crash of client" in message
+    (point,) = [r for r in records if isinstance(r, PointRecord) and r.point == 1]
+    assert point.status == "failed" and point.rounds_completed == 0
+    failures = [r for r in records if isinstance(r, FailureRecord) and r.point == 1]
+    assert [f.round for f in failures] == [1, 1]
+    assert traffic[1].traffic.observations == () and len(traffic[1].traffic.failures) == 2
 
 
 def test_the_malicious_server_attacks_and_the_scorer_scores_against_the_truth(
     fedsgd_runs: tuple,
 ) -> None:
-    _, (result, _), _ = fedsgd_runs
-    attacks = result.table("attack")
-    assert [(a["round"], a["client"]) for a in attacks] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    _, (result, _) = fedsgd_runs
+    attacks = result.table(AttackRecord)
+    assert [(a.round, a.client) for a in attacks] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     for record in attacks:
-        assert record["attack"] == "analytic" and record["fraction_leaked"] == 1.0
-        assert record["mean_psnr"] > 60 and record["mean_ssim"] > 0.99
+        assert record.attack == "analytic" and record.fraction_leaked == 1.0
+        assert record.mean_psnr > 60 and record.mean_ssim > 0.99
     folder = result.folder.path
     assert (folder / "artifacts" / "p0-attack-r1-c0.npz").is_file()
     assert (folder / "figures" / "reconstructions-p0-r1.png").stat().st_size > 1000
@@ -201,9 +213,6 @@ def test_the_malicious_server_attacks_and_the_scorer_scores_against_the_truth(
 
 
 def test_defenses_change_what_the_server_sees_and_dp_reports_its_epsilon(tmp_path: Path) -> None:
-    from defenses.dp_sgd import epsilon
-    from simulator.core.registry import DEFENSES
-
     dp = {"name": "dp-sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}
     scenario = small(
         **{
@@ -222,17 +231,17 @@ def test_defenses_change_what_the_server_sees_and_dp_reports_its_epsilon(tmp_pat
         assert observation.client_id == -1 == truth.client_id
         assert round_traffic.traffic.participants == (0, 1, 2, 3)
     # what the server saw: only the aggregate of the four clients, attacked as one batch
-    updates = result.table("update")
-    assert [(u["round"], u["client"]) for u in updates] == [(1, -1), (2, -1)]
-    attacks = result.table("attack")
-    assert [(a["round"], a["client"]) for a in attacks] == [(1, -1), (2, -1)]
+    updates = result.table(UpdateRecord)
+    assert [(u.round, u.client) for u in updates] == [(1, -1), (2, -1)]
+    attacks = result.table(AttackRecord)
+    assert [(a.round, a.client) for a in attacks] == [(1, -1), (2, -1)]
     for attack, round_traffic in zip(attacks, traffic, strict=True):
-        assert attack["batch_size"] == sum(len(t.labels) for t in round_traffic.truths)
-        assert attack["fraction_leaked"] == 0.0
+        assert attack.true_images == sum(len(t.labels) for t in round_traffic.truths)
+        assert attack.fraction_leaked == 0.0
     # epsilon from the accountant: 2 rounds of one Poisson step at rate 4/50 for every client
-    (privacy,) = result.table("privacy")
+    (privacy,) = result.table(PrivacyRecord)
     params = DEFENSES.create("dp-sgd", {k: v for k, v in dp.items() if k != "name"}).params
-    assert privacy["epsilon"] == pytest.approx(epsilon(params, 4 / 50, 2))
-    assert privacy["delta"] == 1e-5
-    (point,) = result.table("point")
-    assert point["defense"] == "dp-sgd+pruning+secure-aggregation"
+    assert privacy.epsilon == pytest.approx(epsilon(params, 4 / 50, 2))
+    assert privacy.delta == 1e-5
+    (point,) = result.table()
+    assert point.defense == "dp-sgd+pruning+secure-aggregation"

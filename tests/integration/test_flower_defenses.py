@@ -1,8 +1,10 @@
-"""Defenses that run through Flower's own machinery, end to end: SecAgg+ and LocalDpMod.
+"""Flower's SecAgg+ protocol, end to end in real federations.
 
-Each run starts Ray (~20-30 s here), so there are three small ones: SecAgg+ under FedSGD (3
-clients, 2 rounds), SecAgg+ under FedAvg with a client crashing (4 clients, 1 round), and
-LocalDpMod under FedAvg (2 clients, 1 round).
+Each run starts a simulation (~20-30 s here), so there are three small ones: two of SecAgg+
+under FedSGD (3 clients, 2 rounds; the second checks that reruns repeat bit for bit) and one
+under FedAvg with a client crashing (4 clients, 1 round). SecAggStrategy's own logic is tested
+on mock results in ``tests/unit/federation/test_secagg_strategy.py``, and Flower's LocalDpMod
+through the real ClientApp, without Ray, in ``tests/unit/federation/test_client_app.py``.
 """
 
 from __future__ import annotations
@@ -17,21 +19,22 @@ import pytest
 import torch
 from flwr.common import FitRes
 
-from defenses.secure_aggregation import aggregate_view, quantization_tolerance
 from simulator import api
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
+from simulator.core.protocol import NUM_EXAMPLES_KEY
+from simulator.core.records import AttackRecord, FailureRecord, Record, RoundRecord, UpdateRecord
 from simulator.core.registry import DEFENSES
-from simulator.core.scenario import load
 from simulator.core.seeding import seeded_generator
-from simulator.data.shards import Shard, load_shard
+from simulator.data.shards import load_shard
 from simulator.federation import secagg as secagg_app
-from simulator.federation.messages import NUM_EXAMPLES_KEY
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID
 from simulator.federation.training import batch_gradient, load_weights, local_train
 from simulator.run.engine import RunResult
 from simulator.run.folder import attack_artifact
 from simulator.run.referee import RefereedRound
+from simulator.scenario import load
+from tests.fixtures.secure_aggregation import aggregate_view, quantization_tolerance
 
 Update = dict[str, torch.Tensor]
 
@@ -112,7 +115,8 @@ def max_error(observed: Update, expected: Update) -> float:
 def tolerance(scenario: Scenario, weights: list[float], updates: list[Update]) -> float:
     params = DEFENSES.create("secure-aggregation").params
     largest = max(float(v.abs().max()) for u in updates for v in u.values())
-    bound = quantization_tolerance(weights, params, secagg_app.max_weight(scenario), largest)
+    max_weight = secagg_app.secagg_workflow(scenario).max_weight
+    bound = quantization_tolerance(weights, params, max_weight, largest)
     return bound + 1e-6 * max(1.0, largest)  # the aggregate is cast to float32 at the end
 
 
@@ -160,10 +164,10 @@ def test_the_observed_aggregate_is_the_true_mean_within_quantization(fedsgd_seca
 
 def test_an_attack_on_the_aggregate_is_scored_against_the_union(fedsgd_secagg: tuple) -> None:
     scenario, (result, traffic, _), _ = fedsgd_secagg
-    attacks = result.table("attack")
-    assert [(a["round"], a["client"]) for a in attacks] == [(1, -1), (2, -1)]
+    attacks = result.table(AttackRecord)
+    assert [(a.round, a.client) for a in attacks] == [(1, -1), (2, -1)]
     for record, round_traffic in zip(attacks, traffic, strict=True):
-        assert record["attack"] == "analytic" and record["batch_size"] == 6
+        assert record.attack == "analytic" and record.true_images == 6
         (union,) = round_traffic.truths
         truth = np.load(attack_artifact(result.folder.path, record))["truth"]
         np.testing.assert_array_equal(truth, union.inputs.numpy())
@@ -178,22 +182,23 @@ def test_an_attack_on_the_aggregate_is_scored_against_the_union(fedsgd_secagg: t
 
 def test_a_secagg_run_records_rounds_with_test_accuracy(fedsgd_secagg: tuple) -> None:
     result = fedsgd_secagg[1][0]
-    rounds = result.table("round")
-    assert [r["round"] for r in rounds] == [0, 1, 2]
-    assert all(0.0 <= r["test_accuracy"] <= 1.0 and math.isfinite(r["test_loss"]) for r in rounds)
-    assert [(u["round"], u["client"]) for u in result.table("update")] == [(1, -1), (2, -1)]
-    (point,) = result.table("point")
-    assert point["status"] == "ok" and point["defense"] == "secure-aggregation"
-    assert point["final_accuracy"] == rounds[-1]["test_accuracy"]
+    rounds = result.table(RoundRecord)
+    assert [r.round for r in rounds] == [0, 1, 2]
+    assert all(0.0 <= r.test_accuracy <= 1.0 and math.isfinite(r.test_loss) for r in rounds)
+    assert [(u.round, u.client) for u in result.table(UpdateRecord)] == [(1, -1), (2, -1)]
+    (point,) = result.table()
+    assert point.status == "ok" and point.defense == "secure-aggregation"
+    assert point.final_accuracy == rounds[-1].test_accuracy
 
 
 def test_secagg_runs_repeat_bit_for_bit(fedsgd_secagg: tuple) -> None:
     """SecAgg+'s stochastic rounding draws from numpy, seeded per (seed, round, client)."""
     _, (first, traffic_a, _), (second, traffic_b, _) = fedsgd_secagg
 
-    def stable(records: list[dict]) -> list[dict]:
+    def stable(records: list[Record]) -> list[dict[str, Any]]:
         return [
-            {k: v for k, v in r.items() if k not in {"seconds", "discovery_s"}} for r in records
+            {k: v for k, v in r.to_dict().items() if k not in {"seconds", "discovery_s"}}
+            for r in records
         ]
 
     assert stable(first.records) == stable(second.records)
@@ -214,8 +219,8 @@ def test_fedavg_secagg_aggregates_the_weights_of_the_clients_that_stayed(tmp_pat
         }
     )
     result, traffic, spy = run_spied(scenario, tmp_path / "fedavg")
-    assert [(f["round"], f["client"]) for f in result.table("failure")] == [(1, 3)]
-    assert "injected crash of client 3" in result.table("failure")[0]["reason"]
+    assert [(f.round, f.client) for f in result.table(FailureRecord)] == [(1, 3)]
+    assert "injected crash of client 3" in result.table(FailureRecord)[0].reason
     assert spy.calls[0]["clients"] == [0, 1, 2]
     (observation,) = traffic[0].traffic.observations
     spec = scenario.model
@@ -229,33 +234,4 @@ def test_fedavg_secagg_aggregates_the_weights_of_the_clients_that_stayed(tmp_pat
     expected = aggregate_view(trained, [10.0, 10.0, 10.0])
     assert max_error(observation.update, expected) <= tolerance(scenario, [10.0] * 3, trained)
     assert observation.meta.num_examples == 30
-    assert [r["round"] for r in result.table("round")] == [0, 1]
-
-
-def test_local_dp_run_sends_clipped_weights_with_the_documented_noise(tmp_path: Path) -> None:
-    params = {"clipping_norm": 0.05, "sensitivity": 0.1, "epsilon": 1.0, "delta": 1e-5}
-    scenario = small(
-        **{
-            "federation.protocol": "fedavg",
-            "federation.clients": 2,
-            "federation.rounds": 1,
-            "federation.batch_size": 5,
-            "defenses": [{"name": "local-dp", **params}],
-        }
-    )
-    traffic: list[RefereedRound] = []
-    result = api.run(scenario, out_dir=tmp_path / "ldp", taps=[traffic.append])
-    assert [p["status"] for p in result.table("point")] == ["ok"]
-    spec, std = scenario.model, DEFENSES.create("local-dp", params).noise_std  # type: ignore[attr-defined]
-    torch.set_num_threads(1)
-    for observation, truth in zip(traffic[0].traffic.observations, traffic[0].truths, strict=True):
-        sent = observation.global_weights
-        model = load_weights(build_model(spec), sent)
-        generator = seeded_generator(scenario.seed, 1, observation.client_id)
-        local_train(model, spec, Shard(truth.inputs, truth.labels), 1, 5, 0.1, generator)
-        change = torch.cat([(p.detach() - sent[k]).ravel() for k, p in model.named_parameters()])
-        clipped = change.double() * min(1.0, 0.05 / float(change.norm()))
-        seen = torch.cat([(observation.update[k] - sent[k]).ravel() for k in sent]).double()
-        noise = seen - clipped
-        assert float(noise.std()) == pytest.approx(std, rel=0.03)
-        assert abs(float(noise.mean())) < 4 * std / math.sqrt(noise.numel())
+    assert [r.round for r in result.table(RoundRecord)] == [0, 1]

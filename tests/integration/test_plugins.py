@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from simulator.cli import app
-from simulator.core.scenario import load
+from simulator.scenario import load
 from tests.integration.conftest import leaksim, read_results
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,7 +124,7 @@ def test_a_plugin_attack_and_defense_run_in_a_real_federation(plugin: Path, tmp_
     attacks = [r for r in records if r["kind"] == "attack"]
     assert {r["attack"] for r in attacks} == {"constant-guess"}
     assert sorted({r["point"] for r in attacks}) == [0, 1] and len(attacks) == 6
-    assert all(r["batch_size"] == 4 and r["mean_psnr"] > 0 for r in attacks)
+    assert all(r["true_images"] == 4 and r["mean_psnr"] > 0 for r in attacks)
     norms = {(r["point"], r["client"]): r["update_norm"] for r in records if r["kind"] == "update"}
     for client in range(3):  # the defense halved every client's gradient
         assert norms[(1, client)] == pytest.approx(0.5 * norms[(0, client)], rel=1e-5)

@@ -9,21 +9,23 @@ import json
 from pathlib import Path
 
 from simulator import api
-from simulator.core.scenario import load
+from simulator.core.records import AttackRecord
 from simulator.run.engine import RunResult
+from simulator.scenario import load, with_sweep
 
 
-def attack_records(result: RunResult) -> list[dict]:
-    assert [p["status"] for p in result.table("point")] == ["ok"], result.table("point")
-    return result.table("attack")
+def attack_records(result: RunResult) -> list[AttackRecord]:
+    assert [p.status for p in result.table()] == ["ok"], result.table()
+    return result.table(AttackRecord)
 
 
 def test_kkt_toy_scenario_recovers_the_red_blue_set(tmp_path: Path) -> None:
     result = api.run(load("kkt-toy"), out_dir=tmp_path / "toy")
     [record] = attack_records(result)
-    assert record["matching"] == "nearest" and record["batch_size"] == 20
-    assert record["images_leaked"] == 20 and min(record["ssim"]) > 0.9
-    assert record["residual"] < 0.5 and "far from a KKT point" not in record["notes"]
+    assert record.matching == "nearest" and record.true_images == 20
+    assert record.objective == "kkt-stationarity" and "kkt_stationarity" in record.trace[-1]
+    assert record.extra["images_leaked"] == 20 and min(record.ssim) > 0.9
+    assert record.extra["residual"] < 0.5 and "far from a KKT point" not in record.notes
     assert (result.folder.path / "figures" / "reconstructions-p0-r1.png").is_file()
 
 
@@ -40,9 +42,9 @@ def test_kkt_fedavg_client_scenario_recovers_most_digits(tmp_path: Path) -> None
     records = attack_records(result)
     assert len(records) == 2
     for record in records:
-        assert record["batch_size"] == 32 and record["images_leaked"] >= 28, record["ssim"]
+        assert record.true_images == 32 and record.extra["images_leaked"] >= 28, record.ssim
         # Labels are the client model's own predictions: after 5 epochs, far above chance (0.1).
-        assert record["label_accuracy"] >= 0.3
+        assert record.label_accuracy is not None and record.label_accuracy >= 0.3
 
 
 def test_inversion_scenario_is_scored_against_the_clients_training_union(tmp_path: Path) -> None:
@@ -57,12 +59,12 @@ def test_inversion_scenario_is_scored_against_the_clients_training_union(tmp_pat
         "attack.params.batch_size": 32,
         "attack.params.samples_per_class": 2,
     }
-    scenario = load("inversion-pooling", overrides).with_sweep({})
+    scenario = with_sweep(load("inversion-pooling", overrides), {})
     result = api.run(scenario, out_dir=tmp_path / "inversion")
     [record] = attack_records(result)
-    assert record["matching"] == "training" and record["training_images"] == 1800
-    assert record["batch_size"] == 20 and record["mean_ssim"] > record["noise_ssim"]
-    assert 0 < record["confidence"] <= 1
+    assert record.matching == "training" and record.extra["training_images"] == 1800
+    assert record.generated == 20 and record.mean_ssim > record.extra["noise_ssim"]
+    assert record.objective == "generator-loss" and 0 < record.extra["confidence"] <= 1
     folder = result.folder.path
     assert (folder / "figures" / "inversion-p0-r2.png").is_file()
     assert (folder / "figures" / "inversion-comparison.png").is_file()

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from simulator.core.plugins import load_plugin
+from simulator.scenario.plugins import load_plugin
 from tests.integration.conftest import ROOT, leaksim, read_results
 
 PROBE = '''
@@ -160,7 +160,7 @@ report = "{report}"
 TARGETS = """
 import json, sys
 import numpy as np
-from simulator.core.scenario import load
+from simulator.scenario import load
 from simulator.core.seeding import seeded_generator
 from simulator.data.datasets import load_split
 from simulator.data.shards import _shard_indices
@@ -216,7 +216,7 @@ def test_an_attack_searching_the_server_process_finds_no_true_image(tmp_path: Pa
     attacks = [r for r in records if r["kind"] == "attack"]
     expected = [(server_round, client) for server_round in (1, 2) for client in (0, 1, 2)]
     assert [(r["round"], r["client"]) for r in attacks] == expected
-    assert all(r["batch_size"] == 4 and r["fraction_leaked"] == 0.0 for r in attacks)
+    assert all(r["true_images"] == 4 and r["fraction_leaked"] == 0.0 for r in attacks)
     assert not list((tmp_path / "o").glob(".truth-*"))  # the truth store is gone
 
 

@@ -2,8 +2,10 @@
 
 Every ``import`` of the product's packages is read from the AST (module level and inside
 functions). Layers, lowest first: ``simulator.core``; ``attacks`` and ``defenses`` (beside each
-other, on core only); ``simulator.data``; ``simulator.federation``; ``simulator.scoring``;
-``simulator.run``; ``simulator.report``; the top-level ``simulator`` modules (CLI, Python API).
+other, on core only); ``simulator.data``; ``simulator.scenario`` (loading and validating
+scenarios, on core only); ``simulator.federation``; ``simulator.scoring``; ``simulator.run``
+(with the composition root ``simulator.run.builtins``); ``simulator.report``; the top-level
+``simulator`` modules (CLI, Python API).
 A module may import its own layer and the layers below it, never one above.
 """
 
@@ -24,18 +26,22 @@ ALLOWED: dict[str, set[str]] = {
     "attacks": {"attacks", "simulator.core"},
     "defenses": {"defenses", "simulator.core"},
     "simulator.data": {"simulator.data", "simulator.core"},
+    "simulator.scenario": {"simulator.scenario", "simulator.core"},
     "simulator.federation": {
-        "simulator.federation", "simulator.data", "simulator.core", "defenses",
+        "simulator.federation", "simulator.scenario", "simulator.data", "simulator.core",
+        "defenses",
     },
-    "simulator.scoring": {"simulator.scoring", "simulator.federation", "simulator.core"},
+    "simulator.scoring": {"simulator.scoring", "simulator.core"},
     "simulator.run": {
-        "simulator.run", "simulator.scoring", "simulator.federation", "simulator.data",
-        "simulator.core", "attacks", "defenses",
+        "simulator.run", "simulator.scoring", "simulator.federation", "simulator.scenario",
+        "simulator.data", "simulator.core", "attacks", "defenses",
     },
     "simulator.report": {"simulator.report", "simulator.run", "simulator.scoring",
-                         "simulator.federation", "simulator.data", "simulator.core"},
+                         "simulator.federation", "simulator.scenario", "simulator.data",
+                         "simulator.core"},
     "simulator": {"simulator", "simulator.report", "simulator.run", "simulator.scoring",
-                  "simulator.federation", "simulator.data", "simulator.core"},
+                  "simulator.federation", "simulator.scenario", "simulator.data",
+                  "simulator.core"},
 }  # fmt: skip
 
 

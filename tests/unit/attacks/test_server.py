@@ -11,11 +11,11 @@ from attacks.base import Attack
 from attacks.none import NoAttack
 from attacks.server import MaliciousServer
 from simulator.core.config import FederationConfig
-from simulator.core.models import ModelSpec, build_model
+from simulator.core.models import build_model, model_spec
 from simulator.core.protocol import Observation, PublicData, PublicMeta
 from simulator.core.registry import ATTACKS
 
-SPEC = ModelSpec("mlp", widths=(16,))
+SPEC = model_spec("mlp", widths=(16,))
 HONEST = build_model(SPEC, seed=0).state_dict()
 PUBLIC = PublicData(torch.rand(64, 1, 28, 28), torch.arange(64) % 10)
 

@@ -12,8 +12,8 @@ from attacks.server import on_device
 from simulator.core.devices import DeviceError, check_device, move, resolve_device
 from simulator.core.models import ModelSpec
 from simulator.core.protocol import Observation, PublicMeta
-from simulator.core.scenario import load
 from simulator.run.engine import backend_config
+from simulator.scenario import load
 
 
 def pretend_gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:

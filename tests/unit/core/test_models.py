@@ -8,21 +8,24 @@ import pytest
 import torch
 
 from benchmarks.bench_kkt_regimes import first_layer_initial
-from simulator.core.models import ModelSpec, build_model
-from simulator.core.scenario import ScenarioError, load
+from simulator.core.models import HomogeneousMlpParams, build_model, model_spec
+from simulator.scenario import ScenarioError, load
 from tests.fixtures.trained_model import homogeneous_spec
 
 
 def test_first_layer_scale_multiplies_the_first_layer_only() -> None:
     spec = homogeneous_spec((1, 4, 4), widths=(6, 5), init_scale=1.0)
     plain = build_model(spec, seed=3).state_dict()
-    small = build_model(dataclasses.replace(spec, first_layer_scale=1e-4), seed=3).state_dict()
+    small = build_model(
+        dataclasses.replace(spec, params=dataclasses.replace(spec.params, first_layer_scale=1e-4)),
+        seed=3,
+    ).state_dict()
     assert list(small) == ["2.weight", "2.bias", "4.weight", "6.weight"]
     assert torch.allclose(small["2.weight"], plain["2.weight"] * 1e-4)
     assert torch.allclose(small["2.bias"], plain["2.bias"] * 1e-4)
     assert torch.equal(small["4.weight"], plain["4.weight"])
     assert torch.equal(small["6.weight"], plain["6.weight"])
-    assert ModelSpec().first_layer_scale == 1.0
+    assert HomogeneousMlpParams().first_layer_scale == 1.0
 
 
 @pytest.mark.parametrize("init_scale", [1.0, 0.3])
@@ -30,7 +33,10 @@ def test_first_layer_scale_is_the_regime_benchmarks_hand_scaling(init_scale: flo
     """One mechanism: the spec key gives the weights bench_kkt_regimes builds by hand."""
     spec = homogeneous_spec((1, 4, 4), widths=(6, 5), init_scale=init_scale)
     by_hand = first_layer_initial(spec, 1e-4, seed=5)
-    by_spec = build_model(dataclasses.replace(spec, first_layer_scale=1e-4), seed=5).state_dict()
+    by_spec = build_model(
+        dataclasses.replace(spec, params=dataclasses.replace(spec.params, first_layer_scale=1e-4)),
+        seed=5,
+    ).state_dict()
     for name, tensor in by_hand.items():
         assert torch.allclose(by_spec[name], tensor, rtol=1e-6, atol=0), name
 
@@ -38,8 +44,9 @@ def test_first_layer_scale_is_the_regime_benchmarks_hand_scaling(init_scale: flo
 def test_paper_scenario_sets_the_papers_victim_and_full_batch_gd() -> None:
     scenario = load("kkt-mnist-odd-even-paper")
     model, federation = scenario.model, scenario.federation
-    assert model.kind == "homogeneous-mlp" and model.widths == (1000, 1000)
-    assert model.first_layer_scale == 1e-4 and model.init_scale == 1.0 and model.centre_inputs
+    assert model.kind == "homogeneous-mlp" and model.params.widths == (1000, 1000)
+    assert model.params.first_layer_scale == 1e-4 and model.params.init_scale == 1.0
+    assert model.centre_inputs
     # Full-batch GD: one client holding every digit, one batch of all of them, no decay.
     assert scenario.data.train_examples == 500 and federation.clients == 1
     assert federation.batch_size >= scenario.data.train_examples
@@ -57,18 +64,18 @@ def test_first_layer_scale_must_be_positive() -> None:
 def test_cnn_fc_is_the_fedavg_papers_cnn_and_cnn_is_unchanged() -> None:
     """channels [32, 64] + widths [100]: Dimitrov et al.'s FEMNIST CNN (conv 3x3 32, avg pool,
     conv 3x3 64, avg pool, dense 100, head); with no widths it is exactly the plain cnn."""
-    spec = ModelSpec("cnn-fc", channels=(32, 64), widths=(100,))
+    spec = model_spec("cnn-fc", channels=(32, 64), widths=(100,))
     shapes = [tuple(p.shape) for p in build_model(spec, seed=0).parameters()]
     assert shapes == [
         (32, 1, 3, 3), (32,), (64, 32, 3, 3), (64,), (100, 64 * 7 * 7), (100,), (10, 100), (10,)
     ]  # fmt: skip
     assert build_model(spec, seed=0)(torch.rand(2, 1, 28, 28)).shape == (2, 10)
-    plain = build_model(ModelSpec("cnn", channels=(4, 8)), seed=1).state_dict()
-    no_dense = build_model(ModelSpec("cnn-fc", channels=(4, 8), widths=()), seed=1).state_dict()
+    plain = build_model(model_spec("cnn", channels=(4, 8)), seed=1).state_dict()
+    no_dense = build_model(model_spec("cnn-fc", channels=(4, 8), widths=()), seed=1).state_dict()
     assert list(plain) == list(no_dense)
     assert all(torch.equal(plain[k], no_dense[k]) for k in plain)
 
 
 def test_a_scenario_selects_cnn_fc_with_its_widths() -> None:
     scenario = load("fedavg-multistep", overrides=['model.kind="cnn-fc"', "model.widths=[100]"])
-    assert scenario.model.kind == "cnn-fc" and scenario.model.widths == (100,)
+    assert scenario.model.kind == "cnn-fc" and scenario.model.params.widths == (100,)

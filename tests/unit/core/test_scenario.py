@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 from simulator.core.config import Scenario, ScenarioError
-from simulator.core.scenario import expand, load, parse_override
+from simulator.core.models import CnnParams, MlpParams
+from simulator.data.partition import DirichletParams
+from simulator.run.folder import scenario_toml
+from simulator.scenario import expand, load, parse_override
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -23,7 +26,7 @@ def test_quickstart_is_the_default_and_valid() -> None:
 
 
 def test_every_shipped_scenario_loads() -> None:
-    from simulator.core.scenario import SCENARIO_DIR
+    from simulator.scenario import SCENARIO_DIR
 
     for path in SCENARIO_DIR.glob("*.toml"):
         assert expand(load(path)), path
@@ -49,6 +52,12 @@ def test_every_shipped_scenario_loads() -> None:
             "federation.fraction = 1.5 is out of range; allowed: (0.0, 1.0]",
         ),
         ("[federation]\nlr = 'fast'", "federation.lr = 'fast' has type str; allowed: float"),
+        ("[federation]\nlr = 0.0", "federation.lr = 0.0 is out of range; allowed: (0.0, inf)"),
+        ("[federation]\nclients = 0", "federation.clients = 0 is out of range; allowed: [1, inf)"),
+        (
+            "[model]\nkind = 'cnn'\n[sweep]\n'model.widths' = [[8], [16]]",
+            "model.widths is not read by model.kind 'cnn'",
+        ),
         ("[model]\nkind = 'resnet'", "model.kind = 'resnet' is not a known model"),
         ("[modle]\nkind = 'mlp'", "unknown top-level key 'modle' (did you mean 'model'?)"),
         ("[data]\ndataset = 'cifar'", "data.dataset = 'cifar' is not a known dataset"),
@@ -94,7 +103,7 @@ def test_overrides_parse_toml_values_and_revalidate() -> None:
     assert parse_override("data.dataset=fashion-mnist") == ("data.dataset", "fashion-mnist")
     scenario = load("quickstart", ["federation.batch_size=1", "model.widths=[32]"])
     assert scenario.federation.batch_size == 1
-    assert scenario.model.widths == (32,)
+    assert scenario.model.params.widths == (32,)
     with pytest.raises(ScenarioError, match=r"federation\.batch_size = 0"):
         load("quickstart", ["federation.batch_size=0"])
     with pytest.raises(ScenarioError, match="unknown section 'federaton'"):
@@ -109,7 +118,9 @@ def test_sweep_is_the_grid_over_its_keys(tmp_path: Path) -> None:
     )
     points = expand(load(path))
     assert len(points) == 6
-    combos = {(p.scenario.federation.batch_size, p.scenario.model.activation) for p in points}
+    combos = {
+        (p.scenario.federation.batch_size, p.scenario.model.params.activation) for p in points
+    }
     assert combos == {(b, a) for b in (1, 2, 4) for a in ("relu", "tanh")}
     assert all(not p.scenario.sweep for p in points)
     assert [p.index for p in points] == list(range(6))
@@ -123,8 +134,6 @@ def test_scenarios_are_immutable_and_roundtrip_through_json() -> None:
 
 
 def test_resolved_scenario_toml_loads_back(tmp_path: Path) -> None:
-    from simulator.run.folder import scenario_toml
-
     scenario = load("fedavg-label-skew")
     assert load(write(tmp_path, scenario_toml(scenario))) == scenario
 
@@ -151,3 +160,28 @@ def test_model_keys_are_checked_against_every_kind_the_scenario_takes(tmp_path: 
     assert load("fedavg-multistep", overrides=['model.kind="mlp"']).model.kind == "mlp"
     with pytest.raises(ScenarioError, match=r"model\.widths"):
         load("fedavg-multistep", overrides=['model.kind="cnn"', "model.widths=[]"])
+
+
+def test_each_point_of_a_sweep_over_kinds_keeps_the_keys_its_kind_reads(tmp_path: Path) -> None:
+    """One [model] table for cnn and mlp: the mlp point gets the table's widths (not mlp's
+    default), the cnn point its channels, and neither holds the other's keys."""
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[model]\nkind = "cnn"\nchannels = [4]\nwidths = [8]\n'
+        '[sweep]\n"model.kind" = ["cnn", "mlp"]\n'
+    )
+    cnn, mlp = (point.scenario.model for point in expand(load(path)))
+    assert cnn.params == CnnParams(channels=(4,)) and mlp.params == MlpParams(widths=(8,))
+    assert load(write(tmp_path, scenario_toml(load(path)))) == load(path)
+
+
+def test_a_partitioners_key_is_read_only_under_that_partitioner() -> None:
+    with pytest.raises(ScenarioError, match=r"data\.alpha is not read by data\.partition 'iid'"):
+        load("quickstart", ["data.alpha=0.3"])
+    scenario = load("quickstart", ['data.partition="dirichlet"', "data.alpha=0.3"])
+    assert scenario.data.params == DirichletParams(alpha=0.3)
+    data = scenario.to_dict()["data"]
+    assert data["alpha"] == 0.3 and "classes_per_client" not in data
+    # Switching the partitioner by override drops the file's keys for the old one.
+    skewed = load("fedavg-label-skew", ['data.partition="iid"'])
+    assert skewed.data.params is None and "classes_per_client" not in skewed.to_dict()["data"]

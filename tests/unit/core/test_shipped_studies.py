@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from simulator.core.scenario import expand, load
+from simulator.scenario import expand, load
 
 STUDIES = (
     "dlg-defenses-fedsgd",

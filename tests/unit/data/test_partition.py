@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 from simulator.core.registry import PARTITIONERS
 from simulator.data.datasets import read_idx
-from simulator.data.partition import _flower, _partition_cached, partition
+from simulator.data.partition import (
+    DirichletParams,
+    LabelSkewParams,
+    _flower,
+    _partition_cached,
+    partition,
+)
 
 SCHEMES = ["iid", "label-skew", "dirichlet"]
 
@@ -75,20 +81,20 @@ def test_iid_is_even(labels: np.ndarray) -> None:
 
 
 def test_prefix_of_a_shard_is_a_random_subsample(labels: np.ndarray) -> None:
-    (shard,) = partition(labels, 1, "label-skew", seed=0, classes_per_client=2)
+    (shard,) = partition(labels, 1, "label-skew", seed=0, params=LabelSkewParams(2))
     assert set(np.unique(labels[shard[:200]]).tolist()) == {0, 1}  # not one class first
     assert not np.all(np.diff(shard) > 0)
 
 
 @pytest.mark.parametrize(("num_clients", "k"), [(10, 1), (100, 2), (7, 3), (20, 10)])
 def test_label_skew_gives_exactly_k_classes(labels: np.ndarray, num_clients: int, k: int) -> None:
-    shards = partition(labels, num_clients, "label-skew", seed=1, classes_per_client=k)
+    shards = partition(labels, num_clients, "label-skew", seed=1, params=LabelSkewParams(k))
     for i, s in enumerate(shards):
         assert sorted(np.unique(labels[s]).tolist()) == sorted((i + t) % 10 for t in range(k))
 
 
 def test_label_skew_leaves_unreachable_classes_out(labels: np.ndarray) -> None:
-    shards = partition(labels, 2, "label-skew", seed=1, classes_per_client=2)
+    shards = partition(labels, 2, "label-skew", seed=1, params=LabelSkewParams(2))
     used = np.concatenate(shards)
     assert sorted(np.unique(labels[used]).tolist()) == [0, 1, 2]
     assert len(used) == np.isin(labels, [0, 1, 2]).sum()
@@ -100,7 +106,7 @@ def test_label_skew_equals_flowers_pathological_partitioner(
 ) -> None:
     """The numpy label-skew reproduces Flower's PathologicalPartitioner ("deterministic")."""
     y = np.random.default_rng(0).integers(0, 10, n)
-    ours = partition(y, num_clients, "label-skew", seed, classes_per_client=k)
+    ours = partition(y, num_clients, "label-skew", seed, params=LabelSkewParams(k))
     datasets, fp = _flower()
     order = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0]).permutation(n)
     ref = fp.PathologicalPartitioner(num_clients, "label", k, "deterministic", seed=seed)
@@ -113,7 +119,9 @@ def test_label_skew_equals_flowers_pathological_partitioner(
 
 def test_dirichlet_skew_grows_as_alpha_shrinks(labels: np.ndarray) -> None:
     def mean_entropy(alpha: float) -> float:
-        shards = partition(labels, 20, "dirichlet", seed=2, alpha=alpha, min_size=10)
+        shards = partition(
+            labels, 20, "dirichlet", seed=2, params=DirichletParams(alpha), min_size=10
+        )
         assert min(len(s) for s in shards) >= 10
         return float(np.mean([_entropy(np.bincount(labels[s], minlength=10)) for s in shards]))
 
@@ -131,7 +139,8 @@ def test_works_offline_and_quietly(
     monkeypatch.setattr(socket, "create_connection", no_network)
     _partition_cached.cache_clear()
     for scheme in SCHEMES:
-        partition(labels, 30, scheme, seed=11, alpha=0.05)
+        params = DirichletParams(0.05) if scheme == "dirichlet" else None
+        partition(labels, 30, scheme, seed=11, params=params)
     out, err = capfd.readouterr()
     assert out == "" and err == ""
 
@@ -163,6 +172,10 @@ def test_bad_arguments(kwargs: dict[str, object], message: str) -> None:
         "scheme": "iid",
         "seed": 0,
     }
+    settings = {k: kwargs.pop(k) for k in ("classes_per_client", "alpha") if k in kwargs}
+    if settings:  # built unvalidated: partition itself must refuse them
+        params = LabelSkewParams if kwargs["scheme"] == "label-skew" else DirichletParams
+        args["params"] = params(**settings)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=message):
         partition(**(args | kwargs))  # type: ignore[arg-type]
 
@@ -175,10 +188,10 @@ def test_bad_labels_and_impossible_splits() -> None:
     # Class 9 has a single sample, but with 2 classes per client all 4 clients need it.
     y = np.array([0] * 20 + [9])
     with pytest.raises(ValueError, match=r"class 9 has 1 samples but 4 clients need it"):
-        partition(y, 4, "label-skew", 0, classes_per_client=2)
+        partition(y, 4, "label-skew", 0, params=LabelSkewParams(2))
     # Tiny alpha with a large min_size cannot be met: Flower gives up, we say why.
     with pytest.raises(ValueError, match=r"'dirichlet' cannot split 100 samples into 5 .*alpha"):
-        partition(np.arange(100) % 2, 5, "dirichlet", 0, alpha=0.01, min_size=19)
+        partition(np.arange(100) % 2, 5, "dirichlet", 0, DirichletParams(0.01), min_size=19)
 
 
 def _reference_ok(shards: list[np.ndarray], n: int, min_size: int) -> bool:
@@ -211,7 +224,8 @@ def test_property_disjoint_cover(
     k = data.draw(st.integers(1, present), label="classes_per_client")
     min_size = data.draw(st.integers(1, 3), label="min_size")
     try:
-        shards = partition(y, num_clients, scheme, seed, k, alpha=0.5, min_size=min_size)
+        params = {"dirichlet": DirichletParams(0.5), "label-skew": LabelSkewParams(k)}
+        shards = partition(y, num_clients, scheme, seed, params.get(scheme), min_size=min_size)
     except ValueError:
         # Only legitimately impossible requests may fail.
         assert scheme != "iid" or num_clients * min_size > n

@@ -7,10 +7,18 @@ from decimal import Decimal
 
 import pytest
 import torch
+from flwr.server.workflow import SecAggPlusWorkflow
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from defenses.base import DEFENSE_KINDS, Defense, UpdateDefense, compose, register_defense
+from defenses.base import (
+    DEFENSE_KINDS,
+    AggregationDefense,
+    Defense,
+    UpdateDefense,
+    compose,
+    register_defense,
+)
 from defenses.clipping import Clipping, ClippingParams
 from defenses.dp_sgd import (
     DpSgd,
@@ -23,13 +31,13 @@ from defenses.dp_sgd import (
 from defenses.noise import GaussianNoise, GaussianNoiseParams, LaplaceNoise, LaplaceNoiseParams
 from defenses.pruning import Pruning, PruningParams
 from defenses.quantization import Quantization, QuantizationParams
-from defenses.secure_aggregation import aggregate_view
-from simulator.core.config import Scenario, ScenarioError
-from simulator.core.models import ModelSpec, build_model
+from simulator.core.config import FederationConfig, Scenario, ScenarioError
+from simulator.core.models import ModelSpec, build_model, model_spec
 from simulator.core.registry import DEFENSES
-from simulator.core.scenario import load
 from simulator.data.shards import Shard
 from simulator.federation.training import batch_gradient, local_train
+from simulator.scenario import load, with_overrides
+from tests.fixtures.secure_aggregation import aggregate_view
 
 Update = dict[str, torch.Tensor]
 
@@ -300,7 +308,7 @@ def test_int8_uses_at_most_255_levels_and_errs_by_at_most_half_a_step() -> None:
 
 # --- DP-SGD ------------------------------------------------------------------------------------
 
-SMALL_MLP = ModelSpec(kind="mlp", widths=(16,))
+SMALL_MLP = model_spec(kind="mlp", widths=(16,))
 
 
 def batch(seed: int, n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
@@ -437,26 +445,53 @@ def test_epsilon_falls_with_noise_and_grows_with_steps_and_rate() -> None:
 # --- secure aggregation ------------------------------------------------------------------------
 
 
-def test_secure_aggregation_view_is_the_sum_or_weighted_mean_and_no_single_update() -> None:
+def test_secure_aggregation_builds_flowers_secagg_plus_workflow_from_its_parameters() -> None:
+    federation = FederationConfig(clients=4, fraction=1.0, timeout_s=30.0)
+    params = {"num_shares": 0.5, "reconstruction_threshold": 0.75, "clipping_range": 4.0}
+    defense = DEFENSES.create("secure-aggregation", {**params, "quantization_range": 2**10})
+    assert isinstance(defense, AggregationDefense) and defense.min_clients == 2
+    workflow = defense.workflow(federation, largest_weight=16.0)
+    assert type(workflow) is SecAggPlusWorkflow
+    assert (workflow.num_shares, workflow.reconstruction_threshold) == (0.5, 0.75)
+    assert (workflow.clipping_range, workflow.quantization_range) == (4.0, 2**10)
+    assert (workflow.max_weight, workflow.timeout) == (16.0, 30.0)
+    # a max_weight of the defense's own wins over the largest example count
+    fixed = DEFENSES.create("secure-aggregation", {"max_weight": 50.0, "min_clients": 3})
+    assert fixed.workflow(federation, 16.0).max_weight == 50.0  # type: ignore[attr-defined]
+    assert fixed.min_clients == 3  # type: ignore[attr-defined]
+
+
+def test_a_scenario_has_at_most_one_aggregation_defense() -> None:
+    with pytest.raises(ScenarioError, match="at most one aggregation defense per scenario"):
+        load("quickstart", {"defenses": [{"name": "secure-aggregation"}] * 2})
+
+
+def test_an_aggregation_defense_that_does_not_say_how_it_runs_is_refused_when_registered() -> None:
+    class ViewOnly(AggregationDefense):
+        def view(self, updates: list) -> dict:
+            return {}
+
+    with pytest.raises(TypeError) as info:
+        register_defense("view-only-aggregation", "unusable")(ViewOnly)
+    assert str(info.value) == (
+        "defense 'view-only-aggregation': ViewOnly does not implement min_clients, workflow"
+    )
+    assert "view-only-aggregation" not in DEFENSES
+
+
+def test_the_secure_aggregation_oracle_is_the_weighted_mean_and_no_single_update() -> None:
+    """The tests' oracle for what SecAgg+ reveals (tests.fixtures.secure_aggregation)."""
     updates = [random_update(seed) for seed in (10, 11, 12)]
-    view = DEFENSES.create("secure-aggregation").view(updates)  # type: ignore[attr-defined]
+    total = aggregate_view(updates)
     for name in updates[0]:
-        assert torch.allclose(view[name], sum(u[name] for u in updates), atol=1e-6)
+        assert torch.allclose(total[name], sum(u[name] for u in updates), atol=1e-6)
         for update in updates:
-            assert not torch.allclose(view[name], update[name], atol=1e-3)
-            assert view[name].data_ptr() != update[name].data_ptr()
+            assert not torch.allclose(total[name], update[name], atol=1e-3)
     mean = aggregate_view(updates, [1.0, 2.0, 1.0])
     expected = (updates[0]["fc.weight"] + 2 * updates[1]["fc.weight"] + updates[2]["fc.weight"]) / 4
     assert torch.allclose(mean["fc.weight"], expected, atol=1e-6)
-
-
-def test_secure_aggregation_refuses_too_few_or_mismatched_updates() -> None:
-    with pytest.raises(ValueError, match="at least 2"):
-        DEFENSES.create("secure-aggregation").view([random_update(0)])  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="parameters"):
         aggregate_view([random_update(0), {"other": torch.zeros(1)}])
-    with pytest.raises(ValueError, match="weights"):
-        aggregate_view([random_update(0), random_update(1)], [1.0, -1.0])
 
 
 # --- local DP (Flower's LocalDpMod) ------------------------------------------------------------
@@ -480,7 +515,8 @@ def test_local_dp_is_fedavg_only_and_not_under_secure_aggregation() -> None:
     with pytest.raises(ScenarioError, match=r"'local-dp' needs federation.protocol = 'fedavg'"):
         local_dp_scenario("fedsgd")
     with pytest.raises(ScenarioError, match="cannot be combined with 'secure-aggregation'"):
-        local_dp_scenario().with_overrides(
-            {"defenses": [{"name": "local-dp"}, {"name": "secure-aggregation"}]}
+        with_overrides(
+            local_dp_scenario(),
+            {"defenses": [{"name": "local-dp"}, {"name": "secure-aggregation"}]},
         )
     assert local_dp_scenario().defenses[0]["name"] == "local-dp"  # fedavg alone is fine

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from attacks.active.imprint import Imprint, ImprintParams
 from attacks.active.trap_weights import TrapWeights
@@ -13,9 +13,8 @@ from defenses import inspection
 from defenses.inspection import Inspection, InspectionParams, ModelRejected
 from simulator.core.models import build_model
 from simulator.core.registry import DEFENSES
-from simulator.core.scenario import load
-from simulator.federation import messages
 from simulator.federation.training import batch_gradient, load_weights
+from simulator.scenario import load
 from tests.unit.attacks.active.helpers import LABELS, PRIVATE, armed, plan
 
 SCENARIO = load("quickstart", {"model.widths": [64]})
@@ -61,11 +60,34 @@ def test_manipulated_models_are_refused_first_round_or_later(attack: str) -> Non
         assert reason in str(error.value)
 
 
-def test_the_mod_reads_the_scenario_under_the_federations_key() -> None:
-    assert inspection.SCENARIO_KEY == messages.SCENARIO_KEY
-
-
 def test_bad_params_get_one_line_errors() -> None:
     with pytest.raises(ValueError, match="'max_ratio'") as error:
         DEFENSES.create("inspection", {"max_ratio": 1.0})
     assert "\n" not in str(error.value)
+
+
+def test_a_tensor_shrunk_five_times_is_refused_for_its_rms() -> None:
+    reference = {"w": np.full((4, 4), 0.5), "b": np.full(4, 0.1)}
+    shrunk = {"w": reference["w"] / 5, "b": reference["b"]}
+    reason = inspection.difference(shrunk, reference, max_ratio=4.0)
+    assert reason is not None and reason.startswith("w: RMS 0.1 against 0.5")
+    with pytest.raises(ModelRejected, match="RMS"):
+        Inspection(InspectionParams(max_ratio=4.0)).inspect(shrunk, state_with(reference), SCENARIO)
+
+
+@pytest.mark.parametrize("factor", [4.0, 0.25])
+def test_a_change_of_exactly_max_ratio_either_way_passes(factor: float) -> None:
+    reference = {"w": np.full((4, 4), 0.5), "b": np.full(4, 0.125)}
+    changed = {k: v * factor for k, v in reference.items()}
+    assert inspection.difference(changed, reference, max_ratio=4.0) is None
+    beyond = {k: v * factor * (1.01 if factor > 1 else 0.99) for k, v in reference.items()}
+    assert inspection.difference(beyond, reference, max_ratio=4.0) is not None
+
+
+def state_with(reference: dict[str, np.ndarray]) -> RecordDict:
+    """A client state whose inspection reference is ``reference``."""
+    state = RecordDict()
+    state.array_records[inspection.REFERENCE_KEY] = ArrayRecord(
+        {k: Array(np.ascontiguousarray(v)) for k, v in reference.items()}
+    )
+    return state

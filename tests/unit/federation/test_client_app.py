@@ -8,7 +8,10 @@ the simulation's truth store instead.
 from __future__ import annotations
 
 import math
+import os
 import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,11 +21,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, Reco
 
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
-from simulator.core.registry import DEFENSES
-from simulator.core.scenario import load
-from simulator.federation.client_app import train
-from simulator.federation.client_mods import local_dp_mod
-from simulator.federation.messages import (
+from simulator.core.protocol import (
     ARRAYS_KEY,
     CLIENT_ID_KEY,
     CONFIG_KEY,
@@ -30,10 +29,12 @@ from simulator.federation.messages import (
     NUM_EXAMPLES_KEY,
     ROUND_KEY,
     SCENARIO_KEY,
-    from_record,
-    to_record,
 )
+from simulator.core.registry import DEFENSES
+from simulator.federation.client_app import app, train
+from simulator.federation.messages import from_record, to_record
 from simulator.federation.truth import TRUTH_DIR_ENV, TruthStore
+from simulator.scenario import load, with_overrides
 
 Update = dict[str, torch.Tensor]
 
@@ -63,7 +64,8 @@ def train_reply(scenario: Scenario, with_mod: bool) -> tuple[Update, Update, Mes
     metadata = Metadata(1, "m1", 0, 1, "", "1", time.time(), 3600.0, MessageType.TRAIN)
     msg = Message(content, metadata=metadata)
     context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
-    reply = local_dp_mod(msg, context, train) if with_mod else train(msg, context)
+    # with_mod: the ClientApp itself, as Ray runs it (its train function inside its mods)
+    reply = app(msg, context) if with_mod else train(msg, context)
     return dict(sent), from_record(reply.content[ARRAYS_KEY]), reply
 
 
@@ -76,7 +78,7 @@ def test_a_reply_holds_only_the_update_and_the_protocols_metadata(
     protocol: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(TRUTH_DIR_ENV, str(tmp_path))
-    scenario = fedavg_scenario().with_overrides({"federation.protocol": protocol})
+    scenario = with_overrides(fedavg_scenario(), {"federation.protocol": protocol})
     sent, update, reply = train_reply(scenario, with_mod=False)
     content = reply.content
     assert set(content.keys()) == {ARRAYS_KEY, METRICS_KEY, CONFIG_KEY}
@@ -129,3 +131,47 @@ def test_local_dp_mod_without_noise_leaves_a_change_of_exactly_the_clipping_norm
     sent, clipped, _ = train_reply(scenario, with_mod=True)
     change = flat({k: clipped[k] - sent[k] for k in sent}).double()
     assert float(change.norm()) == pytest.approx(0.05, rel=1e-4)
+
+
+CLIENT_PROCESS = """
+import sys, time
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from simulator.core.models import build_model
+from simulator.core.protocol import ARRAYS_KEY, CONFIG_KEY, ROUND_KEY, SCENARIO_KEY
+from simulator.federation.client_app import app
+from simulator.federation.messages import to_record
+from simulator.scenario import from_message
+
+text = open(sys.argv[1]).read()
+scenario = from_message(text)
+sent = build_model(scenario.model, seed=scenario.seed).state_dict()
+config = ConfigRecord({SCENARIO_KEY: text, ROUND_KEY: 1})
+metadata = Metadata(1, "m1", 0, 1, "", "1", time.time(), 3600.0, MessageType.TRAIN)
+msg = Message(RecordDict({ARRAYS_KEY: to_record(sent), CONFIG_KEY: config}), metadata=metadata)
+app(msg, Context(1, 1, {"partition-id": 0}, RecordDict(), {}))
+print(scenario.attack.name, sorted(m for m in sys.modules if m.split(".")[0] == "attacks"))
+"""
+
+
+def test_an_honest_client_trains_without_importing_an_attack(tmp_path: Path) -> None:
+    """A fresh process that imports the ClientApp, decodes a train message's scenario (an
+    attack with parameters, a defense) and trains imports no module of ``attacks``: the
+    server validated the scenario, and the client never looks the attack up."""
+    scenario = with_overrides(
+        fedavg_scenario(),
+        {
+            "attack.name": "idlg",
+            "attack.params.iterations": 3,
+            "defenses": [{"name": "gaussian-noise", "std": 0.01}],
+        },
+    )
+    path = tmp_path / "scenario.json"
+    path.write_text(scenario.to_json())
+    env = {**os.environ, TRUTH_DIR_ENV: str(tmp_path / "truth")}
+    result = subprocess.run(
+        [sys.executable, "-c", CLIENT_PROCESS, str(path)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[3],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["idlg", "[]"]
+    assert TruthStore(tmp_path / "truth").get(1, 0) is not None  # it did train

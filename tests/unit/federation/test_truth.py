@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from simulator.federation.truth import Truth, TruthStore
+from simulator.core.protocol import Truth
+from simulator.federation.truth import TruthStore
 
 
 def test_a_truth_round_trips_and_a_round_is_discarded(tmp_path: Path) -> None:

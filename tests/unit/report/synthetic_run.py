@@ -7,7 +7,10 @@ attack error and a failed point, with hostile text in the error messages.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +19,15 @@ import numpy as np
 from simulator.core.records import (
     AttackErrorRecord,
     AttackRecord,
+    BestRecord,
     FailureRecord,
     PointRecord,
     PrivacyRecord,
     Record,
     RoundRecord,
 )
-from simulator.core.scenario import expand, load
 from simulator.run.folder import RunFolder
+from simulator.scenario import expand, load
 
 # Single-seed defense sweeps (the shipped studies' earlier form), so that the figures and
 # tables tested here keep a fixed set of points whatever the shipped studies become.
@@ -48,6 +52,61 @@ def digits(count: int, seed: int = 0) -> np.ndarray:
 def _psnr(truth: np.ndarray, guess: np.ndarray) -> list[float]:
     mse = ((truth - guess) ** 2).reshape(truth.shape[0], -1).mean(axis=1)
     return [min(100.0, -10 * math.log10(max(float(m), 1e-12))) for m in mse]
+
+
+def attack_record(
+    attack: str = "analytic",
+    psnr: Sequence[float] = (100.0,),
+    *,
+    ssim: Sequence[float] | None = None,
+    matching: str = "hungarian",
+    **fields: Any,
+) -> AttackRecord:
+    """An attack record of round 1, client 0, scored from ``psnr`` (and ``ssim``, 1 each by
+    default) at the default thresholds; ``fields`` set any other field."""
+    ssim = [1.0] * len(psnr) if ssim is None else list(ssim)
+    count = {"generated" if matching == "training" else "true_images": len(psnr)}
+    bar = {} if matching == "hungarian" else {"leak_threshold_ssim": 0.4}
+    values: dict[str, Any] = {
+        "round": 1, "client": 0, "attack": attack, "status": "converged", "notes": "synthetic",
+        "matching": matching, "objective": "gradient-distance", **count,
+        "recovered": len(psnr),
+        "mean_psnr": statistics.fmean(psnr), "median_psnr": statistics.median(psnr),
+        "mean_ssim": statistics.fmean(ssim), "label_accuracy": None,
+        "fraction_leaked": statistics.fmean(p >= 30 for p in psnr),
+        "leak_threshold_db": 30.0 if matching == "hungarian" else None, **bar,
+        "psnr": list(psnr), "ssim": ssim, "iterations": 0, "seconds": 1.0,
+        "iterations_to_threshold": None, "seconds_to_threshold": None, "trace": [],
+        "psnr_curve": [],
+    }  # fmt: skip
+    return AttackRecord(**(values | fields))
+
+
+def best_record(psnr: Sequence[float] = (100.0,), **fields: Any) -> BestRecord:
+    """The per-image best of two attacks ("a", "b") of round 1, client 0, at 30 dB; ``fields``
+    set any other field."""
+    leaked = [p >= 30 for p in psnr]
+    values: dict[str, Any] = {
+        "round": 1, "client": 0, "status": "converged", "notes": "synthetic",
+        "attacks": ["a", "b"], "true_images": len(psnr), "mean_psnr": statistics.fmean(psnr),
+        "median_psnr": statistics.median(psnr), "mean_ssim": 1.0,
+        "fraction_leaked": statistics.fmean(leaked), "leak_threshold_db": 30.0,
+        "psnr": list(psnr), "ssim": [1.0] * len(psnr), "leaked": leaked,
+        "best_attack": ["a"] * len(psnr), "seconds": 2.0,
+    }  # fmt: skip
+    return BestRecord(**(values | fields))
+
+
+def point_record(index: int, swept: dict[str, Any], **fields: Any) -> PointRecord:
+    """A finished sweep point that set ``swept``, with its defense and strength read from a
+    swept defense list as the engine reads them; ``fields`` set any other field."""
+    defense, strength = _defense(swept)
+    values: dict[str, Any] = {
+        "point": index, "swept": swept, "status": "ok", "rounds_completed": 1,
+        "defense": defense, "strength": strength, "final_accuracy": 0.9, "failed_updates": 0,
+        "seconds": 1.0,
+    }  # fmt: skip
+    return PointRecord(**(values | fields))
 
 
 def _defense(values: dict[str, Any]) -> tuple[str, Any]:
@@ -79,8 +138,8 @@ def build_run(
     selected = expand(loaded)[:points]
     for point in selected:
 
-        def emit(record: Record, index: int = point.index) -> dict[str, Any]:
-            written = {"point": index, **record.to_dict()}
+        def emit(record: Record, index: int = point.index) -> Record:
+            written = dataclasses.replace(record, point=index)
             folder.append(written)
             return written
 
@@ -105,20 +164,19 @@ def build_run(
                 for i in range(0, 201, 20)
             ]
             curve = [(i, min(psnr) * (1 - math.exp(-i / 50))) for i in range(0, 201, 40)]
-            scores = {
-                "batch_size": batch, "recovered": batch,
-                "mean_psnr": float(np.mean(psnr)), "median_psnr": float(np.median(psnr)),
-                "mean_ssim": max(0.0, 1 - 2 * level), "label_accuracy": 1.0,
-                "fraction_leaked": float(np.mean([p >= 30 for p in psnr])),
-                "leak_threshold_db": 30.0, "psnr": psnr, "ssim": [1 - level] * batch,
-                "iterations": 200 if iterative else 0, "seconds": 1.5,
-                "iterations_to_threshold": 80 if iterative and level < 0.05 else None,
-                "seconds_to_threshold": 0.6 if iterative and level < 0.05 else None,
-                "trace": trace if iterative else trace[:1],
-                "psnr_curve": curve if iterative else [],
-            }  # fmt: skip
-            record = AttackRecord(1, client, "analytic", "converged", "synthetic", scores)
+            record = attack_record(
+                "analytic", psnr, client=client,
+                mean_psnr=float(np.mean(psnr)), median_psnr=float(np.median(psnr)),
+                mean_ssim=max(0.0, 1 - 2 * level), label_accuracy=1.0,
+                fraction_leaked=float(np.mean([p >= 30 for p in psnr])),
+                ssim=[1 - level] * batch, iterations=200 if iterative else 0, seconds=1.5,
+                iterations_to_threshold=80 if iterative and level < 0.05 else None,
+                seconds_to_threshold=0.6 if iterative and level < 0.05 else None,
+                trace=trace if iterative else trace[:1],
+                psnr_curve=curve if iterative else [],
+            )  # fmt: skip
             written = emit(record)
+            assert isinstance(written, AttackRecord)
             folder.save_attack(written, {"truth": images, "reconstruction": guess})
         if defense == "gaussian-noise":
             emit(PrivacyRecord(epsilon=1 / strength, delta=1e-5, client=3, mean_epsilon=0.5))

@@ -7,20 +7,18 @@ import statistics
 
 import pytest
 
+from simulator.core.records import BestRecord, PointRecord, Record
 from simulator.report.evaluation import defense_table, rounds_table, settings_table
+from tests.unit.report.synthetic_run import attack_record, best_record, point_record
 
 
-def point(index: int, seed: int, accuracy: float, std: float | None = None) -> dict:
+def point(index: int, seed: int, accuracy: float, std: float | None = None) -> PointRecord:
     defenses = [] if std is None else [{"name": "gaussian-noise", "std": std}]
-    return {"kind": "point", "point": index, "set:seed": seed, "set:defenses": defenses,
-            "defense": "none" if std is None else "gaussian-noise", "strength": std,
-            "final_accuracy": accuracy}  # fmt: skip
+    return point_record(index, {"seed": seed, "defenses": defenses}, final_accuracy=accuracy)
 
 
-def best(index: int, server_round: int, leaked: float) -> dict:
-    return {"kind": "attack", "point": index, "round": server_round, "attack": "best",
-            "fraction_leaked": leaked, "psnr": [40.0], "mean_ssim": 0.9,
-            "label_accuracy": None}  # fmt: skip
+def best(index: int, server_round: int, leaked: float) -> BestRecord:
+    return best_record([40.0], point=index, round=server_round, fraction_leaked=leaked)
 
 
 # Undefended: leaks everything at round 1, less later; noise 0.01: only round 1 differs.
@@ -32,7 +30,7 @@ ACCURACY = {(0, None): 0.95, (1, None): 0.96, (2, None): 0.94,
             (0, 0.01): 0.93, (1, 0.01): 0.90, (2, 0.01): 0.94}  # fmt: skip
 
 
-def records() -> list[dict]:
+def records() -> list[Record]:
     found = []
     for index, ((seed, std), leaks) in enumerate(LEAKS.items()):
         found.append(point(index, seed, ACCURACY[(seed, std)], std))
@@ -64,7 +62,8 @@ def test_a_difference_inside_the_spread_is_flagged() -> None:
     assert rows["none"]["leakage_within_spread_of_none"] is None
     # mean over rounds: none 0.6 +- 0.1, noise 0.31 +- 0.1: a real difference
     assert rows["gaussian-noise"]["leakage_within_spread_of_none"] is False
-    later = [r for r in records() if r.get("round") != 1]  # without round 1 they agree
+    # without round 1 they agree
+    later = [r for r in records() if not (isinstance(r, BestRecord) and r.round == 1)]
     rows = {r["curve"]: r for r in settings_table(later)}
     assert rows["gaussian-noise"]["leakage_within_spread_of_none"] is True
 
@@ -74,7 +73,8 @@ def test_an_update_only_one_attack_scored_counts_in_both_views() -> None:
     records = [
         point(0, 0, 0.9),
         best(0, 1, 1.0),
-        {**best(0, 100, 0.0), "attack": "subspace"},  # no best record: one attack scored it
+        # no best record: one attack scored it
+        attack_record("subspace", [40.0], point=0, round=100, fraction_leaked=0.0),
     ]
     (row,) = defense_table(records)
     assert row["leaked_fraction"] == 0.5

@@ -13,9 +13,11 @@ import matplotlib.pyplot as plt
 import pytest
 from matplotlib.figure import Figure
 
+from simulator.core.objectives import objective_key
+from simulator.core.records import AttackRecord
 from simulator.report import defense_figures, evaluation, figures
 from simulator.run.folder import read_records
-from tests.unit.report.synthetic_run import build_run
+from tests.unit.report.synthetic_run import attack_record, build_run, point_record
 
 RECORD_KEY = re.compile(r"\b[a-z]+_[a-z_]+\b")  # mean_psnr, leaked_fraction, final_accuracy
 
@@ -100,18 +102,19 @@ def test_identical_points_share_one_label(tmp_path: Path, drawn: dict[str, Figur
     assert [t.get_text() for t in drawn["pu.png"].axes[0].texts] == ["0.01, 0.1"]
 
 
-def _attack(trace: int, curve: int) -> dict[str, Any]:
-    return {
-        "point": 0, "leak_threshold_db": 30.0,
-        "trace": [{"iteration": i, "gradient_distance": 1.0 / (i + 1)} for i in range(trace)],
-        "psnr_curve": [(i, 10.0 + i) for i in range(curve)],
-    }  # fmt: skip
+def _attack(trace: int, curve: int, objective: str = "gradient-distance") -> AttackRecord:
+    key = objective_key(objective)
+    return attack_record(
+        "idlg", point=0, objective=objective,
+        trace=[{"iteration": i, key: 1.0 / (i + 1)} for i in range(trace)],
+        psnr_curve=[(i, 10.0 + i) for i in range(curve)],
+    )  # fmt: skip
 
 
 def test_the_convergence_figure_is_drawn_only_with_iterations(
     tmp_path: Path, drawn: dict[str, Figure]
 ) -> None:
-    points = [{"point": 0}]
+    points = [point_record(0, {})]
     one_shot = [_attack(trace=1, curve=0)]  # the analytic attack: one distance, no snapshots
     assert figures.convergence_figure(one_shot, points, tmp_path / "a.png") is None
     assert drawn == {} and not (tmp_path / "a.png").exists()
@@ -120,6 +123,23 @@ def test_the_convergence_figure_is_drawn_only_with_iterations(
     assert panel.get_ylabel() == "gradient distance (log scale)"
     figures.convergence_figure([_attack(trace=5, curve=4)], points, tmp_path / "c.png")
     assert [a.get_ylabel() for a in drawn["c.png"].axes][1] == "mean PSNR (dB)"
+
+
+def test_the_convergence_axis_names_what_each_attack_minimised(
+    tmp_path: Path, drawn: dict[str, Figure]
+) -> None:
+    """KKT's stationarity loss is not a gradient distance: each objective gets its own panel,
+    labelled from the record's objective; a closed form (objective "none") gets none."""
+    attacks = [
+        _attack(trace=5, curve=0),
+        _attack(trace=5, curve=0, objective="kkt-stationarity"),
+        attack_record("imprint", point=0, objective="none", trace=[{"iteration": 0}] * 3),
+    ]
+    figures.convergence_figure(attacks, [point_record(0, {})], tmp_path / "k.png")
+    assert [a.get_ylabel() for a in drawn["k.png"].axes] == [
+        "gradient distance (log scale)", "KKT stationarity loss (log scale)",
+    ]  # fmt: skip
+    assert [len(a.get_lines()) for a in drawn["k.png"].axes] == [1, 1]
 
 
 def test_by_value_panels_only_for_metrics_with_data(

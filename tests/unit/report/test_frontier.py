@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from simulator.core.records import Record
 from simulator.report.frontier import (
     Setting,
     cheapest,
@@ -17,6 +18,7 @@ from simulator.report.frontier import (
     settings,
     within_noise,
 )
+from tests.unit.report.synthetic_run import attack_record, best_record
 
 
 def row(curve: str, strength: float | None, leaked: float, accuracy: float, seed: int) -> dict:
@@ -69,9 +71,10 @@ def test_differences_inside_the_spread_are_flagged() -> None:
 
 
 def test_leakage_is_recorded_for_every_attacked_round() -> None:
-    def attack(point: int, server_round: int, leaked: float, name: str = "idlg") -> dict:
-        return {"kind": "attack", "point": point, "round": server_round, "attack": name,
-                "fraction_leaked": leaked}  # fmt: skip
+    def attack(point: int, server_round: int, leaked: float, name: str = "idlg") -> Record:
+        if name == "best":
+            return best_record(point=point, round=server_round, fraction_leaked=leaked)
+        return attack_record(name, point=point, round=server_round, fraction_leaked=leaked)
 
     records = [
         attack(0, 1, 1.0), attack(0, 1, 0.5), attack(0, 5, 0.25), attack(0, 10, 0.0),
@@ -80,13 +83,27 @@ def test_leakage_is_recorded_for_every_attacked_round() -> None:
     assert leakage_by_round(records) == {0: {1: 0.75, 5: 0.25, 10: 0.0}, 1: {1: 0.9}}
 
 
-pair = st.tuples(st.floats(0, 1), st.floats(0, 1))
+def setting(strength: int, leakage: float, accuracy: float) -> Setting:
+    return Setting("d", strength, 1, leakage, 0.0, accuracy, 0.0)
+
+
+# Few distinct values, so that ties in leakage or accuracy (where "dominates" turns on the
+# non-strict comparison) come up often.
+value = st.sampled_from([0.0, 0.25, 0.5, 1.0]) | st.floats(0, 1)
+pair = st.tuples(value, value)
+
+
+def test_equal_leakage_and_better_accuracy_dominates() -> None:
+    better = setting(1, leakage=0.5, accuracy=0.9)
+    worse = setting(2, leakage=0.5, accuracy=0.8)
+    assert better.dominates(worse) and not worse.dominates(better)
+    assert frontier([worse, better]) == [better]
 
 
 @hypothesis_settings(max_examples=80, deadline=None)
 @given(st.lists(pair, min_size=1, max_size=12))
 def test_frontier_matches_the_definition(points: list[tuple[float, float]]) -> None:
-    candidates = [Setting("d", i, 1, leak, acc, 0.0, 0.0) for i, (leak, acc) in enumerate(points)]
+    candidates = [setting(i, leak, acc) for i, (leak, acc) in enumerate(points)]
     kept = frontier(candidates)
     for s in candidates:
         dominated = any(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from simulator.core.scenario import load
 from simulator.report.landscape import compute, render
+from simulator.scenario import load
 
 
 def test_landscape_is_zero_at_the_truth_and_positive_around_it(tmp_path) -> None:

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from simulator import cli
 from simulator.report.tables import terminal_tables
 from simulator.run.folder import read_records
-from tests.unit.report.synthetic_run import build_run
+from tests.unit.report.synthetic_run import build_run, point_record
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_report_tables_fit_80_columns_without_cutting_a_cell(run_dir: Path) -> N
     assert max(len(line) for line in lines) <= 80
     assert "…" not in result.output
     text = " ".join(result.output.split())
-    for heading in ("defenses", "accuracy", "leaked", "PSNR dB", "SSIM"):
+    for heading in ("defenses", "accuracy", "leaked", "PSNR dB", "SSIM", "PSNR >= 30 dB"):
         assert heading in text
     assert "gaussian-noise 0.0316" in text and "82.5%" in text
     assert f"report: {(run_dir / 'report.html').resolve()}" in text
@@ -40,7 +40,7 @@ def test_terminal_tables_keep_the_key_columns_only(run_dir: Path) -> None:
         "point", "defenses", "status", "rounds", "accuracy", "failures", "time s",
     ]  # fmt: skip
     assert rows[0][:3] == ["0", "none", "ok"] and rows[-1][2] == "failed"
-    headings, rows = tables["attacks"]
+    headings, rows = tables["attacks (leaked: PSNR >= 30 dB)"]
     assert [h for h, numeric in headings if numeric] == [
         "leaked", "PSNR dB", "SSIM", "labels",
     ]  # fmt: skip
@@ -64,6 +64,5 @@ def test_open_without_a_browser_says_where_the_page_is(
 
 
 def test_cells_are_printed_as_text_not_rich_markup(capsys: pytest.CaptureFixture[str]) -> None:
-    records = [{"kind": "point", "point": 0, "set:data.dataset": "[/x][bold]", "status": "ok"}]
-    cli._print_points(records)
+    cli._print_points([point_record(0, {"data.dataset": "[/x][bold]"})])
     assert "[/x][bold]" in capsys.readouterr().out

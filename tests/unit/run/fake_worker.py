@@ -1,4 +1,4 @@
-"""A stand-in for ``simulator.run.worker`` (no Ray, no torch) for the supervisor's tests.
+"""A stand-in for ``simulator.run.worker`` (no Ray, no federation) for the supervisor's tests.
 
 It takes the worker's arguments and acts out the ``plan`` file in the run folder: one word
 per start of a worker (``ok``, ``crash``, ``error``, ``hang``, ``together``: wait for a second
@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from simulator.core.records import PointRecord, RoundRecord
 from simulator.run.supervisor import Channel
 
 # Ignores SIGTERM, then says so by writing its PID to the file named by its argument.
@@ -43,8 +44,7 @@ def main() -> int:
             channel.error(RuntimeError("the other lane never started"))
             return 1
     for index, point in enumerate(points):
-        channel.record({"point": point, "kind": "round", "round": 0, "test_accuracy": 0.5,
-                        "test_loss": 1.0})  # fmt: skip
+        channel.record(RoundRecord(0, 0.5, 1.0, point=point))
         channel.progress(point, 0)
         if what == "crash" and index == 0:
             os._exit(3)
@@ -56,7 +56,19 @@ def main() -> int:
                 [sys.executable, "-c", SLEEPER, str(folder / "sleeper")], start_new_session=True
             )
             time.sleep(60)
-        channel.record({"kind": "point", "point": point, "status": "ok"})
+        channel.record(
+            PointRecord(
+                point=point,
+                swept={},
+                status="ok",
+                rounds_completed=0,
+                defense="none",
+                strength=None,
+                final_accuracy=0.5,
+                failed_updates=0,
+                seconds=0.1,
+            )
+        )
     channel.send("done", True)
     return 0
 

@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulator.core.scenario import load
+from simulator.core.records import (
+    InterruptedRecord,
+    PointRecord,
+    Record,
+    RoundRecord,
+    StartupRecord,
+)
 from simulator.run.folder import (
     INTERRUPTED_FILE,
     CorruptRecordsWarning,
@@ -21,6 +27,10 @@ from simulator.run.folder import (
     safe_name,
     write_atomic,
 )
+from simulator.scenario import load, with_sweep
+from tests.unit.report.synthetic_run import point_record
+
+ROUND = RoundRecord(0, 0.1, 2.3, point=0)
 
 
 def named(name: str):
@@ -119,45 +129,48 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(
 def test_unreadable_and_non_object_lines_are_skipped_with_their_line_numbers(
     tmp_path: Path,
 ) -> None:
-    lines = ['{"kind": "round", "round": 0}', "[1, 2]", "garbage", "", '"text"', '{"kind": "ro']
+    lines = [
+        json.dumps(ROUND.to_dict()), "[1, 2]", "garbage", "", '"text"', '{"kind": "ro',
+        '{"kind": "no such kind"}', '{"kind": "round", "round": 1}',  # unknown; fields missing
+    ]  # fmt: skip
     (tmp_path / "results.jsonl").write_text("\n".join(lines))
     with pytest.warns(
-        CorruptRecordsWarning, match=r"skipped 4 unreadable line\(s\) \(line 2, 3, 5, 6\)"
+        CorruptRecordsWarning, match=r"skipped 6 unreadable line\(s\) \(line 2, 3, 5, 6, 7, 8\)"
     ):
         records = list(read_records(tmp_path))
-    assert records == [{"kind": "round", "round": 0}]
+    assert records == [ROUND]
 
 
 def test_a_clean_file_reads_without_a_warning(
     tmp_path: Path, recwarn: pytest.WarningsRecorder
 ) -> None:
-    (tmp_path / "results.jsonl").write_text('{"kind": "round"}\n')
-    assert list(read_records(tmp_path)) == [{"kind": "round"}]
+    (tmp_path / "results.jsonl").write_text(json.dumps(ROUND.to_dict()) + "\n")
+    assert list(read_records(tmp_path)) == [ROUND]
     assert not [w for w in recwarn if w.category is CorruptRecordsWarning]
 
 
-def write_run(path: Path, records: list[dict], tail: str = "") -> list[str]:
-    lines = [json.dumps(r) + "\n" for r in records]
+def write_run(path: Path, records: list[Record], tail: str = "") -> list[str]:
+    lines = [json.dumps(r.to_dict()) + "\n" for r in records]
     (path / "results.jsonl").write_text("".join(lines) + tail)
     return lines
 
 
-def point(index: int, status: str = "ok") -> dict:
-    return {"kind": "point", "point": index, "status": status}
+def point(index: int, status: str = "ok") -> PointRecord:
+    return point_record(index, {}, status=status)
 
 
 def test_rewind_keeps_finished_points_and_moves_the_rest_nothing_lost(tmp_path: Path) -> None:
     folder = RunFolder.create(
-        named("q").with_sweep({"federation.lr": [0.1, 0.2, 0.3]}), path=tmp_path / "r"
+        with_sweep(named("q"), {"federation.lr": [0.1, 0.2, 0.3]}), path=tmp_path / "r"
     )
     lines = write_run(
         folder.path,
         [
-            {"point": 0, "kind": "round", "round": 0},
+            ROUND,
             point(0),
-            {"point": 1, "kind": "startup"},
-            {"point": 1, "kind": "round", "round": 0},
-            {"kind": "interrupted", "point": 1, "signal": "SIGINT", "round": 0},
+            StartupRecord(1.5, point=1),
+            dataclasses.replace(ROUND, point=1),
+            InterruptedRecord(1, "SIGINT", 0),
         ],
         tail='{"point": 1, "ki',  # torn by a crash
     )
@@ -165,7 +178,7 @@ def test_rewind_keeps_finished_points_and_moves_the_rest_nothing_lost(tmp_path: 
     (folder.path / ".scenario.json.x.tmp").write_text("half")
     kept, first = folder.rewind(3)
     assert first == 1
-    assert kept == [{"point": 0, "kind": "round", "round": 0}, point(0)]
+    assert kept == [ROUND, point(0)]
     assert (folder.path / "results.jsonl").read_text() == "".join(lines[:2])
     moved = (folder.path / INTERRUPTED_FILE).read_text()
     assert moved == "".join(lines[2:]) + '{"point": 1, "ki\n'
@@ -175,7 +188,7 @@ def test_rewind_keeps_finished_points_and_moves_the_rest_nothing_lost(tmp_path: 
 
     # a second stop and rewind adds to interrupted.jsonl
     with (folder.path / "results.jsonl").open("a") as stream:
-        stream.write(json.dumps({"point": 1, "kind": "startup"}) + "\n")
+        stream.write(json.dumps(StartupRecord(1.5, point=1).to_dict()) + "\n")
     assert folder.rewind(3)[1] == 1
     assert (folder.path / INTERRUPTED_FILE).read_text().count("\n") == 5
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
-from simulator.core.models import ModelSpec, build_model
-from simulator.core.protocol import Observation, PublicMeta
+from simulator.core.models import build_model, model_spec
+from simulator.core.protocol import Observation, PublicMeta, Truth
 from simulator.core.records import Record
-from simulator.core.scenario import load
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID, RoundTraffic
-from simulator.federation.truth import Truth, TruthStore
+from simulator.federation.truth import TruthStore
 from simulator.run.privacy import PrivacyLedger
 from simulator.run.referee import Referee, RefereedRound
+from simulator.scenario import load
 
 
 def batch(n: int, seed: int = 0) -> torch.Tensor:
@@ -27,7 +28,7 @@ def referee(overrides: dict, store: TruthStore | None, records: list[Record], **
 
 
 def poisoned_observation(client: int = 0) -> Observation:
-    spec = ModelSpec("mlp", widths=(16,), activation="sigmoid")
+    spec = model_spec("mlp", widths=(16,), activation="sigmoid")
     weights = {k: v.detach() for k, v in build_model(spec, seed=0).named_parameters()}
     poisoned = {k: torch.full_like(v, float("nan")) for k, v in weights.items()}
     return Observation(1, client, spec, weights, poisoned, PublicMeta("fedsgd", 1, 0.1, 1, 1))
@@ -52,6 +53,7 @@ def test_a_crashing_attack_is_recorded_and_the_federation_goes_on() -> None:
     ]
 
 
+@pytest.mark.needs_data  # the referee loads the public test split
 def test_a_diverging_attack_is_recorded_as_failed_without_stopping_the_run(
     tmp_path: Path,
 ) -> None:

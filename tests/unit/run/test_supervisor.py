@@ -7,10 +7,10 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from simulator.core.records import PointRecord, Record
 from simulator.run import supervisor
 from simulator.run.processes import process_info
 from simulator.run.supervisor import Interrupted, Supervisor
@@ -24,7 +24,7 @@ def fake_worker(monkeypatch: pytest.MonkeyPatch) -> None:
 
 class Calls:
     def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
+        self.records: list[Record] = []
         self.progress: list[tuple[int, int]] = []
         self.interrupts: list[str] = []
         self.running: list[list[int]] = []
@@ -53,7 +53,7 @@ def planned(tmp_path: Path, plan: str) -> Path:
 def test_records_and_progress_arrive_in_order(tmp_path: Path) -> None:
     calls = Calls()
     calls.supervisor(planned(tmp_path, "ok")).run([0, 1])
-    assert [(r["kind"], r["point"]) for r in calls.records] == [
+    assert [(r.kind, r.point) for r in calls.records] == [
         ("round", 0), ("point", 0), ("round", 1), ("point", 1)
     ]  # fmt: skip
     assert calls.progress == [(0, 0), (1, 0)] and not calls.lost and not calls.interrupts
@@ -63,7 +63,7 @@ def test_a_dead_worker_costs_its_point_and_a_new_one_goes_on(tmp_path: Path) -> 
     calls = Calls()
     calls.supervisor(planned(tmp_path, "crash ok")).run([0, 1, 2])
     assert calls.lost == [(0, "exit status 3")]
-    assert [r["point"] for r in calls.records if r["kind"] == "point"] == [1, 2]
+    assert [r.point for r in calls.records if isinstance(r, PointRecord)] == [1, 2]
 
 
 def test_the_workers_exception_is_raised_here_with_its_traceback(tmp_path: Path) -> None:
@@ -79,7 +79,7 @@ def test_a_signal_records_the_stop_and_ends_every_process_of_the_run(tmp_path: P
     sleeper_file = tmp_path / "sleeper"
     stopped = 0.0
 
-    def on_record(record: dict[str, Any]) -> None:
+    def on_record(record: Record) -> None:
         calls.records.append(record)
         deadline = time.monotonic() + 30
         while not (sleeper_file.is_file() and sleeper_file.read_text()):
@@ -106,7 +106,7 @@ def test_lanes_run_their_points_at_the_same_time_each_in_order(tmp_path: Path) -
     # "together": each worker waits (bounded) until both have started, so the run can only
     # finish if the two lanes' workers ran at once.
     calls.supervisor(planned(tmp_path, "together together"), lanes=2).run([0, 1, 2, 3])
-    finished = [r["point"] for r in calls.records if r["kind"] == "point"]
+    finished = [r.point for r in calls.records if isinstance(r, PointRecord)]
     assert sorted(finished) == [0, 1, 2, 3]
     assert [p for p in finished if p % 2 == 0] == [0, 2]  # a lane keeps its points' order
     assert [p for p in finished if p % 2 == 1] == [1, 3]
@@ -119,5 +119,5 @@ def test_a_dead_worker_in_one_lane_costs_one_point_and_the_rest_finish(tmp_path:
     assert len(calls.lost) == 1 and calls.lost[0][1] == "exit status 3"
     lost = calls.lost[0][0]
     assert lost in (0, 1)  # the first point of whichever lane's worker drew "crash"
-    finished = sorted(r["point"] for r in calls.records if r["kind"] == "point")
+    finished = sorted(r.point for r in calls.records if isinstance(r, PointRecord))
     assert finished == sorted({0, 1, 2, 3} - {lost})

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from simulator.core.protocol import Reconstruction
-from simulator.federation.truth import Truth
+from simulator.core.protocol import Reconstruction, Truth
 from simulator.scoring.score import score, score_round
 
 
@@ -29,7 +30,7 @@ def test_missing_and_noisy_reconstructions_count_as_not_leaked() -> None:
     record = score(
         Reconstruction(1, 0, noisy, None), Truth(1, 0, truth, torch.zeros(4))
     ).record.to_dict()
-    assert record["recovered"] == 3 and record["batch_size"] == 4
+    assert record["recovered"] == 3 and record["true_images"] == 4
     assert record["fraction_leaked"] == 0.0 and record["label_accuracy"] is None
     assert 15 < record["median_psnr"] < 30
     loose = score(Reconstruction(1, 0, noisy, None), Truth(1, 0, truth, torch.zeros(4)), 20.0)
@@ -103,3 +104,37 @@ def test_class_samples_are_scored_in_both_windows() -> None:
     assert scores["images_leaked"] == scores["images_leaked_paper"] == 2
     assert scores["ssim_paper"][:2] == pytest.approx([1.0, 1.0]) and scores["ssim_paper"][2] < 0.4
     assert scores["noise_ssim_paper"] < 0.4 and 0.6 < scores["mean_ssim_paper"] < 0.8
+
+
+def test_the_trace_is_named_for_what_the_attack_minimised() -> None:
+    """A KKT trace holds its stationarity loss under its own key, and says so."""
+    truth = batch(2)
+    trace = [{"iteration": i, "kkt_stationarity": 1 / (i + 1), "seconds": 0.1} for i in (0, 5)]
+    recon = Reconstruction(1, 0, truth.clone(), None, trace, objective="kkt-stationarity")
+    record = score(recon, Truth(1, 0, truth, torch.zeros(2))).record
+    assert record.objective == "kkt-stationarity"
+    assert record.trace == [
+        {"iteration": 0, "kkt_stationarity": 1.0}, {"iteration": 5, "kkt_stationarity": 1 / 6},
+    ]  # fmt: skip
+    assert "gradient_distance" not in json.dumps(record.to_dict())
+    misnamed = [{"iteration": 0, "gradient_distance": 1.0, "seconds": 0.1}]
+    with pytest.raises(ValueError, match="kkt_stationarity"):
+        Reconstruction(1, 0, truth, None, misnamed, objective="kkt-stationarity")
+
+
+def test_a_stated_guarantee_is_reported_beside_the_exact_shares() -> None:
+    """predicted_share on the Reconstruction (the active attacks' bound) brings the shares
+    at 60 and 30 dB into the record; without one, none of the three is written."""
+    truth = batch(4)
+    images = truth.clone()
+    images[3] = 0.5
+    closed = [{"iteration": 0, "seconds": 0.1}]
+    bound = Reconstruction(1, 0, images, None, closed, objective="none", predicted_share=0.9)
+    record = score(bound, Truth(1, 0, truth, torch.zeros(4))).record
+    assert (record.recovered_60db, record.recovered_30db, record.predicted_share) == (
+        0.75, 0.75, 0.9,
+    )  # fmt: skip
+    assert record.trace == [{"iteration": 0}]  # a closed form minimised nothing
+    plain = score(Reconstruction(1, 0, images, None), Truth(1, 0, truth, torch.zeros(4)))
+    written = plain.record.to_dict()
+    assert not {"recovered_60db", "recovered_30db", "predicted_share"} & set(written)

@@ -10,14 +10,14 @@ import torch
 
 from attacks.active.base import ActiveAttack, Plan
 from simulator.core.config import FederationConfig
-from simulator.core.models import ModelSpec, SentModel, build_model
+from simulator.core.models import ModelSpec, SentModel, build_model, model_spec
 from simulator.core.protocol import Observation, PublicData, PublicMeta
 from simulator.data.datasets import load_split, to_tensor
 from simulator.data.shards import Shard
 from simulator.federation.training import batch_gradient, load_weights, local_train
 from simulator.scoring.metrics import match, psnr
 
-SPEC = ModelSpec("mlp", widths=(64,))
+SPEC = model_spec("mlp", widths=(64,))
 Weights = dict[str, torch.Tensor]
 
 

@@ -14,7 +14,7 @@ import torch
 from attacks.active.base import predicted_share, principal_directions, quantile_thresholds
 from attacks.active.decoding import chains_of
 from attacks.active.imprint import Imprint, ImprintParams, auto_directions
-from simulator.core.models import IMPRINT, ModelSpec, build_model
+from simulator.core.models import IMPRINT, build_model, model_spec
 from simulator.core.registry import ATTACKS
 from tests.unit.attacks.active.helpers import (
     LABELS,
@@ -71,7 +71,7 @@ def test_a_planted_batch_with_one_input_per_bin_is_recovered_exactly() -> None:
     (reconstruction,) = attack.run([obs])
     assert reconstruction.images.shape[0] == 24
     assert bool((psnrs(reconstruction.images, PRIVATE[index]) >= 60).all())
-    assert reconstruction.trace[-1]["predicted_share"] == pytest.approx(predicted_share(64, 24))
+    assert reconstruction.predicted_share == pytest.approx(predicted_share(64, 24))
 
 
 def test_inputs_sharing_a_bin_are_lost_with_one_direction_and_peeled_with_two() -> None:
@@ -161,7 +161,7 @@ def test_bad_attack_params_get_one_line_errors(
 
 
 def test_an_imprint_block_fits_any_model_in_front() -> None:
-    spec = ModelSpec("cnn", channels=(4,))
+    spec = model_spec("cnn", channels=(4,))
     attack = Imprint(ImprintParams(bins=32, directions=1))
     offer = armed(attack).manipulate(plan(spec=spec, samples=4))[0]
     assert "model.0.weight" not in offer.weights and "0.weight" in offer.weights

@@ -14,7 +14,7 @@ import torch
 from attacks.active.separation import ClientSeparation, SeparationParams
 from attacks.active.trap_weights import TrapWeights, TrapWeightsParams, first_layer
 from benchmarks.bench_active import secagg_view
-from simulator.core.models import ModelSpec
+from simulator.core.models import model_spec
 from simulator.core.protocol import Observation, PublicMeta
 from tests.unit.attacks.active.helpers import LABELS, PRIVATE, armed, fedsgd, plan, psnrs
 
@@ -42,7 +42,7 @@ def test_trap_weights_recover_most_of_a_batch_of_32_with_labels() -> None:
 
 def test_trap_weights_refuse_a_model_without_a_dense_first_layer() -> None:
     with pytest.raises(ValueError, match="fully connected") as error:
-        armed(TrapWeights()).manipulate(plan(spec=ModelSpec("cnn", channels=(4,))))
+        armed(TrapWeights()).manipulate(plan(spec=model_spec("cnn", channels=(4,))))
     assert "\n" not in str(error.value)
     assert first_layer(plan().spec).weight == "1.weight"
 

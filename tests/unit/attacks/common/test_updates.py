@@ -15,10 +15,10 @@ from attacks.common.updates import (
     weight_change,
 )
 from defenses.dp_sgd import dp_sgd_schedule
-from simulator.core.models import ModelSpec
+from simulator.core.models import model_spec
 from simulator.core.protocol import Observation, PublicMeta, local_steps
 
-SPEC = ModelSpec("mlp", widths=(8,))
+SPEC = model_spec("mlp", widths=(8,))
 
 
 def observation(protocol: str, examples: int = 10, batch: int = 4, epochs: int = 3) -> Observation:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import attacks.kkt.attack  # noqa: F401  (registers "kkt")
 from attacks.first_layer.subspace import first_layer_subspace, fit_decay, select_candidates
-from simulator.core.models import ModelSpec, build_model
+from simulator.core.models import ModelSpec, build_model, model_spec
 from simulator.core.protocol import Observation, PublicMeta
 from simulator.core.registry import ATTACKS
 from simulator.federation.training import batch_gradient
@@ -63,7 +63,7 @@ def test_select_candidates_drops_duplicates_and_mixtures_first() -> None:
 def test_subspace_init_recovers_a_fedavg_clients_digits() -> None:
     """A real client: 16 digits, 5 local epochs of mini-batch SGD (batch 4), weight decay."""
     images, labels = mnist_odd_even(per_class=8, seed=2)
-    spec = ModelSpec(kind="mlp", widths=(64,), activation="relu")
+    spec = model_spec(kind="mlp", widths=(64,), activation="relu")
     obs = fedavg_client_update(images, labels, spec, 5, 4, 0.05, weight_decay=1e-3)
     attack = ATTACKS.create("kkt", {"init": "subspace", "iterations": 0, "subspace_starts": 1000})
     rec = attack.run([obs])[0]
@@ -76,7 +76,7 @@ def test_subspace_init_recovers_a_fedavg_clients_digits() -> None:
 def test_subspace_attack_recovers_a_fedsgd_batch_of_32() -> None:
     """A FedSGD batch of 32 through the real client gradient: batch size is no defense here."""
     images, labels = mnist_odd_even(per_class=16, seed=3)
-    spec = ModelSpec(kind="mlp", widths=(256,), activation="sigmoid")
+    spec = model_spec(kind="mlp", widths=(256,), activation="sigmoid")
     model = build_model(spec, seed=0)
     gradient = batch_gradient(model, spec, images, labels)
     obs = Observation(

@@ -12,14 +12,14 @@ import attacks.inversion.attack  # noqa: F401  (registers "inversion")
 from attacks.inversion.attack import Inversion, InversionParams, classifier_confidence
 from attacks.inversion.generator import ConditionalGenerator, soft_labels
 from attacks.inversion.losses import LOSSES, FrozenClassifier, LossContext, margins
-from simulator.core.models import ModelSpec, build_model
+from simulator.core.models import ModelSpec, build_model, model_spec
 from simulator.core.protocol import Observation, PublicMeta, Reconstruction
 from simulator.core.registry import ATTACKS, INVERSION_LOSSES
 from simulator.data.datasets import load_split, to_tensor
 from simulator.scoring.inversion import class_diversity, random_noise_baseline, score_inversion
 from simulator.scoring.metrics import psnr, ssim
 
-SPEC = ModelSpec(kind="mlp", widths=(100,))
+SPEC = model_spec(kind="mlp", widths=(100,))
 TRAIN = 3000
 # A small budget that still lifts the confidence far above chance (measured: ~0.9 mean).
 FAST = {"steps": 150, "batch_size": 40, "samples_per_class": 4, "log_every": 50}
@@ -140,7 +140,12 @@ def test_every_loss_has_a_description_with_a_formula_and_a_weight_field() -> Non
 def test_every_loss_is_finite_and_differentiable_for_every_architecture(kind: str) -> None:
     images = torch.rand(4, 1, 28, 28, requires_grad=True)
     labels = torch.tensor([0, 0, 1, 1])  # same-class pairs, or diversity has nothing to score
-    ctx = _context(ModelSpec(kind=kind, widths=(16,), channels=(4, 4)), images, labels)
+    specs = {
+        "mlp": model_spec("mlp", widths=(16,)),
+        "lenet": ModelSpec("lenet"),
+        "cnn": model_spec("cnn", channels=(4, 4)),
+    }
+    ctx = _context(specs[kind], images, labels)
     assert ctx.features.shape[0] == 4 and ctx.features.dim() == 2
     for term, entry in ((t, INVERSION_LOSSES.entry(t).value) for t in LOSSES):
         value = entry.fn(ctx)
@@ -168,7 +173,7 @@ def test_loss_terms_take_their_documented_values() -> None:
 
 
 def test_kkt_term_matches_a_per_sample_reference() -> None:
-    spec = ModelSpec(kind="mlp", widths=(6,), input_shape=(1, 4, 4), num_classes=3)
+    spec = model_spec(kind="mlp", widths=(6,), input_shape=(1, 4, 4), num_classes=3)
     images, labels = torch.rand(5, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1])
     ctx = _context(spec, images, labels)
     ctx.coefficients = torch.softmax(torch.randn(5), 0)
@@ -238,9 +243,9 @@ def test_attack_makes_the_classifier_confident(
         float(confidence.mean()), abs=1e-5
     )
     assert last["confidence_min"] == pytest.approx(float(confidence.min()), abs=1e-5)
-    assert result.distance == pytest.approx(last["gradient_distance"])
+    assert result.objective_value == pytest.approx(last["generator_loss"])
     for record in result.trace:
-        assert {"iteration", "gradient_distance", "seconds", "confidence"} <= set(record)
+        assert {"iteration", "generator_loss", "seconds", "confidence"} <= set(record)
         assert {f"loss_{t}" for t in LOSSES} <= set(record)
     assert "confidence mean" in result.notes
 
@@ -266,7 +271,7 @@ def test_each_term_can_be_switched_off(
     assert all(f"loss_{term}" not in record for record in rec.trace)
     others = set(LOSSES) - {term}
     assert all({f"loss_{t}" for t in others} <= set(record) for record in rec.trace)
-    assert math.isfinite(rec.distance) and rec.images.shape == (10, 1, 28, 28)
+    assert math.isfinite(rec.objective_value) and rec.images.shape == (10, 1, 28, 28)
     assert rec.matching == "training"
 
 

@@ -17,9 +17,9 @@ from attacks.kkt.attack import (
     kkt_losses,
     mlp_layers,
 )
-from simulator.core.models import ModelSpec, build_model, is_binary
+from simulator.core.models import HomogeneousMlpParams, ModelSpec, build_model, is_binary
+from simulator.core.protocol import Truth
 from simulator.core.registry import ATTACKS
-from simulator.federation.truth import Truth
 from simulator.scoring.metrics import nearest_candidates, ssim
 from simulator.scoring.score import score
 from tests.fixtures.trained_model import (
@@ -41,10 +41,11 @@ def test_homogeneous_mlp_has_bias_on_first_layer_only_and_scaled_init() -> None:
     model = build_model(spec, seed=0)
     names = [n for n, _ in model.named_parameters()]
     assert names == ["2.weight", "2.bias", "4.weight", "6.weight"]  # 0: Centre, 1: Flatten
-    reference = build_model(dataclasses.replace(spec, init_scale=1.0), seed=0)
+    unscaled = dataclasses.replace(spec.params, init_scale=1.0)
+    reference = build_model(dataclasses.replace(spec, params=unscaled), seed=0)
     assert torch.allclose(model[4].weight, reference[4].weight * 1e-2)
     assert is_binary(spec) and model(torch.zeros(2, 1, 28, 28)).shape == (2, 1)
-    assert ModelSpec().init_scale == 1.0 and not is_binary(ModelSpec())
+    assert HomogeneousMlpParams().init_scale == 1.0 and not is_binary(ModelSpec())
 
 
 def _small_problem(
@@ -241,5 +242,5 @@ def test_a_model_far_from_a_kkt_point_is_reported() -> None:
     untrained = train_victim(spec, images, labels, TrainConfig(steps=0))
     obs = untrained.observation(8, TrainConfig(steps=0))
     rec = KKT(KKTParams(iterations=200, log_every=100)).run([obs])[0]
-    assert rec.distance > KKTParams().stationarity_tolerance
-    assert "far from a KKT point" in rec.notes and f"{rec.distance:.3g}" in rec.notes
+    assert rec.objective_value > KKTParams().stationarity_tolerance
+    assert "far from a KKT point" in rec.notes and f"{rec.objective_value:.3g}" in rec.notes

@@ -56,8 +56,10 @@ def test_batched_runs_equal_separate_runs(classes: int, mode: str, optimizer: st
         assert torch.allclose(got, single.images, atol=1e-4), (r, (got - single.images).abs().max())
         assert single.labels is not None and batched.labels is not None
         assert torch.equal(batched.labels[r * count : (r + 1) * count], single.labels)
-        assert f"residual {single.distance:.3g}" in batched.notes
-    assert batched.distance == pytest.approx(min(s.distance for s in singles), rel=1e-4)
+        assert f"residual {single.objective_value:.3g}" in batched.notes
+    assert batched.objective_value == pytest.approx(
+        min(s.objective_value for s in singles), rel=1e-4
+    )
     # The trace follows the run of lowest loss: its values are that run's own.
     for row in batched.trace:
         own = singles[int(row["run"])].trace[int(row["iteration"]) // 10]
@@ -145,7 +147,7 @@ def test_first_layer_only_combination_is_the_first_block() -> None:
         for a, b in zip(alone, full, strict=True):
             assert torch.allclose(a, b[r], atol=1e-5)
     rec = KKT(KKTParams(iterations=5, fit="first")).run([obs])[0]
-    assert math.isfinite(rec.distance)
+    assert math.isfinite(rec.objective_value)
 
 
 def test_agreement_selection_pools_the_runs() -> None:

@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 
 from attacks.labels.recovery import _public_fractions, recover_labels
 from attacks.server import MaliciousServer
-from simulator.core.models import ModelSpec, build_model, task_loss
+from simulator.core.models import build_model, model_spec, task_loss
 from simulator.core.protocol import Observation, PublicData, PublicMeta
 from simulator.core.registry import ATTACKS
 from simulator.data.datasets import load_split, to_tensor
 from simulator.scoring.metrics import label_counts_right
 
-MLP = ModelSpec("mlp", widths=(256,), activation="relu")
+MLP = model_spec("mlp", widths=(256,), activation="relu")
 
 
 def _split(name: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:

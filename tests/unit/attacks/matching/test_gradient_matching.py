@@ -16,14 +16,14 @@ import torch
 from attacks.base import Attack, register_attack
 from attacks.labels.recovery import label_candidates, recover_labels
 from attacks.optim.lbfgs import History
-from simulator.core.models import ModelSpec, build_model, task_loss
+from simulator.core.models import ModelSpec, build_model, model_spec, task_loss
 from simulator.core.protocol import Observation, PublicMeta, Reconstruction
 from simulator.core.registry import ATTACKS
 from simulator.data.datasets import load_split, to_tensor
 from simulator.scoring.metrics import leak_summary, psnr
 
-SIGMOID_MLP = ModelSpec("mlp", widths=(32,), activation="sigmoid")
-RELU_MLP = ModelSpec("mlp", widths=(256,), activation="relu")
+SIGMOID_MLP = model_spec("mlp", widths=(32,), activation="sigmoid")
+RELU_MLP = model_spec("mlp", widths=(256,), activation="relu")
 
 
 def _digits(count: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,9 +146,9 @@ def test_register_attack_requires_a_frozen_params_dataclass() -> None:
     "spec",
     [
         RELU_MLP,
-        ModelSpec("mlp", widths=(32,), activation="relu", bias=False),
+        model_spec("mlp", widths=(32,), activation="relu", bias=False),
         ModelSpec("lenet"),
-        ModelSpec("cnn", channels=(4, 8), activation="tanh"),
+        model_spec("cnn", channels=(4, 8), activation="tanh"),
     ],
 )
 def test_idlg_label_rule_is_exact_at_batch_size_one(spec: ModelSpec) -> None:
@@ -180,10 +180,10 @@ def test_binary_model_reveals_the_parity_multiset() -> None:
 
 
 def test_label_recovery_says_why_it_cannot() -> None:
-    binary, _, _ = _fedsgd(ModelSpec("binary-fc", bias=False), 0, 2)
+    binary, _, _ = _fedsgd(model_spec("binary-fc", bias=False), 0, 2)
     result = recover_labels(binary)
     assert result.labels is None and "without a bias" in result.reason
-    tanh = ModelSpec("mlp", widths=(16,), activation="tanh", bias=False)
+    tanh = model_spec("mlp", widths=(16,), activation="tanh", bias=False)
     result = recover_labels(_fedsgd(tanh, 0, 4)[0])
     assert result.labels is None and "tanh" in result.reason
 
@@ -224,7 +224,7 @@ def test_analytic_reads_a_fedavg_update_too() -> None:
 def test_analytic_refuses_models_without_a_dense_first_layer_with_bias() -> None:
     with pytest.raises(ValueError, match="convolution"):
         ATTACKS.create("analytic").run([_fedsgd(ModelSpec("lenet"), 0, 1)[0]])
-    no_bias = ModelSpec("mlp", widths=(16,), bias=False)
+    no_bias = model_spec("mlp", widths=(16,), bias=False)
     with pytest.raises(ValueError, match="no bias"):
         ATTACKS.create("analytic").run([_fedsgd(no_bias, 0, 1)[0]])
 
@@ -237,7 +237,7 @@ def test_dlg_reconstructs_a_digit_and_its_label() -> None:
     (result,) = ATTACKS.create("dlg", {"iterations": 100}).run([obs])
     assert float(_psnr(result, images)[0]) > 30
     assert torch.equal(result.labels, labels)
-    assert result.trace[0]["gradient_distance"] > 1e3 * result.distance
+    assert result.trace[0]["gradient_distance"] > 1e3 * result.objective_value
     assert {"iteration", "gradient_distance", "seconds"} <= set(result.trace[-1])
 
 
@@ -249,7 +249,7 @@ def test_idlg_recovers_the_label_first_then_the_image() -> None:
 
 
 def test_inverting_gradients_climbs_far_above_its_random_start() -> None:
-    spec = ModelSpec("cnn", channels=(4, 8), activation="relu")
+    spec = model_spec("cnn", channels=(4, 8), activation="relu")
     obs, images, _ = _fedsgd(spec, 2, 1)
     (result,) = ATTACKS.create("inverting-gradients", {"iterations": 150, "snapshots": 3}).run(
         [obs]
@@ -267,7 +267,7 @@ def test_fedavg_replay_matches_the_weights_and_beats_random_init() -> None:
     params = {"iterations": 150, "snapshots": 2, "init": "uniform"}
     (result,) = ATTACKS.create("idlg", params).run([obs])
     # Not 0: which labels shared a mini-batch is unknown (restarts try arrangements).
-    assert result.distance < 0.02 * result.trace[0]["gradient_distance"]
+    assert result.objective_value < 0.02 * result.trace[0]["gradient_distance"]
     start = leak_summary(result.snapshots[0][1], images).psnr
     final = _psnr(result, images)
     assert (final > 25).all() and (final > start + 15).all()
@@ -297,7 +297,7 @@ def test_more_restarts_never_end_worse() -> None:
     one = ATTACKS.create("dlg", {"iterations": 15, "restarts": 1}).run([obs])[0]
     three = ATTACKS.create("dlg", {"iterations": 15, "restarts": 3}).run([obs])[0]
     # Restart 0 is the single run's start; the batch may only round differently.
-    assert three.distance <= one.distance * (1 + 1e-3)
+    assert three.objective_value <= one.objective_value * (1 + 1e-3)
 
 
 def test_run_returns_one_reconstruction_per_observation_in_order() -> None:
@@ -315,7 +315,7 @@ def test_run_returns_one_reconstruction_per_observation_in_order() -> None:
         assert float(result.images.min()) >= 0 and float(result.images.max()) <= 1
         assert [it for it, _ in result.snapshots] == sorted(it for it, _ in result.snapshots)
         assert {it for it, _ in result.snapshots} <= {t["iteration"] for t in result.trace}
-        assert math.isfinite(result.distance) and result.round == 1
+        assert math.isfinite(result.objective_value) and result.round == 1
 
 
 def test_label_candidates_start_with_the_recovered_multiset_then_single_moves() -> None:

@@ -1,13 +1,13 @@
 """Scenario files: finding and reading them, command-line overrides, sweep points.
 
-The schema and its validation live in :mod:`simulator.core.config`; this module turns a name
-or a path (plus ``key=value`` overrides and plugin files) into a validated
-:class:`~simulator.core.config.Scenario`, and a scenario's sweep into its points.
+The schema lives in :mod:`simulator.core.config` and the validation in
+:mod:`simulator.scenario.validation`; this module turns a name or a path (plus ``key=value``
+overrides and plugin files) into a validated :class:`~simulator.core.config.Scenario`, and a
+scenario's sweep into its points.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,27 +16,10 @@ from typing import Any
 
 import tomllib
 
-from simulator.core.config import (
-    DEFAULT_SCENARIO,
-    Scenario,
-    ScenarioError,
-    check_model_keys,
-    from_dict,
-)
+from simulator.core.config import DEFAULT_SCENARIO, Scenario, ScenarioError
+from simulator.scenario.validation import from_dict, point_scenario, with_overrides
 
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios"
-
-__all__ = [
-    "DEFAULT_SCENARIO",
-    "SCENARIO_DIR",
-    "Point",
-    "Scenario",
-    "ScenarioError",
-    "expand",
-    "load",
-    "parse_override",
-    "resolve_path",
-]
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -99,18 +82,11 @@ def load(
     pairs = (
         dict(overrides) if isinstance(overrides, Mapping) else dict(map(parse_override, overrides))
     )
-    model = raw.get("model", {})
-    in_file = set(model) if isinstance(model, dict) else set()
-    overridden = {k.split(".", 1)[1] for k in pairs if k.startswith("model.")}
     try:
-        scenario = from_dict(raw)
         # The file's keys against the file's kinds: an override of model.kind alone does not
-        # make the file's keys for its own kind an error.
-        check_model_keys(in_file, scenario)
-        if pairs:
-            scenario = scenario.with_overrides(pairs)
-            check_model_keys(overridden, scenario)
-        return scenario
+        # make the file's keys for its own kind an error (with_overrides drops them).
+        scenario = from_dict(raw)
+        return with_overrides(scenario, pairs) if pairs else scenario
     except ScenarioError as error:
         raise ScenarioError(f"{path.name}: {error}") from None
 
@@ -127,13 +103,12 @@ class Point:
 def expand(scenario: Scenario) -> list[Point]:
     """The grid of a scenario's sweep (a single point when it has none)."""
     keys = list(scenario.sweep)
-    base = dataclasses.replace(scenario, sweep={})
     grid = itertools.product(*(scenario.sweep[k] for k in keys))
     return [
         Point(
             i,
             dict(zip(keys, combo, strict=True)),
-            base.with_overrides(dict(zip(keys, combo, strict=True))),
+            point_scenario(scenario, dict(zip(keys, combo, strict=True))),
         )
         for i, combo in enumerate(grid)
     ]
