@@ -21,6 +21,8 @@ import pytest
 
 import simulator.run.builtins  # noqa: F401  (registers every built-in plugin)
 from simulator.data.datasets import DataNotFoundError, candidate_dirs
+from simulator.report.summary import write_report
+from tests.unit.report.synthetic_run import build_run
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 INTEGRATION = Path(__file__).resolve().parent / "integration"
@@ -40,6 +42,15 @@ def shared_data_dir() -> Path:
     if not (SHARED_DATA / "mnist").is_dir():
         pytest.skip(NO_DATA)
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def reported_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic defense sweep (failures, hostile error messages) with its report written
+    once for every test that only reads it: drawing its figures takes seconds."""
+    run_dir = build_run(tmp_path_factory.mktemp("reported-sweep"))
+    write_report(run_dir)
+    return run_dir
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -2,14 +2,14 @@
 
 The worker (``python -m simulator.run.worker``, in a session of its own, so that a terminal's
 Ctrl-C reaches only this process) runs the points and sends each record, progress tick and
-error here as one JSON line on a pipe. This process is the only writer of results.jsonl: it
-hands each record (typed again, :func:`simulator.core.records.read`) to ``on_record`` as it
-arrives. On SIGINT or SIGTERM it stops reading (so nothing the dying federation says, such
-as clients that stopped answering, is recorded), calls ``on_interrupt`` and ends every
-process of the run: the worker at once (SIGKILL: it is the Ray driver and nothing of it is
-kept), then Ray's processes (SIGTERM, then SIGKILL after a short grace), orphans included
-(:mod:`simulator.run.processes`); then raises :class:`Interrupted`. It ends the same
-processes whenever it returns or raises.
+error here as one JSON line on a pipe (:mod:`simulator.run.channel`). This process is the only
+writer of results.jsonl: it hands each record (typed again,
+:func:`simulator.core.records.read`) to ``on_record`` as it arrives. On SIGINT or SIGTERM it
+stops reading (so nothing the dying federation says, such as clients that stopped answering, is
+recorded), calls ``on_interrupt`` and ends every process of the run: the worker at once
+(SIGKILL: it is the Ray driver and nothing of it is kept), then Ray's processes (SIGTERM, then
+SIGKILL after a short grace), orphans included (:mod:`simulator.run.processes`); then raises
+:class:`Interrupted`. It ends the same processes whenever it returns or raises.
 
 A worker that dies mid-point costs that point only: ``on_lost`` records it and a new worker
 takes the points after it.
@@ -30,7 +30,6 @@ import select
 import signal
 import subprocess
 import sys
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,33 +56,6 @@ class Interrupted(Exception):
 
 class WorkerError(RuntimeError):
     """The worker failed in a way that cannot be carried back as the original exception."""
-
-
-class Channel:
-    """The worker's end of the pipe: one JSON object per line, ``{kind: payload}``."""
-
-    def __init__(self, fd: int) -> None:
-        self.stream = os.fdopen(fd, "w", buffering=1)
-
-    def send(self, kind: str, payload: Any) -> None:
-        self.stream.write(json.dumps({kind: payload}) + "\n")
-
-    def record(self, record: Record) -> None:
-        self.send("record", record.to_dict())
-
-    def progress(self, point: int, server_round: int) -> None:
-        self.send("progress", [point, server_round])
-
-    def error(self, error: BaseException) -> None:
-        try:
-            pickled = base64.b64encode(pickle.dumps(error)).decode()
-        except Exception:  # an exception that cannot be pickled travels as text
-            pickled = None
-        text = "".join(traceback.format_exception(error))
-        self.send(
-            "error",
-            {"type": type(error).__name__, "message": str(error), "pickle": pickled, "trace": text},
-        )
 
 
 def rebuilt(payload: Mapping[str, Any]) -> BaseException:

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import simulator.run.builtins  # noqa: F401  (registers every built-in plugin)
+from simulator.run.channel import Channel
 from simulator.run.engine import run_points
 from simulator.run.folder import RunFolder
 from simulator.run.processes import end_with_parent, set_subreaper
-from simulator.run.supervisor import Channel
 from simulator.scenario import expand
 
 

@@ -32,14 +32,16 @@ from simulator.run.cluster import RAY_ADDRESS_ENV
 from tests.integration.conftest import ROOT, leaksim
 
 # Small and quick: 3 clients, a 16-unit MLP, 200 test images, two rounds, two sweep points.
-# The timeout is long on purpose: stopping must not wait for it.
+# The timeout is long on purpose: stopping must not wait for it. The numpy partitioner
+# ("label-skew"): Flower's would import flwr-datasets in every process that cuts shards (the
+# command's preflight, each client actor), seconds per run that have nothing to do with stopping.
 SCENARIO = """\
 name = "interrupt"
 seed = 0
 
 [data]
 dataset = "mnist"
-partition = "iid"
+partition = "label-skew"
 test_examples = 200
 examples_per_client = 200
 

@@ -19,8 +19,6 @@ import numpy as np
 import pytest
 
 from simulator.report.html import HTML_FILE
-from simulator.report.summary import write_report
-from tests.unit.report.synthetic_run import build_run
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 BROWSER = next((path for name in BROWSERS if (path := shutil.which(name))), None)
@@ -70,10 +68,8 @@ def decoded_in_browser(page: str, tmp_path: Path, name: str) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = build_run(tmp_path_factory.mktemp("html"))
-    write_report(run_dir)
-    return run_dir / HTML_FILE
+def report(reported_sweep: Path) -> Path:
+    return reported_sweep / HTML_FILE
 
 
 def test_every_embedded_figure_is_a_png(report: Path) -> None:

@@ -21,11 +21,9 @@ DATA_URI = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def sweep(reported_sweep: Path) -> tuple[Path, str]:
     """A defense sweep with failures and hostile error messages, reported once."""
-    run_dir = build_run(tmp_path_factory.mktemp("sweep"))
-    write_report(run_dir)
-    return run_dir, (run_dir / HTML_FILE).read_text()
+    return reported_sweep, (reported_sweep / HTML_FILE).read_text()
 
 
 def test_every_section_is_present_in_order_and_linked(sweep: tuple[Path, str]) -> None:

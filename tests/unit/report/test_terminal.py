@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from simulator import cli
+from simulator.report import summary
 from simulator.report.tables import terminal_tables
 from simulator.run.folder import read_records
 from tests.unit.report.synthetic_run import build_run, point_record
@@ -16,6 +17,14 @@ from tests.unit.report.synthetic_run import build_run, point_record
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_run(tmp_path_factory.mktemp("terminal"))
+
+
+@pytest.fixture(autouse=True)
+def no_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What is tested here is what the command prints: the figures (seconds of drawing for
+    every call) are left out of the pages it writes; test_html.py and test_figures.py test
+    them."""
+    monkeypatch.setattr(summary, "write_figures", lambda _run_dir, _records: [])
 
 
 def test_report_tables_fit_80_columns_without_cutting_a_cell(run_dir: Path) -> None:

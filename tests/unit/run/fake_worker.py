@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from simulator.core.records import PointRecord, RoundRecord
-from simulator.run.supervisor import Channel
+from simulator.run.channel import Channel
 
 # Ignores SIGTERM, then says so by writing its PID to the file named by its argument.
 SLEEPER = (
