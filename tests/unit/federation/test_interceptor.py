@@ -30,7 +30,8 @@ from simulator.federation.interceptor import Interceptor, Manipulate
 from simulator.federation.messages import from_record, to_record
 from simulator.federation.strategies import make_strategy
 from simulator.federation.traffic import AllClientsFailed, RoundTraffic
-from simulator.scenario import load, with_overrides
+from simulator.scenario import with_overrides
+from tests.unit.federation.helpers import small_scenario
 
 Weights = dict[str, torch.Tensor]
 
@@ -62,18 +63,7 @@ class NodesOnly:
 
 
 def scenario(protocol: str = "fedsgd") -> Scenario:
-    return load(
-        "quickstart",
-        {
-            "federation.protocol": protocol,
-            "federation.clients": 4,
-            "federation.fraction": 1.0,
-            "federation.batch_size": 2,
-            "federation.lr": 0.5,
-            "federation.timeout_s": 30.0,
-            "model.widths": [4],
-        },
-    )
+    return small_scenario(protocol)
 
 
 def update_of(client: int, like: Mapping[str, torch.Tensor], seed: int = 0) -> Weights:

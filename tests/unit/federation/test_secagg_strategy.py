@@ -24,7 +24,7 @@ from simulator.core.protocol import NUM_EXAMPLES_KEY, ROUND_KEY, SCENARIO_KEY
 from simulator.federation.interceptor import Manipulate
 from simulator.federation.secagg import SecAggHalted, SecAggStrategy
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID, AllClientsFailed, RoundTraffic
-from simulator.scenario import load
+from tests.unit.federation.helpers import small_scenario
 
 Weights = dict[str, torch.Tensor]
 
@@ -49,19 +49,7 @@ class Manager:
 
 
 def scenario(protocol: str = "fedsgd", **secagg: object) -> Scenario:
-    return load(
-        "quickstart",
-        {
-            "federation.protocol": protocol,
-            "federation.clients": 4,
-            "federation.fraction": 1.0,
-            "federation.batch_size": 2,
-            "federation.lr": 0.5,
-            "federation.timeout_s": 30.0,
-            "model.widths": [4],
-            "defenses": [{"name": "secure-aggregation", **secagg}],
-        },
-    )
+    return small_scenario(protocol, [{"name": "secure-aggregation", **secagg}])
 
 
 def parameters(weights: Mapping[str, torch.Tensor]) -> Parameters:
