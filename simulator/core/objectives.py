@@ -6,7 +6,7 @@ name an objective without it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 # The distance of the images' gradients to the observed update; the KKT stationarity loss of
 # trained weights; a generator's (network inversion's) total loss; the energy of the update
@@ -14,13 +14,7 @@ from typing import Literal
 Objective = Literal[
     "gradient-distance", "kkt-stationarity", "generator-loss", "span-residual", "none"
 ]
-OBJECTIVES: tuple[str, ...] = (
-    "gradient-distance",
-    "kkt-stationarity",
-    "generator-loss",
-    "span-residual",
-    "none",
-)
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 
 def objective_key(objective: str) -> str:
