@@ -40,6 +40,11 @@ from simulator.core.registry import MODELS, PARTITIONERS, Registry
 DEFAULT_SCENARIO = "quickstart"
 
 
+# How local training sizes its steps: "constant" (``lr`` throughout), or "loss-scaled" (Lyu
+# and Li's eta_t = alpha_t / L(theta_t), full batch, alpha_t <= lr: simulator.federation.training).
+LrSchedule = Literal["constant", "loss-scaled"]
+
+
 class ScenarioError(InputError):
     """A scenario file or override is invalid; the message says which key and why."""
 
@@ -81,6 +86,7 @@ class FederationConfig:
     local_epochs: int = param(1, low=1)
     lr: float = param(0.1, low=0.0, low_open=True)
     weight_decay: float = param(0.0, low=0.0)
+    lr_schedule: LrSchedule = "constant"
     timeout_s: float = param(600.0, low=0.0, low_open=True)
     cpus_per_client: float = param(1.0, low=0.0, low_open=True)
     # Where clients train (simulator.core.devices); on a GPU each client's Ray actor asks for

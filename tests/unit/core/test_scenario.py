@@ -83,6 +83,30 @@ def test_every_shipped_scenario_loads() -> None:
         ("[[defenses]]\nname = 'blur'", "defenses[0]: unknown defense 'blur'"),
         ("defenses = [{ std = 0.1 }]", "defenses[0] must be a table with a name"),
         ("[federation\n", "not valid TOML"),
+        (
+            "[federation]\nlr_schedule = 'cosine'",
+            "federation.lr_schedule = 'cosine' is not allowed; choose one of 'constant', "
+            "'loss-scaled'",
+        ),
+        (
+            "[federation]\nlr_schedule = 'loss-scaled'",
+            "federation.lr_schedule = 'loss-scaled' needs federation.protocol 'fedavg'",
+        ),
+        (
+            "[federation]\nprotocol = 'fedavg'\nlr_schedule = 'loss-scaled'\nweight_decay = 0.03",
+            "needs federation.weight_decay = 0, got 0.03",
+        ),
+        (
+            "[data]\nexamples_per_client = 100\n"
+            "[federation]\nprotocol = 'fedavg'\nlr_schedule = 'loss-scaled'\nbatch_size = 50",
+            "federation.batch_size = 50 must cover the client's 100 examples",
+        ),
+        (
+            "[data]\nexamples_per_client = 100\n"
+            "[federation]\nprotocol = 'fedavg'\nlr_schedule = 'loss-scaled'\nbatch_size = 100\n"
+            "[[defenses]]\nname = 'dp-sgd'",
+            "is not supported with the dp-sgd defense",
+        ),
     ],
 )
 def test_bad_files_get_errors_that_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -90,6 +114,14 @@ def test_bad_files_get_errors_that_name_the_key(tmp_path: Path, text: str, expec
         load(write(tmp_path, text))
     assert expected in str(info.value)
     assert str(info.value).startswith("s.toml")
+
+
+def test_the_loss_scaled_schedule_is_a_key_like_any_other() -> None:
+    paper = load("kkt-mnist-odd-even-paper")
+    assert paper.federation.lr_schedule == "constant"  # the default: plain steps
+    scaled = load("kkt-mnist-odd-even-paper", {"federation.lr_schedule": "loss-scaled"})
+    assert scaled.federation.lr_schedule == "loss-scaled"
+    assert Scenario.from_json(scaled.to_json()) == scaled
 
 
 def test_missing_scenario_lists_shipped_ones() -> None:
