@@ -35,13 +35,14 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from benchmarks.bench_kkt_regimes import odd_even_test
 from benchmarks.kkt_residual import truth_residual
-from simulator.core.models import build_model, task_loss
+from simulator.core.models import ModelSpec, build_model, task_loss
 from simulator.core.protocol import Observation, PublicMeta
 from simulator.data.shards import Shard
 from simulator.federation.training import LossScaled, local_train, loss_scaled_train
@@ -56,6 +57,7 @@ LR = 0.01  # the paper's
 WEIGHT_DECAY = 0.03
 ALPHA = 0.01  # loss-scaled: alpha_0 and its bound (federation.lr)
 SCHEDULES = ("plain", "loss-scaled", "weight-decay")
+Record = dict[str, Any]  # one schedule's curve and fits, as the JSON holds it
 
 
 def checkpoints(limit: int = 10_000_000, per_decade: int = 8) -> list[int]:
@@ -87,7 +89,10 @@ def fit_extrapolation(points: list[dict[str, float]], clock: str = "seconds") ->
     y = np.log([max(p["residual_all"], 1e-12) for p in tail])
     slope, intercept = np.polyfit(x, y, 1)
     reached = next((p[clock] for p in points if p["residual_all"] <= TARGET), None)
-    estimate = math.exp((math.log(TARGET) - intercept) / slope) if slope < 0 else None
+    # log10 of the time the line puts at TARGET (None when the residual is not falling); the
+    # time itself only where it is finite in a float.
+    log10 = (math.log(TARGET) - intercept) / slope / math.log(10) if slope < 0 else None
+    estimate = 10**log10 if log10 is not None and log10 < 12 else None
     return {
         "method": (
             f"least-squares line log(residual_all) = a + b log({clock}) over the {len(tail)} "
@@ -95,6 +100,7 @@ def fit_extrapolation(points: list[dict[str, float]], clock: str = "seconds") ->
         ),
         "slope": round(float(slope), 4),
         "intercept": round(float(intercept), 4),
+        "log10_seconds_to_target": None if log10 is None else round(log10, 2),
         "seconds_to_target": None if estimate is None else round(estimate, 1),
         "hours_to_target": None if estimate is None else round(estimate / 3600, 2),
         "reached_target_at_seconds": reached,
@@ -103,7 +109,7 @@ def fit_extrapolation(points: list[dict[str, float]], clock: str = "seconds") ->
 
 def measure(
     model: torch.nn.Module,
-    spec: object,
+    spec: ModelSpec,
     images: torch.Tensor,
     labels: torch.Tensor,
     test: tuple[torch.Tensor, torch.Tensor],
@@ -114,13 +120,13 @@ def measure(
     obs = Observation(
         round=0,
         client_id=0,
-        model=spec,  # type: ignore[arg-type]
+        model=spec,
         global_weights=weights,
         update=weights,
         meta=PublicMeta("fedavg", n, LR, 1, num_examples=n),
     )
     with torch.no_grad():
-        loss = float(task_loss(spec, model(images), labels))  # type: ignore[arg-type]
+        loss = float(task_loss(spec, model(images), labels))
         test_logits = model(test[0])[:, 0]
     accuracy = float(((test_logits > 0).long() == test[1] % 2).double().mean())
     return {
@@ -143,7 +149,7 @@ def warm_up() -> None:
 
 
 def run_schedule(
-    record: dict[str, object],
+    record: Record,
     per_class: int,
     budget: float,
     alpha: float,
@@ -164,13 +170,13 @@ def run_schedule(
     record.update(
         {
             "train_images": n,
-            "lr": LR,
+            "lr": alpha if schedule == "loss-scaled" else LR,
             "weight_decay": WEIGHT_DECAY if schedule == "weight-decay" else 0.0,
             "budget_seconds": budget,
             "points": [],
         }
     )
-    points: list[dict[str, float]] = record["points"]  # type: ignore[assignment]
+    points: list[dict[str, float]] = record["points"]
     seconds = cpu = 0.0
     epoch = 0
     for target in checkpoints():
@@ -199,39 +205,52 @@ def run_schedule(
             break
 
 
-def summary(runs: dict[str, dict[str, dict[str, object]]]) -> dict[str, object]:
-    """Per size: does loss-scaled reach ``TARGET``, and how fast against plain GD."""
-    lines: dict[str, object] = {}
+def _log10_to_target(fit: Record) -> float | None:
+    """log10 of the seconds to ``TARGET``: when it was reached, else the fit's (None: the
+    residual is not falling, no time is extrapolated)."""
+    reached = fit.get("reached_target_at_seconds")
+    if reached:
+        return round(math.log10(reached), 2)
+    log10: float | None = fit.get("log10_seconds_to_target")
+    return log10
+
+
+def summary(runs: dict[str, dict[str, Record]]) -> dict[str, Record]:
+    """Per size and schedule: the last reading, when ``TARGET`` was reached or is extrapolated
+    to be (wall and CPU seconds), and loss-scaled's speed-up to it against plain GD."""
+    table: dict[str, Record] = {}
     for size, schedules in runs.items():
-        row: dict[str, object] = {}
+        row: Record = {}
         for name, record in schedules.items():
             points = record["points"]
             if not points:
                 continue
-            fit = record.get("extrapolation", {})
+            wall = record.get("extrapolation", {})
+            cpu = record.get("extrapolation_cpu", {})
             row[name] = {
+                "epochs": points[-1]["epoch"],
+                "seconds": points[-1]["seconds"],
+                "cpu_seconds": points[-1]["cpu_seconds"],
                 "final_residual_all": points[-1]["residual_all"],
                 "final_residual_first": points[-1]["residual_first"],
-                "seconds": points[-1]["seconds"],
-                "epochs": points[-1]["epoch"],
-                "reached_target_at_seconds": fit.get("reached_target_at_seconds"),
-                "extrapolated_seconds_to_target": fit.get("seconds_to_target"),
-                "extrapolated_cpu_seconds_to_target": record.get("extrapolation_cpu", {}).get(
-                    "seconds_to_target"
-                ),
+                "final_test_accuracy": points[-1]["test_accuracy"],
+                "reached_target_at_seconds": wall.get("reached_target_at_seconds"),
+                "log10_seconds_to_target": _log10_to_target(wall),
+                "log10_cpu_seconds_to_target": _log10_to_target(cpu),
             }
-        plain, scaled = row.get("plain"), row.get("loss-scaled")
-        if isinstance(plain, dict) and isinstance(scaled, dict):
-
-            def time_to(entry: dict[str, object]) -> object:
-                return entry["reached_target_at_seconds"] or entry["extrapolated_seconds_to_target"]
-
-            a, b = time_to(plain), time_to(scaled)
-            row["loss_scaled_speedup_to_target"] = (
-                round(float(a) / float(b), 1) if a and b else None
+        if "plain" in row and "loss-scaled" in row:
+            for clock in ("seconds", "cpu_seconds"):
+                a = row["plain"][f"log10_{clock}_to_target"]
+                b = row["loss-scaled"][f"log10_{clock}_to_target"]
+                speedup = None if a is None or b is None else round(10 ** (a - b), 2)
+                row[f"loss_scaled_speedup_{clock}_to_target"] = speedup
+        if "loss-scaled" in row:
+            log10 = row["loss-scaled"]["log10_seconds_to_target"]
+            row["loss_scaled_reaches_target_within_30_min"] = (
+                log10 is not None and 10**log10 <= 1800
             )
-        lines[size] = row
-    return lines
+        table[size] = row
+    return table
 
 
 def main() -> None:
@@ -247,6 +266,9 @@ def main() -> None:
     parser.add_argument("--test-digits", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--refit", action="store_true", help="only redo the fits and summary of stored curves"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("LEAKSIM_DATA_DIR", str(Path(__file__).parents[2] / "shared" / "data"))
@@ -254,7 +276,7 @@ def main() -> None:
     warm_up()
     # Other sizes' and schedules' curves from an earlier run stay; those run now are replaced.
     old = json.loads(args.output.read_text()) if args.output.exists() else {}
-    runs: dict[str, dict[str, dict[str, object]]] = old.get("runs", {})
+    runs: dict[str, dict[str, Record]] = old.get("runs", {})
     settings = {
         "model": f"{PAPER_SCENARIO}'s: homogeneous ReLU MLP 784-1000-1000-1, first layer at "
         "PyTorch's default x 1e-4, bias on the first layer only, inputs 2x - 1",
@@ -285,11 +307,17 @@ def main() -> None:
         }
         write_atomic(args.output, json.dumps(payload, indent=2) + "\n")
 
+    if args.refit:
+        for record in (r for schedules in runs.values() for r in schedules.values()):
+            record["extrapolation"] = fit_extrapolation(record["points"])
+            record["extrapolation_cpu"] = fit_extrapolation(record["points"], "cpu_seconds")
+        save()
+        return
     budgets = dict(zip(args.per_class, args.budget, strict=True))
     for per_class in args.per_class:
         size = str(2 * per_class)
         for schedule in args.schedules:
-            record: dict[str, object] = {"schedule": schedule, "points": []}
+            record: Record = {"schedule": schedule, "points": []}
             runs.setdefault(size, {})[schedule] = record
             run_schedule(record, per_class, budgets[per_class], args.alpha, test, save)
             save()

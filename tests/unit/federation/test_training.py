@@ -51,7 +51,7 @@ def test_one_loss_scaled_step_matches_the_hand_computation() -> None:
     eta = 0.1 / loss
     schedule = LossScaled(alpha=0.1, alpha_max=0.1)
     final = loss_scaled_train(model, SPEC, inputs, labels, 1, schedule)
-    weight, bias = model[1].weight[0].tolist(), float(model[1].bias)
+    weight, bias = model[1].weight[0].tolist(), float(model[1].bias.detach())
     assert weight[0] == pytest.approx(0.5 - eta * grad_w1, abs=1e-6)
     assert weight[1] == pytest.approx(-0.25 - eta * grad_w2, abs=1e-6)
     assert bias == pytest.approx(-eta * grad_b, abs=1e-6)
