@@ -87,7 +87,7 @@ def fit_extrapolation(points: list[dict[str, float]], clock: str = "seconds") ->
         return {"method": "too few points", "seconds_to_target": None}
     x = np.log([p[clock] for p in tail])
     y = np.log([max(p["residual_all"], 1e-12) for p in tail])
-    slope, intercept = np.polyfit(x, y, 1)
+    slope, intercept = (float(v) for v in np.polyfit(x, y, 1))
     reached = next((p[clock] for p in points if p["residual_all"] <= TARGET), None)
     # log10 of the time the line puts at TARGET (None when the residual is not falling); the
     # time itself only where it is finite in a float.
@@ -98,8 +98,8 @@ def fit_extrapolation(points: list[dict[str, float]], clock: str = "seconds") ->
             f"least-squares line log(residual_all) = a + b log({clock}) over the {len(tail)} "
             f"measurements at epochs >= {last / 10:g} (the last decade)"
         ),
-        "slope": round(float(slope), 4),
-        "intercept": round(float(intercept), 4),
+        "slope": round(slope, 4),
+        "intercept": round(intercept, 4),
         "log10_seconds_to_target": None if log10 is None else round(log10, 2),
         "seconds_to_target": None if estimate is None else round(estimate, 1),
         "hours_to_target": None if estimate is None else round(estimate / 3600, 2),
