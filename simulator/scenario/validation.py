@@ -153,8 +153,8 @@ def check_rules(scenario: Scenario) -> None:
         except ValueError as error:
             raise ScenarioError(str(error)) from None
     try:
-        scenario.attack.built  # noqa: B018  (builds and keeps the attacks: their check)
+        attacks = scenario.attack.built  # built and kept: their check
     except ValueError as error:
         raise ScenarioError(str(error)) from None
-    if scenario.attack.also and scenario.attack.name == "none":
+    if scenario.attack.also and attacks[0][1].observes_only:
         raise ScenarioError("attack.also needs a first attack: set attack.name")

@@ -75,6 +75,12 @@ def test_every_shipped_scenario_loads() -> None:
             "sweep.federation.batch_size must be a non-empty list",
         ),
         ("[attack]\nname = 'magic'", "attack"),
+        (
+            "[attack]\nalso = [{ name = 'idlg' }]",
+            "attack.also needs a first attack: set attack.name",
+        ),
+        ("[attack]\nname = 'dlg'\nalso = [{ iterations = 3 }]", "attack.also[0] must be a table"),
+        ("[attack]\nname = 'dlg'\nalso = [{ name = 'dlg', steps = 3 }]", "attack.also[0]: "),
         ("seed = 'x'", "seed = 'x' has type str; allowed: int"),
         ("[[defenses]]\nname = 'pruning'\nfraction = 1.5", "defenses[0]: defense 'pruning'"),
         (
