@@ -52,9 +52,9 @@ CASES: list[tuple[str, list[str], str]] = [
         ["federation.batch_size=64", "data.examples_per_client=16"],
         "federation.batch_size = 64 is larger than the smallest client shard (16 examples)",
     ),
-    ("crash-rounds", ["faults.crash_rounds=[99]"], "faults.crash_rounds = [99] must be rounds"),
+    ("crash-rounds", ["faults.crash_rounds=[999]"], "faults.crash_rounds = [999] must be rounds"),
     ("crash-clients", ["faults.crash_clients=[99]"], "faults.crash_clients = [99] must be client"),
-    ("attack-rounds", ["attack.rounds=[0]"], "attack.rounds = [0] must be rounds in 1..10"),
+    ("attack-rounds", ["attack.rounds=[0]"], "attack.rounds = [0] must be rounds in 1..100"),
     (
         "secagg-one-client",
         [
@@ -66,7 +66,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ),
     (
         "secagg-threshold",
-        ['defenses=[{name="secure-aggregation", min_clients=5}]'],
+        ["federation.fraction=0.3", 'defenses=[{name="secure-aggregation", min_clients=5}]'],
         "'min_clients' = 5 exceeds the 3 clients sampled per round",
     ),
     ("rounds-zero", ["federation.rounds=0"], "federation.rounds = 0 is out of range"),
