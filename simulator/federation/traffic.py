@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -76,15 +77,17 @@ def client_error_message(reason: str, where: str = "a client") -> str:
     :data:`CLIENT_PROCESS_DIED`. The whole of Ray's text goes to this module's logger, which
     a run sends to ``client-errors.log`` in its folder, headed by ``where``."""
     LOG.debug("%s: %s", where, reason)
-    head = reason.split(":<", 1)[0]  # Flower's "<class '...'>" of the exception raised
-    if any(name in head for name in _ACTOR_ERRORS):
+    # Flower's simulation writes "<class 'module.Error'>:<'text'>".
+    wrapped = re.fullmatch(r"<class '([\w.]+)'>:<'(.*)'>", reason.strip(), re.DOTALL)
+    kind, body = (wrapped[1].rsplit(".", 1)[-1], wrapped[2]) if wrapped else ("", reason)
+    if kind in _ACTOR_ERRORS:
         return CLIENT_PROCESS_DIED
     marker = "Message: "
-    if marker in reason:
-        reason = reason.rsplit(marker, 1)[1].strip().removesuffix("'>")
-        return " ".join(reason.split()) or "unknown client error"
-    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
-    return lines[-1].removesuffix("'>").strip() if lines else "unknown client error"
+    if marker in body:  # a ClientAppException: the client's own exception's message
+        return " ".join(body.rsplit(marker, 1)[1].split()) or "unknown client error"
+    lines = [line.strip() for line in body.strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else "unknown client error"
+    return f"{kind}: {text}" if kind else text
 
 
 def sample_clients(
