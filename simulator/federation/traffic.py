@@ -77,10 +77,13 @@ def client_error_message(reason: str, where: str = "a client") -> str:
     :data:`CLIENT_PROCESS_DIED`. The whole of Ray's text goes to this module's logger, which
     a run sends to ``client-errors.log`` in its folder, headed by ``where``."""
     LOG.debug("%s: %s", where, reason)
-    # Flower's simulation writes "<class 'module.Error'>:<'text'>".
-    wrapped = re.fullmatch(r"<class '([\w.]+)'>:<'(.*)'>", reason.strip(), re.DOTALL)
-    kind, body = (wrapped[1].rsplit(".", 1)[-1], wrapped[2]) if wrapped else ("", reason)
-    if kind in _ACTOR_ERRORS:
+    # Flower's simulation writes "<class 'module.Error'>:<'text'>"; Ray names a task's error
+    # after its cause, as in "ray.exceptions.RayTaskError(ClientAppException)".
+    wrapped = re.fullmatch(r"<class '([^']+)'>:<'(.*)'>", reason.strip(), re.DOTALL)
+    kind, body = (
+        (wrapped[1].split("(")[0].rsplit(".", 1)[-1], wrapped[2]) if wrapped else ("", reason)
+    )
+    if wrapped and any(name in wrapped[1] for name in _ACTOR_ERRORS):
         return CLIENT_PROCESS_DIED
     marker = "Message: "
     if marker in body:  # a ClientAppException: the client's own exception's message
