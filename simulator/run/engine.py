@@ -3,9 +3,9 @@
 :func:`execute` runs every point into a run folder and returns the folder and the records;
 :func:`simulator.api.run` (behind ``leaksim run``) calls it and then writes the report. The
 points go through :func:`run_points`, the one sweep loop, either in a worker process that
-this one supervises (:mod:`simulator.run.supervisor`: SIGINT, SIGTERM and SIGHUP end the run within
-seconds and leave no process behind) or, when ``taps`` must see each round in this process,
-in this process. Either way the records are appended to results.jsonl here as they arrive.
+this one supervises (:mod:`simulator.run.supervisor`: SIGINT, SIGTERM and SIGHUP end the run
+within seconds and leave no process behind) or, when ``taps`` must see each round in this
+process, in this process. Either way the records are appended to results.jsonl here as they arrive.
 
 A stopped run gets an ``interrupted`` record and raises :class:`RunInterrupted`;
 ``execute(..., resume=True)`` continues it in its folder from the first unfinished point.
@@ -69,8 +69,8 @@ class RunInterrupted(KeyboardInterrupt):
     """SIGINT, SIGTERM or SIGHUP stopped the run; every process of it has ended, its records
     are kept.
 
-    ``exit_code`` is the shell's status for the signal (130, 143, 129); the message says where the
-    results are and how to resume.
+    ``exit_code`` is the shell's status for the signal (130, 143, 129); the message says where
+    the results are and how to resume.
     """
 
     def __init__(self, folder: RunFolder, signal: str, point: int | None, reached: int) -> None:
