@@ -17,8 +17,9 @@ from simulator.core.models import ModelSpec, log_task_loss, task_loss
 from simulator.data.shards import Shard
 
 # The loss-scaled schedule's alpha after a step that lowered the loss (times GROW, up to its
-# bound) and after one that did not (the step is undone, alpha times SHRINK): Lyu and Li's
-# adaptive rule, which keeps the step near the largest that still descends.
+# bound) and after one that did not (the step is undone, alpha times SHRINK): adapted as Lyu
+# and Li adapt theirs (these two factors are ours), keeping the step near the largest that
+# still descends.
 LOSS_SCALED_GROW = 1.1
 LOSS_SCALED_SHRINK = 0.5
 
