@@ -197,6 +197,8 @@ class Imprint(ActiveAttack[ImprintParams]):
         for client in plan.clients:
             directions = self.params.directions or auto_directions(bins, plan.samples[client])
             if self.params.placement == "first-layer":
+                first, _ = layers(plan.spec)
+                bin_rows(plan.weights[first.weight].shape[0], bins, self.params.seed)  # fits?
                 rows, cuts = self.binned(bins, directions)
                 p = self.params
                 weights = fold(plan.spec, dict(plan.weights), rows, cuts, p.fold_scale, p.seed)

@@ -129,10 +129,12 @@ def low_rank_completion(
 ) -> torch.Tensor:
     """A rank-``rank`` matrix that lies (nearly) inside the box ``[low, high]``.
 
-    Alternating projections: onto rank ``rank`` (the top eigenvectors of the smaller Gram
-    matrix, cheaper than an SVD), then onto the box. A first-layer change is a sum of
-    ``n`` outer products, so its rank is at most ``n``; what pruning zeroed or quantization
-    rounded is filled in where the rank and the box leave room only for the truth.
+    Alternating projections: onto rank ``rank``, then onto the box. The rank-``rank`` subspace
+    is tracked by orthogonal iteration warm-started from the last one (one product and a QR a
+    step; the iterate moves little between steps), after one eigendecomposition of the smaller
+    Gram matrix at the start. A first-layer change is a sum of ``n`` outer products, so its
+    rank is at most ``n``; what pruning zeroed or quantization rounded is filled in where the
+    rank and the box leave room only for the truth.
     """
     low, high = low.double(), high.double()
     current = (low + high) / 2
@@ -140,10 +142,10 @@ def low_rank_completion(
     if wide:  # work on the side with fewer rows: the Gram matrix is the smaller one
         low, high, current = low.T, high.T, current.T
     rank = max(1, min(rank, *current.shape))
+    top = torch.linalg.eigh(current @ current.T).eigenvectors[:, -rank:]
     projected = current
     for _ in range(iterations):
-        _, vectors = torch.linalg.eigh(current @ current.T)
-        top = vectors[:, -rank:]
+        top = torch.linalg.qr(current @ (current.T @ top)).Q
         projected = top @ (top.T @ current)
         current = torch.minimum(torch.maximum(projected, low), high)
     return projected.T if wide else projected
