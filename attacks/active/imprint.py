@@ -72,9 +72,9 @@ class ImprintParams(ActiveParams):
     scale: float = param(
         1e-6, low=0.0, low_open=True, help="encoder rows and thresholds are multiplied by this"
     )
-    # "block": an added imprint block (the paper); "first-layer": bins folded into the model's
-    # own first layer, no added tensor (a disguise against inspection).
-    placement: Literal["block", "first-layer"] = "block"
+    placement: Literal["block", "first-layer"] = param(
+        "block", help="an added block (the paper), or bins folded into the model's first layer"
+    )
     fold_scale: float = param(
         0.2, low=0.0, low_open=True, help="first-layer placement: bin rows' norm / honest rows'"
     )

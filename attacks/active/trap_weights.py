@@ -66,9 +66,10 @@ class TrapWeightsParams(ActiveParams):
     match: float = param(
         1e-3, low=0.0, low_open=True, help="relative gap under which a candidate's gain verifies"
     )
-    # Disguise: "unit" rows with public-quantile biases (the paper), or "honest": each trap
-    # neuron scaled so that its bias has the honest layer's bias scale (it fires alike).
-    row_scale: Literal["unit", "honest"] = "unit"
+    row_scale: Literal["unit", "honest"] = param(
+        "unit",
+        help="unit rows (the paper), or each trap neuron scaled to the honest biases' scale",
+    )
     honest_rows: float = param(
         0.0, low=0.0, high=0.99, help="share of the layer's rows left honest (a disguise)"
     )
