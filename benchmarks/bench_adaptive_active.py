@@ -102,7 +102,7 @@ def update_defense_rows() -> list[dict[str, Any]]:
                     "attack": f"subspace ({attacker})",
                     "leaked": report.recovered,
                     "of": int(images.shape[0]),
-                    "mean_ssim": round(float(np.mean(report.ssim)), 4),
+                    "mean_ssim": round(float(report.ssim.mean()), 4),
                     "seconds": round(time.perf_counter() - start, 1),
                 }
             )
