@@ -15,7 +15,7 @@ Two parts, both written under the ``"active"`` key of ``benchmarks/results/adapt
   10 and 30. Per attack: the share of those models each inspection refuses, and the share of
   the batch recovered at 60 dB from what passes (refused: nothing).
 
-    python -m benchmarks.bench_adaptive_active      # about 8 minutes on one thread
+    python -m benchmarks.bench_adaptive_active   # 17 minutes on 2 shared cores at load ~20
 """
 
 from __future__ import annotations
