@@ -30,6 +30,7 @@ from simulator.core.registry import REGISTRIES
 from simulator.data.datasets import DataError
 from simulator.report import landscape as landscapes
 from simulator.report.html import HTML_FILE
+from simulator.report.provenance import provenance_lines
 from simulator.report.tables import terminal_tables
 from simulator.run.cluster import RAY_ADDRESS_ENV
 from simulator.run.engine import RunInterrupted
@@ -144,6 +145,10 @@ def run(
     if stopped is not None:
         _exit_now(stopped())
     _print_points(result.records)
+    provenance = provenance_lines(result.records)
+    if provenance:
+        console.print("plugin files (SHA-256):\n  " + "\n  ".join(map(escape, provenance[:-1])))
+        console.print(f"[yellow]{escape(provenance[-1])}[/yellow]")
     console.print(f"results: {result.folder.path}")
     if result.report_error:
         console.print(f"[yellow]report not drawn:[/yellow] {result.report_error}")
