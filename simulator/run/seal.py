@@ -28,7 +28,7 @@ import torch
 from simulator.core.config import Scenario
 from simulator.core.models import is_binary
 from simulator.core.protocol import Reconstruction, Truth
-from simulator.core.records import AttackRecord, Record
+from simulator.core.records import AttackErrorRecord, AttackRecord, Record
 from simulator.data.shards import load_training_union
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID
 from simulator.federation.truth import TruthKey, TruthStore
@@ -70,20 +70,27 @@ class Scorer:
         return TruthStore(point_store(self.root, point), key=self.key)
 
     def take(self, point: int, attacked: AttackedRound) -> None:
-        """Score one round of ``point``, then delete its truths."""
+        """Score one round of ``point``, then delete its truths. A round that cannot be scored
+        (a reconstruction the scorer cannot read, a truth not sealed to this run's key) gets
+        an "attack_error" record, and the run goes on."""
         store = self.store(point)
+        reconstructions = tuple(r for rs in attacked.per_attack for r in rs)
+        truths: tuple[Truth, ...] = ()
         try:
-            reconstructions = tuple(r for rs in attacked.per_attack for r in rs)
-            wanted = bool(reconstructions) or bool(self.taps)
-            truths = self._truths(store, attacked) if wanted else ()
+            if reconstructions or self.taps:
+                truths = self._truths(store, attacked)
             scored = [self._score(point, rs, truths) for rs in attacked.per_attack]
             if len(scored) > 1:
                 self._best(point, scored)
-            if attacked.traffic is not None:
-                for tap in self.taps:
-                    tap(RefereedRound(attacked.traffic, truths, reconstructions))
+        except Exception as error:  # a bad reconstruction must not end the run it is part of
+            names = sorted({r.attack for r in reconstructions}) or ["referee"]
+            message = f"not scored: {type(error).__name__}: {error}"
+            self.emit(AttackErrorRecord(attacked.round, ", ".join(names), message, point=point))
         finally:
             store.discard_round(attacked.round)
+        if attacked.traffic is not None:
+            for tap in self.taps:
+                tap(RefereedRound(attacked.traffic, truths, reconstructions))
 
     def take_in_point(self, point: int) -> Callable[[AttackedRound], None]:
         """A referee's judge for ``point`` (in this process)."""
