@@ -145,10 +145,6 @@ def run(
     if stopped is not None:
         _exit_now(stopped())
     _print_points(result.records)
-    provenance = provenance_lines(result.records)
-    if provenance:
-        console.print("plugin files (SHA-256):\n  " + "\n  ".join(map(escape, provenance[:-1])))
-        console.print(f"[yellow]{escape(provenance[-1])}[/yellow]")
     console.print(f"results: {result.folder.path}")
     if result.report_error:
         console.print(f"[yellow]report not drawn:[/yellow] {result.report_error}")
@@ -206,7 +202,7 @@ def _resumable(run_dir: Path, alone: bool) -> Scenario:
 def _print_points(records: list[Record]) -> None:
     """The run's key figures in tables that fit 80 columns: one row per sweep point, and the
     attack outcomes with the bar for "leaked" (every column is in summary.md and
-    report.html)."""
+    report.html); then the plugin files the run ran, if any, and what that means."""
     out = Console()
     for title, headings, rows in terminal_tables(records):
         table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -215,6 +211,11 @@ def _print_points(records: list[Record]) -> None:
         for row in rows:
             table.add_row(*(escape(cell) for cell in row))
         out.print(table)
+    provenance = provenance_lines(records)
+    if provenance:  # whole lines: a path or a hash broken across lines could not be checked
+        lines = "\n  ".join(map(escape, provenance[:-1]))
+        out.print(f"plugin files (SHA-256):\n  {lines}", soft_wrap=True)
+        out.print(f"[yellow]{escape(provenance[-1])}[/yellow]", soft_wrap=True)
 
 
 @app.command("list")

@@ -10,6 +10,7 @@ Before the seal, every trick scored 100 dB (see the module's history).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ CHEATS = '''
 """Cheating attacks: each is the honest analytic attack plus one trick."""
 
 import glob
+import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -207,7 +209,8 @@ CHEAT_NAMES = ("cheat-read-store", "cheat-find-store", "cheat-forge-truth", "che
 
 
 def run_attack(tmp_path: Path, attack: str) -> list[dict[str, Any]]:
-    """The records of one run of ``attack`` (the data folder only in LEAKSIM_DATA_DIR)."""
+    """The records of one run of ``attack`` (the data folder only in LEAKSIM_DATA_DIR); the
+    terminal names the plugin file with its SHA-256, and so does every startup record."""
     folder = tmp_path / attack
     folder.mkdir()
     (folder / "cheats.py").write_text(CHEATS)
@@ -220,7 +223,14 @@ def run_attack(tmp_path: Path, attack: str) -> list[dict[str, Any]]:
         env=env, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    return read_results(folder / "run")
+    plugin = folder / "cheats.py"
+    digest = hashlib.sha256(plugin.read_bytes()).hexdigest()
+    assert f"{digest}  {plugin}" in done.stdout and "only as trustworthy" in done.stdout
+    records = read_results(folder / "run")
+    startups = [r for r in records if r["kind"] == "startup"]
+    assert len(startups) == 2
+    assert all(r["plugins"] == [{"path": str(plugin), "sha256": digest}] for r in startups)
+    return records
 
 
 def scores(records: list[dict[str, Any]]) -> dict[int, list[tuple[float, float]]]:
