@@ -13,9 +13,9 @@ from simulator.scenario import CHANGED
 TRUST_NOTE = (
     "The scores of plugin attacks (and of runs with plugin defenses) are only as trustworthy "
     "as these files: their code ran in the attack process and in the clients, with your "
-    "privileges. The referee keeps the truth and the scorer out of the attack process's reach, "
-    "but it cannot stop code that reads another process's memory or runs code in the clients "
-    "through Ray."
+    "privileges (and in the leaksim process when imported). The referee keeps the truth and "
+    "the scorer out of an attack's reach, but it cannot stop code that reads another process's "
+    "memory, runs code in the clients through Ray, or acts when its file is imported."
 )
 
 
