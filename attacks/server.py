@@ -19,14 +19,13 @@ from typing import Any
 
 import torch
 
-from attacks.active.base import ActiveAttack, Plan, is_active
+from attacks.active.base import ActiveAttack, Plan
 from attacks.base import Attack
 from simulator.core.config import FederationConfig
 from simulator.core.devices import move, resolve_device
 from simulator.core.models import ModelSpec, SentModel
 from simulator.core.objectives import objective_key
 from simulator.core.protocol import Observation, PublicData, Reconstruction
-from simulator.core.registry import ATTACKS
 
 
 @dataclass
@@ -38,12 +37,14 @@ class MaliciousServer:
     the models of those rounds and clients (narrowed by its ``clients`` parameter) and attacks
     only the updates computed on them; ``manipulated`` maps each round to those clients.
 
+    ``attack`` is the one instance for the whole run (a validated scenario builds it:
+    :attr:`~simulator.core.config.AttackConfig.built`), registered as ``attack_name``.
     ``public`` loads the server's labelled public data; the server sets it on the attack
     (:attr:`Attack.public`) before asking it anything, active or not.
     """
 
     attack_name: str
-    attack_params: Mapping[str, Any] = field(default_factory=dict)
+    attack: Attack[Any]
     rounds: Sequence[int] = ()
     max_clients: int = 0
     seen: list[tuple[int, int]] = field(default_factory=list)
@@ -51,18 +52,11 @@ class MaliciousServer:
     examples: dict[int, int] = field(default_factory=dict)
     public: Callable[[], PublicData] | None = field(default=None, repr=False)
     device: str = "auto"  # where the attack runs (simulator.core.devices)
-    _active: ActiveAttack[Any] | None = field(default=None, repr=False)
 
     @property
     def active(self) -> bool:
         """Whether the attack manipulates the model it sends (an :class:`ActiveAttack`)."""
-        return is_active(self.attack_name)
-
-    def active_attack(self) -> ActiveAttack[Any]:
-        """The one instance of the active attack (it may cache public statistics)."""
-        if self._active is None:
-            self._active = ATTACKS.create(self.attack_name, dict(self.attack_params))
-        return self._active
+        return isinstance(self.attack, ActiveAttack)
 
     def manipulate(
         self,
@@ -78,9 +72,11 @@ class MaliciousServer:
         Under secure aggregation every participant's update is summed, so a changed
         architecture must go to every sampled client alike; anything else is an error.
         """
-        if not self.active or (self.rounds and server_round not in self.rounds):
+        attack = self.attack
+        if not isinstance(attack, ActiveAttack) or (
+            self.rounds and server_round not in self.rounds
+        ):
             return {}
-        attack = self.active_attack()
         wanted = attack.params.clients
         chosen = tuple(c for c in sorted(sampled) if not wanted or c in wanted)
         chosen = chosen[: self.max_clients] if self.max_clients else chosen
@@ -112,7 +108,7 @@ class MaliciousServer:
         For an active attack: the updates computed on manipulated models (the aggregate of a
         manipulated round under secure aggregation).
         """
-        if not observations or ATTACKS.entry(self.attack_name).value.observes_only:
+        if not observations or self.attack.observes_only:
             return []
         if self.active:
             done = self.manipulated.get(observations[0].round, frozenset())
@@ -136,11 +132,7 @@ class MaliciousServer:
         targets = self.targets(observations)
         if not targets:
             return []
-        attack: Attack[Any] = (
-            self.active_attack()
-            if self.active
-            else ATTACKS.create(self.attack_name, dict(self.attack_params))
-        )
+        attack = self.attack
         device = resolve_device(self.device)
         self.hand_public(attack, device)
         started = time.perf_counter()

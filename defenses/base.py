@@ -127,6 +127,11 @@ class TrainingDefense(Defense):
         training = [d.name for d in defenses if isinstance(d, TrainingDefense)]
         if len(training) > 1:
             raise ValueError(f"at most one training defense per scenario, got {training}")
+        if federation.lr_schedule != "constant":
+            raise ValueError(
+                f"federation.lr_schedule = {federation.lr_schedule!r} is not supported with "
+                f"the {self.name} defense, which does its own local training"
+            )
 
 
 ClientMod = Callable[[Any, Any, Callable[[Any, Any], Any]], Any]
@@ -208,14 +213,6 @@ def register_defense(name: str, description: str) -> Callable[[DefenseT], Defens
         return DEFENSES.decorator(name, description)(cls)
 
     return decorate
-
-
-def build_defenses(entries: Sequence[Mapping[str, Any]]) -> list[Defense]:
-    """A scenario's ``[[defenses]]`` tables (``name`` plus parameters) as defenses, in order."""
-    return [
-        DEFENSES.create(entry["name"], {k: v for k, v in entry.items() if k != "name"})
-        for entry in entries
-    ]
 
 
 def compose(

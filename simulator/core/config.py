@@ -35,9 +35,23 @@ from simulator.core.fields import (
     suggest,
 )
 from simulator.core.models import ModelSpec
-from simulator.core.registry import MODELS, PARTITIONERS, Registry
+from simulator.core.registry import ATTACKS, DEFENSES, MODELS, PARTITIONERS, Registry
 
 DEFAULT_SCENARIO = "quickstart"
+# Seeds reach torch's generators (``torch.manual_seed``), which take at most 64 bits.
+MAX_SEED = 2**64 - 1
+# The shortest wait for a client's reply that a Ray round can meet: a client actor imports
+# torch and Flower before its first reply, seconds on a busy machine.
+MIN_TIMEOUT_S = 10.0
+# Beyond these a federation is more than one machine runs (each client is a Flower node with
+# a shard of its own; rounds run one after the other): refused before any work.
+MAX_CLIENTS = 10_000
+MAX_ROUNDS = 100_000
+
+
+# How local training sizes its steps: "constant" (``lr`` throughout), or "loss-scaled" (Lyu
+# and Li's eta_t = alpha_t / L(theta_t), full batch, alpha_t <= lr: simulator.federation.training).
+LrSchedule = Literal["constant", "loss-scaled"]
 
 
 class ScenarioError(InputError):
@@ -74,14 +88,15 @@ class FederationConfig:
     """The FL protocol: who trains, how, for how long."""
 
     protocol: Literal["fedsgd", "fedavg"] = "fedsgd"
-    clients: int = param(10, low=1)
+    clients: int = param(10, low=1, high=MAX_CLIENTS)
     fraction: float = param(0.2, low=0.0, high=1.0, low_open=True)
-    rounds: int = param(3, low=1)
+    rounds: int = param(3, low=1, high=MAX_ROUNDS)
     batch_size: int = param(8, low=1)
     local_epochs: int = param(1, low=1)
     lr: float = param(0.1, low=0.0, low_open=True)
     weight_decay: float = param(0.0, low=0.0)
-    timeout_s: float = param(600.0, low=0.0, low_open=True)
+    lr_schedule: LrSchedule = "constant"
+    timeout_s: float = param(600.0, low=MIN_TIMEOUT_S)
     cpus_per_client: float = param(1.0, low=0.0, low_open=True)
     # Where clients train (simulator.core.devices); on a GPU each client's Ray actor asks for
     # this share of one, so 1 / gpus_per_client clients share a GPU.
@@ -107,13 +122,36 @@ class AttackConfig:
     # Where the attacks run (simulator.core.devices): a GPU where torch sees one, by default.
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    @functools.cached_property
+    def built(self) -> tuple[tuple[str, Any], ...]:
+        """(name, attack instance) for the attack, then each ``also`` entry: built on first use
+        (the validator's check) and kept, so a process builds its attacks once. A bad name or
+        parameter raises ValueError naming the entry."""
+        tables = [("attack", {"name": self.name, **self.params})] + [
+            (f"attack.also[{index}]", entry) for index, entry in enumerate(self.also)
+        ]
+        built = []
+        for where, table in tables:
+            name = table.get("name")
+            if not isinstance(name, str):
+                raise ValueError(f"{where} must be a table with a name, got {dict(table)!r}")
+            try:
+                built.append((name, ATTACKS.create(name, without_name(table))))
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
+        return tuple(built)
+
 
 @dataclass(frozen=True)
 class FaultConfig:
-    """Injected client crashes, to exercise fault handling: these clients raise when trained."""
+    """Injected client crashes, to exercise fault handling: these clients raise when trained;
+    and how many failed updates a point tolerates before it ends "degraded", not "ok"."""
 
     crash_clients: tuple[int, ...] = ()
     crash_rounds: tuple[int, ...] = ()
+    # A point is degraded when some client failed more than this share of the updates it was
+    # asked for (by default: in more than half of the rounds it was sampled).
+    max_failed_share: float = param(0.5, low=0.0, high=1.0)
 
 
 SECTIONS: dict[str, type] = {
@@ -149,6 +187,20 @@ class Scenario:
     # (``model.kind`` swept, one [model] table for them all); each such point reads them.
     for_swept_kinds: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
+    @functools.cached_property
+    def built_defenses(self) -> tuple[Any, ...]:
+        """The ``[[defenses]]`` tables as defense instances, in order: built on first use (the
+        validator's check) and kept, so a process builds them once per scenario
+        (:meth:`from_json` caches the scenario per process). A bad table raises ValueError
+        naming its index."""
+        built = []
+        for index, entry in enumerate(self.defenses):
+            try:
+                built.append(DEFENSES.create(entry["name"], without_name(entry)))
+            except ValueError as error:
+                raise ValueError(f"defenses[{index}]: {error}") from None
+        return tuple(built)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists, not tuples), derived fields left out: the form written
         to run folders (only keys some kind of the scenario reads), read back by
@@ -180,6 +232,11 @@ class Scenario:
 
 
 DERIVED_MODEL_FIELDS = ("input_shape", "num_classes")
+
+
+def without_name(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A plugin table's parameters: every key but ``name``."""
+    return {k: v for k, v in entry.items() if k != "name"}
 
 
 @dataclass(frozen=True)
@@ -259,6 +316,10 @@ def _parse(raw: Mapping[str, Any]) -> Scenario:
             values[key] = coerce(raw[key], hint, key)
     if values.get("seed", 0) < 0:
         raise ScenarioError(f"seed = {values['seed']} must be >= 0")
+    if values.get("seed", 0) > MAX_SEED:
+        raise ScenarioError(
+            f"seed = {values['seed']} is too large; allowed: 0 to 2**64 - 1 (torch's generators)"
+        )
     values["plugins"] = plugin_paths(raw)
     sweep = raw.get("sweep", {})
     if not isinstance(sweep, Mapping):
@@ -357,6 +418,13 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _sweep_values(key: str, values: Any) -> Sequence[Any]:
     if not isinstance(values, list) or not values:
         raise ScenarioError(f"sweep.{key} must be a non-empty list of values, got {values!r}")
+    # Each value is a point, and the same value twice is the same point run twice (the same
+    # seed gives the same numbers): refused, not silently run or dropped.
+    repeated = [v for i, v in enumerate(values) if v in values[:i]]
+    if repeated:
+        raise ScenarioError(
+            f"sweep.{key} lists {repeated[0]!r} more than once; each value is one point"
+        )
     return values
 
 

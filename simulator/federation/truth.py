@@ -133,7 +133,10 @@ class TruthStore:
         if self.public_key is None:
             raise SealError("a truth store without the run's public key cannot seal")
         path = self._path(truth.round, truth.client_id)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Its parent folders (the run's truth folder, the run's) are never made here: a run
+        # folder that was deleted during the run must not come back holding a truth store.
+        self.root.mkdir(exist_ok=True, mode=0o700)
+        path.parent.mkdir(exist_ok=True, mode=0o700)
         handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".part")
         try:
             with os.fdopen(handle, "wb") as stream:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from defenses.base import TrainingDefense, build_defenses
+from defenses.base import TrainingDefense
 from simulator.core.config import Scenario
 from simulator.core.protocol import local_steps
 from simulator.core.records import PrivacyRecord
@@ -33,7 +33,7 @@ class PrivacyLedger:
     def spent(self) -> PrivacyRecord | None:
         """The (epsilon, delta) for the client that trained most; None without DP training."""
         scenario, fed = self.scenario, self.scenario.federation
-        training = [d for d in build_defenses(scenario.defenses) if isinstance(d, TrainingDefense)]
+        training = [d for d in scenario.built_defenses if isinstance(d, TrainingDefense)]
         if not training or not self.participations:
             return None
         defense = training[0]

@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             handoff,
             lambda point, server_round: channel.progress(point.index, server_round),
             args.verbose,
+            folder,
             num_cpus=args.cpus,
         )
     except Exception as error:

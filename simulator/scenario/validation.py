@@ -27,7 +27,7 @@ from simulator.core.config import (
 )
 from simulator.core.fields import FieldError
 from simulator.core.models import ModelSpec
-from simulator.core.registry import ATTACKS, DATASETS, DEFENSES
+from simulator.core.registry import DATASETS
 from simulator.scenario.plugins import load_plugins
 
 
@@ -137,34 +137,51 @@ def check_rules(scenario: Scenario) -> None:
             f"model.task = 'parity' needs model.kind 'homogeneous-mlp' ('binary-fc' is always "
             f"binary), got {model.kind!r}"
         )
+    _check_lr_schedule(scenario)
     for key, rounds in (
         ("attack.rounds", scenario.attack.rounds),
         ("faults.crash_rounds", scenario.faults.crash_rounds),
     ):
         if bad_rounds := [r for r in rounds if not 1 <= r <= fed.rounds]:
             raise ScenarioError(f"{key} = {bad_rounds} must be rounds in 1..{fed.rounds}")
-    defenses = []
-    for index, entry in enumerate(scenario.defenses):
-        params = {k: v for k, v in entry.items() if k != "name"}
-        try:
-            defenses.append(DEFENSES.create(entry["name"], params))
-        except ValueError as error:
-            raise ScenarioError(f"defenses[{index}]: {error}") from None
+    try:
+        defenses = scenario.built_defenses
+    except ValueError as error:
+        raise ScenarioError(str(error)) from None
     for defense in defenses:
         try:
             defense.check_scenario(fed, defenses)
         except ValueError as error:
             raise ScenarioError(str(error)) from None
     try:
-        ATTACKS.validate(scenario.attack.name, scenario.attack.params)
+        attacks = scenario.attack.built  # built and kept: their check
     except ValueError as error:
-        raise ScenarioError(f"attack: {error}") from None
-    for index, entry in enumerate(scenario.attack.also):
-        if not isinstance(entry.get("name"), str):
-            raise ScenarioError(f"attack.also[{index}] must be a table with a name, got {entry!r}")
-        try:
-            ATTACKS.validate(entry["name"], {k: v for k, v in entry.items() if k != "name"})
-        except ValueError as error:
-            raise ScenarioError(f"attack.also[{index}]: {error}") from None
-    if scenario.attack.also and scenario.attack.name == "none":
+        raise ScenarioError(str(error)) from None
+    if scenario.attack.also and attacks[0][1].observes_only:
         raise ScenarioError("attack.also needs a first attack: set attack.name")
+
+
+def _check_lr_schedule(scenario: Scenario) -> None:
+    """``federation.lr_schedule = "loss-scaled"`` is full-batch local training of the
+    unregularised loss (its step divides by that loss, which weight decay keeps from 0)."""
+    fed = scenario.federation
+    if fed.lr_schedule == "constant":
+        return
+    if fed.protocol != "fedavg":
+        raise ScenarioError(
+            f"federation.lr_schedule = {fed.lr_schedule!r} needs federation.protocol 'fedavg' "
+            f"(local training), got {fed.protocol!r}"
+        )
+    if fed.weight_decay:
+        raise ScenarioError(
+            f"federation.lr_schedule = {fed.lr_schedule!r} needs federation.weight_decay = 0, "
+            f"got {fed.weight_decay}"
+        )
+    data = scenario.data
+    # The shard size, where the scenario fixes it (else the client checks its own shard).
+    shard = data.examples_per_client or (data.train_examples if fed.clients == 1 else 0)
+    if fed.batch_size < shard:
+        raise ScenarioError(
+            f"federation.lr_schedule = {fed.lr_schedule!r} takes full-batch steps: "
+            f"federation.batch_size = {fed.batch_size} must cover the client's {shard} examples"
+        )

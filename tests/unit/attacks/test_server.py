@@ -41,7 +41,7 @@ def test_none_is_the_registered_no_op_and_selects_nothing() -> None:
         return PUBLIC
 
     assert ATTACKS.entry("none").value is NoAttack
-    server = MaliciousServer("none", {}, public=public)
+    server = MaliciousServer("none", ATTACKS.create("none", {}), public=public)
     assert not server.active
     assert server.targets([observation(0), observation(1)]) == []
     assert server.observe([observation(0)]) == [] and server.seen == [(1, 0)]
@@ -49,14 +49,16 @@ def test_none_is_the_registered_no_op_and_selects_nothing() -> None:
 
 
 def test_the_server_hands_its_public_data_to_an_active_attack_before_it_plans() -> None:
-    server = MaliciousServer("imprint", {"bins": 8}, public=lambda: PUBLIC)
+    server = MaliciousServer(
+        "imprint", ATTACKS.create("imprint", {"bins": 8}), public=lambda: PUBLIC
+    )
     federation = FederationConfig(clients=2, fraction=1.0, batch_size=4)
     offers = server.manipulate(1, (0, 1), SPEC, HONEST, federation, False)
-    attack = server.active_attack()
+    attack = server.attack
     assert isinstance(attack, Imprint) and attack.public is not None
     assert attack.public.images is PUBLIC.images  # on the CPU, where the plan is made
     assert sorted(offers) == [0, 1]
-    blind = MaliciousServer("imprint", {"bins": 8})
+    blind = MaliciousServer("imprint", ATTACKS.create("imprint", {"bins": 8}))
     with pytest.raises(ValueError, match="needs the server's public data"):
         blind.manipulate(1, (0,), SPEC, HONEST, federation, False)
 
@@ -76,5 +78,6 @@ def test_an_attack_is_timed_around_its_call_whatever_its_trace_says(
         return reconstructions
 
     monkeypatch.setattr(analytic, "run", slow_run)
-    (reconstruction,) = MaliciousServer("analytic").observe([observation(0)])
+    server = MaliciousServer("analytic", ATTACKS.create("analytic", {}))
+    (reconstruction,) = server.observe([observation(0)])
     assert reconstruction.seconds >= 0.3

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from simulator.core.config import Scenario, ScenarioError
-from simulator.core.models import CnnParams, MlpParams
-from simulator.data.partition import DirichletParams
+from simulator.core.models import CnnParams, MlpParams, build_model
+from simulator.core.seeding import seeded_generator, seeded_numpy
+from simulator.data.partition import DirichletParams, partition
+from simulator.federation.client import ClientDefenses
+from simulator.federation.traffic import sample_clients
 from simulator.run.folder import scenario_toml
-from simulator.scenario import expand, load, parse_override
+from simulator.scenario import expand, from_dict, load, parse_override
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -53,7 +58,38 @@ def test_every_shipped_scenario_loads() -> None:
         ),
         ("[federation]\nlr = 'fast'", "federation.lr = 'fast' has type str; allowed: float"),
         ("[federation]\nlr = 0.0", "federation.lr = 0.0 is out of range; allowed: (0.0, inf)"),
-        ("[federation]\nclients = 0", "federation.clients = 0 is out of range; allowed: [1, inf)"),
+        (
+            "[federation]\nclients = 0",
+            "federation.clients = 0 is out of range; allowed: [1, 10000]",
+        ),
+        (
+            "[federation]\nclients = 10001",
+            "federation.clients = 10001 is out of range; allowed: [1, 10000]",
+        ),
+        (
+            "[federation]\nrounds = 100001",
+            "federation.rounds = 100001 is out of range; allowed: [1, 100000]",
+        ),
+        (
+            "[federation]\ntimeout_s = 1e-9",
+            "federation.timeout_s = 1e-09 is out of range; allowed: [10.0, inf)",
+        ),
+        (
+            "[sweep]\nseed = [0, 0]",
+            "sweep.seed lists 0 more than once; each value is one point",
+        ),
+        (
+            "[sweep]\n'model.widths' = [[8], [16], [8]]",
+            "sweep.model.widths lists [8] more than once",
+        ),
+        (
+            "[sweep]\nseed = [0, -1]",
+            "seed = -1 must be >= 0",
+        ),
+        (
+            "[faults]\nmax_failed_share = 1.5",
+            "faults.max_failed_share = 1.5 is out of range; allowed: [0.0, 1.0]",
+        ),
         (
             "[model]\nkind = 'cnn'\n[sweep]\n'model.widths' = [[8], [16]]",
             "model.widths is not read by model.kind 'cnn'",
@@ -74,6 +110,12 @@ def test_every_shipped_scenario_loads() -> None:
             "sweep.federation.batch_size must be a non-empty list",
         ),
         ("[attack]\nname = 'magic'", "attack"),
+        (
+            "[attack]\nalso = [{ name = 'idlg' }]",
+            "attack.also needs a first attack: set attack.name",
+        ),
+        ("[attack]\nname = 'dlg'\nalso = [{ iterations = 3 }]", "attack.also[0] must be a table"),
+        ("[attack]\nname = 'dlg'\nalso = [{ name = 'dlg', steps = 3 }]", "attack.also[0]: "),
         ("seed = 'x'", "seed = 'x' has type str; allowed: int"),
         ("[[defenses]]\nname = 'pruning'\nfraction = 1.5", "defenses[0]: defense 'pruning'"),
         (
@@ -83,6 +125,30 @@ def test_every_shipped_scenario_loads() -> None:
         ("[[defenses]]\nname = 'blur'", "defenses[0]: unknown defense 'blur'"),
         ("defenses = [{ std = 0.1 }]", "defenses[0] must be a table with a name"),
         ("[federation\n", "not valid TOML"),
+        (
+            "[federation]\nlr_schedule = 'cosine'",
+            "federation.lr_schedule = 'cosine' is not allowed; choose one of 'constant', "
+            "'loss-scaled'",
+        ),
+        (
+            "[federation]\nlr_schedule = 'loss-scaled'",
+            "federation.lr_schedule = 'loss-scaled' needs federation.protocol 'fedavg'",
+        ),
+        (
+            "[federation]\nprotocol = 'fedavg'\nlr_schedule = 'loss-scaled'\nweight_decay = 0.03",
+            "needs federation.weight_decay = 0, got 0.03",
+        ),
+        (
+            "[data]\nexamples_per_client = 100\n"
+            "[federation]\nprotocol = 'fedavg'\nlr_schedule = 'loss-scaled'\nbatch_size = 50",
+            "federation.batch_size = 50 must cover the client's 100 examples",
+        ),
+        (
+            "[data]\nexamples_per_client = 100\n"
+            "[federation]\nprotocol = 'fedavg'\nlr_schedule = 'loss-scaled'\nbatch_size = 100\n"
+            "[[defenses]]\nname = 'dp-sgd'",
+            "is not supported with the dp-sgd defense",
+        ),
     ],
 )
 def test_bad_files_get_errors_that_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -90,6 +156,38 @@ def test_bad_files_get_errors_that_name_the_key(tmp_path: Path, text: str, expec
         load(write(tmp_path, text))
     assert expected in str(info.value)
     assert str(info.value).startswith("s.toml")
+
+
+def test_the_loss_scaled_schedule_is_a_key_like_any_other() -> None:
+    paper = load("kkt-mnist-odd-even-paper")
+    assert paper.federation.lr_schedule == "constant"  # the default: plain steps
+    scaled = load("kkt-mnist-odd-even-paper", {"federation.lr_schedule": "loss-scaled"})
+    assert scaled.federation.lr_schedule == "loss-scaled"
+    assert Scenario.from_json(scaled.to_json()) == scaled
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**70])
+def test_a_seed_beyond_the_generators_64_bits_is_refused(seed: int) -> None:
+    # TOML holds 64-bit signed integers only: such seeds come as overrides or from Python.
+    with pytest.raises(ScenarioError, match=r"seed = \d+ is too large; allowed: 0 to 2\*\*64 - 1"):
+        load("quickstart", {"seed": seed})
+    with pytest.raises(ScenarioError, match=r"seed = \d+ is too large"):
+        load("quickstart", {"sweep.seed": [0, seed]})
+
+
+def test_the_largest_seed_reaches_every_generator() -> None:
+    """The bound is where torch stops: the largest seed allowed seeds the initial model, and
+    one more overflows torch's generator."""
+    largest = load("quickstart", {"seed": 2**64 - 1})
+    seed = largest.seed
+    assert build_model(largest.model, seed=seed) is not None
+    assert seeded_generator(seed, 1, 0).initial_seed() >= 0  # a client's batches
+    with seeded_numpy(seed, 1, 0):  # client mods (SecAgg+'s rounding)
+        pass
+    assert len(sample_clients(range(10), 0.2, seed, 1)) == 2  # the server's sample
+    assert len(partition(np.arange(100) % 10, 4, "iid", seed=seed)) == 4  # the shards
+    with pytest.raises(ValueError, match="Overflow"):
+        torch.Generator().manual_seed(seed + 1)
 
 
 def test_missing_scenario_lists_shipped_ones() -> None:
@@ -185,3 +283,21 @@ def test_a_partitioners_key_is_read_only_under_that_partitioner() -> None:
     # Switching the partitioner by override drops the file's keys for the old one.
     skewed = load("fedavg-label-skew", ['data.partition="iid"'])
     assert skewed.data.params is None and "classes_per_client" not in skewed.to_dict()["data"]
+
+
+def test_a_validated_scenario_carries_its_plugins_built_once_per_process() -> None:
+    scenario = from_dict(
+        {
+            "attack": {"name": "analytic", "also": [{"name": "idlg", "iterations": 3}]},
+            "defenses": [{"name": "clipping", "max_norm": 1.0}, {"name": "gaussian-noise"}],
+        }
+    )
+    defenses = scenario.built_defenses
+    assert [type(d).__name__ for d in defenses] == ["Clipping", "GaussianNoise"]
+    assert scenario.built_defenses is defenses  # built by the check, kept
+    assert [name for name, _ in scenario.attack.built] == ["analytic", "idlg"]
+    # What a client decodes from each train message is one object per process, so it builds
+    # its defenses once, and applies the very instances the scenario holds.
+    received = Scenario.from_json(scenario.to_json())
+    assert Scenario.from_json(scenario.to_json()) is received
+    assert ClientDefenses.from_scenario(received).update[0] is received.built_defenses[0]
