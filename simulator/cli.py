@@ -30,7 +30,7 @@ from simulator.core.registry import REGISTRIES
 from simulator.data.datasets import DataError
 from simulator.report import landscape as landscapes
 from simulator.report.html import HTML_FILE
-from simulator.report.provenance import provenance_lines
+from simulator.report.provenance import plugin_files, provenance_lines
 from simulator.report.tables import terminal_tables
 from simulator.run.cluster import RAY_ADDRESS_ENV
 from simulator.run.engine import RunInterrupted
@@ -226,11 +226,13 @@ def _print_points(records: list[Record]) -> None:
         for row in rows:
             table.add_row(*(escape(cell) for cell in row))
         out.print(table)
-    provenance = provenance_lines(records)
-    if provenance:  # whole lines: a path or a hash broken across lines could not be checked
-        lines = "\n  ".join(map(escape, provenance[:-1]))
-        out.print(f"plugin files (SHA-256):\n  {lines}", soft_wrap=True)
-        out.print(f"[yellow]{escape(provenance[-1])}[/yellow]", soft_wrap=True)
+    files = plugin_files(records)
+    if files:  # a hash is never broken across lines, so it can be checked by eye or grep
+        out.print("plugin files:")
+        for entry in files:
+            out.print(f"  {escape(entry['path'])}\n    SHA-256 {entry['sha256']}", soft_wrap=True)
+        for line in provenance_lines(records)[len(files) :]:  # changed files, then the warning
+            out.print(f"[yellow]{escape(line)}[/yellow]")
 
 
 @app.command("list")

@@ -225,7 +225,8 @@ def run_attack(tmp_path: Path, attack: str) -> list[dict[str, Any]]:
     assert done.returncode == 0, done.stdout + done.stderr
     plugin = folder / "cheats.py"
     digest = hashlib.sha256(plugin.read_bytes()).hexdigest()
-    assert f"{digest}  {plugin}" in done.stdout and "only as trustworthy" in done.stdout
+    assert f"  {plugin}\n    SHA-256 {digest}" in done.stdout
+    assert "only as trustworthy" in " ".join(done.stdout.split())
     records = read_results(folder / "run")
     startups = [r for r in records if r["kind"] == "startup"]
     assert len(startups) == 2
