@@ -30,6 +30,7 @@ from simulator.core.registry import REGISTRIES
 from simulator.data.datasets import DataError
 from simulator.report import landscape as landscapes
 from simulator.report.html import HTML_FILE
+from simulator.report.provenance import plugin_files, provenance_lines
 from simulator.report.tables import terminal_tables
 from simulator.run.cluster import RAY_ADDRESS_ENV
 from simulator.run.engine import RunInterrupted
@@ -216,7 +217,7 @@ def _resumable(run_dir: Path, alone: bool) -> Scenario:
 def _print_points(records: list[Record]) -> None:
     """The run's key figures in tables that fit 80 columns: one row per sweep point, and the
     attack outcomes with the bar for "leaked" (every column is in summary.md and
-    report.html)."""
+    report.html); then the plugin files the run ran, if any, and what that means."""
     out = Console()
     for title, headings, rows in terminal_tables(records):
         table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -225,6 +226,13 @@ def _print_points(records: list[Record]) -> None:
         for row in rows:
             table.add_row(*(escape(cell) for cell in row))
         out.print(table)
+    files = plugin_files(records)
+    if files:  # a hash is never broken across lines, so it can be checked by eye or grep
+        out.print("plugin files:")
+        for entry in files:
+            out.print(f"  {escape(entry['path'])}\n    SHA-256 {entry['sha256']}", soft_wrap=True)
+        for line in provenance_lines(records)[len(files) :]:  # changed files, then the warning
+            out.print(f"[yellow]{escape(line)}[/yellow]")
 
 
 @app.command("list")

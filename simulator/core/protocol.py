@@ -102,6 +102,9 @@ class Reconstruction:
     ``predicted_share``: the share of the batch the attack guarantees to recover exactly (the
     active attacks' alone-in-a-bin bound; NaN when it cannot be computed), None when it states
     no guarantee; the scorer then reports the shares recovered at 60 and 30 dB beside it.
+    ``seconds``: the wall time of the attack's call that made it, measured by the malicious
+    server around the call (whatever an attack sets is replaced); the trace's own "seconds"
+    only place its iterations in time.
     ``matching``: "hungarian" pairs each true image with its own reconstruction (one-to-one);
     "nearest" means the images are candidates, more or fewer than the truth, and each true
     image is scored against its most similar candidate (dataset reconstruction); "training"
@@ -127,6 +130,7 @@ class Reconstruction:
     objective_value: float = math.nan
     matching: Matching = "hungarian"
     predicted_share: float | None = None
+    seconds: float = math.nan
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -69,11 +69,17 @@ class Record:
 
 @dataclass(frozen=True)
 class StartupRecord(Record):
-    """The federation came up: how long client discovery took, and the records' format."""
+    """The federation came up: how long client discovery took, and the records' format.
+
+    ``plugins``: every plugin file that ran in the attack process or the clients, as
+    ``{"path", "sha256"}`` (hashed by the process that scores, when the run started): the
+    scores of a plugin attack are only as trustworthy as that code.
+    """
 
     kind: ClassVar[str] = "startup"
     discovery_s: float
     format: int = FORMAT_VERSION
+    plugins: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> StartupRecord:
@@ -279,7 +285,8 @@ class PointRecord(Record):
 
 @dataclass(frozen=True)
 class NoteRecord(Record):
-    """Something the run changed that the reader should know (``flwr run`` only)."""
+    """Something the run changed or found that the reader should know (``flwr run``
+    setting the number of clients; a plugin file that changed during a run)."""
 
     kind: ClassVar[str] = "note"
     message: str

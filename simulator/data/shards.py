@@ -25,6 +25,32 @@ class Shard:
     labels: torch.Tensor
 
 
+# What a run hands a process that never reads the data files itself (the attack process: see
+# simulator.run.handoff): the test split, by dataset, and the shard sizes, by (data, number of
+# clients, seed). Looked up before any file.
+_HANDED_TESTS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+_HANDED_SIZES: dict[tuple[DataConfig, int, int], tuple[int, ...]] = {}
+
+
+def hand_test_split(dataset: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Serve ``dataset``'s test split from these arrays in this process (read-only)."""
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    _HANDED_TESTS[dataset] = (images, labels)
+
+
+def hand_shard_sizes(data: DataConfig, num_clients: int, seed: int, sizes: tuple[int, ...]) -> None:
+    """Serve the shard sizes of (``data``, ``num_clients``, ``seed``) in this process."""
+    _HANDED_SIZES[(data, num_clients, seed)] = tuple(sizes)
+
+
+def test_split(data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The whole test split of ``data.dataset``: handed to this process, or read."""
+    if data.dataset in _HANDED_TESTS:
+        return _HANDED_TESTS[data.dataset]
+    return load_split(data.dataset, "test", data.dir or None)
+
+
 @functools.lru_cache(maxsize=4)
 def _shard_indices(data: DataConfig, num_clients: int, seed: int) -> tuple[np.ndarray, ...]:
     all_labels = load_labels(data.dataset, "train", data.dir or None)
@@ -45,12 +71,15 @@ def load_shard(data: DataConfig, num_clients: int, seed: int, client_id: int) ->
 
 def shard_size(data: DataConfig, num_clients: int, seed: int, client_id: int) -> int:
     """How many training examples client ``client_id`` holds."""
+    handed = _HANDED_SIZES.get((data, num_clients, seed))
+    if handed is not None:
+        return handed[client_id]
     return len(_shard_indices(data, num_clients, seed)[client_id])
 
 
 def load_test_set(data: DataConfig) -> Shard:
     """The global test split (capped at ``data.test_examples`` when that is set)."""
-    images, labels = load_split(data.dataset, "test", data.dir or None)
+    images, labels = test_split(data)
     if data.test_examples:
         images, labels = images[: data.test_examples], labels[: data.test_examples]
     return Shard(to_tensor(images), torch.as_tensor(labels, dtype=torch.int64))

@@ -26,6 +26,7 @@ from simulator.core.records import (
 )
 from simulator.report import evaluation
 from simulator.report.figures import FigureFile
+from simulator.report.provenance import provenance_lines
 from simulator.report.tables import (
     ATTACK_ERROR_COLUMNS,
     FAILURE_COLUMNS,
@@ -53,6 +54,7 @@ SECTIONS = (
     ("evaluation", "Defense evaluation"),
     ("attacks", "Attacks"),
     ("failures", "Failures"),
+    ("plugins", "Plugin files"),
 )
 
 STYLE = """
@@ -105,6 +107,10 @@ def render_html(run_dir: Path, records: Sequence[Record], drawn: Sequence[Figure
     }
     if evaluation.is_evaluation(records):
         sections["evaluation"] = _evaluation_section(records, drawn)
+    provenance = provenance_lines(records)
+    if provenance:
+        items = "".join(f"<li><code>{escape(line)}</code></li>" for line in provenance[:-1])
+        sections["plugins"] = f"<ul>{items}</ul>\n<p>{escape(provenance[-1])}</p>"
     present = [(anchor, heading) for anchor, heading in SECTIONS if anchor in sections]
     nav = " ".join(f'<a href="#{a}">{escape(h)}</a>' for a, h in present)
     body = [

@@ -24,6 +24,7 @@ from simulator.core.records import (
 )
 from simulator.report import evaluation, figures, html
 from simulator.report.figures import FigureFile
+from simulator.report.provenance import provenance_lines
 from simulator.report.tables import (
     ATTACK_ERROR_COLUMNS,
     FAILURE_COLUMNS,
@@ -99,6 +100,10 @@ def markdown_summary(run_dir: Path, records: Sequence[Record], drawn: Sequence[F
     if attack_errors:
         parts += ["", f"## Attack errors ({len(attack_errors)})", ""]
         parts += [markdown_table(attack_errors, ATTACK_ERROR_COLUMNS)]
+    provenance = provenance_lines(records)
+    if provenance:
+        parts += ["", "## Plugin files (SHA-256)", ""]
+        parts += [f"- `{line}`" for line in provenance[:-1]] + ["", provenance[-1]]
     if drawn:
         parts += ["", "## Figures", ""]
         parts += [f"- [{f.path.name}]({f.path.relative_to(run_dir).as_posix()})" for f in drawn]

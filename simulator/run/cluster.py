@@ -3,11 +3,12 @@
 ``LEAKSIM_RAY_ADDRESS`` (set by ``leaksim run --ray-address HOST:PORT``) names the cluster's
 head (the GCS address ``ray start --head`` prints); without it a run starts a private head of
 its own (:mod:`simulator.run.ray_head`). Each sweep point connects to the cluster and Flower,
-finding Ray initialised, uses it as is. The
-cluster's workers do not inherit this process's environment, so what a client needs travels
-in Ray's runtime environment: the project on ``PYTHONPATH``, the data directory, and the
-point's truth-store folder (a path every node must see: one machine, or a shared
-filesystem; on nodes that cannot see it clients write no truth and nothing is scored).
+finding Ray initialised, uses it as is. What a client needs travels in Ray's runtime
+environment of that connection, so only the point's own clients see it: the project on
+``PYTHONPATH``, the data settings, the point's truth folder (a path every node must see: one
+machine, or a shared filesystem; on nodes that cannot see it clients write no truth and
+nothing is scored) and the run's public truth key (:mod:`simulator.run.handoff`). None of it
+is set in this process's environment, which the processes it starts would inherit.
 """
 
 from __future__ import annotations
@@ -16,20 +17,16 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Mapping
 
 import ray
 from ray._private import ray_constants
-
-from simulator.data.datasets import DATA_DIR_ENV
-from simulator.federation.truth import TRUTH_DIR_ENV
 
 RAY_ADDRESS_ENV = "LEAKSIM_RAY_ADDRESS"
 # Ray picks its node address, and so where its servers listen, from this switch, read when
 # Ray is imported: off (the single-machine setting), every Ray process we start (the run's
 # worker, its private head) binds to the loopback interface only.
 RAY_ENVIRONMENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-# Variables a client reads, passed to the cluster's workers with every connection.
-CLIENT_ENVIRONMENT = (DATA_DIR_ENV, TRUTH_DIR_ENV)
 CONNECT_TIMEOUT_S = 3.0
 
 
@@ -60,15 +57,15 @@ def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def connect(address: str) -> None:
-    """Connect this process to the cluster, with the clients' environment for its workers."""
+def connect(address: str, clients: Mapping[str, str] | None = None) -> None:
+    """Connect this process to the cluster; ``clients`` is the environment of its workers."""
     if address.rpartition(":")[0] in LOOPBACK:
         # With the switch above on in this process (Ray imported without it), Ray rewrites a
         # loopback address to this machine's network address, where a loopback head does not
         # listen, and retries for ever.
         ray_constants.ENABLE_RAY_CLUSTER = False
     paths = [*sys.path, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    variables = {name: os.environ[name] for name in CLIENT_ENVIRONMENT if name in os.environ}
+    variables = dict(clients or {})
     variables["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
     ray.init(
         address=address,

@@ -17,45 +17,47 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import signal as signal_module
-import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.simulation import run_simulation
 
 from simulator.core.config import Scenario
 from simulator.core.devices import resolve_device
 from simulator.core.records import (
-    AttackRecord,
     FailureRecord,
     InterruptedRecord,
+    NoteRecord,
     PointRecord,
     Record,
     RecordT,
     RoundRecord,
+    StartupRecord,
     of_kind,
 )
 from simulator.federation.client_app import app as client_app
 from simulator.federation.secagg import app as secagg_client_app
 from simulator.federation.traffic import CLIENT_PROCESS_DIED
 from simulator.federation.traffic import LOG as CLIENT_ERRORS
-from simulator.federation.truth import TRUTH_DIR_ENV, TruthStore
+from simulator.federation.truth import TruthKey
 from simulator.run.cluster import connect
 from simulator.run.driver import FederationDriver
-from simulator.run.folder import CLIENT_ERRORS_FILE, TRUTH_PREFIX, RunFolder, RunFolderError
+from simulator.run.folder import CLIENT_ERRORS_FILE, RunFolder, RunFolderError
+from simulator.run.handoff import Handoff
 from simulator.run.privacy import PrivacyLedger
 from simulator.run.ray_head import run_cluster
-from simulator.run.referee import Referee, Tap
+from simulator.run.referee import AttackedRound, Referee, Tap
+from simulator.run.seal import Scorer, from_wire, truth_folder
 from simulator.run.server_app import make_server_app
 from simulator.run.supervisor import Interrupted, Supervisor
-from simulator.scenario import Point, expand
+from simulator.scenario import CHANGED, Point, expand, provenance
 
 ProgressHook = Callable[[Point, int], None]
 
@@ -153,27 +155,7 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-@contextlib.contextmanager
-def truth_store(folder: RunFolder | None, point: int) -> Iterator[TruthStore]:
-    """A fresh truth store for one point, named to the clients through the environment.
-
-    The point's connection to the cluster carries the variable to the clients' workers in
-    Ray's runtime environment (:func:`simulator.run.cluster.connect`), so it is set before the
-    point connects and removed after.
-    """
-    parent = folder.path if folder is not None else None
-    root = Path(tempfile.mkdtemp(prefix=f"{TRUTH_PREFIX}{point}-", dir=parent))
-    store = TruthStore(root)
-    previous = os.environ.get(TRUTH_DIR_ENV)
-    os.environ[TRUTH_DIR_ENV] = str(root)
-    try:
-        yield store
-    finally:
-        store.clear()
-        if previous is None:
-            os.environ.pop(TRUTH_DIR_ENV, None)
-        else:
-            os.environ[TRUTH_DIR_ENV] = previous
+Judge = Callable[[int, AttackedRound], None]  # (point index, the round's reconstructions)
 
 
 class _AppendLog(logging.Handler):
@@ -239,15 +221,17 @@ def degradation(scenario: Scenario, referee: Referee) -> str | None:
 def run_point(
     point: Point,
     emit: Callable[[Record], None],
+    judge: Judge,
+    handoff: Handoff,
     on_round: Callable[[int], None] = lambda _r: None,
     verbose: bool = False,
-    taps: Sequence[Tap] = (),
     folder: RunFolder | None = None,
 ) -> PointRecord:
     """Run one sweep point through Flower; returns its summary (``point``) record.
 
-    The point's truth store is a private temporary folder (inside the run folder when there
-    is one) named to the clients by :data:`TRUTH_DIR_ENV`; it is deleted when the point ends.
+    Each round's reconstructions go to ``judge`` (the scorer, in this process or across the
+    worker's pipe); the point's clients write their sealed truths to its folder in the run's
+    truth folder, which ``handoff`` names to them (and only to them).
     """
     scenario = point.scenario
     rounds: list[RoundRecord] = []
@@ -257,19 +241,17 @@ def run_point(
             rounds.append(record)
         emit(dataclasses.replace(record, point=point.index))
 
-    def save(record: AttackRecord, arrays: Mapping[str, np.ndarray]) -> None:
-        if folder is not None:
-            folder.save_attack(dataclasses.replace(record, point=point.index), arrays)
-
     started = time.perf_counter()
     error: BaseException | None = None
-    with quiet_flower(verbose), client_error_log(folder), truth_store(folder, point.index) as store:
-        referee = Referee(scenario, tagged, PrivacyLedger(scenario), store, taps, save)
+    with quiet_flower(verbose), client_error_log(folder):
+        referee = Referee(
+            scenario, tagged, PrivacyLedger(scenario), lambda round_: judge(point.index, round_)
+        )
         driver = FederationDriver(scenario, tagged, referee, on_progress=on_round)
         clients = secagg_client_app if driver.secure_aggregation else client_app
         try:
             with run_cluster() as address:
-                connect(address)  # the truth folder of this point travels with it
+                connect(address, handoff.client_environment(point.index))
                 run_simulation(
                     server_app=make_server_app(driver),
                     client_app=clients,
@@ -299,9 +281,10 @@ def run_point(
 def run_points(
     points: Sequence[Point],
     emit: Callable[[Record], None],
+    judge: Judge,
+    handoff: Handoff,
     on_round: ProgressHook = lambda _p, _r: None,
     verbose: bool = False,
-    taps: Sequence[Tap] = (),
     folder: RunFolder | None = None,
     num_cpus: int | None = None,
 ) -> None:
@@ -309,7 +292,8 @@ def run_points(
     of them on one Ray cluster (one Ray start per run; ``num_cpus`` for a private head)."""
     with run_cluster(num_cpus):
         for point in points:
-            run_point(point, emit, lambda r, p=point: on_round(p, r), verbose, taps, folder)
+            on_point = lambda r, p=point: on_round(p, r)  # noqa: E731
+            run_point(point, emit, judge, handoff, on_point, verbose, folder)
 
 
 @dataclass
@@ -412,11 +396,21 @@ def execute(
     points = expand(scenario)
     pending = points[first:]
     progress = Progress([p.index for p in pending])
+    key, truth_root = TruthKey.generate(), truth_folder(folder)
+    plugins = provenance(scenario.plugins)  # hashed here, where the worker cannot say otherwise
 
     def emit(record: Record) -> None:
+        if isinstance(record, StartupRecord):
+            record = dataclasses.replace(record, plugins=plugins)
         folder.append(record)
         records.append(record)
         progress.see(record)
+        if isinstance(record, PointRecord) and record.point is not None:
+            scorer.end_point(record.point)
+
+    scorer = Scorer(
+        {p.index: p.scenario for p in points}, key, truth_root, emit, folder.save_attack, taps
+    )
 
     stopped: list[RunInterrupted] = []
 
@@ -431,6 +425,7 @@ def execute(
         stopped.append(RunInterrupted(folder, signal, first, reached))
 
     try:
+        handoff = Handoff.build(truth_root, key.public, pending)
         if isolate:
             Supervisor(
                 folder.path,
@@ -441,13 +436,20 @@ def execute(
                 verbose,
                 lanes=min(parallel, len(pending)) or 1,
                 cpus=max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None,
+                on_refereed=lambda values: scorer.take(*from_wire(values)),
+                handoff=handoff.issue,
             ).run(progress.pending)
         else:
-            run_points(pending, emit, on_round, verbose, taps, folder)
+            run_points(pending, emit, scorer.take, handoff, on_round, verbose, folder)
     except Interrupted:
         pass  # stop() has run
     except KeyboardInterrupt:  # points in this process: Ctrl-C arrives as an exception
         stop("SIGINT")
+    finally:
+        shutil.rmtree(truth_root, ignore_errors=True)
+    for now, then in zip(provenance(scenario.plugins), plugins, strict=True):
+        if now != then:
+            emit(NoteRecord(f"plugin file {then['path']} {CHANGED}: SHA-256 {now['sha256']}"))
     if stopped:
         folder.tidy()
         raise stopped[0]

@@ -48,7 +48,7 @@ ARTIFACTS_DIR = "artifacts"
 SCENARIO_FILE = "scenario.json"
 SCENARIO_TOML = "scenario.toml"
 TEMPORARY_SUFFIX = ".tmp"
-TRUTH_PREFIX = ".truth-point-"  # a point's truth store (simulator.run.engine.truth_store)
+TRUTH_PREFIX = ".truth-"  # a run's sealed truth folder (simulator.run.seal.truth_folder)
 CLIENT_ERRORS_FILE = "client-errors.log"  # Ray's whole text of each client error
 MAX_NAME = 80
 

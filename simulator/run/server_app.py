@@ -12,6 +12,7 @@ clients' data.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from simulator.core.records import NoteRecord
 from simulator.run.driver import FederationDriver, connected_nodes
 from simulator.run.folder import print_record, write_atomic
 from simulator.run.privacy import PrivacyLedger
-from simulator.run.referee import Referee, RefereedRound, Tap
+from simulator.run.referee import AttackedRound, Judge, Referee, RefereedRound, Tap
 from simulator.scenario import load, with_overrides
 
 
@@ -53,8 +54,20 @@ def flwr_main(grid: Grid, context: Context) -> None:
         scenario = with_overrides(scenario, {"federation.clients": nodes})
     folder = context.run_config.get("reconstructions")
     taps = [reconstruction_writer(Path(str(folder)))] if folder else []
-    referee = Referee(scenario, print_record, PrivacyLedger(scenario), None, taps)
+    referee = Referee(scenario, print_record, PrivacyLedger(scenario), unscored(taps))
     FederationDriver(scenario, print_record, referee).main(grid, context)
+
+
+def unscored(taps: Sequence[Tap]) -> Judge:
+    """Hand ``taps`` each round's reconstructions, with no truths (there is no truth store)."""
+
+    def judge(attacked: AttackedRound) -> None:
+        reconstructions = tuple(r for rs in attacked.per_attack for r in rs)
+        for tap in taps:
+            if attacked.traffic is not None:
+                tap(RefereedRound(attacked.traffic, (), reconstructions))
+
+    return judge
 
 
 def reconstruction_writer(folder: Path) -> Tap:

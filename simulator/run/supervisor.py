@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import os
 import pickle
@@ -35,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulator.core.records import PointRecord, Record, read
+from simulator.core.records import AttackRecord, BestRecord, PointRecord, Record, read
 from simulator.run.cluster import RAY_ENVIRONMENT
+from simulator.run.handoff import without_data_settings
 from simulator.run.processes import ProcessTree, SignalFlag, send, subreaper
 
 WORKER_MODULE = "simulator.run.worker"
@@ -58,11 +60,24 @@ class WorkerError(RuntimeError):
     """The worker failed in a way that cannot be carried back as the original exception."""
 
 
+class ExceptionsOnly(pickle.Unpickler):
+    """Unpickles exceptions and nothing else: the worker runs plugin code, and a pickle that
+    names any other callable would run it here, beside the run's truth key."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if isinstance(found, type) and issubclass(found, BaseException):
+            return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not an exception")
+
+
 def rebuilt(payload: Mapping[str, Any]) -> BaseException:
     """The worker's exception, unpickled where possible, with its traceback as a note."""
     error: BaseException
     try:
-        error = pickle.loads(base64.b64decode(payload["pickle"]))
+        error = ExceptionsOnly(io.BytesIO(base64.b64decode(payload["pickle"]))).load()
+        if not isinstance(error, BaseException):
+            raise TypeError("not an exception")
     except Exception:
         error = WorkerError(f"{payload['type']}: {payload['message']}")
     error.add_note(f"raised in the run's worker process:\n{payload['trace']}")
@@ -70,8 +85,9 @@ def rebuilt(payload: Mapping[str, Any]) -> BaseException:
 
 
 def worker_environment() -> dict[str, str]:
-    """The worker's environment: this one, the project importable, Ray on loopback."""
-    environment = {**RAY_ENVIRONMENT, **os.environ}
+    """The worker's environment: this one without the data settings (:mod:`simulator.run.
+    handoff`), the project importable, Ray on loopback."""
+    environment = {**RAY_ENVIRONMENT, **without_data_settings(os.environ)}
     paths = [str(ROOT), *filter(None, environment.get("PYTHONPATH", "").split(os.pathsep))]
     environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return environment
@@ -116,6 +132,9 @@ class Supervisor:
     verbose: bool = False
     lanes: int = 1
     cpus: int | None = None
+    # Each round's reconstructions, for the scorer; a fresh handoff file for each worker.
+    on_refereed: Callable[[Mapping[str, Any]], None] = lambda _values: None
+    handoff: Callable[[], Path] | None = None
     tree: ProcessTree = field(default_factory=ProcessTree.here)
     flag: SignalFlag = field(default_factory=SignalFlag)
     _finished: set[int] = field(default_factory=set)
@@ -153,7 +172,7 @@ class Supervisor:
             "--parent", str(os.getpid()),
         ] + (["--verbose"] if self.verbose else []) + (
             ["--cpus", str(self.cpus)] if self.cpus else []
-        )  # fmt: skip
+        ) + (["--handoff", str(self.handoff())] if self.handoff else [])  # fmt: skip
         try:
             worker = subprocess.Popen(
                 command,
@@ -225,11 +244,18 @@ class Supervisor:
     def _dispatch(self, message: Mapping[str, Any]) -> None:
         if "record" in message:
             record = read(message["record"])
+            if isinstance(record, AttackRecord | BestRecord):
+                raise WorkerError(
+                    f"the run's worker process sent a score ({record.kind} record); only the "
+                    "referee scores: a plugin tried to write its own"
+                )
             if isinstance(record, PointRecord):
                 self._finished.add(record.point)
             self.on_record(record)
         elif "progress" in message:
             self.on_progress(*message["progress"])
+        elif "refereed" in message:
+            self.on_refereed(message["refereed"])
 
     def _stop_if_signalled(self) -> None:
         """After SIGINT or SIGTERM: record the stop, end every process of the run (the workers

@@ -13,7 +13,7 @@ from simulator.scenario.files import (
     parse_override,
     resolve_path,
 )
-from simulator.scenario.plugins import PluginError, load_plugin, load_plugins
+from simulator.scenario.plugins import CHANGED, PluginError, load_plugin, load_plugins, provenance
 from simulator.scenario.validation import (
     from_dict,
     from_message,
@@ -22,6 +22,7 @@ from simulator.scenario.validation import (
 )
 
 __all__ = [
+    "CHANGED",
     "DEFAULT_SCENARIO",
     "SCENARIO_DIR",
     "PluginError",
@@ -35,6 +36,7 @@ __all__ = [
     "load_plugin",
     "load_plugins",
     "parse_override",
+    "provenance",
     "resolve_path",
     "with_overrides",
     "with_sweep",

@@ -72,3 +72,18 @@ def _raised(error: BaseException) -> str:
 def load_plugins(paths: Iterable[str | Path]) -> list[ModuleType]:
     """Import every plugin file, in order."""
     return [load_plugin(path) for path in paths]
+
+
+CHANGED = "changed during the run"  # the note a run writes for a plugin file that changed
+
+
+def provenance(paths: Iterable[str | Path]) -> list[dict[str, str]]:
+    """Each plugin file's path and the SHA-256 of its bytes now ("missing" if unreadable)."""
+    found = []
+    for path in paths:
+        try:
+            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        except OSError:
+            digest = "missing"
+        found.append({"path": str(path), "sha256": digest})
+    return found

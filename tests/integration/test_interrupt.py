@@ -220,7 +220,7 @@ def check_stopped(run: Run, code: int, signum: signal.Signals, point: int) -> di
     last = output.strip().splitlines()[-1]
     assert f"interrupted by {signum.name}" in last and str(run.out) in last, output
     assert f"leaksim run --resume {run.out}" in last
-    assert not list(run.out.glob(".truth-point-*"))
+    assert not list(run.out.glob(".truth-*"))
     return stopped
 
 

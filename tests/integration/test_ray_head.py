@@ -57,7 +57,8 @@ def test_the_sweep_loop_starts_one_head_for_all_its_points(
     seen: list[str | None] = []
     # The points themselves are not the subject: each notes the cluster it would connect to.
     monkeypatch.setattr(engine, "run_point", lambda *_a, **_k: seen.append(ray_address()))
-    engine.run_points([object(), object(), object()], lambda _r: None, num_cpus=1)  # type: ignore[list-item]
+    points = [object(), object(), object()]
+    engine.run_points(points, lambda _r: None, lambda *_a: None, None, num_cpus=1)  # type: ignore[arg-type]
     assert len(started) == 1
     assert seen == [started[0].address] * 3
     assert not processes_mentioning(str(started[0].temp))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from attacks.none import NoAttack
 from attacks.server import MaliciousServer
 from simulator.core.config import FederationConfig
 from simulator.core.models import build_model, model_spec
-from simulator.core.protocol import Observation, PublicData, PublicMeta
+from simulator.core.protocol import Observation, PublicData, PublicMeta, Reconstruction
 from simulator.core.registry import ATTACKS
 
 SPEC = model_spec("mlp", widths=(16,))
@@ -59,3 +61,23 @@ def test_the_server_hands_its_public_data_to_an_active_attack_before_it_plans() 
     blind = MaliciousServer("imprint", ATTACKS.create("imprint", {"bins": 8}))
     with pytest.raises(ValueError, match="needs the server's public data"):
         blind.manipulate(1, (0,), SPEC, HONEST, federation, False)
+
+
+def test_an_attack_is_timed_around_its_call_whatever_its_trace_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    analytic = ATTACKS.entry("analytic").value
+    honest_run = analytic.run
+
+    def slow_run(self: Attack, observations: list[Observation]) -> list[Reconstruction]:
+        reconstructions = honest_run(self, observations)
+        time.sleep(0.3)
+        for reconstruction in reconstructions:
+            reconstruction.trace = [{**row, "seconds": 0.001} for row in reconstruction.trace]
+            reconstruction.seconds = 0.001  # a claim of its own is replaced too
+        return reconstructions
+
+    monkeypatch.setattr(analytic, "run", slow_run)
+    server = MaliciousServer("analytic", ATTACKS.create("analytic", {}))
+    (reconstruction,) = server.observe([observation(0)])
+    assert reconstruction.seconds >= 0.3

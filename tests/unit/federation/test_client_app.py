@@ -33,7 +33,7 @@ from simulator.core.protocol import (
 from simulator.core.registry import DEFENSES
 from simulator.federation.client_app import app, train
 from simulator.federation.messages import from_record, to_record
-from simulator.federation.truth import TRUTH_DIR_ENV, TruthStore
+from simulator.federation.truth import TRUTH_DIR_ENV, TRUTH_KEY_ENV, TruthKey, TruthStore
 from simulator.scenario import load, with_overrides
 
 Update = dict[str, torch.Tensor]
@@ -77,7 +77,9 @@ def flat(update: Update) -> torch.Tensor:
 def test_a_reply_holds_only_the_update_and_the_protocols_metadata(
     protocol: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    key = TruthKey.generate()
     monkeypatch.setenv(TRUTH_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(TRUTH_KEY_ENV, key.public.hex())
     scenario = with_overrides(fedavg_scenario(), {"federation.protocol": protocol})
     sent, update, reply = train_reply(scenario, with_mod=False)
     content = reply.content
@@ -87,8 +89,11 @@ def test_a_reply_holds_only_the_update_and_the_protocols_metadata(
     assert set(content[METRICS_KEY].keys()) == expected_metrics
     assert dict(content[CONFIG_KEY]) == {CLIENT_ID_KEY: 0}
     # The client's batch went to the truth store, and not one of its images is in the reply.
-    truth = TruthStore(tmp_path).get(1, 0)
+    truth = TruthStore(tmp_path, key=key).get(1, 0)
     assert truth is not None and len(truth.labels) == content[METRICS_KEY][NUM_EXAMPLES_KEY]
+    # Sealed: the file holds not one of the batch's images (the key is this process's).
+    sealed = (tmp_path / "round-1" / "client-0.sealed").read_bytes()
+    assert all(image.numpy().tobytes()[:64] not in sealed for image in truth.inputs)
     wire = pickle.dumps(reply.content)
     for image in truth.inputs:
         assert image.numpy().tobytes() not in wire
@@ -101,6 +106,7 @@ def test_without_a_truth_store_the_client_writes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(TRUTH_DIR_ENV, raising=False)
+    monkeypatch.delenv(TRUTH_KEY_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     train_reply(fedavg_scenario(), with_mod=False)
     assert list(tmp_path.iterdir()) == []
@@ -170,11 +176,12 @@ def test_an_honest_client_trains_without_importing_an_attack(tmp_path: Path) -> 
     )
     path = tmp_path / "scenario.json"
     path.write_text(scenario.to_json())
-    env = {**os.environ, TRUTH_DIR_ENV: str(tmp_path / "truth")}
+    key = TruthKey.generate()
+    env = {**os.environ, TRUTH_DIR_ENV: str(tmp_path / "truth"), TRUTH_KEY_ENV: key.public.hex()}
     result = subprocess.run(
         [sys.executable, "-c", CLIENT_PROCESS, str(path)],
         capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[3],
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["idlg", "[]"]
-    assert TruthStore(tmp_path / "truth").get(1, 0) is not None  # it did train
+    assert TruthStore(tmp_path / "truth", key=key).get(1, 0) is not None  # it did train

@@ -25,6 +25,7 @@ from simulator.core.records import (
     PrivacyRecord,
     Record,
     RoundRecord,
+    StartupRecord,
 )
 from simulator.run.folder import RunFolder
 from simulator.scenario import expand, load
@@ -33,6 +34,8 @@ from simulator.scenario import expand, load
 # tables tested here keep a fixed set of points whatever the shipped studies become.
 FIXTURE_SCENARIOS = Path(__file__).resolve().parents[2] / "fixtures" / "scenarios"
 HOSTILE = "<script>alert('x')</script> [/x] & [bold]not markup[/bold]"
+PLUGIN_PATH = f"/home/me/{HOSTILE}.py"
+PLUGIN_SHA = "5e" * 32
 
 
 def digits(count: int, seed: int = 0) -> np.ndarray:
@@ -143,6 +146,8 @@ def build_run(
             folder.append(written)
             return written
 
+        if hostile:  # a plugin file, its path hostile text too
+            emit(StartupRecord(1.0, plugins=[{"path": PLUGIN_PATH, "sha256": PLUGIN_SHA}]))
         defense, strength = _defense(point.values)
         # Leakage falls with the defense's strength; pruning's two weakest points coincide.
         level = 0.0 if strength is None else min(0.45, 0.15 * max(0.0, 3 + math.log10(strength)))

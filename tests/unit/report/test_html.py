@@ -12,10 +12,11 @@ import matplotlib.image
 import pytest
 
 from simulator.report.html import HTML_FILE, SECTIONS, render_html, table
+from simulator.report.provenance import TRUST_NOTE
 from simulator.report.summary import SUMMARY_FILE, write_report
 from simulator.run import folder as files
 from simulator.run.folder import write_atomic
-from tests.unit.report.synthetic_run import HOSTILE, build_run
+from tests.unit.report.synthetic_run import HOSTILE, PLUGIN_PATH, PLUGIN_SHA, build_run
 
 DATA_URI = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
@@ -35,6 +36,17 @@ def test_every_section_is_present_in_order_and_linked(sweep: tuple[Path, str]) -
     assert "gaussian-noise" in page and "epsilon" in page  # the defense evaluation table
     assert escape('name = "dlg-defenses-fedavg"') in page  # the scenario, as TOML
     assert "Per-round table" in page
+
+
+def test_the_plugin_files_are_named_with_their_hash_and_the_warning(
+    sweep: tuple[Path, str],
+) -> None:
+    run_dir, page = sweep
+    section = page[page.index('<section id="plugins">') :]
+    assert f"{PLUGIN_SHA}  {escape(PLUGIN_PATH)}" in section
+    assert escape(TRUST_NOTE) in section
+    summary = (run_dir / SUMMARY_FILE).read_text()
+    assert f"`{PLUGIN_SHA}  {PLUGIN_PATH}`" in summary and TRUST_NOTE in summary
 
 
 def test_hostile_text_in_records_is_escaped(sweep: tuple[Path, str]) -> None:

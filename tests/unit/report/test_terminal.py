@@ -11,7 +11,7 @@ from simulator import cli
 from simulator.report import summary
 from simulator.report.tables import terminal_tables
 from simulator.run.folder import read_records
-from tests.unit.report.synthetic_run import build_run, point_record
+from tests.unit.report.synthetic_run import PLUGIN_SHA, build_run, point_record
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,8 @@ def test_report_tables_fit_80_columns_without_cutting_a_cell(run_dir: Path) -> N
         assert heading in text
     assert "gaussian-noise 0.0316" in text and "82.5%" in text
     assert f"report: {(run_dir / 'report.html').resolve()}" in text
+    assert f"\n    SHA-256 {PLUGIN_SHA}\n" in result.output  # the plugin file, whole
+    assert "only as trustworthy as these files" in text
 
 
 def test_terminal_tables_keep_the_key_columns_only(run_dir: Path) -> None:

@@ -22,7 +22,7 @@ from simulator.federation.traffic import (
     RoundTraffic,
     client_error_message,
 )
-from simulator.federation.truth import TruthStore
+from simulator.federation.truth import TruthKey, TruthStore
 from simulator.run.engine import RunInterrupted, client_error_log, degradation
 from simulator.run.folder import CLIENT_ERRORS_FILE, RunFolder, RunFolderLost
 from simulator.run.privacy import PrivacyLedger
@@ -46,7 +46,7 @@ def refereed(rounds: list[tuple[tuple[int, ...], dict[int, str]]], **overrides: 
     """A referee that saw ``rounds`` of (sampled clients, {failed client: reason})."""
     scenario = load("quickstart", {"federation.clients": 4, **overrides})
     records: list[Record] = []
-    judge = Referee(scenario, records.append, PrivacyLedger(scenario), None)
+    judge = Referee(scenario, records.append, PrivacyLedger(scenario))
     for number, (sampled, failed) in enumerate(rounds, start=1):
         failures = tuple(Failure(number, c, reason) for c, reason in sorted(failed.items()))
         judge.on_round(RoundTraffic(number, sampled, (), failures))
@@ -106,7 +106,8 @@ def test_a_deleted_run_folder_stops_every_writer_and_is_never_made_again(
 ) -> None:
     folder = RunFolder.create(load("quickstart"), path=tmp_path / "run")
     folder.append(RoundRecord(0, 0.1, 2.3))
-    store = TruthStore(folder.path / ".truth-point-0-abc")
+    (folder.path / ".truth-abc").mkdir()
+    store = TruthStore(folder.path / ".truth-abc" / "point-0", TruthKey.generate().public)
     store.put(Truth(1, 0, torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.long)))
     for child in sorted(folder.path.rglob("*"), reverse=True):
         child.unlink() if child.is_file() else child.rmdir()

@@ -174,7 +174,7 @@ def test_rewind_keeps_finished_points_and_moves_the_rest_nothing_lost(tmp_path: 
         ],
         tail='{"point": 1, "ki',  # torn by a crash
     )
-    (folder.path / ".truth-point-1-abc").mkdir()
+    (folder.path / ".truth-abc").mkdir()
     (folder.path / ".scenario.json.x.tmp").write_text("half")
     kept, first = folder.rewind(3)
     assert first == 1

@@ -1,8 +1,10 @@
-"""simulator.run.referee: attacks first, truth afterwards, every failure recorded."""
+"""simulator.run.referee and .seal: attacks first, truth afterwards (opened by the scorer
+alone), every failure recorded."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,10 @@ from simulator.core.models import build_model, model_spec
 from simulator.core.protocol import Observation, PublicMeta, Truth
 from simulator.core.records import Record
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID, RoundTraffic
-from simulator.federation.truth import TruthStore
+from simulator.federation.truth import TruthKey, TruthStore
 from simulator.run.privacy import PrivacyLedger
-from simulator.run.referee import Referee, RefereedRound
+from simulator.run.referee import Referee, RefereedRound, Tap
+from simulator.run.seal import Scorer, point_store
 from simulator.scenario import load
 
 
@@ -22,9 +25,22 @@ def batch(n: int, seed: int = 0) -> torch.Tensor:
     return torch.rand((n, 1, 28, 28), generator=torch.Generator().manual_seed(seed))
 
 
-def referee(overrides: dict, store: TruthStore | None, records: list[Record], **kw) -> Referee:
+def referee(
+    overrides: dict, store: TruthStore | None, records: list[Record], taps: Sequence[Tap] = ()
+) -> Referee:
+    """A referee whose judge is a scorer holding ``store``'s key (point 0)."""
     scenario = load("quickstart", overrides)
-    return Referee(scenario, records.append, PrivacyLedger(scenario), store, **kw)
+    ledger = PrivacyLedger(scenario)
+    if store is None:
+        return Referee(scenario, records.append, ledger)
+    assert store.key is not None and store.root.name == "point-0"
+    scorer = Scorer({0: scenario}, store.key, store.root.parent, records.append, taps=taps)
+    return Referee(scenario, records.append, ledger, scorer.take_in_point(0))
+
+
+def sealed_store(tmp_path: Path) -> TruthStore:
+    """Point 0's store in a run's truth folder under ``tmp_path``, with a fresh key."""
+    return TruthStore(point_store(tmp_path, 0), key=TruthKey.generate())
 
 
 def poisoned_observation(client: int = 0) -> Observation:
@@ -57,7 +73,7 @@ def test_a_crashing_attack_is_recorded_and_the_federation_goes_on() -> None:
 def test_a_diverging_attack_is_recorded_as_failed_without_stopping_the_run(
     tmp_path: Path,
 ) -> None:
-    store = TruthStore(tmp_path / "truth")
+    store = sealed_store(tmp_path)
     store.put(Truth(1, 0, batch(1), torch.tensor([2])))
     records: list[Record] = []
     judge = referee({"attack.name": "dlg", "attack.params.iterations": 3}, store, records)
@@ -65,24 +81,21 @@ def test_a_diverging_attack_is_recorded_as_failed_without_stopping_the_run(
     (attack,) = [r.to_dict() for r in records if r.kind == "attack"]
     assert attack["status"] == "diverged" and attack["fraction_leaked"] == 0.0
     assert "diverged" in attack["notes"] and math.isfinite(attack["mean_psnr"])
-    assert not (tmp_path / "truth" / "round-1").exists()  # the round's truth is gone
+    assert not (store.root / "round-1").exists()  # the round's truth is gone
 
 
-class OrderedStore(TruthStore):
-    """A truth store that logs when it is read."""
-
-    def __init__(self, root: Path, log: list[str]) -> None:
-        super().__init__(root)
-        self.log = log
-
-    def get(self, server_round: int, client_id: int) -> Truth | None:
-        self.log.append(f"truth {client_id}")
-        return super().get(server_round, client_id)
-
-
-def test_truth_is_read_only_after_the_attack_returned(tmp_path: Path) -> None:
+def test_truth_is_read_only_after_the_attack_returned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     log: list[str] = []
-    store = OrderedStore(tmp_path, log)
+    store = sealed_store(tmp_path)
+    real_get = TruthStore.get
+
+    def get(self: TruthStore, server_round: int, client_id: int) -> Truth | None:
+        log.append(f"truth {client_id}")
+        return real_get(self, server_round, client_id)
+
+    monkeypatch.setattr(TruthStore, "get", get)
     store.put(Truth(1, 0, batch(1), torch.tensor([2])))
     records: list[Record] = []
     judge = referee({"attack.name": "dlg", "attack.params.iterations": 2}, store, records)
@@ -101,7 +114,7 @@ def test_truth_is_read_only_after_the_attack_returned(tmp_path: Path) -> None:
 
 
 def test_the_aggregate_is_scored_against_the_union_of_its_participants(tmp_path: Path) -> None:
-    store = TruthStore(tmp_path)
+    store = sealed_store(tmp_path)
     truths = [Truth(1, c, batch(2, seed=c), torch.tensor([c, c])) for c in (0, 1, 3)]
     for truth in truths:
         store.put(truth)

@@ -14,9 +14,10 @@ from simulator.core.models import build_model, model_spec, task_loss
 from simulator.core.protocol import Observation, PublicMeta, Truth
 from simulator.core.records import AttackRecord, BestRecord, Record
 from simulator.federation.traffic import RoundTraffic
-from simulator.federation.truth import TruthStore
+from simulator.federation.truth import TruthKey, TruthStore
 from simulator.run.privacy import PrivacyLedger
 from simulator.run.referee import Referee
+from simulator.run.seal import Scorer, point_store
 from simulator.scenario import load
 from simulator.scoring.best import best_of
 from tests.unit.report.synthetic_run import attack_record
@@ -82,8 +83,8 @@ def test_the_referee_scores_each_attack_and_their_per_image_best(tmp_path: Path)
     weights = {k: v.detach().clone() for k, v in model.named_parameters()}
     gradient = {k: v.grad.detach().clone() for k, v in model.named_parameters()}
     observation = Observation(1, 0, spec, weights, gradient, PublicMeta("fedsgd", 4, 0.1, 1, 4))
-    store = TruthStore(tmp_path)
-    store.put(Truth(1, 0, images, labels))
+    key = TruthKey.generate()
+    TruthStore(point_store(tmp_path, 0), key=key).put(Truth(1, 0, images, labels))
     scenario = load(
         "quickstart",
         {
@@ -94,10 +95,10 @@ def test_the_referee_scores_each_attack_and_their_per_image_best(tmp_path: Path)
     )
     records: list[Record] = []
     saved: list[AttackRecord] = []
-    referee = Referee(
-        scenario, records.append, PrivacyLedger(scenario), store,
-        save_attack=lambda r, _a: saved.append(r),
-    )  # fmt: skip
+    scorer = Scorer(
+        {0: scenario}, key, tmp_path, records.append, save_attack=lambda r, _a: saved.append(r)
+    )
+    referee = Referee(scenario, records.append, PrivacyLedger(scenario), scorer.take_in_point(0))
     referee.on_round(RoundTraffic(1, (0,), (observation,), ()))
     analytic, dlg, best = [r for r in records if isinstance(r, AttackRecord | BestRecord)]
     assert isinstance(best, BestRecord) and [analytic.attack, dlg.attack] == ["analytic", "dlg"]
