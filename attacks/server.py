@@ -39,6 +39,10 @@ class MaliciousServer:
 
     ``public`` loads the server's labelled public data; the server sets it on the attack
     (:attr:`Attack.public`) before asking it anything, active or not.
+
+    An attack that ``keeps_history`` (:attr:`Attack.keeps_history`) is one instance for the
+    whole run: it sees every round's updates, keyed by the client ids a server sees, and
+    reconstructs the selected ones from all it has seen of their clients.
     """
 
     attack_name: str
@@ -51,6 +55,7 @@ class MaliciousServer:
     public: Callable[[], PublicData] | None = field(default=None, repr=False)
     device: str = "auto"  # where the attack runs (simulator.core.devices)
     _active: ActiveAttack[Any] | None = field(default=None, repr=False)
+    _kept: Attack[Any] | None = field(default=None, repr=False)
 
     @property
     def active(self) -> bool:
@@ -62,6 +67,12 @@ class MaliciousServer:
         if self._active is None:
             self._active = ATTACKS.create(self.attack_name, dict(self.attack_params))
         return self._active
+
+    def kept_attack(self) -> Attack[Any]:
+        """The one instance of an attack that keeps its history across rounds."""
+        if self._kept is None:
+            self._kept = ATTACKS.create(self.attack_name, dict(self.attack_params))
+        return self._kept
 
     def manipulate(
         self,
@@ -132,12 +143,17 @@ class MaliciousServer:
             self.seen.append((observation.round, observation.client_id))
             if observation.client_id >= 0:  # what each client trains on, for later plans
                 self.examples[observation.client_id] = observation.meta.num_examples
+        keeps_history = ATTACKS.entry(self.attack_name).value.keeps_history
+        if keeps_history:  # on the CPU: the history outlives the round's device copies
+            self.kept_attack().remember(list(observations))
         targets = self.targets(observations)
         if not targets:
             return []
         attack: Attack[Any] = (
             self.active_attack()
             if self.active
+            else self.kept_attack()
+            if keeps_history
             else ATTACKS.create(self.attack_name, dict(self.attack_params))
         )
         device = resolve_device(self.device)
