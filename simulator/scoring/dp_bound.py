@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from scipy.stats import beta
 
-from simulator.scoring.metrics import psnr, ssim
+from simulator.scoring.metrics import SSIM_WINDOW, pairwise_mse, pairwise_ssim
 
 CONFIDENCE = 0.95  # of the one-sided Clopper-Pearson bounds below
 RdpCurve = Sequence[Sequence[float]]  # (order alpha, RDP epsilon at alpha) pairs
@@ -107,13 +107,10 @@ def prior_baseline(
     chosen = images[1::2][:targets].double()
     guesses, names = _guesses(pool, pool_labels, per_class)
     shape = chosen.shape[1:]
-    leaked = torch.zeros(len(guesses), len(chosen), dtype=torch.bool)
-    for g, guess in enumerate(guesses):
-        repeated = guess.reshape(1, *shape).expand_as(chosen)
-        hit = psnr(repeated, chosen) >= threshold_db
-        if threshold_ssim is not None and min(shape[-2:]) >= 11:
-            hit |= ssim(repeated, chosen) >= threshold_ssim
-        leaked[g] = hit
+    guesses = guesses.reshape(-1, *shape)
+    leaked = 10 * torch.log10(1 / pairwise_mse(guesses, chosen)) >= threshold_db
+    if threshold_ssim is not None and min(shape[-2:]) >= SSIM_WINDOW:
+        leaked |= pairwise_ssim(guesses, chosen) >= threshold_ssim
     counts = leaked.sum(1)
     best = int(counts.argmax())
     successes = int(counts[best])
