@@ -89,9 +89,7 @@ def test_the_record_holds_the_reconstruction_bound_its_epsilon_implies() -> None
     spent = ledger.spent(lambda: PublicData(test.inputs, test.labels))
     assert spent is not None and spent.prior_baseline is not None and spent.rdp_curve
     assert 0 < spent.prior_baseline < 0.2 and spent.prior_guess
-    expected = reconstruction_bound(
-        spent.epsilon, DELTA, spent.rdp_curve, spent.prior_baseline
-    )
+    expected = reconstruction_bound(spent.epsilon, DELTA, spent.rdp_curve, spent.prior_baseline)
     assert spent.reconstruction_bound == pytest.approx(expected)
     assert spent.reconstruction_bound < eps_delta_bound(spent.epsilon, DELTA, spent.prior_baseline)
     assert ledger.spent().reconstruction_bound is None  # no public data, no bound
