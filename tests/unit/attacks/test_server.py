@@ -57,3 +57,27 @@ def test_the_server_hands_its_public_data_to_an_active_attack_before_it_plans() 
     blind = MaliciousServer("imprint", {"bins": 8})
     with pytest.raises(ValueError, match="needs the server's public data"):
         blind.manipulate(1, (0,), SPEC, HONEST, federation, False)
+
+
+def test_an_attack_that_keeps_history_sees_every_round_and_attacks_on_schedule() -> None:
+    """One instance for the run: it remembers rounds 1-3 of both clients, attacked or not, and
+    reconstructs round 3's updates from all three of each client's."""
+    server = MaliciousServer("subspace-rounds", {"starts": 10}, rounds=(3,))
+    generator = torch.Generator().manual_seed(0)
+    for server_round in (1, 2, 3):
+        observations = [
+            Observation(
+                server_round, client, SPEC, HONEST,
+                {k: v + torch.randn(v.shape, generator=generator) for k, v in HONEST.items()},
+                PublicMeta("fedsgd", 4, 0.1, 1, 4),
+            )
+            for client in (0, 1)
+        ]  # fmt: skip
+        reconstructions = server.observe(observations)
+        assert len(reconstructions) == (2 if server_round == 3 else 0)
+    kept = server.kept_attack()
+    assert {c: [s.round for s in seen] for c, seen in kept.history.items()} == {  # type: ignore[attr-defined]
+        0: [1, 2, 3],
+        1: [1, 2, 3],
+    }
+    assert all("from 3 update(s)" in r.notes for r in reconstructions)
