@@ -62,13 +62,16 @@ def test_the_server_hands_its_public_data_to_an_active_attack_before_it_plans() 
 def test_an_attack_that_keeps_history_sees_every_round_and_attacks_on_schedule() -> None:
     """One instance for the run: it remembers rounds 1-3 of both clients, attacked or not, and
     reconstructs round 3's updates from all three of each client's."""
+    torch.set_num_threads(1)  # many small products: threads cost more than they give
     server = MaliciousServer("subspace-rounds", {"starts": 10}, rounds=(3,))
+    small = model_spec("mlp", widths=(16,), input_shape=(1, 8, 8))  # 64 pixels: fast
+    honest = build_model(small, seed=0).state_dict()
     generator = torch.Generator().manual_seed(0)
     for server_round in (1, 2, 3):
         observations = [
             Observation(
-                server_round, client, SPEC, HONEST,
-                {k: v + torch.randn(v.shape, generator=generator) for k, v in HONEST.items()},
+                server_round, client, small, honest,
+                {k: v + torch.randn(v.shape, generator=generator) for k, v in honest.items()},
                 PublicMeta("fedsgd", 4, 0.1, 1, 4),
             )
             for client in (0, 1)
