@@ -18,14 +18,13 @@ from typing import Any
 
 import torch
 
-from attacks.active.base import ActiveAttack, Plan, is_active
+from attacks.active.base import ActiveAttack, Plan
 from attacks.base import Attack
 from simulator.core.config import FederationConfig
 from simulator.core.devices import move, resolve_device
 from simulator.core.models import ModelSpec, SentModel
 from simulator.core.objectives import objective_key
 from simulator.core.protocol import Observation, PublicData, Reconstruction
-from simulator.core.registry import ATTACKS
 
 
 @dataclass
@@ -37,16 +36,18 @@ class MaliciousServer:
     the models of those rounds and clients (narrowed by its ``clients`` parameter) and attacks
     only the updates computed on them; ``manipulated`` maps each round to those clients.
 
+    ``attack`` is the one instance for the whole run (a validated scenario builds it:
+    :attr:`~simulator.core.config.AttackConfig.built`), registered as ``attack_name``.
     ``public`` loads the server's labelled public data; the server sets it on the attack
     (:attr:`Attack.public`) before asking it anything, active or not.
 
-    An attack that ``keeps_history`` (:attr:`Attack.keeps_history`) is one instance for the
-    whole run: it sees every round's updates, keyed by the client ids a server sees, and
-    reconstructs the selected ones from all it has seen of their clients.
+    An attack that ``keeps_history`` (:attr:`Attack.keeps_history`) also sees every round's
+    updates (:meth:`Attack.remember`), attacked or not, keyed by the client ids a server sees,
+    and reconstructs the selected ones from all it has seen of their clients.
     """
 
     attack_name: str
-    attack_params: Mapping[str, Any] = field(default_factory=dict)
+    attack: Attack[Any]
     rounds: Sequence[int] = ()
     max_clients: int = 0
     seen: list[tuple[int, int]] = field(default_factory=list)
@@ -54,25 +55,11 @@ class MaliciousServer:
     examples: dict[int, int] = field(default_factory=dict)
     public: Callable[[], PublicData] | None = field(default=None, repr=False)
     device: str = "auto"  # where the attack runs (simulator.core.devices)
-    _active: ActiveAttack[Any] | None = field(default=None, repr=False)
-    _kept: Attack[Any] | None = field(default=None, repr=False)
 
     @property
     def active(self) -> bool:
         """Whether the attack manipulates the model it sends (an :class:`ActiveAttack`)."""
-        return is_active(self.attack_name)
-
-    def active_attack(self) -> ActiveAttack[Any]:
-        """The one instance of the active attack (it may cache public statistics)."""
-        if self._active is None:
-            self._active = ATTACKS.create(self.attack_name, dict(self.attack_params))
-        return self._active
-
-    def kept_attack(self) -> Attack[Any]:
-        """The one instance of an attack that keeps its history across rounds."""
-        if self._kept is None:
-            self._kept = ATTACKS.create(self.attack_name, dict(self.attack_params))
-        return self._kept
+        return isinstance(self.attack, ActiveAttack)
 
     def manipulate(
         self,
@@ -88,9 +75,11 @@ class MaliciousServer:
         Under secure aggregation every participant's update is summed, so a changed
         architecture must go to every sampled client alike; anything else is an error.
         """
-        if not self.active or (self.rounds and server_round not in self.rounds):
+        attack = self.attack
+        if not isinstance(attack, ActiveAttack) or (
+            self.rounds and server_round not in self.rounds
+        ):
             return {}
-        attack = self.active_attack()
         wanted = attack.params.clients
         chosen = tuple(c for c in sorted(sampled) if not wanted or c in wanted)
         chosen = chosen[: self.max_clients] if self.max_clients else chosen
@@ -122,7 +111,7 @@ class MaliciousServer:
         For an active attack: the updates computed on manipulated models (the aggregate of a
         manipulated round under secure aggregation).
         """
-        if not observations or ATTACKS.entry(self.attack_name).value.observes_only:
+        if not observations or self.attack.observes_only:
             return []
         if self.active:
             done = self.manipulated.get(observations[0].round, frozenset())
@@ -143,19 +132,12 @@ class MaliciousServer:
             self.seen.append((observation.round, observation.client_id))
             if observation.client_id >= 0:  # what each client trains on, for later plans
                 self.examples[observation.client_id] = observation.meta.num_examples
-        keeps_history = ATTACKS.entry(self.attack_name).value.keeps_history
-        if keeps_history:  # on the CPU: the history outlives the round's device copies
-            self.kept_attack().remember(list(observations))
+        if self.attack.keeps_history:  # on the CPU: the history outlives the device copies
+            self.attack.remember(list(observations))
         targets = self.targets(observations)
         if not targets:
             return []
-        attack: Attack[Any] = (
-            self.active_attack()
-            if self.active
-            else self.kept_attack()
-            if keeps_history
-            else ATTACKS.create(self.attack_name, dict(self.attack_params))
-        )
+        attack = self.attack
         device = resolve_device(self.device)
         self.hand_public(attack, device)
         reconstructions = attack.run(on_device(targets, device))

@@ -234,14 +234,6 @@ def register_defense(name: str, description: str) -> Callable[[DefenseT], Defens
     return decorate
 
 
-def build_defenses(entries: Sequence[Mapping[str, Any]]) -> list[Defense]:
-    """A scenario's ``[[defenses]]`` tables (``name`` plus parameters) as defenses, in order."""
-    return [
-        DEFENSES.create(entry["name"], {k: v for k, v in entry.items() if k != "name"})
-        for entry in entries
-    ]
-
-
 def compose(
     defenses: Sequence[UpdateDefense], update: dict[str, torch.Tensor], generator: torch.Generator
 ) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ the manipulated updates, like any attack, and reads the data out of them. Everyt
 client (for a secure aggregate: their weighted mean), so the two halves share no state.
 
 Active attacks are registered with :func:`~attacks.base.register_attack`, like every attack;
-the malicious server tells them apart by their class (:func:`is_active`).
+the malicious server tells them apart by their class.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from simulator.core.config import FederationConfig
 from simulator.core.fields import param
 from simulator.core.models import IMPRINT, ModelSpec, SentModel, build_model
 from simulator.core.protocol import Observation
-from simulator.core.registry import ATTACKS
 
 ParamsT = TypeVar("ParamsT")
 Weights = dict[str, torch.Tensor]
@@ -86,12 +85,6 @@ class ActiveAttack(Attack[ParamsT]):
         if self.public is None:
             raise ValueError(f"attack {self.name!r} needs the server's public data to plan")
         return self.public.images
-
-
-def is_active(name: str) -> bool:
-    """Whether the registered attack ``name`` manipulates the model it sends."""
-    value = ATTACKS.entry(name).value
-    return isinstance(value, type) and issubclass(value, ActiveAttack)
 
 
 def predicted_share(bins: int, samples: int) -> float:

@@ -35,9 +35,9 @@ class Attack(ABC, Generic[ParamsT]):
     # True for an attack that attacks nothing (the registered "none"): the malicious server
     # then selects no targets, so the round reads no truths and collects no garbage for it.
     observes_only: ClassVar[bool] = False
-    # True for an attack that combines updates across rounds: the malicious server then keeps
-    # one instance for the whole run and shows it every round's updates (:meth:`remember`),
-    # attacked or not, before it asks for reconstructions.
+    # True for an attack that combines updates across rounds: the malicious server (which
+    # holds one instance for the whole run) then shows it every round's updates
+    # (:meth:`remember`), attacked or not, before it asks for reconstructions.
     keeps_history: ClassVar[bool] = False
 
     def __init__(self, params: ParamsT | None = None) -> None:

@@ -20,8 +20,7 @@ What the server must know, all of which a server has:
 
 It never needs the client's data, its sampling, or which images a round used. The attack keeps
 one stacked change per update it has seen (:meth:`RoundsAttack.remember`, every round's updates,
-attacked or not), so the malicious server holds it for the whole run
-(:attr:`attacks.base.Attack.keeps_history`); ``updates`` caps how many of a client's most
+attacked or not: :attr:`attacks.base.Attack.keeps_history`); ``updates`` caps how many of a client's most
 recent ones a reconstruction uses (0: all), which is how leakage is measured against the number
 of updates.
 """

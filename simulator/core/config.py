@@ -35,7 +35,7 @@ from simulator.core.fields import (
     suggest,
 )
 from simulator.core.models import ModelSpec
-from simulator.core.registry import MODELS, PARTITIONERS, Registry
+from simulator.core.registry import ATTACKS, DEFENSES, MODELS, PARTITIONERS, Registry
 
 DEFAULT_SCENARIO = "quickstart"
 
@@ -107,6 +107,25 @@ class AttackConfig:
     # Where the attacks run (simulator.core.devices): a GPU where torch sees one, by default.
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    @functools.cached_property
+    def built(self) -> tuple[tuple[str, Any], ...]:
+        """(name, attack instance) for the attack, then each ``also`` entry: built on first use
+        (the validator's check) and kept, so a process builds its attacks once. A bad name or
+        parameter raises ValueError naming the entry."""
+        tables = [("attack", {"name": self.name, **self.params})] + [
+            (f"attack.also[{index}]", entry) for index, entry in enumerate(self.also)
+        ]
+        built = []
+        for where, table in tables:
+            name = table.get("name")
+            if not isinstance(name, str):
+                raise ValueError(f"{where} must be a table with a name, got {dict(table)!r}")
+            try:
+                built.append((name, ATTACKS.create(name, without_name(table))))
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
+        return tuple(built)
+
 
 @dataclass(frozen=True)
 class FaultConfig:
@@ -149,6 +168,20 @@ class Scenario:
     # (``model.kind`` swept, one [model] table for them all); each such point reads them.
     for_swept_kinds: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
+    @functools.cached_property
+    def built_defenses(self) -> tuple[Any, ...]:
+        """The ``[[defenses]]`` tables as defense instances, in order: built on first use (the
+        validator's check) and kept, so a process builds them once per scenario
+        (:meth:`from_json` caches the scenario per process). A bad table raises ValueError
+        naming its index."""
+        built = []
+        for index, entry in enumerate(self.defenses):
+            try:
+                built.append(DEFENSES.create(entry["name"], without_name(entry)))
+            except ValueError as error:
+                raise ValueError(f"defenses[{index}]: {error}") from None
+        return tuple(built)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists, not tuples), derived fields left out: the form written
         to run folders (only keys some kind of the scenario reads), read back by
@@ -180,6 +213,11 @@ class Scenario:
 
 
 DERIVED_MODEL_FIELDS = ("input_shape", "num_classes")
+
+
+def without_name(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A plugin table's parameters: every key but ``name``."""
+    return {k: v for k, v in entry.items() if k != "name"}
 
 
 @dataclass(frozen=True)

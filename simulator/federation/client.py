@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from defenses.base import TrainingDefense, UpdateDefense, build_defenses, compose
+from defenses.base import TrainingDefense, UpdateDefense, compose
 from simulator.core.config import FederationConfig, Scenario
 from simulator.core.devices import move, resolve_device
 from simulator.core.models import ModelSpec, build_model
@@ -40,7 +40,7 @@ class ClientDefenses:
 
     @classmethod
     def from_scenario(cls, scenario: Scenario) -> ClientDefenses:
-        defenses = build_defenses(scenario.defenses)
+        defenses = scenario.built_defenses
         training = [d for d in defenses if isinstance(d, TrainingDefense)]
         return cls(
             training[0] if training else None,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
-from defenses.base import ClientModDefense, build_defenses
+from defenses.base import ClientModDefense
 from simulator.core.config import Scenario
 from simulator.core.protocol import CONFIG_KEY, ROUND_KEY, SCENARIO_KEY
 from simulator.core.seeding import seeded_numpy
@@ -58,8 +58,7 @@ def client_defense_mods(msg: Message, context: Context, call_next: ClientAppCall
     if found is None:
         return call_next(msg, context)
     scenario, server_round = found
-    defenses = build_defenses(scenario.defenses)
-    mods = [d.mod() for d in defenses if isinstance(d, ClientModDefense)]
+    mods = [d.mod() for d in scenario.built_defenses if isinstance(d, ClientModDefense)]
     if not mods:
         return call_next(msg, context)
 

@@ -52,7 +52,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 
-from defenses.base import AggregationDefense, build_defenses
+from defenses.base import AggregationDefense
 from simulator.core.config import Scenario
 from simulator.core.models import ModelSpec, SentModel, build_model
 from simulator.core.protocol import ROUND_KEY, SCENARIO_KEY
@@ -91,7 +91,7 @@ def parameter_names(spec: ModelSpec) -> list[str]:
 
 def aggregation_defense(scenario: Scenario) -> AggregationDefense:
     """The scenario's aggregation defense (its check allows one per scenario)."""
-    (defense,) = [d for d in build_defenses(scenario.defenses) if isinstance(d, AggregationDefense)]
+    (defense,) = [d for d in scenario.built_defenses if isinstance(d, AggregationDefense)]
     return defense
 
 

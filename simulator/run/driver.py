@@ -36,7 +36,7 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid
 
 from attacks.server import MaliciousServer
-from defenses.base import AggregationDefense, build_defenses
+from defenses.base import AggregationDefense
 from simulator.core.config import Scenario
 from simulator.core.models import SentModel, build_model
 from simulator.core.protocol import CLIENT_ID_KEY, CONFIG_KEY, SCENARIO_KEY
@@ -125,9 +125,7 @@ class FederationDriver:
     @property
     def secure_aggregation(self) -> bool:
         """Whether the scenario hides individual updates behind an aggregation defense."""
-        return any(
-            isinstance(d, AggregationDefense) for d in build_defenses(self.scenario.defenses)
-        )
+        return any(isinstance(d, AggregationDefense) for d in self.scenario.built_defenses)
 
     def main(self, grid: Grid, context: Context) -> None:
         """The ServerApp body: discovery, then the rounds, then the privacy record."""

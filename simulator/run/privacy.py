@@ -18,7 +18,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterable
 
-from defenses.base import ReleaseAccounted, TrainingDefense, build_defenses
+from defenses.base import ReleaseAccounted, TrainingDefense
 from simulator.core.config import Scenario
 from simulator.core.protocol import PublicData, local_steps
 from simulator.core.records import PrivacyRecord
@@ -44,7 +44,7 @@ class PrivacyLedger:
         """Per (client, participations): the epsilon and RDP curve spent; and the delta.
         None without a DP defense."""
         scenario, fed = self.scenario, self.scenario.federation
-        defenses = build_defenses(scenario.defenses)
+        defenses = scenario.built_defenses
         training = [d for d in defenses if isinstance(d, TrainingDefense)]
         if training:
             defense = training[0]

@@ -68,22 +68,19 @@ class Referee:
 
     def __post_init__(self) -> None:
         attack = self.scenario.attack
-        attacks = [(attack.name, attack.params)] + [
-            (entry["name"], {k: v for k, v in entry.items() if k != "name"})
-            for entry in attack.also
-        ]
         # One malicious server per attack, all on the same schedule: the first is the
         # scenario's attack, the others (attack.also) are compared with it image by image.
+        # The attacks are the validated scenario's own instances, built once.
         self.servers = [
             MaliciousServer(
                 name,
-                params,
+                built,
                 attack.rounds,
                 attack.max_clients,
                 public=self.public_data,
                 device=attack.device,
             )
-            for name, params in attacks
+            for name, built in attack.built
         ]
 
     def public_data(self) -> PublicData:

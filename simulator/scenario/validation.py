@@ -27,7 +27,7 @@ from simulator.core.config import (
 )
 from simulator.core.fields import FieldError
 from simulator.core.models import ModelSpec
-from simulator.core.registry import ATTACKS, DATASETS, DEFENSES
+from simulator.core.registry import DATASETS
 from simulator.scenario.plugins import load_plugins
 
 
@@ -143,28 +143,18 @@ def check_rules(scenario: Scenario) -> None:
     ):
         if bad_rounds := [r for r in rounds if not 1 <= r <= fed.rounds]:
             raise ScenarioError(f"{key} = {bad_rounds} must be rounds in 1..{fed.rounds}")
-    defenses = []
-    for index, entry in enumerate(scenario.defenses):
-        params = {k: v for k, v in entry.items() if k != "name"}
-        try:
-            defenses.append(DEFENSES.create(entry["name"], params))
-        except ValueError as error:
-            raise ScenarioError(f"defenses[{index}]: {error}") from None
+    try:
+        defenses = scenario.built_defenses
+    except ValueError as error:
+        raise ScenarioError(str(error)) from None
     for defense in defenses:
         try:
             defense.check_scenario(fed, defenses)
         except ValueError as error:
             raise ScenarioError(str(error)) from None
     try:
-        ATTACKS.validate(scenario.attack.name, scenario.attack.params)
+        attacks = scenario.attack.built  # built and kept: their check
     except ValueError as error:
-        raise ScenarioError(f"attack: {error}") from None
-    for index, entry in enumerate(scenario.attack.also):
-        if not isinstance(entry.get("name"), str):
-            raise ScenarioError(f"attack.also[{index}] must be a table with a name, got {entry!r}")
-        try:
-            ATTACKS.validate(entry["name"], {k: v for k, v in entry.items() if k != "name"})
-        except ValueError as error:
-            raise ScenarioError(f"attack.also[{index}]: {error}") from None
-    if scenario.attack.also and scenario.attack.name == "none":
+        raise ScenarioError(str(error)) from None
+    if scenario.attack.also and attacks[0][1].observes_only:
         raise ScenarioError("attack.also needs a first attack: set attack.name")

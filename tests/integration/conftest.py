@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -43,3 +44,17 @@ def leaksim(*args: str, timeout: float = 400) -> subprocess.CompletedProcess[str
 def read_results(run_dir: Path) -> list[dict[str, Any]]:
     """The records of a run folder, in order."""
     return [json.loads(line) for line in (run_dir / "results.jsonl").open()]
+
+
+def quickstart_with(**keys: object) -> str:
+    """The shipped quickstart file with some keys of its ``[federation]`` table rewritten
+    (``rounds=2`` sets ``rounds = 2``): a small federation as a user would write it. Each key
+    must be in that table, so a change to the quickstart cannot leave a test running it whole."""
+    text = (ROOT / "scenarios" / "quickstart.toml").read_text()
+    head, table, rest = text.partition("[federation]\n")
+    body, next_table, tail = rest.partition("\n[")
+    for key, value in keys.items():
+        line = f"{key} = {json.dumps(value)}"
+        body, found = re.subn(rf"^{key} = .*$", line, body, flags=re.MULTILINE)
+        assert found == 1, f"quickstart.toml's [federation] has no line '{key} = ...'"
+    return head + table + body + next_table + tail

@@ -29,6 +29,7 @@ from simulator.federation.truth import TRUTH_DIR_ENV
 from simulator.run.network import free_port, wait_for_port
 from simulator.scenario import load
 from simulator.scoring.metrics import leak_summary
+from tests.integration.conftest import quickstart_with
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -70,13 +71,7 @@ def processes(commands: list[list[str]], env: dict[str, str]) -> Iterator[list[i
 
 def test_flwr_run_on_a_superlink_and_two_supernodes(tmp_path: Path) -> None:
     scenario_file = tmp_path / "tiny.toml"
-    scenario_file.write_text(
-        (REPO / "scenarios" / "quickstart.toml")
-        .read_text()
-        .replace("rounds = 10", "rounds = 1")
-        .replace("clients = 10", "clients = 2")
-        .replace("fraction = 0.3", "fraction = 1.0")
-    )
+    scenario_file.write_text(quickstart_with(rounds=1, clients=2, fraction=1.0))
     link, nodes = free_port(), [free_port(), free_port()]
     home, recovered = tmp_path / "flwr-home", tmp_path / "reconstructions"
     home.mkdir()

@@ -11,18 +11,14 @@ import sys
 from pathlib import Path
 
 from simulator.run.network import processes_mentioning
+from tests.integration.conftest import quickstart_with
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_flwr_run_streams_the_same_records(tmp_path: Path) -> None:
     scenario = tmp_path / "tiny.toml"
-    scenario.write_text(
-        (REPO / "scenarios" / "quickstart.toml")
-        .read_text()
-        .replace("rounds = 10", "rounds = 2")
-        .replace("fraction = 0.3", "fraction = 1.0")
-    )
+    scenario.write_text(quickstart_with(rounds=2, fraction=1.0))
     flwr_home = tmp_path / "flwr-home"
     env = {
         **os.environ,

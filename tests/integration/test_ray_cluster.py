@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from simulator.run.ray_head import start_head, stop_head
+from tests.integration.conftest import quickstart_with
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -24,9 +25,7 @@ BIN = Path(sys.executable).parent
 
 def test_a_run_on_an_existing_cluster_is_scored_and_leaves_nothing(tmp_path: Path) -> None:
     scenario = tmp_path / "tiny.toml"
-    scenario.write_text(
-        (REPO / "scenarios" / "quickstart.toml").read_text().replace("rounds = 10", "rounds = 2")
-    )
+    scenario.write_text(quickstart_with(rounds=2, fraction=0.3))
     out = tmp_path / "run"
     head = start_head(num_cpus=2)  # the user's cluster: a head of its own session
     try:

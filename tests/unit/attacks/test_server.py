@@ -39,7 +39,7 @@ def test_none_is_the_registered_no_op_and_selects_nothing() -> None:
         return PUBLIC
 
     assert ATTACKS.entry("none").value is NoAttack
-    server = MaliciousServer("none", {}, public=public)
+    server = MaliciousServer("none", ATTACKS.create("none", {}), public=public)
     assert not server.active
     assert server.targets([observation(0), observation(1)]) == []
     assert server.observe([observation(0)]) == [] and server.seen == [(1, 0)]
@@ -47,14 +47,16 @@ def test_none_is_the_registered_no_op_and_selects_nothing() -> None:
 
 
 def test_the_server_hands_its_public_data_to_an_active_attack_before_it_plans() -> None:
-    server = MaliciousServer("imprint", {"bins": 8}, public=lambda: PUBLIC)
+    server = MaliciousServer(
+        "imprint", ATTACKS.create("imprint", {"bins": 8}), public=lambda: PUBLIC
+    )
     federation = FederationConfig(clients=2, fraction=1.0, batch_size=4)
     offers = server.manipulate(1, (0, 1), SPEC, HONEST, federation, False)
-    attack = server.active_attack()
+    attack = server.attack
     assert isinstance(attack, Imprint) and attack.public is not None
     assert attack.public.images is PUBLIC.images  # on the CPU, where the plan is made
     assert sorted(offers) == [0, 1]
-    blind = MaliciousServer("imprint", {"bins": 8})
+    blind = MaliciousServer("imprint", ATTACKS.create("imprint", {"bins": 8}))
     with pytest.raises(ValueError, match="needs the server's public data"):
         blind.manipulate(1, (0,), SPEC, HONEST, federation, False)
 
@@ -63,7 +65,8 @@ def test_an_attack_that_keeps_history_sees_every_round_and_attacks_on_schedule()
     """One instance for the run: it remembers rounds 1-3 of both clients, attacked or not, and
     reconstructs round 3's updates from all three of each client's."""
     torch.set_num_threads(1)  # many small products: threads cost more than they give
-    server = MaliciousServer("subspace-rounds", {"starts": 10}, rounds=(3,))
+    attack = ATTACKS.create("subspace-rounds", {"starts": 10})
+    server = MaliciousServer("subspace-rounds", attack, rounds=(3,))
     small = model_spec("mlp", widths=(16,), input_shape=(1, 8, 8))  # 64 pixels: fast
     honest = build_model(small, seed=0).state_dict()
     generator = torch.Generator().manual_seed(0)
@@ -78,8 +81,7 @@ def test_an_attack_that_keeps_history_sees_every_round_and_attacks_on_schedule()
         ]  # fmt: skip
         reconstructions = server.observe(observations)
         assert len(reconstructions) == (2 if server_round == 3 else 0)
-    kept = server.kept_attack()
-    assert {c: [s.round for s in seen] for c, seen in kept.history.items()} == {  # type: ignore[attr-defined]
+    assert {c: [s.round for s in seen] for c, seen in attack.history.items()} == {  # type: ignore[attr-defined]
         0: [1, 2, 3],
         1: [1, 2, 3],
     }

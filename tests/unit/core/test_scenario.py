@@ -9,8 +9,9 @@ import pytest
 from simulator.core.config import Scenario, ScenarioError
 from simulator.core.models import CnnParams, MlpParams
 from simulator.data.partition import DirichletParams
+from simulator.federation.client import ClientDefenses
 from simulator.run.folder import scenario_toml
-from simulator.scenario import expand, load, parse_override
+from simulator.scenario import expand, from_dict, load, parse_override
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -74,6 +75,12 @@ def test_every_shipped_scenario_loads() -> None:
             "sweep.federation.batch_size must be a non-empty list",
         ),
         ("[attack]\nname = 'magic'", "attack"),
+        (
+            "[attack]\nalso = [{ name = 'idlg' }]",
+            "attack.also needs a first attack: set attack.name",
+        ),
+        ("[attack]\nname = 'dlg'\nalso = [{ iterations = 3 }]", "attack.also[0] must be a table"),
+        ("[attack]\nname = 'dlg'\nalso = [{ name = 'dlg', steps = 3 }]", "attack.also[0]: "),
         ("seed = 'x'", "seed = 'x' has type str; allowed: int"),
         ("[[defenses]]\nname = 'pruning'\nfraction = 1.5", "defenses[0]: defense 'pruning'"),
         (
@@ -185,3 +192,21 @@ def test_a_partitioners_key_is_read_only_under_that_partitioner() -> None:
     # Switching the partitioner by override drops the file's keys for the old one.
     skewed = load("fedavg-label-skew", ['data.partition="iid"'])
     assert skewed.data.params is None and "classes_per_client" not in skewed.to_dict()["data"]
+
+
+def test_a_validated_scenario_carries_its_plugins_built_once_per_process() -> None:
+    scenario = from_dict(
+        {
+            "attack": {"name": "analytic", "also": [{"name": "idlg", "iterations": 3}]},
+            "defenses": [{"name": "clipping", "max_norm": 1.0}, {"name": "gaussian-noise"}],
+        }
+    )
+    defenses = scenario.built_defenses
+    assert [type(d).__name__ for d in defenses] == ["Clipping", "GaussianNoise"]
+    assert scenario.built_defenses is defenses  # built by the check, kept
+    assert [name for name, _ in scenario.attack.built] == ["analytic", "idlg"]
+    # What a client decodes from each train message is one object per process, so it builds
+    # its defenses once, and applies the very instances the scenario holds.
+    received = Scenario.from_json(scenario.to_json())
+    assert Scenario.from_json(scenario.to_json()) is received
+    assert ClientDefenses.from_scenario(received).update[0] is received.built_defenses[0]

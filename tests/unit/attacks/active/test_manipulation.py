@@ -16,6 +16,7 @@ from attacks.server import MaliciousServer
 from simulator.core.config import FederationConfig
 from simulator.core.models import SentModel, build_model
 from simulator.core.protocol import Observation, PublicMeta
+from simulator.core.registry import ATTACKS
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID, TrafficPath
 from tests.unit.attacks.active.helpers import PUBLIC_DATA, SPEC
 
@@ -25,7 +26,10 @@ HONEST = build_model(SPEC, seed=0).state_dict()
 
 def server(**params: object) -> MaliciousServer:
     return MaliciousServer(
-        "imprint", {"bins": 16, **params}, rounds=(2,), public=lambda: PUBLIC_DATA
+        "imprint",
+        ATTACKS.create("imprint", {"bins": 16, **params}),
+        rounds=(2,),
+        public=lambda: PUBLIC_DATA,
     )
 
 
@@ -57,7 +61,7 @@ def test_only_the_named_rounds_and_clients_get_a_manipulated_model() -> None:
 
 
 def test_a_passive_attack_manipulates_nothing() -> None:
-    malicious = MaliciousServer("analytic", {}, rounds=(2,))
+    malicious = MaliciousServer("analytic", ATTACKS.create("analytic", {}), rounds=(2,))
     assert not malicious.active
     assert manipulate(malicious, 2) == {}
     assert len(malicious.targets([observation(0), observation(1)])) == 2

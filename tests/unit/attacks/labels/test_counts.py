@@ -118,7 +118,7 @@ def test_the_server_hands_its_public_data_to_the_labels_only_attack() -> None:
         loads.append(1)
         return PUBLIC
 
-    server = MaliciousServer("label-counts", {}, public=public)
+    server = MaliciousServer("label-counts", ATTACKS.create("label-counts", {}), public=public)
     (reconstruction,) = server.observe([obs])
     assert reconstruction.images.shape == (128, 1, 28, 28)
     assert bool((reconstruction.images == 0.5).all())  # no images: labels only
