@@ -19,10 +19,10 @@ What the server must know, all of which a server has:
   reports) and, for ``noise_std``, the defense's public configuration.
 
 It never needs the client's data, its sampling, or which images a round used. The attack keeps
-one stacked change per update it has seen (:meth:`RoundsAttack.remember`, every round's updates,
-attacked or not: :attr:`attacks.base.Attack.keeps_history`); ``updates`` caps how many of a client's most
-recent ones a reconstruction uses (0: all), which is how leakage is measured against the number
-of updates.
+one first-layer change per update it has seen (:meth:`RoundsAttack.remember` gets every round's
+updates, attacked or not: :attr:`attacks.base.Attack.keeps_history`); ``updates`` caps how
+many of a client's most recent ones a reconstruction uses (0: all), which is how leakage is
+measured against the number of updates.
 """
 
 from __future__ import annotations
