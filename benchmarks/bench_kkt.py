@@ -46,7 +46,8 @@ from pathlib import Path
 
 import torch
 
-from attacks.kkt.attack import KKT, KKTParams, _problem, combination
+from attacks.kkt.attack import KKT, KKTParams
+from benchmarks.kkt_residual import truth_residual
 from simulator.core.models import build_model, model_spec
 from simulator.core.protocol import Observation
 from simulator.run.folder import write_atomic
@@ -297,34 +298,6 @@ def bench_subspace_capacity(steps: int) -> dict[str, object]:
         )
         print("subspace_capacity", json.dumps(rows[-1]), flush=True)
     return {"train_steps": steps, "rows": rows}
-
-
-def truth_residual(obs: Observation, images: torch.Tensor, first_only: bool = False) -> float:
-    """Stationarity residual of the true images with least-squares coefficients (KKTParams'
-    per-tensor normalisation): near 0 only when the weights sit at a KKT point. With
-    ``first_only``, of the first layer's tensors only (``fit = "first"``)."""
-    problem = _problem(obs, "weights", 1.0, "layer")
-    if first_only:
-        kept = 2 if problem.layers[0][1] is not None else 1
-        problem.targets, problem.norms = problem.targets[:kept], problem.norms[:kept]
-    layers = [(w.double(), None if b is None else b.double()) for w, b in problem.layers]
-    inputs = (images.flatten(1) * 2 - 1).double()  # the victim centres its inputs
-    columns = []
-    for index in range(
-        inputs.shape[0]
-    ):  # one per-sample gradient each: a benchmark, not a hot path
-        coeff = torch.zeros(inputs.shape[0], 1, dtype=torch.double)
-        coeff[index] = 1.0
-        grads = combination(layers, inputs, coeff, alpha=1e6, first_only=first_only)
-        columns.append(
-            torch.cat([g.flatten() / n**0.5 for g, n in zip(grads, problem.norms, strict=True)])
-        )
-    design = torch.stack(columns, 1)
-    target = torch.cat(
-        [t.flatten().double() / n**0.5 for t, n in zip(problem.targets, problem.norms, strict=True)]
-    )
-    solution = torch.linalg.lstsq(design, target[:, None]).solution
-    return float(((target - (design @ solution).squeeze(1)) ** 2).sum())
 
 
 def bench_converged_victim() -> dict[str, object]:

@@ -15,7 +15,7 @@ default times 1e-4 and the other layers at their default. Per setting it records
   three singular values divided by the Frobenius norm (their squares: the share of energy),
   plus the same for the first layer's change ``W1 - W1_initial``;
 * ``truth_residual``: the true digits' KKT stationarity residual
-  (:func:`benchmarks.bench_kkt.truth_residual`; near 0 only at a KKT point);
+  (:func:`benchmarks.kkt_residual.truth_residual`; near 0 only at a KKT point);
 * ``recovered`` / ``recovered_paper``: training digits whose best candidate of the first-layer
   subspace attack (:class:`attacks.first_layer.subspace.SubspaceAttack`, 2 candidates per
   digit) reaches
@@ -39,7 +39,8 @@ import torch
 
 from attacks.common.layers import first_linear
 from attacks.first_layer.subspace import SubspaceAttack
-from benchmarks.bench_kkt import THRESHOLD, truth_residual
+from benchmarks.bench_kkt import THRESHOLD
+from benchmarks.kkt_residual import truth_residual
 from simulator.core.models import ModelSpec, build_model
 from simulator.data.datasets import load_split, to_tensor
 from simulator.run.folder import write_atomic

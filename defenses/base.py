@@ -133,6 +133,11 @@ class TrainingDefense(Defense):
         training = [d.name for d in defenses if isinstance(d, TrainingDefense)]
         if len(training) > 1:
             raise ValueError(f"at most one training defense per scenario, got {training}")
+        if federation.lr_schedule != "constant":
+            raise ValueError(
+                f"federation.lr_schedule = {federation.lr_schedule!r} is not supported with "
+                f"the {self.name} defense, which does its own local training"
+            )
 
 
 ClientMod = Callable[[Any, Any, Callable[[Any, Any], Any]], Any]

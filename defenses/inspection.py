@@ -9,6 +9,20 @@ zoo's, without any block a server may add). It rejects the model when
 * the root mean square of some tensor changed by more than a factor ``max_ratio`` either way
   (re-drawn trap weights: biases tens of times larger than trained ones).
 
+Those checks look at whole tensors, and a server can keep every tensor's scale while it
+changes a part of it: trap neurons scaled down to honest-looking biases beside honest rows,
+or imprint bins folded into the existing first layer (the ``row_scale``/``honest_rows`` and
+``placement`` disguises of ``trap-weights`` and ``imprint``). With ``rows = true`` the client
+also checks every weight matrix row by row, against what an honest initialisation looks like
+(every row of a layer drawn alike, so at the same scale, and in general position):
+
+* a row whose RMS lies more than ``max_ratio`` either way from the layer's median row, and
+* two rows more nearly parallel than ``max_row_cosine`` (imprint bins share their direction)
+
+are refused. Neither needs a reference, so they hold in the first round a client is sampled.
+Honest training moves rows slowly and apart (``tests/unit/defenses/test_inspection.py`` runs
+a whole honest training run through it without a refusal).
+
 A rejection raises :class:`ModelRejected` in the client, which the server sees as a failed
 update ("failure" record, reason beginning "inspection rejected the model"); the client keeps
 its reference. Honest training moves a tensor's scale slowly, so the false-positive rate on
@@ -59,6 +73,17 @@ class InspectionParams:
         low_open=True,
         help="largest factor by which a tensor's RMS may change from the reference, either way",
     )
+    rows: bool = param(
+        False, help="also check each weight matrix row by row (row scales, parallel rows)"
+    )
+    max_row_cosine: float = param(
+        0.99, low=0.0, high=1.0, low_open=True, help="rows: largest |cosine| of two rows"
+    )
+
+
+# Rows shorter than this are not checked for parallels: in few dimensions random rows are
+# often nearly parallel (a 10-class head's 256 columns reach |cosine| 0.95 by chance).
+MIN_ROW_LENGTH = 32
 
 
 def honest_reference(scenario: Scenario) -> dict[str, np.ndarray]:
@@ -88,6 +113,40 @@ def difference(received: Arrays, reference: Arrays, max_ratio: float) -> str | N
     return None
 
 
+def row_outlier(received: Arrays, max_ratio: float, max_cosine: float) -> str | None:
+    """Why some weight matrix of ``received`` has rows no honest initialisation draws, or None.
+
+    Honest rows of a layer are drawn alike (one scale) and in general position; a row whose RMS
+    is more than ``max_ratio`` from the layer's median row, or two rows with ``|cosine|`` above
+    ``max_cosine``, are not.
+    """
+    for name, array in received.items():
+        if array.ndim != 2 or array.shape[0] < 2:
+            continue
+        matrix = array.astype(np.float64)
+        norms = np.linalg.norm(matrix, axis=1)
+        median = max(float(np.median(norms)), 1e-12)
+        ratios = np.maximum(norms, 1e-12) / median
+        worst = int(np.argmax(np.abs(np.log(ratios))))
+        if abs(math.log(ratios[worst])) > math.log(max_ratio):
+            return (
+                f"{name}: row {worst} has {ratios[worst]:.3g} x the layer's median row norm "
+                f"(more than x{max_ratio:g} apart)"
+            )
+        if matrix.shape[1] < MIN_ROW_LENGTH:
+            continue
+        units = matrix / np.maximum(norms, 1e-12)[:, None]
+        cosines = np.abs(units @ units.T)
+        np.fill_diagonal(cosines, 0.0)
+        first, second = np.unravel_index(int(np.argmax(cosines)), cosines.shape)
+        if cosines[first, second] > max_cosine:
+            return (
+                f"{name}: rows {min(first, second)} and {max(first, second)} are parallel "
+                f"(|cosine| {cosines[first, second]:.4g} > {max_cosine:g})"
+            )
+    return None
+
+
 def _received(msg: Message, scenario: Scenario) -> dict[str, np.ndarray]:
     """The weights a train message carries (its one ArrayRecord), by parameter name.
 
@@ -113,7 +172,7 @@ def _scenario(msg: Message) -> Scenario:
 @register_defense(
     "inspection",
     "Client-side: refuses a model whose structure or weight scales differ implausibly from "
-    "the last one it accepted.",
+    "the last one it accepted (with rows = true: also rows no honest layer has).",
 )
 class Inspection(ClientModDefense):
     """Rejects manipulated models before training; changes no update it lets through."""
@@ -130,6 +189,8 @@ class Inspection(ClientModDefense):
             else honest_reference(scenario)
         )
         reason = difference(received, reference, self.params.max_ratio)
+        if reason is None and self.params.rows:
+            reason = row_outlier(received, self.params.max_ratio, self.params.max_row_cosine)
         if reason is not None:
             raise ModelRejected(f"inspection rejected the model: {reason}")
         state.array_records[REFERENCE_KEY] = ArrayRecord(

@@ -34,7 +34,8 @@ from simulator.report.tables import terminal_tables
 from simulator.run.cluster import RAY_ADDRESS_ENV
 from simulator.run.engine import RunInterrupted
 from simulator.run.folder import RunFolder, RunFolderError, check_new, read_records
-from simulator.run.preflight import PreflightError, preflight
+from simulator.run.preflight import PreflightError, preflight, workload_warning
+from simulator.run.processes import STOP_SIGNALS
 from simulator.scenario import SCENARIO_DIR, expand, load
 from simulator.scenario.plugins import PluginError, load_plugins
 
@@ -44,6 +45,13 @@ PluginOption = Annotated[
         "--plugin", help="A Python file that registers attacks, defenses, models or datasets."
     ),
 ]
+
+# Exit codes of `leaksim run`: 0 every point ok; 1 a point failed, or the run could not go on
+# (its folder gone, its worker lost); 2 an input error, before any work; 3 every point finished
+# but one or more are degraded (too many failed client updates); 128 + N stopped by signal N.
+EXIT_FAILED = 1
+EXIT_INPUT = 2
+EXIT_DEGRADED = 3
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False
@@ -88,8 +96,8 @@ def run(
 ) -> None:
     """Run a scenario (every point of its sweep) and write its results folder.
 
-    Ctrl-C or SIGTERM stops it within seconds (exit 130 or 143) with every record so far
-    kept; ``--resume RUN_DIR`` continues it from its first unfinished point.
+    Ctrl-C, SIGTERM or SIGHUP stops it within seconds (exit 130, 143 or 129) with every record
+    so far kept; ``--resume RUN_DIR`` continues it from its first unfinished point.
     """
     overrides = list(set_) + ([f'data.dir="{data_dir}"'] if data_dir else [])
     if ray_address is not None:
@@ -103,13 +111,16 @@ def run(
             if out is not None:
                 check_new(out)
         preflight(loaded)  # data files and data-dependent rules, before any work
+        warning = workload_warning(loaded)
     except RunFolderError as error:
         console.print(f"[red]cannot run:[/red] {escape(str(error))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_INPUT) from None
     except InputError as error:
         what = "cannot run" if isinstance(error, PreflightError) else "invalid scenario"
         console.print(f"[red]{what}:[/red] {escape(str(error))}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_INPUT) from None
+    if warning is not None:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
     points = expand(loaded)
     total = len(points) * loaded.federation.rounds
     stopped: Callable[[], int] | None = None
@@ -140,7 +151,7 @@ def run(
             stopped = _stopping(stop)
         except Exception as error:  # data missing, bad environment: one clear line, no traceback
             console.print(f"[red]run failed:[/red] {escape(str(error))}")
-            raise typer.Exit(1) from None
+            raise typer.Exit(EXIT_FAILED) from None
     if stopped is not None:
         _exit_now(stopped())
     _print_points(result.records)
@@ -148,15 +159,19 @@ def run(
     if result.report_error:
         console.print(f"[yellow]report not drawn:[/yellow] {result.report_error}")
     failed = [r for r in result.table() if r.status == "failed"]
-    if failed:
-        for record in failed:
-            console.print(f"[red]point {record.point} failed:[/red] {record.error}")
-        raise typer.Exit(1)
+    degraded = [r for r in result.table() if r.status == "degraded"]
+    for record in degraded:
+        line = f"[yellow]point {record.point} degraded:[/yellow] {escape(str(record.error))}"
+        console.print(line)
+    for record in failed:
+        console.print(f"[red]point {record.point} failed:[/red] {escape(str(record.error))}")
+    if failed or degraded:
+        raise typer.Exit(EXIT_FAILED if failed else EXIT_DEGRADED)
 
 
 def _stopping(stop: RunInterrupted) -> Callable[[], int]:
     """A stopped run's end: a call that prints its last line (where the results are, how to
-    resume) and returns the exit status. From now on SIGINT or SIGTERM prints that line
+    resume) and returns the exit status. From now on SIGINT, SIGTERM or SIGHUP prints that line
     (unless printed) and ends the process at once."""
     said: list[bool] = []
 
@@ -170,7 +185,7 @@ def _stopping(stop: RunInterrupted) -> Callable[[], int]:
         _exit_now(say())
 
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, now)
     return say
 
@@ -219,7 +234,7 @@ def list_(plugin: PluginOption = []) -> None:  # noqa: B006
         load_plugins(plugin)
     except PluginError as error:
         console.print(f"[red]invalid plugin:[/red] {escape(str(error))}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_INPUT) from None
     out = Console()
     sections = {
         "scenarios": {p.stem: _first_comment(p) for p in sorted(SCENARIO_DIR.glob("*.toml"))},
@@ -259,7 +274,7 @@ def report(
         summary = write_report(run_dir)
     except FileNotFoundError as error:
         console.print(f"[red]{escape(str(error))}[/red]")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_INPUT) from None
     _print_points(list(read_records(run_dir)))
     page = (run_dir / HTML_FILE).resolve()
     console.print(f"summary: {escape(str(summary))}")
@@ -290,12 +305,12 @@ def landscape(
         loaded = load(scenario, set_)
     except ScenarioError as error:
         console.print(f"[red]invalid scenario:[/red] {escape(str(error))}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_INPUT) from None
     try:
         result = landscapes.compute(loaded, resolution, radius)
     except DataError as error:
         console.print(f"[red]landscape failed:[/red] {escape(str(error))}")
-        raise typer.Exit(1) from None
+        raise typer.Exit(EXIT_FAILED) from None
     landscapes.render(result, out)
     at_truth = result.distance[resolution // 2, resolution // 2]
     median = float(np.median(result.distance))

@@ -22,6 +22,9 @@ and inputs change bins between steps, so a bin's difference mixes inputs of seve
 Measured (MNIST, 64 digits, k = 256): 98% at one step, 16% at 4, 5% at 16; a smaller ``gain``
 moves the block less but drowns the change in rounding. Holding the block still for many steps
 and reading it exactly ask for opposite scales; the attack favours one step.
+
+Disguise: ``placement = "first-layer"`` adds no block and folds the bins into the model's own
+first layer instead, at ``fold_scale`` times an honest row's norm (:mod:`attacks.active.folded`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -46,6 +50,7 @@ from attacks.active.base import (
     with_block,
 )
 from attacks.active.decoding import chains_of, decode
+from attacks.active.folded import bin_rows, fold, layers
 from attacks.base import register_attack
 from attacks.common.updates import as_gradient
 from simulator.core.fields import param
@@ -67,6 +72,13 @@ class ImprintParams(ActiveParams):
     scale: float = param(
         1e-6, low=0.0, low_open=True, help="encoder rows and thresholds are multiplied by this"
     )
+    placement: Literal["block", "first-layer"] = param(
+        "block", help="an added block (the paper), or bins folded into the model's first layer"
+    )
+    fold_scale: float = param(
+        0.2, low=0.0, low_open=True, help="first-layer placement: bin rows' norm / honest rows'"
+    )
+    seed: int = param(0, low=0, help="first-layer placement: seed of the rows that hold the bins")
 
 
 def auto_directions(bins: int, samples: int) -> int:
@@ -96,18 +108,19 @@ def binning(public: torch.Tensor, bins: int, directions: int) -> tuple[torch.Ten
 
 
 def read_imprint(
-    obs: Observation, rows: torch.Tensor, samples: int
+    obs: Observation,
+    rows: torch.Tensor,
+    samples: int,
+    names: tuple[str, str] = (f"{IMPRINT}.encoder.weight", f"{IMPRINT}.encoder.bias"),
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Decode the imprint neurons ``rows`` of one observation: images (m, C, H, W), which are
-    confirmed, how many inputs were peeled, and how many directions there were."""
-    weight = obs.global_weights[f"{IMPRINT}.encoder.weight"]
-    bias = obs.global_weights[f"{IMPRINT}.encoder.bias"]
-    chains = chains_of(weight, bias, rows)
+    """Decode the imprint neurons ``rows`` of one observation (of the layer whose weight and
+    bias are ``names``: the block's encoder, or a folded first layer): images (m, C, H, W),
+    which are confirmed, how many inputs were peeled, and how many directions there were."""
+    weight_name, bias_name = names
+    chains = chains_of(obs.global_weights[weight_name], obs.global_weights[bias_name], rows)
     # Any positive multiple of the summed gradients: the decoder divides rows by each other.
     gradient = {k: v.detach().double() for k, v in as_gradient(obs, "change").items()}
-    decoded = decode(
-        gradient[f"{IMPRINT}.encoder.weight"], gradient[f"{IMPRINT}.encoder.bias"], chains, samples
-    )
+    decoded = decode(gradient[weight_name], gradient[bias_name], chains, samples)
     images = decoded.images.reshape(-1, *obs.model.input_shape).clamp(0, 1).float()
     return images, decoded.confirmed, decoded.peeled, len(chains)
 
@@ -166,31 +179,57 @@ class Imprint(ActiveAttack[ImprintParams]):
 
     def block(self, plan: Plan, bins: int, directions: int) -> tuple[ModelSpec, Weights]:
         """The manipulated spec and weights for ``bins`` neurons over ``directions``."""
-        key = (bins, directions)
-        if key not in self._binning:  # the public statistics do not change between rounds
-            self._binning[key] = binning(self.public_images(), bins, directions)
-        rows, cuts = self._binning[key]
+        rows, cuts = self.binned(bins, directions)
         spec = dataclasses.replace(plan.spec, imprint_bins=bins)
         block = imprint_block(spec, rows, cuts, self.params.gain, self.params.scale)
         return spec, with_block(spec, plan.weights, block)
+
+    def binned(self, bins: int, directions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bins' rows and thresholds (the public statistics do not change between rounds)."""
+        key = (bins, directions)
+        if key not in self._binning:
+            self._binning[key] = binning(self.public_images(), bins, directions)
+        return self._binning[key]
 
     def manipulate(self, plan: Plan) -> dict[int, SentModel]:
         offers = {}
         bins = self.params.bins
         for client in plan.clients:
             directions = self.params.directions or auto_directions(bins, plan.samples[client])
+            if self.params.placement == "first-layer":
+                first, _ = layers(plan.spec)
+                bin_rows(plan.weights[first.weight].shape[0], bins, self.params.seed)  # fits?
+                rows, cuts = self.binned(bins, directions)
+                p = self.params
+                weights = fold(plan.spec, dict(plan.weights), rows, cuts, p.fold_scale, p.seed)
+                change = (
+                    f"imprint folded into the first layer: {bins} bins over {directions} "
+                    f"direction(s) at {p.fold_scale:g} x an honest row's norm"
+                )
+                offers[client] = SentModel(plan.spec, weights, change, self.params.aggregate)
+                continue
             spec, weights = self.block(plan, bins, directions)
             change = f"imprint block added: {bins} bins over {directions} direction(s)"
             offers[client] = SentModel(spec, weights, change, self.params.aggregate)
         return offers
 
+    def read(self, obs: Observation, n: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Decode one observation: the block's neurons, or the folded first layer's bin rows."""
+        if self.params.placement == "block":
+            bins = require_block(obs, self.name)
+            return read_imprint(obs, torch.arange(bins), n)
+        first, _ = layers(obs.model)
+        width = obs.global_weights[first.weight].shape[0]
+        rows = bin_rows(width, self.params.bins, self.params.seed)
+        return read_imprint(obs, rows, n, (first.weight, first.bias or ""))
+
     def run(self, observations: Sequence[Observation]) -> list[Reconstruction]:
         start = time.perf_counter()
         results = []
         for obs in observations:
-            bins = require_block(obs, self.name)
+            bins = self.params.bins if self.params.placement != "block" else obs.model.imprint_bins
             n = examples_behind(obs)
-            images, confirmed, peeled, chains = read_imprint(obs, torch.arange(bins), n)
+            images, confirmed, peeled, chains = self.read(obs, n)
             predicted = predicted_share(bins, n)
             notes = (
                 f"{peeled} of {n} inputs peeled from {bins} bins over {chains} direction(s), "

@@ -16,6 +16,14 @@ gains change as the model trains, so verification holds for one local step only;
 the attack falls back to neurons whose ratio stays inside the pixel box. Measured (MNIST, 32
 digits, 256 neurons): 79% at one local step (float32 rounding of the returned weights costs the
 rest), 47% at 4, 32% at 8.
+
+Disguise (against a client that inspects the model it is sent, :mod:`defenses.inspection`):
+``row_scale = "honest"`` multiplies each trap neuron, row and bias together, so that its bias
+has the scale of the honest layer's biases (relu is positively homogeneous: the neuron fires
+for the same inputs, and ``dW_i / db_i`` is still the input), and ``honest_rows`` leaves that
+share of the layer's rows (seeded choice) as the honest model has them. No tensor is added and
+every tensor keeps about its honest root mean square; the rows' own scales give it away to the
+per-row check (``inspection`` with ``rows = true``).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -56,6 +65,13 @@ class TrapWeightsParams(ActiveParams):
     seed: int = param(0, low=0, help="seed of the re-drawn directions")
     match: float = param(
         1e-3, low=0.0, low_open=True, help="relative gap under which a candidate's gain verifies"
+    )
+    row_scale: Literal["unit", "honest"] = param(
+        "unit",
+        help="unit rows (the paper), or each trap neuron scaled to the honest biases' scale",
+    )
+    honest_rows: float = param(
+        0.0, low=0.0, high=0.99, help="share of the layer's rows left honest (a disguise)"
     )
 
 
@@ -93,6 +109,40 @@ def trap_layer(
     rows = rows / rows.norm(dim=1, keepdim=True)
     cuts = torch.quantile(seen @ rows.T, 1.0 - activation, dim=0)
     return rows, -cuts
+
+
+def rms(tensor: torch.Tensor) -> float:
+    """Root mean square of ``tensor`` (0 for an empty one)."""
+    return float(tensor.double().pow(2).mean().sqrt()) if tensor.numel() else 0.0
+
+
+def disguise(
+    rows: torch.Tensor,
+    biases: torch.Tensor,
+    honest_weight: torch.Tensor,
+    honest_bias: torch.Tensor,
+    params: TrapWeightsParams,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Trap ``rows`` and ``biases`` disguised per ``params`` next to the honest layer; and how
+    many rows are traps.
+
+    ``"honest"``: neuron i is multiplied by ``min(bias RMS / |b_i|, honest row RMS x sqrt(d))``
+    (its bias at the honest biases' scale, its row never above an honest row's norm). The
+    ``honest_rows`` share of rows (a seeded choice) keeps the honest weights.
+    """
+    rows, biases = rows.clone(), biases.clone()
+    if params.row_scale == "honest":
+        row_norm = honest_weight.double().norm(dim=1).median()
+        factor = (rms(honest_bias) / biases.abs().clamp(min=1e-12)).clamp(max=float(row_norm))
+        rows, biases = rows * factor[:, None], biases * factor
+    width = rows.shape[0]
+    kept = round(params.honest_rows * width)
+    if kept:
+        generator = torch.Generator().manual_seed(params.seed + 1)
+        honest = torch.randperm(width, generator=generator)[:kept]
+        rows[honest] = honest_weight[honest].double()
+        biases[honest] = honest_bias[honest].double()
+    return rows, biases, width - kept
 
 
 def candidate_gains(
@@ -220,12 +270,17 @@ class TrapWeights(ActiveAttack[TrapWeightsParams]):
             public = self.public_images()
             rows, biases = trap_layer(public, plan.spec, width, share, self.params.seed)
             weights = {k: v.detach().clone() for k, v in plan.weights.items()}
+            rows, biases, traps = disguise(
+                rows, biases, weights[layer.weight], weights[layer.bias], self.params
+            )
             weights[layer.weight] = rows.to(weights[layer.weight].dtype)
             weights[layer.bias] = biases.to(weights[layer.bias].dtype)
             change = (
                 f"first layer re-drawn: {width} trap neurons, each firing for "
                 f"{share:.3g} of public inputs"
             )
+            if traps < width or self.params.row_scale != "unit":  # the disguise, when used
+                change += f"; disguised: {traps} trap rows, {self.params.row_scale} row scale"
             offers[client] = SentModel(plan.spec, weights, change, self.params.aggregate)
         return offers
 

@@ -25,6 +25,12 @@ Recovery, all batched:
    above their background.
 4. Candidates ranked by how little negative mass they carry, near-duplicates dropped.
 
+Defense-aware (``known_defense``): under pruning or quantization the received change is the
+true one with coordinates zeroed or rounded, which raises its rank and hides the span. Each
+true coordinate lies in a known interval (:mod:`attacks.common.intervals`), so the change is
+first completed to the rank-``n`` matrix inside those intervals (alternating projections), and
+the row space is taken from that. The weight-decay factor is then not fitted (taken as 1).
+
 It needs ``n`` well below the input dimension and images that are sparse above a uniform
 background (MNIST digits are; natural photographs are not). Measured on MNIST (784 pixels,
 benchmarks/bench_kkt.py): every digit of a 32-image client, about half of 100, almost none of
@@ -33,6 +39,7 @@ benchmarks/bench_kkt.py): every digit of a 32-image client, about half of 100, a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -41,6 +48,12 @@ from dataclasses import dataclass
 import torch
 
 from attacks.base import Attack, register_attack
+from attacks.common.intervals import (
+    KnownDefense,
+    defended_update,
+    low_rank_completion,
+    sent_intervals,
+)
 from attacks.common.layers import first_linear
 from simulator.core.fields import param
 from simulator.core.models import build_model
@@ -194,13 +207,17 @@ def recover_inputs(
     sparsity: float = 0.03,
     starts: int = 1000,
     generator: torch.Generator | None = None,
+    known: KnownDefense = "none",
+    completion_iterations: int = 100,
     noise_std: float = 0.0,
 ) -> tuple[torch.Tensor, Subspace]:
     """``count`` candidate images in [0, 1], (count, C, H, W), from one observation.
 
     Under FedSGD the first layer's gradient is the change itself; under FedAvg the returned
     first-layer weights are compared with the global ones and the weight-decay factor fitted.
-    ``noise_std``: the known noise on each coordinate of the update (:func:`first_layer_subspace`).
+    With a ``known`` update defense the first layer's change is completed inside its intervals
+    first (the decay taken as 1). ``noise_std``: the known noise on each coordinate of the
+    update (:func:`first_layer_subspace`).
     """
     layer = first_linear(obs.model)
     if isinstance(layer, str):  # convolutions mix pixels before any dense layer sees them
@@ -209,10 +226,17 @@ def recover_inputs(
             f"{obs.model.kind!r} starts with another parameterised layer"
         )
     first = layer.weight
-    initial = None if obs.meta.protocol == "fedsgd" else obs.global_weights[first]
-    subspace = first_layer_subspace(
-        obs.update[first], initial, obs.meta.num_examples, noise_std=noise_std
-    )
+    rank = obs.meta.num_examples
+    if known != "none":
+        sent, slack = defended_update(obs)
+        box = sent_intervals(sent, known, slack)
+        change = low_rank_completion(box.low[first], box.high[first], rank, completion_iterations)
+        # Completed, the change is taken as it is: any weight decay is inside the intervals.
+        decay = 1.0 if obs.meta.protocol == "fedavg" else 0.0
+        subspace = dataclasses.replace(first_layer_subspace(change, None, rank), decay=decay)
+    else:
+        initial = None if obs.meta.protocol == "fedsgd" else obs.global_weights[first]
+        subspace = first_layer_subspace(obs.update[first], initial, rank, noise_std=noise_std)
     vectors = sparse_vectors(subspace.basis, starts, sparsity, generator=generator)
     images = select_candidates(vectors, count).float()
     return images.reshape(-1, *obs.model.input_shape), subspace
@@ -242,6 +266,12 @@ class SubspaceParams:
     sparsity: float = param(0.03, low=0.0, low_open=True, high=100.0, help="threshold x sqrt(D)")
     starts: int = param(1000, low=0, high=1_000_000, help="random starts besides the pixel ones")
     seed: int = param(0, low=0, help="seed of the random starts")
+    # The clients' update defense (pruning, int8, fp16): complete the change inside its
+    # intervals before taking the span.
+    known_defense: KnownDefense = "none"
+    completion_iterations: int = param(
+        300, low=1, high=100_000, help="alternating projections of the completion"
+    )
     noise_std: float = param(
         0.0,
         low=0.0,
@@ -272,7 +302,10 @@ class SubspaceAttack(Attack[SubspaceParams]):
         start = time.perf_counter()
         count = max(2, math.ceil(p.candidates * obs.meta.num_examples))
         generator = torch.Generator().manual_seed(p.seed)
-        images, subspace = recover_inputs(obs, count, p.sparsity, p.starts, generator, p.noise_std)
+        images, subspace = recover_inputs(
+            obs, count, p.sparsity, p.starts, generator, p.known_defense,
+            p.completion_iterations, p.noise_std,
+        )  # fmt: skip
         labels = model_labels(obs, images)
         seconds = time.perf_counter() - start
         return Reconstruction(
@@ -288,6 +321,11 @@ class SubspaceAttack(Attack[SubspaceParams]):
                 f"{images.shape[0]} candidates; rank {subspace.rank} of "
                 f"{subspace.basis.shape[1]} input dims, decay {subspace.decay:.4g}, energy "
                 f"outside the span {subspace.outside:.2g}"
+                + (
+                    f"; completed inside the {p.known_defense} intervals"
+                    if p.known_defense != "none"
+                    else ""
+                )
             ),
             matching="nearest",
         )

@@ -62,6 +62,12 @@ L-BFGS keeps its curvature pairs in the compact form of Byrd, Nocedal and Schnab
 batched matrix products per iteration instead of a Python two-loop over the memory), and only
 problems still running get directions, line searches and evaluations.
 
+Defense-aware: with ``known_defense`` (the clients' pruning or quantization, whose
+configuration the server hands out) the L2 distance becomes the squared distance to the box of
+intervals the true update lies in (:mod:`attacks.common.intervals`): a pruned coordinate only
+has to stay under the pruning threshold, not match the zero that arrived, and a quantized one
+only has to round to the level that arrived.
+
 FedAvg updates are attacked by replaying the client's local SGD (epochs, batch size, lr; all
 ``num_examples`` dummies) differentiably and matching ``(w_global - w_client) / lr``. The
 client's shuffling is unknown: the first epoch uses slot order (no loss of generality, as
@@ -87,6 +93,7 @@ from typing import Literal
 import torch
 
 from attacks.base import Attack, register_attack
+from attacks.common.intervals import KnownDefense
 from attacks.matching.objective import (
     NOISE_LIKELIHOODS,
     Batch,
@@ -144,6 +151,9 @@ class GradientMatchingParams:
     seed: int = param(0, low=0, help="seed of the dummy initialisation")
     log_every: int = param(10, low=1, help="trace every this many iterations")
     snapshots: int = param(4, low=0, high=1000, help="intermediate image batches kept")
+    # The clients' update defense (pruning, int8, fp16): match the intervals it leaves
+    # (needs distance l2).
+    known_defense: KnownDefense = "none"
 
 
 @dataclass(frozen=True)
@@ -198,6 +208,7 @@ def _solve(
         z = z.double()
         batch.weights = {k: v.double() for k, v in batch.weights.items()}
         batch.target = {k: v.double() for k, v in batch.target.items()}
+        batch.radius = {k: v.double() for k, v in batch.radius.items()}
         batch.lr = batch.lr.double()
     evaluate = evaluator(batch, params)
     tracker = Tracker(z, params, start, group=batch.slots)
@@ -267,6 +278,11 @@ def match_gradients(
             "noise on each coordinate of the update (the defense's std or scale)"
         )
     start = time.perf_counter()
+    if params.known_defense != "none" and params.distance != "l2":
+        raise ValueError(
+            f"known_defense = {params.known_defense!r} matches intervals in squared L2; got "
+            f'distance = {params.distance!r} (set distance = "l2")'
+        )
     plans = [make_plan(obs, params, public) for obs in observations]
     groups: dict[tuple[object, ...], list[int]] = {}
     for index, (obs, plan) in enumerate(zip(observations, plans, strict=True)):

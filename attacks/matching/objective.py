@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 from torch.func import functional_call, grad, vmap
 
+from attacks.common.intervals import KnownDefense, update_intervals
 from attacks.common.priors import total_variation
 from attacks.common.updates import as_gradient, epoch_batches, num_samples
 from attacks.labels.recovery import COUNT_METHODS, label_candidates, recover_labels
@@ -64,6 +65,9 @@ class MatchingSettings(Protocol):
     @property
     def seed(self) -> int: ...
 
+    @property
+    def known_defense(self) -> str: ...
+
 
 @dataclass
 class Plan:
@@ -88,6 +92,9 @@ class Batch:
     weights: Params  # (P, ...) or unbatched when shared
     weights_shared: bool
     target: Params  # (P, ...)
+    # Half-widths of the intervals the true update lies in around ``target`` (P, ...), for a
+    # known update defense (:mod:`attacks.common.intervals`); empty: ``target`` is exact.
+    radius: Params
     lr: torch.Tensor  # (P,)
     schedule: list[torch.Tensor] | None  # FedAvg mini-batch indices, None for FedSGD
     candidates: int = 1  # label multisets per observation (each with ``restarts`` starts)
@@ -139,7 +146,11 @@ def _objective(
             current = {k: current[k] - lr * step[k] for k in current}
         return {k: (weights[k] - current[k]) / lr for k in weights}
 
-    def distance(mine: Params, theirs: Params, lr: torch.Tensor) -> torch.Tensor:
+    def distance(mine: Params, theirs: Params, radius: Params, lr: torch.Tensor) -> torch.Tensor:
+        if radius:  # a known defense: squared distance to the box of intervals, zero inside
+            return sum(
+                (torch.relu((mine[k] - theirs[k]).abs() - radius[k]) ** 2).sum() for k in theirs
+            )
         if params.distance in NOISE_LIKELIHOODS:
             # The noise's negative log-likelihood (constants dropped). Noise of scale s on
             # the weights a FedAvg client sends is s / lr on the step sum matched here.
@@ -170,9 +181,11 @@ def _objective(
         label_vars: torch.Tensor,
         weights: Params,
         target: Params,
+        radius: Params,
         lr: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = distance(produced(weights, images, label_targets(label_vars), lr), target, lr)
+        produced_update = produced(weights, images, label_targets(label_vars), lr)
+        dist = distance(produced_update, target, radius, lr)
         total = dist
         if params.tv_weight > 0:
             total = total + params.tv_weight * total_variation(images).mean()
@@ -191,19 +204,20 @@ def evaluator(batch: Batch, params: MatchingSettings) -> Evaluate:
     weight_dims = None if batch.weights_shared else 0
     # The inner (produced update) per problem by vmap, the outer derivative by plain autograd
     # of the summed objective (problems are independent): ~25% less work than vmap(grad).
-    vectorised = vmap(objective, in_dims=(0, 0, weight_dims, 0, 0))
+    vectorised = vmap(objective, in_dims=(0, 0, weight_dims, 0, 0, 0))
 
     def batched(
         images: torch.Tensor,
         labels: torch.Tensor,
         weights: Params,
         target: Params,
+        radius: Params,
         lr: torch.Tensor,
     ) -> tuple[object, tuple[torch.Tensor, torch.Tensor]]:
         with torch.enable_grad():
             x = images.detach().requires_grad_(True)
             y = labels.detach().requires_grad_(not batch.fixed_labels)
-            total, dist = vectorised(x, y, weights, target, lr)
+            total, dist = vectorised(x, y, weights, target, radius, lr)
             inputs = [x] if batch.fixed_labels else [x, y]
             found = torch.autograd.grad(total.sum(), inputs)
         grads: object = found[0] if batch.fixed_labels else tuple(found)
@@ -214,15 +228,18 @@ def evaluator(batch: Batch, params: MatchingSettings) -> Evaluate:
         labels: torch.Tensor,
         weights: Params,
         target: Params,
+        radius: Params,
         lr: torch.Tensor,
     ) -> tuple[object, tuple[torch.Tensor, torch.Tensor]]:
         # The outer derivative by plain autograd: same numbers, less dispatch than grad+vmap.
         if not batch.weights_shared:
             weights = {k: v[0] for k, v in weights.items()}
+        first = {k: v[0] for k, v in target.items()}
+        half_widths = {k: v[0] for k, v in radius.items()}
         with torch.enable_grad():
             x = images[0].detach().requires_grad_(True)
             y = labels[0].detach().requires_grad_(not batch.fixed_labels)
-            total, dist = objective(x, y, weights, {k: v[0] for k, v in target.items()}, lr[0])
+            total, dist = objective(x, y, weights, first, half_widths, lr[0])
             inputs = [x] if batch.fixed_labels else [x, y]
             found = torch.autograd.grad(total, inputs)
         grads: object
@@ -235,16 +252,17 @@ def evaluator(batch: Batch, params: MatchingSettings) -> Evaluate:
     def evaluate(
         z: torch.Tensor, rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        weights, target, lr = batch.weights, batch.target, batch.lr
+        weights, target, radius, lr = batch.weights, batch.target, batch.radius, batch.lr
         if rows is not None:
             # A subset of problems (L-BFGS line search): no work for the others.
             if not batch.weights_shared:
                 weights = {k: v[rows] for k, v in weights.items()}
             target = {k: v[rows] for k, v in target.items()}
+            radius = {k: v[rows] for k, v in radius.items()}
             lr = lr[rows]
         images, labels = batch.split(z)
         solve = single if z.shape[0] == 1 else batched
-        grads, (total, dist) = solve(images, labels, weights, target, lr)
+        grads, (total, dist) = solve(images, labels, weights, target, radius, lr)
         if batch.fixed_labels:
             gradient = torch.cat([grads.flatten(1), torch.zeros_like(labels.flatten(1))], dim=1)
         else:
@@ -313,9 +331,14 @@ def _schedule(obs: Observation, samples: int, seed: int) -> list[torch.Tensor] |
     return steps
 
 
-def _target(obs: Observation) -> Params:
-    """What the dummies must reproduce: the gradient, or the FedAvg step sum (w0 - w1) / lr."""
-    return {k: v.detach() for k, v in as_gradient(obs, "step-sum").items()}
+def _target(obs: Observation, known: KnownDefense) -> tuple[Params, Params]:
+    """What the dummies must reproduce: the gradient, or the FedAvg step sum (w0 - w1) / lr;
+    and, for a known update defense, the half-widths of the intervals around it (else none)."""
+    if known == "none":
+        return {k: v.detach() for k, v in as_gradient(obs, "step-sum").items()}, {}
+    box = update_intervals(obs, known, "step-sum")
+    centre, radius = box.centre(), box.radius()
+    return {k: v.detach() for k, v in centre.items()}, {k: v.detach() for k, v in radius.items()}
 
 
 def make_plan(obs: Observation, params: MatchingSettings, public: PublicData | None = None) -> Plan:
@@ -366,7 +389,8 @@ def make_batch(
         weights = {k: globals_[0][k].detach() for k in names}
     else:
         weights = {k: stack([g[k].detach() for g in globals_]) for k in names}
-    targets = [_target(obs) for obs in observations]
+    known: KnownDefense = params.known_defense  # type: ignore[assignment]
+    targets, radii = zip(*[_target(obs, known) for obs in observations], strict=True)
     samples = num_samples(first)
     return Batch(
         observations=observations,
@@ -379,6 +403,7 @@ def make_batch(
         weights=weights,
         weights_shared=shared,
         target={k: stack([t[k] for t in targets]) for k in names},
+        radius={k: stack([r[k] for r in radii]) for k in names} if known != "none" else {},
         lr=stack([torch.tensor(float(obs.meta.lr), device=device) for obs in observations]),
         schedule=_schedule(first, samples, params.seed),
         candidates=candidates,

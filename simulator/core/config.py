@@ -38,6 +38,20 @@ from simulator.core.models import ModelSpec
 from simulator.core.registry import ATTACKS, DEFENSES, MODELS, PARTITIONERS, Registry
 
 DEFAULT_SCENARIO = "quickstart"
+# Seeds reach torch's generators (``torch.manual_seed``), which take at most 64 bits.
+MAX_SEED = 2**64 - 1
+# The shortest wait for a client's reply that a Ray round can meet: a client actor imports
+# torch and Flower before its first reply, seconds on a busy machine.
+MIN_TIMEOUT_S = 10.0
+# Beyond these a federation is more than one machine runs (each client is a Flower node with
+# a shard of its own; rounds run one after the other): refused before any work.
+MAX_CLIENTS = 10_000
+MAX_ROUNDS = 100_000
+
+
+# How local training sizes its steps: "constant" (``lr`` throughout), or "loss-scaled" (Lyu
+# and Li's eta_t = alpha_t / L(theta_t), full batch, alpha_t <= lr: simulator.federation.training).
+LrSchedule = Literal["constant", "loss-scaled"]
 
 
 class ScenarioError(InputError):
@@ -74,14 +88,15 @@ class FederationConfig:
     """The FL protocol: who trains, how, for how long."""
 
     protocol: Literal["fedsgd", "fedavg"] = "fedsgd"
-    clients: int = param(10, low=1)
+    clients: int = param(10, low=1, high=MAX_CLIENTS)
     fraction: float = param(0.2, low=0.0, high=1.0, low_open=True)
-    rounds: int = param(3, low=1)
+    rounds: int = param(3, low=1, high=MAX_ROUNDS)
     batch_size: int = param(8, low=1)
     local_epochs: int = param(1, low=1)
     lr: float = param(0.1, low=0.0, low_open=True)
     weight_decay: float = param(0.0, low=0.0)
-    timeout_s: float = param(600.0, low=0.0, low_open=True)
+    lr_schedule: LrSchedule = "constant"
+    timeout_s: float = param(600.0, low=MIN_TIMEOUT_S)
     cpus_per_client: float = param(1.0, low=0.0, low_open=True)
     # Where clients train (simulator.core.devices); on a GPU each client's Ray actor asks for
     # this share of one, so 1 / gpus_per_client clients share a GPU.
@@ -129,10 +144,14 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class FaultConfig:
-    """Injected client crashes, to exercise fault handling: these clients raise when trained."""
+    """Injected client crashes, to exercise fault handling: these clients raise when trained;
+    and how many failed updates a point tolerates before it ends "degraded", not "ok"."""
 
     crash_clients: tuple[int, ...] = ()
     crash_rounds: tuple[int, ...] = ()
+    # A point is degraded when some client failed more than this share of the updates it was
+    # asked for (by default: in more than half of the rounds it was sampled).
+    max_failed_share: float = param(0.5, low=0.0, high=1.0)
 
 
 SECTIONS: dict[str, type] = {
@@ -297,6 +316,10 @@ def _parse(raw: Mapping[str, Any]) -> Scenario:
             values[key] = coerce(raw[key], hint, key)
     if values.get("seed", 0) < 0:
         raise ScenarioError(f"seed = {values['seed']} must be >= 0")
+    if values.get("seed", 0) > MAX_SEED:
+        raise ScenarioError(
+            f"seed = {values['seed']} is too large; allowed: 0 to 2**64 - 1 (torch's generators)"
+        )
     values["plugins"] = plugin_paths(raw)
     sweep = raw.get("sweep", {})
     if not isinstance(sweep, Mapping):
@@ -395,6 +418,13 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _sweep_values(key: str, values: Any) -> Sequence[Any]:
     if not isinstance(values, list) or not values:
         raise ScenarioError(f"sweep.{key} must be a non-empty list of values, got {values!r}")
+    # Each value is a point, and the same value twice is the same point run twice (the same
+    # seed gives the same numbers): refused, not silently run or dropped.
+    repeated = [v for i, v in enumerate(values) if v in values[:i]]
+    if repeated:
+        raise ScenarioError(
+            f"sweep.{key} lists {repeated[0]!r} more than once; each value is one point"
+        )
     return values
 
 

@@ -370,3 +370,31 @@ def task_loss(spec: ModelSpec, logits: torch.Tensor, labels: torch.Tensor) -> to
             logits.squeeze(-1), task_targets(spec, labels)
         )
     return nn.functional.cross_entropy(logits, labels)
+
+
+# Below this per-example log-loss argument, log(softplus(r)) is r to double precision (the
+# next term, -exp(r) / 2, is below 1e-9 relative); the exact form would underflow to log(0).
+_LOG_SOFTPLUS_TAIL = -20.0
+
+
+def log_task_loss(spec: ModelSpec, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log`` of :func:`task_loss`, in float64, finite however small the loss gets.
+
+    Each example's loss is ``softplus(r_i)``: ``r = -(2 t - 1) z`` for a binary model,
+    ``logsumexp_{j != y} (z_j - z_y)`` for cross-entropy. Once the data are fitted ``r`` runs
+    to minus hundreds, where the loss underflows float32 (and later float64), but
+    ``log softplus(r)`` does not, and nor does its gradient.
+    """
+    logits = logits.double()
+    if is_binary(spec):
+        r = -(task_targets(spec, labels).double() * 2 - 1) * logits.squeeze(-1)
+    else:
+        own = logits.gather(1, labels[:, None])
+        others = logits.scatter(1, labels[:, None], -torch.inf)
+        r = torch.logsumexp(others - own, dim=1)
+    # The clamp keeps the unused branch finite, so that its (masked) gradient is not NaN.
+    exact = torch.log(nn.functional.softplus(r.clamp_min(_LOG_SOFTPLUS_TAIL)))
+    per_example = torch.where(r < _LOG_SOFTPLUS_TAIL, r - torch.exp(r) / 2, exact)
+    return torch.logsumexp(per_example, dim=0) - torch.log(
+        torch.tensor(float(r.shape[0]), dtype=torch.float64)
+    )

@@ -94,6 +94,7 @@ class ClientDefenses:
             fed.lr,
             generator,
             fed.weight_decay,
+            fed.lr_schedule,
         )
 
     def weights(

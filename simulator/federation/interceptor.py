@@ -129,7 +129,11 @@ class Interceptor(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         by_client = sorted((self.node_to_client[m.metadata.src_node_id], m) for m in replies)
         failures = [
-            Failure(server_round, client, client_error_message(m.error.reason))
+            Failure(
+                server_round,
+                client,
+                client_error_message(m.error.reason, f"round {server_round}, client {client}"),
+            )
             for client, m in by_client
             if m.has_error()
         ]

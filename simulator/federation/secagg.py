@@ -255,7 +255,9 @@ class SecAggStrategy(Strategy):
         """
         missing = [c for c in self.path.sampled if c not in answered]
         reasons = [
-            client_error_message(getattr(error.args[0], "reason", str(error)))
+            client_error_message(
+                getattr(error.args[0], "reason", str(error)), f"round {server_round}"
+            )
             for error in failures
             if isinstance(error, BaseException) and error.args
         ]

@@ -15,6 +15,8 @@ observations then hold the model and weights those clients were sent, and
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +28,8 @@ from simulator.core.models import ModelSpec, SentModel
 from simulator.core.protocol import Observation, PublicMeta
 
 Weights = dict[str, torch.Tensor]
+
+LOG = logging.getLogger(__name__)
 
 # The client id of an observation that is the aggregate of several clients' updates.
 AGGREGATE_CLIENT_ID = -1
@@ -60,13 +64,33 @@ class RoundTraffic:
         return tuple(c for c in self.sampled if c not in failed)
 
 
-def client_error_message(reason: str) -> str:
-    """The client's own exception message out of Ray's wrapped traceback (no pids, no paths)."""
+# The failure reason of an update whose client's Ray actor (its worker process) had died.
+# Flower's actor pool keeps a dead actor and hands it later clients too, whose updates then
+# fail the same way: a point with such a failure is "degraded" (simulator.run.engine).
+CLIENT_PROCESS_DIED = "the client's Ray worker process died (Ray's report: client-errors.log)"
+_ACTOR_ERRORS = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrashedError")
+
+
+def client_error_message(reason: str, where: str = "a client") -> str:
+    """One readable line for the error a client's reply carried: the client's own exception
+    message out of Ray's wrapped traceback (no pids, no paths), or
+    :data:`CLIENT_PROCESS_DIED`. The whole of Ray's text goes to this module's logger, which
+    a run sends to ``client-errors.log`` in its folder, headed by ``where``."""
+    LOG.debug("%s: %s", where, reason)
+    # Flower's simulation writes "<class 'module.Error'>:<'text'>"; Ray names a task's error
+    # after its cause, as in "ray.exceptions.RayTaskError(ClientAppException)".
+    wrapped = re.fullmatch(r"<class '([^']+)'>:<'(.*)'>", reason.strip(), re.DOTALL)
+    kind, body = (
+        (wrapped[1].split("(")[0].rsplit(".", 1)[-1], wrapped[2]) if wrapped else ("", reason)
+    )
+    if wrapped and any(name in wrapped[1] for name in _ACTOR_ERRORS):
+        return CLIENT_PROCESS_DIED
     marker = "Message: "
-    if marker in reason:
-        return reason.rsplit(marker, 1)[1].strip().removesuffix("'>").strip()
-    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "unknown client error"
+    if marker in body:  # a ClientAppException: the client's own exception's message
+        return " ".join(body.rsplit(marker, 1)[1].split()) or "unknown client error"
+    lines = [line.strip() for line in body.strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else "unknown client error"
+    return f"{kind}: {text}" if kind else text
 
 
 def sample_clients(

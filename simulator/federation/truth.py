@@ -45,7 +45,10 @@ class TruthStore:
     def put(self, truth: Truth) -> None:
         """Write one update's truth atomically (a concurrent reader sees all of it or none)."""
         path = self._path(truth.round, truth.client_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Its parent folder (the run's) is never made here: a run folder that was deleted
+        # during the run must not come back holding a truth store.
+        self.root.mkdir(exist_ok=True)
+        path.parent.mkdir(exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".part")
         try:
             with os.fdopen(handle, "wb") as stream:

@@ -229,9 +229,12 @@ def _failures_section(records: Sequence[Record]) -> str:
         return _none("None: every point finished, every client answered, every attack ran.")
     parts = []
     if failed_points:
-        parts += [f"<h3>Points that failed ({len(failed_points)})</h3>", '<ul class="errors">']
         parts += [
-            f"<li>point {escape(str(r.point))}: "
+            f"<h3>Points that failed or are degraded ({len(failed_points)})</h3>",
+            '<ul class="errors">',
+        ]
+        parts += [
+            f"<li>point {escape(str(r.point))} ({escape(r.status)}): "
             f'<span class="error">{escape(str(r.error))}</span></li>'
             for r in failed_points
         ]

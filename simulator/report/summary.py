@@ -71,9 +71,9 @@ def markdown_summary(run_dir: Path, records: Sequence[Record], drawn: Sequence[F
     if failures:
         parts += ["", f"## Failed client updates ({len(failures)})", ""]
         parts += [markdown_table(failures, FAILURE_COLUMNS)]
-    if any(p.status == "failed" for p in points):
+    if any(p.status != "ok" for p in points):  # failed, or degraded by failed updates
         parts += ["", "## Errors", ""] + [
-            f"- point {p.point}: {p.error}" for p in points if p.error
+            f"- point {p.point} ({p.status}): {p.error}" for p in points if p.error
         ]
     attacks = of_kind(records, AttackRecord)
     if any(r.matching == "training" for r in attacks):

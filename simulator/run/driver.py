@@ -52,7 +52,7 @@ from simulator.federation.interceptor import Interceptor, Manipulate
 from simulator.federation.messages import from_record, to_record
 from simulator.federation.secagg import SecAggStrategy, secagg_workflow
 from simulator.federation.strategies import make_strategy
-from simulator.federation.traffic import RoundTraffic
+from simulator.federation.traffic import RoundTraffic, client_error_message
 from simulator.federation.training import evaluate, load_weights
 from simulator.run.referee import Referee
 
@@ -86,7 +86,9 @@ def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[int, int
         if not m.has_error()
     }
     if len(mapping) < expected:
-        reasons = sorted({m.error.reason for m in replies if m.has_error()})
+        reasons = sorted(
+            {client_error_message(m.error.reason, "discovery") for m in replies if m.has_error()}
+        )
         because = f": {'; '.join(reasons)}"[:2000] if reasons else " (no reply)"
         raise DiscoveryError(
             f"only {len(mapping)} of {expected} clients identified themselves{because}"

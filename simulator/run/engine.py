@@ -3,9 +3,9 @@
 :func:`execute` runs every point into a run folder and returns the folder and the records;
 :func:`simulator.api.run` (behind ``leaksim run``) calls it and then writes the report. The
 points go through :func:`run_points`, the one sweep loop, either in a worker process that
-this one supervises (:mod:`simulator.run.supervisor`: SIGINT and SIGTERM end the run within
-seconds and leave no process behind) or, when ``taps`` must see each round in this process,
-in this process. Either way the records are appended to results.jsonl here as they arrive.
+this one supervises (:mod:`simulator.run.supervisor`: SIGINT, SIGTERM and SIGHUP end the run
+within seconds and leave no process behind) or, when ``taps`` must see each round in this
+process, in this process. Either way the records are appended to results.jsonl here as they arrive.
 
 A stopped run gets an ``interrupted`` record and raises :class:`RunInterrupted`;
 ``execute(..., resume=True)`` continues it in its folder from the first unfinished point.
@@ -17,9 +17,11 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal as signal_module
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +44,12 @@ from simulator.core.records import (
 )
 from simulator.federation.client_app import app as client_app
 from simulator.federation.secagg import app as secagg_client_app
+from simulator.federation.traffic import CLIENT_PROCESS_DIED
+from simulator.federation.traffic import LOG as CLIENT_ERRORS
 from simulator.federation.truth import TRUTH_DIR_ENV, TruthStore
 from simulator.run.cluster import connect
 from simulator.run.driver import FederationDriver
-from simulator.run.folder import TRUTH_PREFIX, RunFolder, RunFolderError
+from simulator.run.folder import CLIENT_ERRORS_FILE, TRUTH_PREFIX, RunFolder, RunFolderError
 from simulator.run.privacy import PrivacyLedger
 from simulator.run.ray_head import run_cluster
 from simulator.run.referee import Referee, Tap
@@ -57,14 +61,16 @@ ProgressHook = Callable[[Point, int], None]
 
 
 class RunFailed(RuntimeError):
-    """At least one sweep point could not finish; its record holds the reason."""
+    """At least one sweep point could not finish, or finished degraded; its record holds the
+    reason."""
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the run; every process of it has ended, its records are kept.
+    """SIGINT, SIGTERM or SIGHUP stopped the run; every process of it has ended, its records
+    are kept.
 
-    ``exit_code`` is the shell's status for the signal (130, 143); the message says where the
-    results are and how to resume.
+    ``exit_code`` is the shell's status for the signal (130, 143, 129); the message says where
+    the results are and how to resume.
     """
 
     def __init__(self, folder: RunFolder, signal: str, point: int | None, reached: int) -> None:
@@ -74,7 +80,7 @@ class RunInterrupted(KeyboardInterrupt):
             f"resume with: {resume_command(folder.path)}"
         )
         self.folder, self.signal, self.point, self.round = folder, signal, point, reached
-        self.exit_code = 128 + {"SIGINT": 2, "SIGTERM": 15}.get(signal, 2)
+        self.exit_code = 128 + int(signal_module.Signals[signal])
 
 
 def resume_command(path: Path) -> str:
@@ -170,6 +176,66 @@ def truth_store(folder: RunFolder | None, point: int) -> Iterator[TruthStore]:
             os.environ[TRUTH_DIR_ENV] = previous
 
 
+class _AppendLog(logging.Handler):
+    """Appends each log line to a file of the run folder, never creating the folder: a folder
+    that is gone is the records' writer's to report (:class:`RunFolderLost`)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(logging.DEBUG)
+        self.path = path
+        self.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(OSError), self.path.open("a") as stream:
+            stream.write(self.format(record) + "\n")
+
+
+@contextlib.contextmanager
+def client_error_log(folder: RunFolder | None) -> Iterator[None]:
+    """Ray's whole text of every client error, into the run folder's client-errors.log; the
+    ``failure`` records keep one readable line each."""
+    if folder is None:
+        yield
+        return
+    handler, previous = _AppendLog(folder.path / CLIENT_ERRORS_FILE), CLIENT_ERRORS.level
+    CLIENT_ERRORS.addHandler(handler)
+    CLIENT_ERRORS.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        CLIENT_ERRORS.removeHandler(handler)
+        CLIENT_ERRORS.setLevel(previous)
+
+
+def degradation(scenario: Scenario, referee: Referee) -> str | None:
+    """Why a point that finished is not ``ok`` (one line), or None.
+
+    A client's Ray worker process that died is never replaced (Flower's actor pool keeps
+    handing it clients), so one such failure degrades the point; otherwise it is degraded
+    when some client failed more than ``faults.max_failed_share`` of the updates it was asked
+    for (asked: its failures plus the rounds it took part in).
+    """
+    failed = Counter(f.client for f in referee.failures)
+    if not failed:
+        return None
+    died = [f for f in referee.failures if f.reason == CLIENT_PROCESS_DIED]
+    if died:
+        return (
+            f"Degraded: a client's Ray worker process died in round {died[0].round} and was "
+            f"not replaced; {len(referee.failures)} updates failed (Ray's report: "
+            f"{CLIENT_ERRORS_FILE})"
+        )
+    asked = {c: n + referee.privacy.participations[c] for c, n in failed.items()}
+    worst = max(sorted(failed), key=lambda c: failed[c] / asked[c])
+    bound = scenario.faults.max_failed_share
+    if failed[worst] / asked[worst] <= bound:
+        return None
+    return (
+        f"Degraded: client {worst} failed {failed[worst]} of the {asked[worst]} updates it was "
+        f"asked for, more than faults.max_failed_share = {bound:g}"
+    )
+
+
 def run_point(
     point: Point,
     emit: Callable[[Record], None],
@@ -197,7 +263,7 @@ def run_point(
 
     started = time.perf_counter()
     error: BaseException | None = None
-    with quiet_flower(verbose), truth_store(folder, point.index) as store:
+    with quiet_flower(verbose), client_error_log(folder), truth_store(folder, point.index) as store:
         referee = Referee(scenario, tagged, PrivacyLedger(scenario), store, taps, save)
         driver = FederationDriver(scenario, tagged, referee, on_progress=on_round)
         clients = secagg_client_app if driver.secure_aggregation else client_app
@@ -213,17 +279,18 @@ def run_point(
         except Exception as raised:  # Flower re-raises the ServerApp's error; keep its cause
             error = raised.__cause__ or raised
     defense, strength = defense_summary(scenario)
+    degraded = None if error else degradation(scenario, referee)
     summary = PointRecord(
         point=point.index,
         swept=point.values,
-        status="failed" if error else "ok",
+        status="failed" if error else "degraded" if degraded else "ok",
         rounds_completed=max((r.round for r in rounds), default=0),
         defense=defense,
         strength=strength,
         final_accuracy=rounds[-1].test_accuracy if rounds else None,
         failed_updates=len(referee.failures),
         seconds=time.perf_counter() - started,
-        error=None if error is None else f"{type(error).__name__}: {error}",
+        error=degraded if error is None else f"{type(error).__name__}: {error}",
     )
     emit(summary)
     return summary
@@ -391,10 +458,11 @@ def execute(
         raise RunInterrupted(folder, "SIGINT", None, 0) from None
     except Exception as error:  # the records are safe on disk; `leaksim report` can retry
         result.report_error = f"{type(error).__name__}: {error}"
-    failed = [r for r in result.table() if r.status == "failed"]
+    failed = [r for r in result.table() if r.status != "ok"]
     if failed and raise_on_failure:
-        lines = "\n".join(f"  point {r.point}: {r.error}" for r in failed)
+        lines = "\n".join(f"  point {r.point} ({r.status}): {r.error}" for r in failed)
         raise RunFailed(
-            f"{len(failed)} of {len(points)} points failed (records in {folder.path}):\n{lines}"
+            f"{len(failed)} of {len(points)} points failed or degraded (records in "
+            f"{folder.path}):\n{lines}"
         )
     return result

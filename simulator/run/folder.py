@@ -49,11 +49,17 @@ SCENARIO_FILE = "scenario.json"
 SCENARIO_TOML = "scenario.toml"
 TEMPORARY_SUFFIX = ".tmp"
 TRUTH_PREFIX = ".truth-point-"  # a point's truth store (simulator.run.engine.truth_store)
+CLIENT_ERRORS_FILE = "client-errors.log"  # Ray's whole text of each client error
 MAX_NAME = 80
 
 
 class RunFolderError(InputError):
     """A run folder cannot be used as asked (not empty, not a run folder): one line."""
+
+
+class RunFolderLost(RuntimeError):
+    """The run folder disappeared or became unwritable during the run: the run stops, and
+    nothing re-creates the folder (it would hold only the later records)."""
 
 
 class CorruptRecordsWarning(UserWarning):
@@ -187,14 +193,37 @@ class RunFolder:
         return self.path / RESULTS_FILE
 
     def append(self, record: Record) -> None:
-        """Append one record durably (flush + fsync) before returning."""
-        with self.results_path.open("a") as stream:
-            stream.write(json.dumps(_jsonable(record.to_dict())) + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
+        """Append one record durably (flush + fsync) before returning; RunFolderLost when the
+        folder (its scenario) is gone or cannot be written."""
+        self.check_writable()
+        try:
+            with self.results_path.open("a") as stream:
+                stream.write(json.dumps(_jsonable(record.to_dict())) + "\n")
+                stream.flush()
+                os.fsync(stream.fileno())
+        except OSError as error:
+            raise self._lost(error.strerror or type(error).__name__) from None
+
+    def check_writable(self) -> None:
+        """RunFolderLost unless the folder still holds its scenario and can be written."""
+        if not (self.path / SCENARIO_FILE).is_file():
+            raise self._lost("it is gone")
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise self._lost("it cannot be written")
+
+    def _lost(self, why: str) -> RunFolderLost:
+        return RunFolderLost(
+            f"the run folder {self.path} disappeared or cannot be written ({why}); "
+            "the run stopped and wrote nothing more"
+        )
 
     def save_arrays(self, name: str, arrays: Mapping[str, np.ndarray]) -> Path:
-        """Write ``artifacts/<name>.npz`` atomically (images behind the figures)."""
+        """Write ``artifacts/<name>.npz`` atomically (images behind the figures); the run
+        folder must still exist (RunFolderLost otherwise: it is never made again here)."""
+        try:
+            (self.path / ARTIFACTS_DIR).mkdir(exist_ok=True)
+        except OSError as error:
+            raise self._lost(error.strerror or type(error).__name__) from None
         target = self.path / ARTIFACTS_DIR / f"{name}.npz"
         with _temporary(target) as stream:
             np.savez_compressed(stream, **arrays)

@@ -11,12 +11,14 @@ told the configured size). Each failure is one line naming the key or file.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 from simulator.core.config import DataConfig, Scenario
 from simulator.core.devices import DeviceError, check_device
 from simulator.core.fields import InputError
+from simulator.core.protocol import local_steps
 from simulator.core.registry import DATASETS
 from simulator.data.datasets import (
     DATA_DIR_ENV,
@@ -33,6 +35,19 @@ from simulator.scenario import expand
 
 class PreflightError(InputError):
     """The run cannot start: one line saying which key or file, and what is allowed."""
+
+
+# Costs of the federation alone on this project's 2-core reference machine
+# (benchmarks/results/engine.json: FedSGD MLP runs of 100 and 1000 clients): a point's Ray
+# start and client discovery, a round's own overhead, one client's update on one actor, and
+# one local SGD step of a small MLP (dlg-defenses-fedavg: 15 points in 20 to 50 minutes).
+POINT_START_S = 15.0
+DISCOVERY_S_PER_CLIENT = 0.014
+ROUND_S = 0.05
+UPDATE_S = 0.056
+STEP_S = 0.002
+# A run whose federation alone is estimated longer than this gets a one-line warning.
+WARN_AFTER_S = 3600.0
 
 
 def check_data_files(data: DataConfig) -> None:
@@ -94,6 +109,38 @@ def check_cores(scenario: Scenario, on_cluster: bool) -> None:
             f"federation.cpus_per_client = {cpus:g} exceeds the {cores} CPU cores of this "
             f"machine; allowed: (0, {cores}]"
         )
+
+
+def federation_seconds(scenario: Scenario, cores: int | None = None) -> float:
+    """A lower bound on the time a run's federations take on ``cores`` cores (this machine's
+    by default): Ray's start and discovery per point, then each round's client updates
+    spread over the actors that fit. Attacks and scoring are not counted."""
+    cores = cores or os.cpu_count() or 1
+    total = 0.0
+    for point in expand(scenario):
+        fed = point.scenario.federation
+        actors = max(1, int(cores / fed.cpus_per_client))
+        sampled = max(1, int(fed.clients * fed.fraction))
+        steps = 1
+        if fed.protocol == "fedavg":
+            shard = shard_size(point.scenario.data, fed.clients, point.scenario.seed, 0)
+            steps = local_steps(shard, fed.batch_size, fed.local_epochs)
+        per_round = ROUND_S + math.ceil(sampled / actors) * (UPDATE_S + STEP_S * steps)
+        total += POINT_START_S + DISCOVERY_S_PER_CLIENT * fed.clients + fed.rounds * per_round
+    return total
+
+
+def workload_warning(scenario: Scenario) -> str | None:
+    """One line when the run's federations alone are estimated to take over an hour here."""
+    seconds = federation_seconds(scenario)
+    if seconds <= WARN_AFTER_S:
+        return None
+    fed, points = scenario.federation, len(expand(scenario))
+    return (
+        f"this run needs at least about {seconds / 3600:.1f} h on {os.cpu_count() or 1} cores "
+        f"({points} point(s) x {fed.rounds} rounds of {fed.clients} clients, attacks not "
+        f"counted); lower federation.rounds or federation.clients for a shorter run"
+    )
 
 
 def preflight(scenario: Scenario) -> None:

@@ -6,7 +6,7 @@ RuntimeEnvAgent ignore SIGTERM), so the process that owns a run makes itself a *
 subreaper* (``prctl(PR_SET_CHILD_SUBREAPER)``): orphans of its subtree are re-parented to it
 instead of to init, stay in the walk, and are ended with the rest.
 
-:class:`SignalFlag` turns SIGINT and SIGTERM into a flag that the owner's loop polls, so no
+:class:`SignalFlag` turns SIGINT, SIGTERM and SIGHUP into a flag that the owner's loop polls, so no
 exception lands in the middle of a write; a second signal kills the tree at once.
 """
 
@@ -25,7 +25,8 @@ from types import FrameType
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
 DEAD_STATES = frozenset("ZXx")  # zombie (exited, not yet reaped) or dead
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Ctrl-C, kill's default, and the hang-up a closing terminal sends: each stops a run the same way.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _prctl(option: int, value: object) -> int:
@@ -213,7 +214,7 @@ def subreaper() -> Iterator[bool]:
 
 @dataclass
 class SignalFlag:
-    """While entered (in the main thread), SIGINT and SIGTERM set :attr:`signum`.
+    """While entered (in the main thread), SIGINT, SIGTERM and SIGHUP set :attr:`signum`.
 
     The first signal only sets the flag, for the owner's loop to see. Any later one calls
     ``on_again`` (which should kill everything at once) and, should the main thread not

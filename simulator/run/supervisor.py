@@ -122,7 +122,7 @@ class Supervisor:
     _open: list[Lane] = field(default_factory=list)
 
     def run(self, points: Sequence[int]) -> None:
-        """Run ``points`` (indices) to the end; Interrupted on SIGINT or SIGTERM."""
+        """Run ``points`` (indices) to the end; Interrupted on SIGINT, SIGTERM or SIGHUP."""
         self.flag.on_again = lambda _signum: self.tree.kill_now()
         shares = [list(points[k :: self.lanes]) for k in range(max(1, self.lanes))]
         with subreaper(), self.flag:
@@ -132,11 +132,14 @@ class Supervisor:
                     self._stop_if_signalled()
                     self._read()
             finally:
+                # Workers still running here are left by an error (the run folder gone): like
+                # a stop, they are killed at once, before Ray's processes.
+                workers = {lane.worker.pid for lane in self._open}
                 for lane in self._open:
                     with contextlib.suppress(OSError):
                         os.close(lane.reading)
                 self._open = []
-                self.tree.end(GRACE_S, END_TIMEOUT_S, hurry=lambda: self.flag.again)
+                self.tree.end(GRACE_S, END_TIMEOUT_S, first=workers, hurry=lambda: self.flag.again)
 
     def running(self) -> list[int]:
         """The point each worker is on now."""

@@ -39,6 +39,8 @@ def load_plugin(path: str | Path) -> ModuleType:
     resolved = Path(path).expanduser().resolve()
     if resolved in _LOADED:
         return _LOADED[resolved]
+    if resolved.is_dir():
+        raise PluginError(f"plugin file {str(path)!r} is a directory; name a Python file (.py)")
     if not resolved.is_file():
         raise PluginError(f"plugin file {str(path)!r} does not exist")
     if resolved.suffix != ".py":
@@ -51,11 +53,20 @@ def load_plugin(path: str | Path) -> ModuleType:
     sys.modules[name] = module  # dataclasses and pickling look classes up by module
     try:
         spec.loader.exec_module(module)
-    except Exception as error:
+    except BaseException as error:  # sys.exit() and KeyboardInterrupt too: a file, not the user
         del sys.modules[name]
-        raise PluginError(f"plugin file {str(path)!r}: {type(error).__name__}: {error}") from None
+        raise PluginError(f"plugin file {str(path)!r}: {_raised(error)}") from None
     _LOADED[resolved] = module
     return module
+
+
+def _raised(error: BaseException) -> str:
+    """What a plugin file raised at import, on one line."""
+    what = type(error).__name__
+    if isinstance(error, SystemExit):
+        return f"{what} (the file called sys.exit({error.code!r}) at import)"
+    message = " ".join(str(error).split())
+    return f"{what}: {message}" if message else f"{what} at import"
 
 
 def load_plugins(paths: Iterable[str | Path]) -> list[ModuleType]:

@@ -137,6 +137,7 @@ def check_rules(scenario: Scenario) -> None:
             f"model.task = 'parity' needs model.kind 'homogeneous-mlp' ('binary-fc' is always "
             f"binary), got {model.kind!r}"
         )
+    _check_lr_schedule(scenario)
     for key, rounds in (
         ("attack.rounds", scenario.attack.rounds),
         ("faults.crash_rounds", scenario.faults.crash_rounds),
@@ -158,3 +159,29 @@ def check_rules(scenario: Scenario) -> None:
         raise ScenarioError(str(error)) from None
     if scenario.attack.also and attacks[0][1].observes_only:
         raise ScenarioError("attack.also needs a first attack: set attack.name")
+
+
+def _check_lr_schedule(scenario: Scenario) -> None:
+    """``federation.lr_schedule = "loss-scaled"`` is full-batch local training of the
+    unregularised loss (its step divides by that loss, which weight decay keeps from 0)."""
+    fed = scenario.federation
+    if fed.lr_schedule == "constant":
+        return
+    if fed.protocol != "fedavg":
+        raise ScenarioError(
+            f"federation.lr_schedule = {fed.lr_schedule!r} needs federation.protocol 'fedavg' "
+            f"(local training), got {fed.protocol!r}"
+        )
+    if fed.weight_decay:
+        raise ScenarioError(
+            f"federation.lr_schedule = {fed.lr_schedule!r} needs federation.weight_decay = 0, "
+            f"got {fed.weight_decay}"
+        )
+    data = scenario.data
+    # The shard size, where the scenario fixes it (else the client checks its own shard).
+    shard = data.examples_per_client or (data.train_examples if fed.clients == 1 else 0)
+    if fed.batch_size < shard:
+        raise ScenarioError(
+            f"federation.lr_schedule = {fed.lr_schedule!r} takes full-batch steps: "
+            f"federation.batch_size = {fed.batch_size} must cover the client's {shard} examples"
+        )

@@ -46,15 +46,26 @@ CASES: list[tuple[str, list[str], str]] = [
     ("threshold-nan", ["attack.leak_threshold_db=nan"], "attack.leak_threshold_db = nan"),
     ("ssim-inf", ["attack.leak_threshold_ssim=inf"], "attack.leak_threshold_ssim = inf"),
     ("seed-negative", ["seed=-1"], "seed = -1 must be >= 0"),
+    ("seed-2-64", [f"seed={2**64}"], f"seed = {2**64} is too large; allowed: 0 to 2**64 - 1"),
+    ("seed-swept-2-64", [f"sweep.seed=[0, {2**64}]"], f"seed = {2**64} is too large"),
+    ("seed-repeated", ["sweep.seed=[0, 0]"], "sweep.seed lists 0 more than once"),
+    (
+        "timeout-tiny",
+        ["federation.timeout_s=1e-9"],
+        "federation.timeout_s = 1e-09 is out of range; allowed: [10.0, inf)",
+    ),
+    ("clients-huge", ["federation.clients=1000000"], "federation.clients = 1000000 is out of"),
+    ("rounds-huge", ["federation.rounds=1000000000"], "federation.rounds = 1000000000 is out"),
+    ("failed-share", ["faults.max_failed_share=-0.5"], "faults.max_failed_share = -0.5 is out"),
     ("cpus", ["federation.cpus_per_client=1000"], "federation.cpus_per_client = 1000 exceeds"),
     (
         "batch-over-shard",
         ["federation.batch_size=64", "data.examples_per_client=16"],
         "federation.batch_size = 64 is larger than the smallest client shard (16 examples)",
     ),
-    ("crash-rounds", ["faults.crash_rounds=[99]"], "faults.crash_rounds = [99] must be rounds"),
+    ("crash-rounds", ["faults.crash_rounds=[999]"], "faults.crash_rounds = [999] must be rounds"),
     ("crash-clients", ["faults.crash_clients=[99]"], "faults.crash_clients = [99] must be client"),
-    ("attack-rounds", ["attack.rounds=[0]"], "attack.rounds = [0] must be rounds in 1..10"),
+    ("attack-rounds", ["attack.rounds=[0]"], "attack.rounds = [0] must be rounds in 1..100"),
     (
         "secagg-one-client",
         [
@@ -66,7 +77,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ),
     (
         "secagg-threshold",
-        ['defenses=[{name="secure-aggregation", min_clients=5}]'],
+        ["federation.fraction=0.3", 'defenses=[{name="secure-aggregation", min_clients=5}]'],
         "'min_clients' = 5 exceeds the 3 clients sampled per round",
     ),
     ("rounds-zero", ["federation.rounds=0"], "federation.rounds = 0 is out of range"),
@@ -155,6 +166,42 @@ def test_a_binary_scenario_file_is_an_error(guarded: Path, tmp_path: Path) -> No
 
 def test_a_missing_plugin_file_is_an_error(guarded: Path, tmp_path: Path) -> None:
     check(["quickstart", "--plugin", str(tmp_path / "nope.py")], guarded, "does not exist")
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ("import sys\nsys.exit(0)\n", "SystemExit (the file called sys.exit(0) at import)"),
+        ("raise KeyboardInterrupt\n", "KeyboardInterrupt at import"),
+        ("class Stop(BaseException):\n    pass\nraise Stop('x')\n", "Stop: x"),
+    ],
+    ids=["sys-exit", "keyboard-interrupt", "base-exception"],
+)
+def test_a_plugin_that_exits_at_import_is_a_one_line_error(
+    guarded: Path, tmp_path: Path, body: str, fragment: str
+) -> None:
+    path = tmp_path / "exits.py"
+    path.write_text(body)
+    check(["quickstart", "--plugin", str(path)], guarded, f"exits.py': {fragment}")
+
+
+def test_a_plugin_path_that_is_a_directory_is_named(guarded: Path, tmp_path: Path) -> None:
+    (tmp_path / "plugins").mkdir()
+    check(["quickstart", "--plugin", str(tmp_path / "plugins")], guarded, "is a directory")
+
+
+def test_a_long_run_gets_a_one_line_estimate_before_it_starts(guarded: Path) -> None:
+    """A run the machine takes hours over is named with its time before any work (here the
+    tripwire then stops it: the line came first)."""
+    result = runner.invoke(
+        app, ["run", "quickstart", "--set", "federation.rounds=100000", "--out", str(guarded)]
+    )
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[0].startswith("warning: this run needs at least about "), lines
+    assert " h on " in lines[0] and "1 point(s) x 100000 rounds of 10 clients" in lines[0]
+    assert "work was started" in lines[1]
+    quick = runner.invoke(app, ["run", "quickstart", "--out", str(guarded)])
+    assert "warning" not in quick.output
 
 
 def data_copy(tmp_path: Path, damage: str) -> Path:

@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 from benchmarks.compare_runs import compare, records
 from simulator.cli import app
 from simulator.run.cluster import RAY_ADDRESS_ENV
+from simulator.run.folder import RunFolder
 from tests.integration.conftest import ROOT, leaksim
 
 # Small and quick: 3 clients, a 16-unit MLP, 200 test images, two rounds, two sweep points.
@@ -308,6 +309,17 @@ def test_sigterm_ends_the_run_with_status_143(scenario: Path, tmp_path: Path) ->
     run = start(tmp_path, "run", str(scenario))
     run.wait_for(record_seen("round", 0), "round 1")
     check_stopped(run, run.stop(signal.SIGTERM), signal.SIGTERM, 0)
+
+
+@pytest.mark.timeout(600)
+def test_sighup_closing_the_terminal_ends_the_run_with_status_129_resumably(
+    scenario: Path, tmp_path: Path
+) -> None:
+    run = start(tmp_path, "run", str(scenario))
+    run.wait_for(record_seen("round", 0), "round 1")
+    check_stopped(run, run.stop(signal.SIGHUP), signal.SIGHUP, 0)
+    assert sorted(p.name for p in run.out.iterdir() if p.name.startswith(".")) == []
+    assert RunFolder.open(run.out).rewind(2) == ([], 0)  # resumable, from its first point
 
 
 @pytest.mark.timeout(600)

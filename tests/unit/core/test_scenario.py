@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from simulator.core.config import Scenario, ScenarioError
-from simulator.core.models import CnnParams, MlpParams
-from simulator.data.partition import DirichletParams
+from simulator.core.models import CnnParams, MlpParams, build_model
+from simulator.core.seeding import seeded_generator, seeded_numpy
+from simulator.data.partition import DirichletParams, partition
 from simulator.federation.client import ClientDefenses
+from simulator.federation.traffic import sample_clients
 from simulator.run.folder import scenario_toml
 from simulator.scenario import expand, from_dict, load, parse_override
 
@@ -54,7 +58,38 @@ def test_every_shipped_scenario_loads() -> None:
         ),
         ("[federation]\nlr = 'fast'", "federation.lr = 'fast' has type str; allowed: float"),
         ("[federation]\nlr = 0.0", "federation.lr = 0.0 is out of range; allowed: (0.0, inf)"),
-        ("[federation]\nclients = 0", "federation.clients = 0 is out of range; allowed: [1, inf)"),
+        (
+            "[federation]\nclients = 0",
+            "federation.clients = 0 is out of range; allowed: [1, 10000]",
+        ),
+        (
+            "[federation]\nclients = 10001",
+            "federation.clients = 10001 is out of range; allowed: [1, 10000]",
+        ),
+        (
+            "[federation]\nrounds = 100001",
+            "federation.rounds = 100001 is out of range; allowed: [1, 100000]",
+        ),
+        (
+            "[federation]\ntimeout_s = 1e-9",
+            "federation.timeout_s = 1e-09 is out of range; allowed: [10.0, inf)",
+        ),
+        (
+            "[sweep]\nseed = [0, 0]",
+            "sweep.seed lists 0 more than once; each value is one point",
+        ),
+        (
+            "[sweep]\n'model.widths' = [[8], [16], [8]]",
+            "sweep.model.widths lists [8] more than once",
+        ),
+        (
+            "[sweep]\nseed = [0, -1]",
+            "seed = -1 must be >= 0",
+        ),
+        (
+            "[faults]\nmax_failed_share = 1.5",
+            "faults.max_failed_share = 1.5 is out of range; allowed: [0.0, 1.0]",
+        ),
         (
             "[model]\nkind = 'cnn'\n[sweep]\n'model.widths' = [[8], [16]]",
             "model.widths is not read by model.kind 'cnn'",
@@ -90,6 +125,30 @@ def test_every_shipped_scenario_loads() -> None:
         ("[[defenses]]\nname = 'blur'", "defenses[0]: unknown defense 'blur'"),
         ("defenses = [{ std = 0.1 }]", "defenses[0] must be a table with a name"),
         ("[federation\n", "not valid TOML"),
+        (
+            "[federation]\nlr_schedule = 'cosine'",
+            "federation.lr_schedule = 'cosine' is not allowed; choose one of 'constant', "
+            "'loss-scaled'",
+        ),
+        (
+            "[federation]\nlr_schedule = 'loss-scaled'",
+            "federation.lr_schedule = 'loss-scaled' needs federation.protocol 'fedavg'",
+        ),
+        (
+            "[federation]\nprotocol = 'fedavg'\nlr_schedule = 'loss-scaled'\nweight_decay = 0.03",
+            "needs federation.weight_decay = 0, got 0.03",
+        ),
+        (
+            "[data]\nexamples_per_client = 100\n"
+            "[federation]\nprotocol = 'fedavg'\nlr_schedule = 'loss-scaled'\nbatch_size = 50",
+            "federation.batch_size = 50 must cover the client's 100 examples",
+        ),
+        (
+            "[data]\nexamples_per_client = 100\n"
+            "[federation]\nprotocol = 'fedavg'\nlr_schedule = 'loss-scaled'\nbatch_size = 100\n"
+            "[[defenses]]\nname = 'dp-sgd'",
+            "is not supported with the dp-sgd defense",
+        ),
     ],
 )
 def test_bad_files_get_errors_that_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -97,6 +156,38 @@ def test_bad_files_get_errors_that_name_the_key(tmp_path: Path, text: str, expec
         load(write(tmp_path, text))
     assert expected in str(info.value)
     assert str(info.value).startswith("s.toml")
+
+
+def test_the_loss_scaled_schedule_is_a_key_like_any_other() -> None:
+    paper = load("kkt-mnist-odd-even-paper")
+    assert paper.federation.lr_schedule == "constant"  # the default: plain steps
+    scaled = load("kkt-mnist-odd-even-paper", {"federation.lr_schedule": "loss-scaled"})
+    assert scaled.federation.lr_schedule == "loss-scaled"
+    assert Scenario.from_json(scaled.to_json()) == scaled
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**70])
+def test_a_seed_beyond_the_generators_64_bits_is_refused(seed: int) -> None:
+    # TOML holds 64-bit signed integers only: such seeds come as overrides or from Python.
+    with pytest.raises(ScenarioError, match=r"seed = \d+ is too large; allowed: 0 to 2\*\*64 - 1"):
+        load("quickstart", {"seed": seed})
+    with pytest.raises(ScenarioError, match=r"seed = \d+ is too large"):
+        load("quickstart", {"sweep.seed": [0, seed]})
+
+
+def test_the_largest_seed_reaches_every_generator() -> None:
+    """The bound is where torch stops: the largest seed allowed seeds the initial model, and
+    one more overflows torch's generator."""
+    largest = load("quickstart", {"seed": 2**64 - 1})
+    seed = largest.seed
+    assert build_model(largest.model, seed=seed) is not None
+    assert seeded_generator(seed, 1, 0).initial_seed() >= 0  # a client's batches
+    with seeded_numpy(seed, 1, 0):  # client mods (SecAgg+'s rounding)
+        pass
+    assert len(sample_clients(range(10), 0.2, seed, 1)) == 2  # the server's sample
+    assert len(partition(np.arange(100) % 10, 4, "iid", seed=seed)) == 4  # the shards
+    with pytest.raises(ValueError, match="Overflow"):
+        torch.Generator().manual_seed(seed + 1)
 
 
 def test_missing_scenario_lists_shipped_ones() -> None:

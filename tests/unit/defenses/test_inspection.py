@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from attacks.active.imprint import Imprint, ImprintParams
-from attacks.active.trap_weights import TrapWeights
+from attacks.active.trap_weights import TrapWeights, TrapWeightsParams
 from defenses import inspection
 from defenses.inspection import Inspection, InspectionParams, ModelRejected
 from simulator.core.models import build_model
@@ -91,3 +93,62 @@ def state_with(reference: dict[str, np.ndarray]) -> RecordDict:
         {k: Array(np.ascontiguousarray(v)) for k, v in reference.items()}
     )
     return state
+
+
+QUICKSTART = load("quickstart")  # the MLP 784-256-10, FedSGD on 3 batches of 8, lr 0.5
+
+
+def quickstart_rounds(count: int) -> list[dict[str, torch.Tensor]]:
+    """The global models of ``count`` honest FedSGD rounds of the quickstart federation: each
+    round averages 3 clients' gradients on batches of 8 digits."""
+    spec, federation = QUICKSTART.model, QUICKSTART.federation
+    weights = build_model(spec, seed=0).state_dict()
+    models = [weights]
+    for r in range(count - 1):
+        grads = []
+        for c in range(3):
+            batch = slice(24 * r + 8 * c, 24 * r + 8 * c + 8)
+            model = load_weights(build_model(spec), weights)
+            grads.append(batch_gradient(model, spec, PRIVATE[batch], LABELS[batch]))
+        step = {k: sum(g[k] for g in grads) / 3 for k in weights}
+        weights = {k: v - federation.lr * step[k] for k, v in weights.items()}
+        models.append(weights)
+    return models
+
+
+def test_row_inspection_passes_a_whole_honest_run_and_refuses_disguised_models() -> None:
+    """30 honest rounds pass the row check, inspected every round or only every 7th (a client
+    that is rarely sampled); the disguised trap weights and folded imprint sent at round 1
+    or 30 pass the tensor-wide check and are refused by the row check."""
+    rounds = quickstart_rounds(30)
+    strict = Inspection(InspectionParams(rows=True))
+    for every in (1, 7):
+        state = RecordDict()
+        for weights in rounds[::every]:
+            strict.inspect(arrays(weights), state, QUICKSTART)  # raises on a false positive
+    attacks = [
+        armed(TrapWeights(TrapWeightsParams(row_scale="honest", honest_rows=0.5))),
+        armed(Imprint(ImprintParams(bins=128, placement="first-layer"))),
+    ]
+    for attack in attacks:
+        for index in (0, 29):
+            honest = rounds[index]
+            sent = plan(samples=32, spec=QUICKSTART.model)
+            sent = dataclasses.replace(sent, weights=honest)
+            offer = attack.manipulate(sent)[0]
+            lenient, state = Inspection(InspectionParams()), state_with(arrays(honest))
+            lenient.inspect(arrays(offer.weights), state, QUICKSTART)  # passes today's check
+            with pytest.raises(ModelRejected, match="median row norm"):
+                strict.inspect(arrays(offer.weights), state_with(arrays(honest)), QUICKSTART)
+
+
+def test_row_inspection_refuses_one_row_scaled_or_two_rows_parallel() -> None:
+    generator = np.random.default_rng(0)
+    honest = {"w": generator.uniform(-1, 1, (16, 64)), "b": generator.uniform(-1, 1, 16)}
+    assert inspection.row_outlier(honest, 4.0, 0.99) is None
+    scaled = {"w": honest["w"].copy(), "b": honest["b"]}
+    scaled["w"][3] *= 5
+    assert "row 3 has" in str(inspection.row_outlier(scaled, 4.0, 0.99))
+    parallel = {"w": honest["w"].copy(), "b": honest["b"]}
+    parallel["w"][7] = -2 * parallel["w"][2]
+    assert "rows 2 and 7 are parallel" in str(inspection.row_outlier(parallel, 4.0, 0.99))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from simulator.core.records import AttackRecord, PointRecord, PrivacyRecord, Record
 from simulator.report.evaluation import defense_table, is_evaluation
-from simulator.report.summary import attack_table
+from simulator.report.html import render_html
+from simulator.report.summary import attack_table, markdown_summary
 from tests.unit.report.synthetic_run import attack_record, point_record
 
 
@@ -57,3 +59,16 @@ def test_defense_table_measures_leakage_and_accuracy_loss_against_the_undefended
     assert [r["leaked_fraction"] for r in rows] == [1.0, 1.0, 0.0]
     assert rows[2]["epsilon"] == 3.5 and rows[1]["epsilon"] is None
     assert is_evaluation(records)
+
+
+def test_a_degraded_point_is_named_with_its_reason_in_summary_and_page(tmp_path: Path) -> None:
+    reason = "Degraded: client 2 failed 2 of the 3 updates it was asked for"
+    records: list[Record] = [
+        point_record(0, {}),
+        point_record(1, {}, status="degraded", failed_updates=2, error=reason),
+    ]
+    summary = markdown_summary(tmp_path, records, [])
+    assert f"- point 1 (degraded): {reason}" in summary.split("## Errors")[1]
+    page = render_html(tmp_path, records, [])
+    assert "Points that failed or are degraded (1)" in page and "(degraded)" in page
+    assert "point 0 (" not in summary.split("## Errors")[1]

@@ -193,9 +193,12 @@ def test_rewind_keeps_finished_points_and_moves_the_rest_nothing_lost(tmp_path: 
     assert (folder.path / INTERRUPTED_FILE).read_text().count("\n") == 5
 
 
-def test_rewind_reruns_a_failed_point_and_every_later_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("status", ["failed", "degraded"])
+def test_rewind_reruns_a_failed_or_degraded_point_and_every_later_one(
+    tmp_path: Path, status: str
+) -> None:
     folder = RunFolder.create(named("q"), path=tmp_path / "r")
-    write_run(folder.path, [point(0), point(1, "failed"), point(2)])
+    write_run(folder.path, [point(0), point(1, status), point(2)])
     kept, first = folder.rewind(3)
     assert (kept, first) == ([point(0)], 1)
     assert (folder.path / INTERRUPTED_FILE).read_text().count("\n") == 2
