@@ -41,6 +41,10 @@ class MaliciousServer:
     :attr:`~simulator.core.config.AttackConfig.built`), registered as ``attack_name``.
     ``public`` loads the server's labelled public data; the server sets it on the attack
     (:attr:`Attack.public`) before asking it anything, active or not.
+
+    An attack that ``keeps_history`` (:attr:`Attack.keeps_history`) also sees every round's
+    updates (:meth:`Attack.remember`), attacked or not, keyed by the client ids a server sees,
+    and reconstructs the selected ones from all it has seen of their clients.
     """
 
     attack_name: str
@@ -129,6 +133,8 @@ class MaliciousServer:
             self.seen.append((observation.round, observation.client_id))
             if observation.client_id >= 0:  # what each client trains on, for later plans
                 self.examples[observation.client_id] = observation.meta.num_examples
+        if self.attack.keeps_history:  # on the CPU: the history outlives the device copies
+            self.attack.remember(list(observations))
         targets = self.targets(observations)
         if not targets:
             return []

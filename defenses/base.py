@@ -123,6 +123,12 @@ class TrainingDefense(Defense):
     def delta(self) -> float:
         """The delta of the (epsilon, delta) guarantee."""
 
+    def rdp_curve(self, sample_rate: float, steps: int) -> list[tuple[float, float]] | None:
+        """The composed RDP curve, (order, RDP epsilon) pairs, of the same steps as
+        :meth:`epsilon`; None where the defense does not know it (the bound beside the
+        measurement then comes from (epsilon, delta) alone)."""
+        return None
+
     def check_scenario(self, federation: FederationConfig, defenses: Sequence[Defense]) -> None:
         training = [d.name for d in defenses if isinstance(d, TrainingDefense)]
         if len(training) > 1:
@@ -143,6 +149,24 @@ class ClientModDefense(Defense):
     @abstractmethod
     def mod(self) -> ClientMod:
         """The Flower mod ``(message, context, call_next) -> message``."""
+
+
+class ReleaseAccounted(ABC):
+    """A defense whose privacy guarantee holds per release: each update a client sends is
+    (epsilon, delta)-DP on its own (local DP), so a client's releases compose."""
+
+    @abstractmethod
+    def release_epsilon(self, releases: int) -> float:
+        """The epsilon, at :attr:`delta`, of ``releases`` updates of one client together."""
+
+    def release_rdp_curve(self, releases: int) -> list[tuple[float, float]] | None:
+        """The RDP curve of ``releases`` updates together; None where unknown."""
+        return None
+
+    @property
+    @abstractmethod
+    def delta(self) -> float:
+        """The delta of the (epsilon, delta) guarantee."""
 
 
 class AggregationDefense(Defense):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -185,23 +186,13 @@ def private_local_train(
     return float(seen.mean()) if seen.numel() else float(np.nan)
 
 
-def epsilon(params: DpSgdParams, sample_rate: float, steps: int) -> float:
-    """Epsilon at ``params.delta`` after ``steps`` Poisson-sampled Gaussian steps (RDP accountant).
-
-    0 for no steps; infinite without noise.
-    """
-    if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate = {sample_rate!r} is out of range; allowed: (0, 1]")
-    if steps < 0:
-        raise ValueError(f"steps = {steps!r} is out of range; allowed: [0, inf)")
-    if steps == 0:
-        return 0.0
-    if params.noise_multiplier == 0.0:
-        return math.inf
+def _accountant(noise_multiplier: float, sample_rate: float, steps: int) -> Any:
+    """dp-accounting's RDP accountant after ``steps`` Poisson-sampled Gaussian steps
+    (add-or-remove-one neighbours)."""
     # Imported here: dp-accounting takes about a second to import and only this needs it.
     from dp_accounting import dp_event, privacy_accountant, rdp
 
-    gaussian = dp_event.GaussianDpEvent(params.noise_multiplier)
+    gaussian = dp_event.GaussianDpEvent(noise_multiplier)
     event: dp_event.DpEvent = gaussian
     if sample_rate < 1.0:
         event = dp_event.PoissonSampledDpEvent(sample_rate, gaussian)
@@ -209,7 +200,47 @@ def epsilon(params: DpSgdParams, sample_rate: float, steps: int) -> float:
         neighboring_relation=privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE
     )
     accountant.compose(event, steps)
-    return float(accountant.get_epsilon(params.delta))
+    return accountant
+
+
+def _check_schedule(sample_rate: float, steps: int) -> None:
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate = {sample_rate!r} is out of range; allowed: (0, 1]")
+    if steps < 0:
+        raise ValueError(f"steps = {steps!r} is out of range; allowed: [0, inf)")
+
+
+def gaussian_epsilon(
+    noise_multiplier: float, delta: float, sample_rate: float, steps: int
+) -> float:
+    """Epsilon at ``delta`` after ``steps`` Poisson-sampled Gaussian steps of this noise
+    multiplier (RDP accountant); 0 for no steps, infinite without noise."""
+    _check_schedule(sample_rate, steps)
+    if steps == 0:
+        return 0.0
+    if noise_multiplier == 0.0:
+        return math.inf
+    return float(_accountant(noise_multiplier, sample_rate, steps).get_epsilon(delta))
+
+
+def gaussian_rdp_curve(
+    noise_multiplier: float, sample_rate: float, steps: int
+) -> list[tuple[float, float]]:
+    """The composed RDP curve, (order, RDP epsilon) for the accountant's orders; empty without
+    noise (no finite order), zeros for no steps."""
+    _check_schedule(sample_rate, steps)
+    if noise_multiplier == 0.0:
+        return []
+    accountant = _accountant(noise_multiplier, sample_rate, steps)
+    return [(float(a), float(r)) for a, r in zip(accountant._orders, accountant._rdp, strict=True)]
+
+
+def epsilon(params: DpSgdParams, sample_rate: float, steps: int) -> float:
+    """Epsilon at ``params.delta`` after ``steps`` Poisson-sampled Gaussian steps (RDP accountant).
+
+    0 for no steps; infinite without noise.
+    """
+    return gaussian_epsilon(params.noise_multiplier, params.delta, sample_rate, steps)
 
 
 @register_defense(
@@ -271,3 +302,7 @@ class DpSgd(TrainingDefense):
     def epsilon(self, sample_rate: float, steps: int) -> float:
         """:func:`epsilon` with this defense's parameters."""
         return epsilon(self.params, sample_rate, steps)
+
+    def rdp_curve(self, sample_rate: float, steps: int) -> list[tuple[float, float]]:
+        """:func:`gaussian_rdp_curve` with this defense's noise multiplier."""
+        return gaussian_rdp_curve(self.params.noise_multiplier, sample_rate, steps)

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 
 from flwr.clientapp.mod import LocalDpMod
 
-from defenses.base import AggregationDefense, ClientModDefense, Defense, register_defense
+from defenses.base import (
+    AggregationDefense,
+    ClientModDefense,
+    Defense,
+    ReleaseAccounted,
+    register_defense,
+)
+from defenses.dp_sgd import gaussian_epsilon, gaussian_rdp_curve
 from simulator.core.config import FederationConfig
 from simulator.core.fields import param
 
@@ -41,7 +48,7 @@ class LocalDpParams:
 
 
 @register_defense("local-dp", "Flower's LocalDpMod: clip the weight change, add Gaussian noise.")
-class LocalDp(ClientModDefense):
+class LocalDp(ClientModDefense, ReleaseAccounted):
     """Flower's LocalDpMod as a client mod; changes the observation (clipped, noisy weights)."""
 
     Params = LocalDpParams
@@ -52,6 +59,29 @@ class LocalDp(ClientModDefense):
         """The per-coordinate noise std LocalDpMod adds (the Gaussian mechanism's)."""
         p = self.params
         return p.sensitivity * math.sqrt(2 * math.log(1.25 / p.delta)) / p.epsilon
+
+    @property
+    def noise_multiplier(self) -> float:
+        """The noise std over the sensitivity: the Gaussian mechanism's multiplier."""
+        p = self.params
+        return math.sqrt(2 * math.log(1.25 / p.delta)) / p.epsilon
+
+    @property
+    def delta(self) -> float:
+        return self.params.delta
+
+    def release_epsilon(self, releases: int) -> float:
+        """The releases' epsilon at ``delta``: the Gaussian mechanism composed ``releases``
+        times by the RDP accountant; for one release, the parameter itself where the classic
+        calibration holds (epsilon <= 1) and is the smaller."""
+        composed = gaussian_epsilon(self.noise_multiplier, self.params.delta, 1.0, releases)
+        if releases == 1 and self.params.epsilon <= 1.0:
+            return min(composed, self.params.epsilon)
+        return composed
+
+    def release_rdp_curve(self, releases: int) -> list[tuple[float, float]]:
+        """The RDP curve of ``releases`` Gaussian releases of this noise multiplier."""
+        return gaussian_rdp_curve(self.noise_multiplier, 1.0, releases)
 
     def mod(self) -> LocalDpMod:
         """Flower's mod with these parameters."""

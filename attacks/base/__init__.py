@@ -35,6 +35,10 @@ class Attack(ABC, Generic[ParamsT]):
     # True for an attack that attacks nothing (the registered "none"): the malicious server
     # then selects no targets, so the round reads no truths and collects no garbage for it.
     observes_only: ClassVar[bool] = False
+    # True for an attack that combines updates across rounds: the malicious server (which
+    # holds one instance for the whole run) then shows it every round's updates
+    # (:meth:`remember`), attacked or not, before it asks for reconstructions.
+    keeps_history: ClassVar[bool] = False
 
     def __init__(self, params: ParamsT | None = None) -> None:
         self.params: ParamsT = params if params is not None else self.Params()
@@ -46,6 +50,10 @@ class Attack(ABC, Generic[ParamsT]):
     @abstractmethod
     def run(self, observations: Sequence[Observation]) -> list[Reconstruction]:
         """Attack every observation; one reconstruction per observation, in order."""
+
+    def remember(self, observations: Sequence[Observation]) -> None:
+        """Take note of one round's updates, every one the server received (only called on an
+        attack that ``keeps_history``); nothing by default."""
 
 
 AttackT = TypeVar("AttackT", bound=type)

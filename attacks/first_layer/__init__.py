@@ -1,7 +1,7 @@
 """Closed-form attacks on a fully-connected first layer: the analytic dW / db attack
-(:mod:`.analytic`) and the span of the first layer's change (:mod:`.subspace`). Importing this
-package registers them."""
+(:mod:`.analytic`), the span of the first layer's change (:mod:`.subspace`) and that span over
+every update one client sent (:mod:`.rounds`). Importing this package registers them."""
 
-from attacks.first_layer import analytic, subspace
+from attacks.first_layer import analytic, rounds, subspace
 
-__all__ = ["analytic", "subspace"]
+__all__ = ["analytic", "rounds", "subspace"]

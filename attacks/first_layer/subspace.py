@@ -105,13 +105,27 @@ def fit_decay(sent: torch.Tensor, initial: torch.Tensor, rank: int, steps: int =
     return (low + high) / 2
 
 
+def noise_edge(shape: Sequence[int], noise_std: float) -> float:
+    """The largest singular value pure noise of this std per coordinate reaches in an
+    (m, n) matrix: the Marchenko-Pastur edge ``noise_std (sqrt(m) + sqrt(n))``."""
+    return noise_std * (math.sqrt(shape[0]) + math.sqrt(shape[1]))
+
+
 def first_layer_subspace(
-    sent: torch.Tensor, initial: torch.Tensor | None, rank: int, with_constant: bool = True
+    sent: torch.Tensor,
+    initial: torch.Tensor | None,
+    rank: int,
+    with_constant: bool = True,
+    noise_std: float = 0.0,
 ) -> Subspace:
     """Row space of the first-layer change ``sent - c initial`` (``initial`` None: ``sent``).
 
     ``sent``/``initial`` are (out, D) weight matrices (or a gradient and None). ``rank`` is the
-    number of training examples behind the update; it is capped at ``min(out, D)``.
+    number of training examples behind the update; it is capped at ``min(out, D)``. With a
+    known ``noise_std`` on every coordinate of ``sent`` (a defense's public setting), only the
+    directions whose singular value clears the noise's edge (:func:`noise_edge`) are kept:
+    below it a direction is as likely noise as signal, and a noise direction in the span
+    drowns the sparse vectors sought in it.
     """
     sent = sent.detach().double().reshape(sent.shape[0], -1)
     rank = max(1, min(rank, *sent.shape))
@@ -122,7 +136,9 @@ def first_layer_subspace(
         decay = fit_decay(sent, initial, rank)
         change = sent - decay * initial
     energy = float((change**2).sum())
-    _, _, right = torch.linalg.svd(change, full_matrices=False)
+    _, values, right = torch.linalg.svd(change, full_matrices=False)
+    if noise_std > 0:
+        rank = max(1, min(rank, int((values > noise_edge(change.shape, noise_std)).sum())))
     rows = right[:rank]
     if with_constant:
         constant = torch.full((1, rows.shape[1]), rows.shape[1] ** -0.5, dtype=rows.dtype)
@@ -193,13 +209,15 @@ def recover_inputs(
     generator: torch.Generator | None = None,
     known: KnownDefense = "none",
     completion_iterations: int = 100,
+    noise_std: float = 0.0,
 ) -> tuple[torch.Tensor, Subspace]:
     """``count`` candidate images in [0, 1], (count, C, H, W), from one observation.
 
     Under FedSGD the first layer's gradient is the change itself; under FedAvg the returned
     first-layer weights are compared with the global ones and the weight-decay factor fitted.
     With a ``known`` update defense the first layer's change is completed inside its intervals
-    first (the decay taken as 1).
+    first (the decay taken as 1). ``noise_std``: the known noise on each coordinate of the
+    update (:func:`first_layer_subspace`).
     """
     layer = first_linear(obs.model)
     if isinstance(layer, str):  # convolutions mix pixels before any dense layer sees them
@@ -218,7 +236,7 @@ def recover_inputs(
         subspace = dataclasses.replace(first_layer_subspace(change, None, rank), decay=decay)
     else:
         initial = None if obs.meta.protocol == "fedsgd" else obs.global_weights[first]
-        subspace = first_layer_subspace(obs.update[first], initial, rank)
+        subspace = first_layer_subspace(obs.update[first], initial, rank, noise_std=noise_std)
     vectors = sparse_vectors(subspace.basis, starts, sparsity, generator=generator)
     images = select_candidates(vectors, count).float()
     return images.reshape(-1, *obs.model.input_shape), subspace
@@ -254,6 +272,12 @@ class SubspaceParams:
     completion_iterations: int = param(
         300, low=1, high=100_000, help="alternating projections of the completion"
     )
+    noise_std: float = param(
+        0.0,
+        low=0.0,
+        help="std of the noise on each coordinate of the update the client sent (a defense's "
+        "public setting); above 0, the span keeps only directions above the noise's edge",
+    )
 
 
 @register_attack(
@@ -279,8 +303,9 @@ class SubspaceAttack(Attack[SubspaceParams]):
         count = max(2, math.ceil(p.candidates * obs.meta.num_examples))
         generator = torch.Generator().manual_seed(p.seed)
         images, subspace = recover_inputs(
-            obs, count, p.sparsity, p.starts, generator, p.known_defense, p.completion_iterations
-        )
+            obs, count, p.sparsity, p.starts, generator, p.known_defense,
+            p.completion_iterations, p.noise_std,
+        )  # fmt: skip
         labels = model_labels(obs, images)
         seconds = time.perf_counter() - start
         return Reconstruction(

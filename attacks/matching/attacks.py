@@ -10,6 +10,11 @@ share one engine and differ in their defaults:
   parameters, total-variation prior, Adam on signed gradients, projection onto [0, 1] after
   every step, step decay x0.1 at 3/8, 5/8 and 7/8 of the budget.
 
+A known noise (a defense's public setting): ``distance="gaussian"`` matches with the Gaussian
+negative log-likelihood ``|g - g*|^2 / (2 noise_scale^2)`` (weighted L2) and
+``distance="laplace"`` with the Laplace one ``|g - g*|_1 / noise_scale`` (L1), in nats, so that
+``tv_weight`` and ``box`` act as the image prior of a MAP estimate.
+
 Dummies start uniform in [0, 1] (the data range) by default; ``init="randn"`` gives the DLG
 paper's Gaussian start, which on small networks often saturates the softmax and stalls;
 ``"dark"`` (uniform in [0, 0.1]) starts near the background of digit images (iDLG's default:
@@ -89,7 +94,15 @@ import torch
 
 from attacks.base import Attack, register_attack
 from attacks.common.intervals import KnownDefense
-from attacks.matching.objective import Batch, batch_key, evaluator, initial, make_batch, make_plan
+from attacks.matching.objective import (
+    NOISE_LIKELIHOODS,
+    Batch,
+    batch_key,
+    evaluator,
+    initial,
+    make_batch,
+    make_plan,
+)
 from attacks.optim.adam import adam
 from attacks.optim.lbfgs import lbfgs
 from attacks.optim.tracker import Tracker, status_of
@@ -105,7 +118,13 @@ class GradientMatchingParams:
     iterations: int = param(300, low=1, high=1_000_000, help="optimiser iterations")
     optimizer: Literal["lbfgs", "adam"] = "lbfgs"
     lr: float = param(1.0, low=0.0, low_open=True, high=1e3, help="step size")
-    distance: Literal["l2", "cosine", "l2-layer"] = "l2"
+    distance: Literal["l2", "cosine", "l2-layer", "gaussian", "laplace"] = "l2"
+    noise_scale: float = param(
+        0.0,
+        low=0.0,
+        help="the noise on each coordinate of the update the client sent (a defense's public "
+        "setting): its std for distance 'gaussian', its scale b for 'laplace'",
+    )
     labels: Literal["learn", "recover"] = "learn"
     tv_weight: float = param(0.0, low=0.0, high=1e3, help="total-variation prior weight")
     signed: bool = False
@@ -167,7 +186,7 @@ class InvertingGradientsParams(GradientMatchingParams):
     iterations: int = param(2000, low=1, high=1_000_000, help="optimiser iterations")
     optimizer: Literal["lbfgs", "adam"] = "adam"
     lr: float = param(0.1, low=0.0, low_open=True, high=1e3, help="step size")
-    distance: Literal["l2", "cosine"] = "cosine"
+    distance: Literal["l2", "cosine", "gaussian", "laplace"] = "cosine"
     labels: Literal["learn", "recover"] = "recover"
     tv_weight: float = param(1e-6, low=0.0, high=1e3, help="total-variation prior weight")
     signed: bool = True
@@ -253,6 +272,11 @@ def match_gradients(
 ) -> list[Reconstruction]:
     """Run a gradient-matching attack on all ``observations`` as few batched problems
     (``public``: the server's labelled data, for batch label counts)."""
+    if params.distance in NOISE_LIKELIHOODS and params.noise_scale <= 0:
+        raise ValueError(
+            f"distance {params.distance!r} is the noise's likelihood: set noise_scale to the "
+            "noise on each coordinate of the update (the defense's std or scale)"
+        )
     start = time.perf_counter()
     if params.known_defense != "none" and params.distance != "l2":
         raise ValueError(

@@ -34,6 +34,8 @@ from simulator.core.models import ModelSpec, build_model, is_binary
 from simulator.core.protocol import Observation, PublicData
 
 Params = dict[str, torch.Tensor]
+# Distances that are a known noise's negative log-likelihood (``noise_scale`` its std or scale).
+NOISE_LIKELIHOODS = ("gaussian", "laplace")
 
 
 class MatchingSettings(Protocol):
@@ -41,6 +43,9 @@ class MatchingSettings(Protocol):
 
     @property
     def distance(self) -> str: ...
+
+    @property
+    def noise_scale(self) -> float: ...
 
     @property
     def tv_weight(self) -> float: ...
@@ -141,11 +146,18 @@ def _objective(
             current = {k: current[k] - lr * step[k] for k in current}
         return {k: (weights[k] - current[k]) / lr for k in weights}
 
-    def distance(mine: Params, theirs: Params, radius: Params) -> torch.Tensor:
+    def distance(mine: Params, theirs: Params, radius: Params, lr: torch.Tensor) -> torch.Tensor:
         if radius:  # a known defense: squared distance to the box of intervals, zero inside
             return sum(
                 (torch.relu((mine[k] - theirs[k]).abs() - radius[k]) ** 2).sum() for k in theirs
             )
+        if params.distance in NOISE_LIKELIHOODS:
+            # The noise's negative log-likelihood (constants dropped). Noise of scale s on
+            # the weights a FedAvg client sends is s / lr on the step sum matched here.
+            scale = params.noise_scale if schedule is None else params.noise_scale / lr
+            if params.distance == "gaussian":
+                return sum(((mine[k] - theirs[k]) ** 2).sum() for k in theirs) / (2 * scale**2)
+            return sum((mine[k] - theirs[k]).abs().sum() for k in theirs) / scale
         if params.distance == "l2":
             return sum(((mine[k] - theirs[k]) ** 2).sum() for k in theirs)
         if params.distance == "l2-layer":
@@ -173,7 +185,7 @@ def _objective(
         lr: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         produced_update = produced(weights, images, label_targets(label_vars), lr)
-        dist = distance(produced_update, target, radius)
+        dist = distance(produced_update, target, radius, lr)
         total = dist
         if params.tv_weight > 0:
             total = total + params.tv_weight * total_variation(images).mean()

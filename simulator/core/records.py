@@ -242,13 +242,25 @@ class BestRecord(LeakageRecord):
 
 @dataclass(frozen=True)
 class PrivacyRecord(Record):
-    """The (epsilon, delta) a training defense spent, for the client that trained most."""
+    """The (epsilon, delta) a DP defense spent, for the client that trained most, and the
+    ceiling that puts on reconstruction (:mod:`simulator.scoring.dp_bound`).
+
+    ``prior_baseline``: the upper confidence bound on the share of public targets the best
+    update-free guess leaks (``prior_guess`` names it); ``reconstruction_bound``: the most
+    any attack may leak of one target given that prior, from (epsilon, delta) and
+    ``rdp_curve`` ((order, RDP epsilon) pairs) where the defense gives it. Left out where the
+    run has no public data.
+    """
 
     kind: ClassVar[str] = "privacy"
     epsilon: float
     delta: float
     client: int
     mean_epsilon: float
+    prior_baseline: float | None = field(default=None, metadata=OPTIONAL)
+    prior_guess: str | None = field(default=None, metadata=OPTIONAL)
+    reconstruction_bound: float | None = field(default=None, metadata=OPTIONAL)
+    rdp_curve: Sequence[Sequence[float]] | None = field(default=None, metadata=OPTIONAL)
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,14 @@ from simulator.report.defense_figures import strength_order, strength_words
 from simulator.report.figures import FigureFile
 from simulator.report.tables import Row, leak_threshold
 from simulator.run.folder import attack_artifact
+from simulator.scoring.dp_bound import broken_claim, reconstruction_bound
 
 SECTION = "evaluation"
 
 COLUMNS = (
     "point", "seed", "curve", "strength", "epsilon", "attacked", "mean_psnr", "median_psnr",
-    "mean_ssim", "leaked_fraction", "leak_threshold", "label_accuracy", "final_accuracy",
-    "accuracy_loss",
+    "mean_ssim", "leaked_fraction", "dp_bound", "broken_dp", "leak_threshold",
+    "label_accuracy", "final_accuracy", "accuracy_loss",
 )  # fmt: skip
 
 
@@ -81,6 +82,46 @@ def best_per_update(records: Sequence[LeakageRecord]) -> list[LeakageRecord]:
     return chosen
 
 
+def _guesses_per_target(records: Sequence[LeakageRecord]) -> int:
+    """The most guesses any one target of these records got: per update, one per one-to-one
+    attack and every candidate of a candidate-set attack (all of them, for the per-image
+    best of several attacks)."""
+    guesses: dict[tuple[int, int], int] = defaultdict(int)
+    for record in records:
+        if isinstance(record, AttackRecord):
+            many = record.matching != "hungarian"
+            guesses[(record.round, record.client)] += record.recovered if many else 1
+    return max(guesses.values(), default=1)
+
+
+def _leaked_images(records: Sequence[LeakageRecord]) -> tuple[int, int]:
+    """(images leaked, images scored) over ``records``."""
+    leaked = scored = 0
+    for record in records:
+        count = len(record.psnr)
+        leaked += (
+            sum(record.leaked)
+            if isinstance(record, BestRecord)
+            else round(record.fraction_leaked * count)
+        )
+        scored += count
+    return leaked, scored
+
+
+def dp_bound(
+    spent: PrivacyRecord | None, scored: Sequence[LeakageRecord], chosen: Sequence[LeakageRecord]
+) -> tuple[float | None, bool | None]:
+    """A DP point's reconstruction bound (:mod:`simulator.scoring.dp_bound`) for the guesses
+    its attacks made per target, and whether the leakage of ``chosen`` (each update's best)
+    breaks it beyond sampling noise; (None, None) without a bound."""
+    if spent is None or spent.prior_baseline is None:
+        return None, None
+    prior = min(1.0, spent.prior_baseline * _guesses_per_target(scored))
+    bound = reconstruction_bound(spent.epsilon, spent.delta, spent.rdp_curve, prior)
+    leaked, images = _leaked_images(chosen)
+    return bound, (broken_claim(leaked, images, bound) if images else None)
+
+
 def scored_by_point(records: Sequence[Record]) -> dict[int, list[LeakageRecord]]:
     """Per sweep point, the attack and best records of its updates, in order."""
     scored: dict[int, list[LeakageRecord]] = defaultdict(list)
@@ -115,6 +156,7 @@ def defense_table(records: Sequence[Record]) -> list[Row]:
         ]
         accuracy = point.final_accuracy
         spent = privacy.get(point.point)
+        bound, broken = dp_bound(spent, scored.get(point.point, []), mine)
         rows.append(
             {
                 "point": point.point,
@@ -130,6 +172,8 @@ def defense_table(records: Sequence[Record]) -> list[Row]:
                 "leaked_fraction": float(np.mean([r.fraction_leaked for r in mine]))
                 if mine
                 else None,
+                "dp_bound": bound,
+                "broken_dp": broken,
                 "leak_threshold": leak_threshold(scored.get(point.point, [])),
                 "label_accuracy": float(np.mean(labels)) if labels else None,
                 "final_accuracy": accuracy,

@@ -139,7 +139,7 @@ class FederationDriver:
             self._run_secagg(grid, context)
         else:
             self._run_plain(grid)
-        privacy = self.referee.privacy.spent()
+        privacy = self.referee.privacy.spent(self.referee.public_data)
         if privacy is not None:
             self.emit(privacy)
 

@@ -107,6 +107,29 @@ def ssim_paper(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> tor
     return ssim(a, b, data_range, window=SSIM_PAPER_WINDOW, padding=SSIM_PAPER_PADDING)
 
 
+def pairwise_ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """:func:`ssim` between every image of ``a`` (n) and of ``b`` (m): an (n, m) matrix.
+
+    Each image's blurred mean and second moment are computed once; only the cross term is
+    blurred per pair (one filter instead of five), in rows of ``a``.
+    """
+    if min(a.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}")
+    a, b = a.double(), b.double()
+    kernel = _gaussian_kernel(SSIM_WINDOW, SSIM_SIGMA).to(a.device)
+    mu_a, aa = _blur(torch.cat([a, a * a]), kernel).chunk(2)
+    mu_b, bb = _blur(torch.cat([b, b * b]), kernel).chunk(2)
+    var_a, var_b = aa - mu_a**2, bb - mu_b**2
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    rows = []
+    for i in range(a.shape[0]):
+        cov = _blur(a[i : i + 1] * b, kernel) - mu_a[i : i + 1] * mu_b
+        numerator = (2 * mu_a[i : i + 1] * mu_b + c1) * (2 * cov + c2)
+        denominator = (mu_a[i : i + 1] ** 2 + mu_b**2 + c1) * (var_a[i : i + 1] + var_b + c2)
+        rows.append((numerator / denominator).flatten(1).mean(1))
+    return torch.stack(rows)
+
+
 def pairwise_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """MSE between every image of ``a`` (n) and of ``b`` (m): an (n, m) matrix."""
     flat_a, flat_b = a.flatten(1).double(), b.flatten(1).double()

@@ -81,3 +81,30 @@ def test_an_attack_is_timed_around_its_call_whatever_its_trace_says(
     server = MaliciousServer("analytic", ATTACKS.create("analytic", {}))
     (reconstruction,) = server.observe([observation(0)])
     assert reconstruction.seconds >= 0.3
+
+
+def test_an_attack_that_keeps_history_sees_every_round_and_attacks_on_schedule() -> None:
+    """One instance for the run: it remembers rounds 1-3 of both clients, attacked or not, and
+    reconstructs round 3's updates from all three of each client's."""
+    torch.set_num_threads(1)  # many small products: threads cost more than they give
+    attack = ATTACKS.create("subspace-rounds", {"starts": 10})
+    server = MaliciousServer("subspace-rounds", attack, rounds=(3,))
+    small = model_spec("mlp", widths=(16,), input_shape=(1, 8, 8))  # 64 pixels: fast
+    honest = build_model(small, seed=0).state_dict()
+    generator = torch.Generator().manual_seed(0)
+    for server_round in (1, 2, 3):
+        observations = [
+            Observation(
+                server_round, client, small, honest,
+                {k: v + torch.randn(v.shape, generator=generator) for k, v in honest.items()},
+                PublicMeta("fedsgd", 4, 0.1, 1, 4),
+            )
+            for client in (0, 1)
+        ]  # fmt: skip
+        reconstructions = server.observe(observations)
+        assert len(reconstructions) == (2 if server_round == 3 else 0)
+    assert {c: [s.round for s in seen] for c, seen in attack.history.items()} == {  # type: ignore[attr-defined]
+        0: [1, 2, 3],
+        1: [1, 2, 3],
+    }
+    assert all("from 3 update(s)" in r.notes for r in reconstructions)

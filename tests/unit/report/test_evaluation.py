@@ -3,11 +3,12 @@ accuracy cost against the same seed's undefended point, and the within-spread fl
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import pytest
 
-from simulator.core.records import BestRecord, PointRecord, Record
+from simulator.core.records import BestRecord, PointRecord, PrivacyRecord, Record
 from simulator.report.evaluation import defense_table, rounds_table, settings_table
 from tests.unit.report.synthetic_run import attack_record, best_record, point_record
 
@@ -80,3 +81,32 @@ def test_an_update_only_one_attack_scored_counts_in_both_views() -> None:
     assert row["leaked_fraction"] == 0.5
     by_round = {r["round"]: r["leakage"] for r in rounds_table(records)}
     assert by_round == {1: 1.0, 100: 0.0}
+
+
+def _dp_point(leaked: int, images: int, matching: str = "hungarian") -> list[Record]:
+    """A dp-sgd point at epsilon 1 and prior 0.01, whose one attack leaked ``leaked`` of
+    ``images`` (a candidate set returns ``images`` candidates)."""
+    psnr = [40.0] * leaked + [10.0] * (images - leaked)
+    ssim = [0.9] * leaked + [0.1] * (images - leaked)
+    swept = {"seed": 0, "defenses": [{"name": "dp-sgd", "noise_multiplier": 1.0}]}
+    fraction = {"fraction_leaked": leaked / images}
+    return [
+        point_record(0, swept),
+        PrivacyRecord(epsilon=1.0, delta=1e-5, client=0, mean_epsilon=1.0, prior_baseline=0.01,
+                      prior_guess="public mean", reconstruction_bound=0.0272, point=0),
+        attack_record("subspace", psnr, ssim=ssim, matching=matching, point=0, **fraction),
+    ]  # fmt: skip
+
+
+def test_a_dp_point_leaking_above_its_bound_is_a_broken_claim() -> None:
+    (honest,) = defense_table(_dp_point(1, 100))
+    assert honest["dp_bound"] == pytest.approx(math.e * 0.01 + 1e-5)
+    assert honest["broken_dp"] is False
+    (broken,) = defense_table(_dp_point(20, 100))
+    assert broken["broken_dp"] is True
+    # Candidate sets: 100 candidates per target make the prior 100 x 0.01 = 1, no bound left.
+    (candidates,) = defense_table(_dp_point(20, 100, matching="nearest"))
+    assert candidates["dp_bound"] == 1.0 and candidates["broken_dp"] is False
+    undefended = point_record(1, {"seed": 0, "defenses": []})
+    (row,) = defense_table([undefended])
+    assert row["dp_bound"] is None and row["broken_dp"] is None

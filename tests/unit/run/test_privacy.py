@@ -7,15 +7,18 @@ dp-accounting's RDP accountant, not from the ledger's own arithmetic.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 from dp_accounting import dp_event, privacy_accountant, rdp
 
 from simulator.core.config import Scenario
-from simulator.data.shards import shard_size
+from simulator.core.protocol import PublicData
+from simulator.data.shards import load_test_set, shard_size
 from simulator.run.privacy import PrivacyLedger
 from simulator.scenario import load
+from simulator.scoring.dp_bound import eps_delta_bound, reconstruction_bound
 
 NOISE, DELTA, BATCH = 2.0, 1e-5, 8
 
@@ -73,3 +76,41 @@ def test_epsilon_after_k_participations_is_the_accountants_for_the_schedules_ste
 def test_no_epsilon_without_dp_training_or_without_participations() -> None:
     assert PrivacyLedger(load("quickstart")).spent() is None
     assert PrivacyLedger(scenario("fedavg")).spent() is None
+
+
+def test_the_record_holds_the_reconstruction_bound_its_epsilon_implies() -> None:
+    """Against MNIST's test split: the prior baseline is measured, and the bound is the
+    smaller of the (epsilon, delta) and RDP bounds for that prior."""
+    point = scenario("fedsgd")
+    ledger = PrivacyLedger(point)
+    for _ in range(3):
+        ledger.count([0])
+    test = load_test_set(dataclasses.replace(point.data, test_examples=0))
+    spent = ledger.spent(lambda: PublicData(test.inputs, test.labels))
+    assert spent is not None and spent.prior_baseline is not None and spent.rdp_curve
+    assert 0 < spent.prior_baseline < 0.2 and spent.prior_guess
+    expected = reconstruction_bound(spent.epsilon, DELTA, spent.rdp_curve, spent.prior_baseline)
+    assert spent.reconstruction_bound == pytest.approx(expected)
+    assert spent.reconstruction_bound < eps_delta_bound(spent.epsilon, DELTA, spent.prior_baseline)
+    assert ledger.spent().reconstruction_bound is None  # no public data, no bound
+
+
+def test_local_dp_is_charged_one_release_per_participation() -> None:
+    point = load(
+        "quickstart",
+        {
+            "federation.protocol": "fedavg",
+            "defenses": [{"name": "local-dp", "epsilon": 2.0, "delta": DELTA}],
+        },
+    )
+    ledger = PrivacyLedger(point)
+    for _ in range(4):
+        ledger.count([1])
+    spent = ledger.spent()
+    assert spent is not None and spent.client == 1
+    multiplier = math.sqrt(2 * math.log(1.25 / DELTA)) / 2.0
+    accountant = rdp.RdpAccountant(
+        neighboring_relation=privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE
+    )
+    accountant.compose(dp_event.GaussianDpEvent(multiplier), 4)
+    assert spent.epsilon == pytest.approx(accountant.get_epsilon(DELTA), rel=1e-12)

@@ -16,6 +16,7 @@ from simulator.scoring.metrics import (
     mse,
     nearest_candidates,
     pairwise_mse,
+    pairwise_ssim,
     psnr,
     ssim,
     ssim_paper,
@@ -208,3 +209,13 @@ def test_leak_summary_threshold_and_missing_labels() -> None:
     assert leak_summary(close, truth).fraction_leaked == 1.0
     summary = leak_summary(close, truth, threshold_db=45.0)
     assert summary.fraction_leaked == 0.0 and summary.label_accuracy is None
+
+
+def test_pairwise_ssim_is_ssim_of_every_pair() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a, b = (
+        torch.rand(3, 1, 12, 12, generator=generator),
+        torch.rand(4, 1, 12, 12, generator=generator),
+    )
+    expected = torch.stack([ssim(a[i : i + 1].expand_as(b), b) for i in range(3)])
+    assert torch.allclose(pairwise_ssim(a, b), expected, atol=1e-12)
