@@ -41,8 +41,8 @@ from attacks.first_layer.subspace import (
     SubspaceParams,
     first_layer_subspace,
     fit_decay,
-    model_labels,
     select_candidates,
+    span_reconstruction,
     sparse_vectors,
 )
 from simulator.core.fields import param
@@ -137,21 +137,9 @@ class RoundsAttack(Attack[RoundsParams]):
         generator = torch.Generator().manual_seed(p.seed)
         vectors = sparse_vectors(subspace.basis, p.starts, p.sparsity, generator=generator)
         images = select_candidates(vectors, count).float().reshape(-1, *obs.model.input_shape)
-        labels = model_labels(obs, images)
-        seconds = time.perf_counter() - start
-        return Reconstruction(
-            round=obs.round,
-            client_id=obs.client_id,
-            images=images,
-            labels=labels,
-            trace=[{"iteration": 0.0, "span_residual": subspace.outside, "seconds": seconds}],
-            objective="span-residual",
-            status="converged",
-            attack=self.name,
-            notes=(
-                f"{images.shape[0]} candidates from {len(used)} update(s) of client "
-                f"{obs.client_id} (rounds {used[0].round}-{used[-1].round}); rank "
-                f"{subspace.rank} of {subspace.basis.shape[1]} input dims"
-            ),
-            matching="nearest",
+        notes = (
+            f"{images.shape[0]} candidates from {len(used)} update(s) of client "
+            f"{obs.client_id} (rounds {used[0].round}-{used[-1].round}); rank "
+            f"{subspace.rank} of {subspace.basis.shape[1]} input dims"
         )
+        return span_reconstruction(obs, images, subspace, self.name, notes, start)

@@ -256,6 +256,32 @@ def model_labels(obs: Observation, images: torch.Tensor) -> torch.Tensor | None:
     return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
 
 
+def span_reconstruction(
+    obs: Observation,
+    images: torch.Tensor,
+    subspace: Subspace,
+    attack: str,
+    notes: str,
+    start: float,
+) -> Reconstruction:
+    """The candidates a span attack returns for ``obs``, labelled by the client's own model,
+    traced by the span's residual and timed from ``start``."""
+    labels = model_labels(obs, images)
+    seconds = time.perf_counter() - start
+    return Reconstruction(
+        round=obs.round,
+        client_id=obs.client_id,
+        images=images,
+        labels=labels,
+        trace=[{"iteration": 0.0, "span_residual": subspace.outside, "seconds": seconds}],
+        objective="span-residual",
+        status="converged",
+        attack=attack,
+        notes=notes,
+        matching="nearest",
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class SubspaceParams:
     """Settings of the first-layer subspace attack."""
@@ -306,26 +332,11 @@ class SubspaceAttack(Attack[SubspaceParams]):
             obs, count, p.sparsity, p.starts, generator, p.known_defense,
             p.completion_iterations, p.noise_std,
         )  # fmt: skip
-        labels = model_labels(obs, images)
-        seconds = time.perf_counter() - start
-        return Reconstruction(
-            round=obs.round,
-            client_id=obs.client_id,
-            images=images,
-            labels=labels,
-            trace=[{"iteration": 0.0, "span_residual": subspace.outside, "seconds": seconds}],
-            objective="span-residual",
-            status="converged",
-            attack=self.name,
-            notes=(
-                f"{images.shape[0]} candidates; rank {subspace.rank} of "
-                f"{subspace.basis.shape[1]} input dims, decay {subspace.decay:.4g}, energy "
-                f"outside the span {subspace.outside:.2g}"
-                + (
-                    f"; completed inside the {p.known_defense} intervals"
-                    if p.known_defense != "none"
-                    else ""
-                )
-            ),
-            matching="nearest",
+        notes = (
+            f"{images.shape[0]} candidates; rank {subspace.rank} of "
+            f"{subspace.basis.shape[1]} input dims, decay {subspace.decay:.4g}, energy "
+            f"outside the span {subspace.outside:.2g}"
         )
+        if p.known_defense != "none":
+            notes += f"; completed inside the {p.known_defense} intervals"
+        return span_reconstruction(obs, images, subspace, self.name, notes, start)
