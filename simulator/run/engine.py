@@ -49,6 +49,7 @@ from simulator.federation.traffic import LOG as CLIENT_ERRORS
 from simulator.federation.truth import TruthKey
 from simulator.run.cluster import connect
 from simulator.run.driver import FederationDriver
+from simulator.run.flower_engine import faster_message_delivery
 from simulator.run.folder import CLIENT_ERRORS_FILE, RunFolder, RunFolderError
 from simulator.run.handoff import Handoff
 from simulator.run.privacy import PrivacyLedger
@@ -250,7 +251,7 @@ def run_point(
         driver = FederationDriver(scenario, tagged, referee, on_progress=on_round)
         clients = secagg_client_app if driver.secure_aggregation else client_app
         try:
-            with run_cluster() as address:
+            with run_cluster() as address, faster_message_delivery():
                 connect(address, handoff.client_environment(point.index))
                 run_simulation(
                     server_app=make_server_app(driver),
