@@ -439,6 +439,7 @@ def execute(
                 cpus=max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None,
                 on_refereed=lambda values: scorer.take(*from_wire(values)),
                 handoff=handoff.issue,
+                each_read=folder.synced_together,
             ).run(progress.pending)
         else:
             run_points(pending, emit, scorer.take, handoff, on_round, verbose, folder)
