@@ -27,7 +27,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 quickstart: setup
 	$(BIN)/leaksim run quickstart

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import simulator.run.builtins  # noqa: F401  (registers every built-in plugin)
 from simulator.data.datasets import DataNotFoundError, candidate_dirs
@@ -29,6 +30,10 @@ INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 if (SHARED_DATA / "mnist").is_dir():
     os.environ.setdefault("LEAKSIM_DATA_DIR", str(SHARED_DATA))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per test process: with the suite spread over the cores, a second
+    # intra-op thread in each only makes them wait for each other.
+    torch.set_num_threads(1)
 HAVE_DATA = any((folder / "mnist").is_dir() for folder in candidate_dirs())
 NO_DATA = f"needs the MNIST files: none at {SHARED_DATA}, $LEAKSIM_DATA_DIR or ~/.cache/leaksim"
 if not HAVE_DATA:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -117,15 +116,14 @@ def guarded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 def check(args: list[str], out: Path, fragment: str) -> None:
-    started = time.monotonic()
+    # "Before work" is the tripwires' to show (no Ray, no worker, no download), not a clock's:
+    # a time bound only measures how busy the machine is.
     result = runner.invoke(app, ["run", *args, "--out", str(out)])
-    elapsed = time.monotonic() - started
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2, result.output
     assert len(lines) == 1, lines
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in result.output
-    assert elapsed < 10, f"{elapsed:.1f} s"
     assert not out.exists()
 
 
