@@ -49,7 +49,7 @@ from simulator.federation.traffic import LOG as CLIENT_ERRORS
 from simulator.federation.truth import TruthKey
 from simulator.run.cluster import connect
 from simulator.run.driver import FederationDriver
-from simulator.run.folder import CLIENT_ERRORS_FILE, RunFolder, RunFolderError
+from simulator.run.folder import CLIENT_ERRORS_FILE, RunFolder, RunFolderError, recorded
 from simulator.run.handoff import Handoff
 from simulator.run.privacy import PrivacyLedger
 from simulator.run.ray_head import run_cluster
@@ -353,7 +353,7 @@ def open_folder(
     if out_dir is None:
         raise RunFolderError("resuming needs the run folder (out_dir)")
     folder = RunFolder.open(out_dir)
-    if folder.scenario().to_dict() != scenario.to_dict():
+    if folder.scenario().to_dict() != recorded(scenario).to_dict():
         raise RunFolderError(f"{out_dir} holds a run of another scenario; cannot resume it")
     kept, first = folder.rewind(len(expand(scenario)))
     return folder, kept, first
