@@ -57,6 +57,7 @@ from simulator.run.referee import AttackedRound, Referee, Tap
 from simulator.run.seal import Scorer, from_wire, truth_folder
 from simulator.run.server_app import make_server_app
 from simulator.run.supervisor import Interrupted, Supervisor
+from simulator.run.tags import TagKeyService
 from simulator.scenario import CHANGED, Point, expand, provenance
 
 ProgressHook = Callable[[Point, int], None]
@@ -424,8 +425,9 @@ def execute(
         reached = 0 if first is None else progress.reached(first)
         stopped.append(RunInterrupted(folder, signal, first, reached))
 
+    tags = TagKeyService(key.tags)
     try:
-        handoff = Handoff.build(truth_root, key.public, pending)
+        handoff = Handoff.build(truth_root, key.public, pending, tags.client_environment())
         if isolate:
             Supervisor(
                 folder.path,
@@ -438,14 +440,17 @@ def execute(
                 cpus=max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None,
                 on_refereed=lambda values: scorer.take(*from_wire(values)),
                 handoff=handoff.issue,
+                start_head=tags.start_head,
             ).run(progress.pending)
         else:
+            tags.trust(os.getpid())  # the clients are below this process's own Ray head
             run_points(pending, emit, scorer.take, handoff, on_round, verbose, folder)
     except Interrupted:
         pass  # stop() has run
     except KeyboardInterrupt:  # points in this process: Ctrl-C arrives as an exception
         stop("SIGINT")
     finally:
+        tags.close()
         shutil.rmtree(truth_root, ignore_errors=True)
     for now, then in zip(provenance(scenario.plugins), plugins, strict=True):
         if now != then:
