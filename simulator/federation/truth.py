@@ -12,7 +12,8 @@ the variables) clients send exactly what the protocol sends.
 
 Files are ``round-<r>/client-<c>.sealed``: an ephemeral X25519 public key, a nonce and the
 AES-GCM ciphertext of the uncompressed ``np.savez`` of inputs and labels, the file's own
-(round, client) bound in as associated data, so a file moved to another name does not open.
+(point, round, client) bound in as associated data, so a file moved to another name, or
+another point's store, does not open.
 They are written to a temporary name and renamed, so a reader sees a whole file or none. The
 encryption's randomness comes from the operating system, never from a seeded generator.
 
@@ -68,12 +69,13 @@ def _aead_key(shared: bytes, ephemeral: bytes) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=ephemeral, info=b"leaksim truth").derive(shared)
 
 
-def _label(server_round: int, client_id: int) -> bytes:
-    return f"round-{server_round}/client-{client_id}".encode()
+def _label(store: str, server_round: int, client_id: int) -> bytes:
+    return f"{store}/round-{server_round}/client-{client_id}".encode()
 
 
-def seal(public_key: bytes, truth: Truth) -> bytes:
-    """``truth`` encrypted to ``public_key`` (raw X25519): ephemeral key, nonce, ciphertext."""
+def seal(public_key: bytes, truth: Truth, store: str) -> bytes:
+    """``truth`` encrypted to ``public_key`` (raw X25519): ephemeral key, nonce, ciphertext;
+    bound to its place, the store's name (``point-<i>``), round and client."""
     buffer = io.BytesIO()
     np.savez(
         buffer,
@@ -85,14 +87,15 @@ def seal(public_key: bytes, truth: Truth) -> bytes:
     shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(public_key))
     nonce = os.urandom(_NONCE_BYTES)
     ciphertext = AESGCM(_aead_key(shared, ephemeral_public)).encrypt(
-        nonce, buffer.getvalue(), _label(truth.round, truth.client_id)
+        nonce, buffer.getvalue(), _label(store, truth.round, truth.client_id)
     )
     return ephemeral_public + nonce + ciphertext
 
 
-def tag(tag_key: bytes, server_round: int, client_id: int, sealed: bytes) -> bytes:
-    """The HMAC-SHA256 of (round, client)'s ``sealed`` truth under the run's tag key."""
-    return hmac.new(tag_key, _label(server_round, client_id) + sealed, hashlib.sha256).digest()
+def tag(tag_key: bytes, store: str, server_round: int, client_id: int, sealed: bytes) -> bytes:
+    """The HMAC-SHA256 of the ``sealed`` truth of (store, round, client) under the tag key."""
+    label = _label(store, server_round, client_id)
+    return hmac.new(tag_key, label + sealed, hashlib.sha256).digest()
 
 
 def fetch_tag_key(service: str, timeout_s: float = TAG_KEY_TIMEOUT_S) -> bytes:
@@ -131,20 +134,23 @@ class TruthKey:
     def public(self) -> bytes:
         return self.private.public_key().public_bytes_raw()
 
-    def open(self, sealed: bytes, server_round: int, client_id: int) -> Truth:
-        """The truth in ``sealed``, which must be (round, client)'s, tagged with this run's tag
-        key; SealError otherwise."""
+    def open(self, sealed: bytes, store: str, server_round: int, client_id: int) -> Truth:
+        """The truth in ``sealed``, which must be (store, round, client)'s, tagged with this
+        run's tag key; SealError otherwise (a truth of another point replayed too)."""
         sealed, found = sealed[:-_TAG_BYTES], sealed[-_TAG_BYTES:]
-        if not hmac.compare_digest(found, tag(self.tags, server_round, client_id, sealed)):
+        expected = tag(self.tags, store, server_round, client_id, sealed)
+        if not hmac.compare_digest(found, expected):
             raise SealError(
                 f"the truth of round {server_round}, client {client_id} does not carry this "
-                "run's tag: it was not written by the run's clients"
+                "run's tag: it was not written there by the run's clients"
             )
         ephemeral, nonce = sealed[:_KEY_BYTES], sealed[_KEY_BYTES : _KEY_BYTES + _NONCE_BYTES]
         try:
             shared = self.private.exchange(X25519PublicKey.from_public_bytes(ephemeral))
             plain = AESGCM(_aead_key(shared, ephemeral)).decrypt(
-                nonce, sealed[_KEY_BYTES + _NONCE_BYTES :], _label(server_round, client_id)
+                nonce,
+                sealed[_KEY_BYTES + _NONCE_BYTES :],
+                _label(store, server_round, client_id),
             )
         except (InvalidTag, ValueError) as error:
             raise SealError(
@@ -208,8 +214,9 @@ class TruthStore:
         handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".part")
         try:
             with os.fdopen(handle, "wb") as stream:
-                sealed = seal(self.public_key, truth)
-                stream.write(sealed + tag(self.tag_key, truth.round, truth.client_id, sealed))
+                sealed = seal(self.public_key, truth, self.root.name)
+                label = (self.root.name, truth.round, truth.client_id)
+                stream.write(sealed + tag(self.tag_key, *label, sealed))
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
@@ -222,7 +229,7 @@ class TruthStore:
         path = self._path(server_round, client_id)
         if not path.is_file():
             return None
-        return self.key.open(path.read_bytes(), server_round, client_id)
+        return self.key.open(path.read_bytes(), self.root.name, server_round, client_id)
 
     def discard_round(self, server_round: int) -> None:
         """Delete one round's truths (the scorer is done with them)."""

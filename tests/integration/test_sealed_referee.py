@@ -195,22 +195,21 @@ class SealTruth(Attack[NoParams]):
                     tag_key = truth_module.fetch_tag_key(service, 5.0)
                 except Exception:
                     pass
+            try:  # the clients' own code, with the tag key if it got one
+                store = truth_module.TruthStore(
+                    root, bytes.fromhex(public), tag_key=tag_key or os.urandom(32)
+                )
+            except TypeError:  # before truths were tagged: the public key was all it took
+                store = truth_module.TruthStore(root, bytes.fromhex(public))
             for reconstruction in reconstructions:
-                folder = f"{root}/round-{reconstruction.round}"
-                if not os.path.isdir(folder):
+                if not os.path.isdir(f"{root}/round-{reconstruction.round}"):
                     continue
                 images = reconstruction.images.detach().cpu()
                 labels = reconstruction.labels
                 if labels is None:
                     labels = torch.zeros(len(images), dtype=torch.int64)
-                truth = Truth(reconstruction.round, reconstruction.client_id, images, labels)
-                sealed = truth_module.seal(bytes.fromhex(public), truth)
-                if tag_key is not None and hasattr(truth_module, "tag"):
-                    sealed += truth_module.tag(tag_key, truth.round, truth.client_id, sealed)
-                path = f"{folder}/client-{reconstruction.client_id}.sealed"
-                with open(path + ".forged", "wb") as stream:
-                    stream.write(sealed)
-                os.replace(path + ".forged", path)
+                # Replaces the client's file (written to a temporary name, then renamed).
+                store.put(Truth(reconstruction.round, reconstruction.client_id, images, labels))
         return reconstructions
 
 

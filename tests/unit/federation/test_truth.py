@@ -74,7 +74,7 @@ def test_a_truth_sealed_to_the_public_key_without_the_runs_tag_does_not_open(
     forged = Truth(1, 0, torch.full((1, 1, 28, 28), 0.5), torch.tensor([0]))
     path = tmp_path / "round-1" / "client-0.sealed"
     path.parent.mkdir()
-    path.write_bytes(seal(key.public, forged))
+    path.write_bytes(seal(key.public, forged, tmp_path.name))
     store = TruthStore(tmp_path, key=key)
     with pytest.raises(SealError, match="does not carry this run's tag"):
         store.get(1, 0)
@@ -96,3 +96,20 @@ def test_a_client_without_a_tag_key_writes_nothing(
     monkeypatch.setenv(TRUTH_TAGS_ENV, "leaksim-tags-nobody-listens")
     with pytest.raises(SealError, match="did not answer"):
         TruthStore.from_environment()
+
+
+def test_a_truth_of_another_point_replayed_does_not_open(tmp_path: Path) -> None:
+    """A tagged truth copied from one point's store to another's (same round and client: an
+    undefended point's batch, replayed for a defended one) is refused."""
+    key = TruthKey.generate()
+    first, second = (
+        TruthStore(tmp_path / "point-0", key=key),
+        TruthStore(tmp_path / "point-1", key=key),
+    )
+    first.put(Truth(1, 4, torch.rand(1, 1, 28, 28), torch.tensor([0])))
+    (tmp_path / "point-1" / "round-1").mkdir(parents=True)
+    (tmp_path / "point-0" / "round-1" / "client-4.sealed").rename(
+        tmp_path / "point-1" / "round-1" / "client-4.sealed"
+    )
+    with pytest.raises(SealError, match="round 1, client 4 does not carry this run's tag"):
+        second.get(1, 4)
