@@ -49,10 +49,10 @@ from attacks.active.imprint import Imprint, ImprintParams
 from attacks.active.separation import ClientSeparation, SeparationParams
 from attacks.active.trap_weights import TrapWeights, TrapWeightsParams
 from simulator.core.config import DataConfig, FederationConfig
-from simulator.core.models import SentModel, build_model, model_spec
+from simulator.core.models import SentModel, build_model, model_spec, model_with_weights
 from simulator.core.protocol import Observation, PublicData, PublicMeta, Reconstruction, Truth
 from simulator.data.shards import Shard, load_test_set, load_training_union
-from simulator.federation.training import batch_gradient, load_weights, local_train
+from simulator.federation.training import batch_gradient, local_train
 from simulator.run.folder import write_atomic
 from simulator.scoring.score import score
 
@@ -97,7 +97,7 @@ def plan(
 
 def fedsgd_update(offer: SentModel, images: torch.Tensor, labels: torch.Tensor) -> Weights:
     """The client's FedSGD update on the model it was sent."""
-    model = load_weights(build_model(offer.spec), offer.weights)
+    model = model_with_weights(offer.spec, offer.weights)
     return batch_gradient(model, offer.spec, images, labels)
 
 
@@ -195,7 +195,7 @@ def imprint_fedavg(data: Data, batches: int) -> list[dict[str, Any]]:
         tally = Tally()
         for _ in range(batches):
             images, labels = data.batch(samples, generator)
-            model = load_weights(build_model(offer.spec), offer.weights)
+            model = model_with_weights(offer.spec, offer.weights)
             shard = Shard(images, labels)
             local_train(model, offer.spec, shard, epochs, batch, 0.1, generator)
             update = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -229,7 +229,7 @@ def trap_fedavg(data: Data, batches: int) -> list[dict[str, Any]]:
         tally = Tally()
         for _ in range(batches):
             images, labels = data.batch(samples, generator)
-            model = load_weights(build_model(offer.spec), offer.weights)
+            model = model_with_weights(offer.spec, offer.weights)
             local_train(model, offer.spec, Shard(images, labels), 1, batch, 0.1, generator)
             update = {k: v.detach().clone() for k, v in model.state_dict().items()}
             meta = PublicMeta("fedavg", batch, 0.1, 1, samples)
@@ -337,7 +337,7 @@ def secagg_fedavg(data: Data, rounds: int) -> list[dict[str, Any]]:
             total, images, labels = SecAggSum(float(samples)), [], []
             for c in ids:
                 batch_images, batch_labels = data.batch(samples, generator)
-                model = load_weights(build_model(offers[c].spec), offers[c].weights)
+                model = model_with_weights(offers[c].spec, offers[c].weights)
                 shard = Shard(batch_images, batch_labels)
                 local_train(model, offers[c].spec, shard, 1, batch, 0.1, generator)
                 total.add({k: v.detach().clone() for k, v in model.state_dict().items()}, samples)

@@ -40,13 +40,13 @@ from defenses.inspection import Inspection, InspectionParams, ModelRejected
 from defenses.pruning import Pruning, PruningParams
 from defenses.quantization import Quantization, QuantizationParams
 from simulator.core.config import FederationConfig
-from simulator.core.models import build_model, model_spec
+from simulator.core.models import build_model, model_spec, model_with_weights
 from simulator.core.protocol import Observation, PublicData, PublicMeta
 from simulator.core.registry import ATTACKS
 from simulator.core.seeding import seeded_generator
 from simulator.data.datasets import load_split, to_tensor
 from simulator.data.shards import Shard
-from simulator.federation.training import batch_gradient, load_weights, local_train
+from simulator.federation.training import batch_gradient, local_train
 from simulator.run.folder import write_atomic
 from simulator.scenario import load
 from simulator.scoring.metrics import match, nearest_candidates, psnr
@@ -118,7 +118,7 @@ def honest_run(rounds: int, images: torch.Tensor, labels: torch.Tensor) -> list[
         grads = []
         for c in range(3):
             batch = slice(24 * r + 8 * c, 24 * r + 8 * c + 8)
-            model = load_weights(build_model(SPEC), weights)
+            model = model_with_weights(SPEC, weights)
             grads.append(batch_gradient(model, SPEC, images[batch], labels[batch]))
         weights = {k: v - 0.5 * sum(g[k] for g in grads) / 3 for k, v in weights.items()}
         models.append(weights)
@@ -180,7 +180,7 @@ def inspection_rows() -> dict[str, Any]:
             federation = FederationConfig(protocol="fedsgd", batch_size=batch)
             plan = Plan(index + 1, (0,), (0,), SPEC, history[index], federation, {0: batch}, False)
             offer = attack.manipulate(plan)[0]
-            model = load_weights(build_model(offer.spec), offer.weights)
+            model = model_with_weights(offer.spec, offer.weights)
             x, y = private[1000 : 1000 + batch], private_labels[1000 : 1000 + batch]
             update = batch_gradient(model, offer.spec, x, y)
             meta = PublicMeta("fedsgd", batch, 0.5, 1, batch)

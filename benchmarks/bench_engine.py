@@ -3,17 +3,20 @@
 Compares each round's wall time under Flower + Ray with the same client work done in-process
 (shard lookup, one batch gradient per sampled client, aggregation), so the difference is what
 the simulation engine costs. Peak memory is the largest resident size of this process and
-every process below it (the run's worker, Ray and its actors), sampled every 0.5 s.
+every process below it (the run's worker, Ray and its actors), sampled every 0.5 s. Every run
+is a ``leaksim run`` command, as a user starts it.
 
-    python -m benchmarks.bench_engine
-    # 100 clients at fractions 0.1 and 1.0, then 1,000 clients at 0.1; writes
-    # benchmarks/results/engine.json with every row and the issue's summary keys:
-    # overhead_ratio_100 (per-round time with 100 sampled clients over the same clients' work
-    # in process), clients_1000 (startup_seconds, round_seconds, peak_rss_mb) and
-    # sweep_10_points_seconds: ten points of dlg-defenses-fedsgd (seeds 0 and 1 x its five
-    # defenses, 2 rounds, round 1 attacked) run as ten runs of one point, each starting Ray
-    # (``before``: what every sweep point paid before the shared head), and as one run whose
-    # points share one Ray head (``after``)
+    python -m benchmarks.bench_engine [--against TREE]
+    # writes benchmarks/results/engine.json: every row, and
+    # round_seconds_3_clients (the quickstart with 3 of its 10 clients a round: the slope of
+    # the command's wall time between 5 and 45 rounds), overhead_ratio_100 (per-round time
+    # with 100 sampled clients over the same clients' work in process), clients_1000
+    # (startup_seconds, round_seconds, peak_rss_mb). With --study, also the wall time of
+    # `leaksim run dlg-defenses-fedsgd --set 'sweep.seed=[0]'`.
+    #
+    # --against TREE: a checkout of earlier code with its own .venv (`make setup` there):
+    # every measurement runs in both trees, one after the other, and the summary keys get a
+    # "before" twin, so both come from one sitting on one machine.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import dataclasses
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -30,17 +35,16 @@ from pathlib import Path
 
 import torch
 
-from simulator import api
+import simulator.run.builtins  # noqa: F401  (registers every built-in plugin)
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
-from simulator.core.records import RoundRecord, StartupRecord
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import load_shard
 from simulator.federation.traffic import sample_clients
 from simulator.federation.training import batch_gradient
 from simulator.run.folder import write_atomic
 from simulator.run.processes import descendants, process_table
-from simulator.scenario import expand, load
+from simulator.scenario import load
 
 RESULTS = Path(__file__).parent / "results" / "engine.json"
 
@@ -101,30 +105,59 @@ def in_process_round_seconds(scenario: Scenario, rounds: int) -> float:
     return (time.perf_counter() - started) / rounds
 
 
+@dataclasses.dataclass(frozen=True)
+class Tree:
+    """A checkout to run ``leaksim`` from: its folder and its interpreter."""
+
+    label: str
+    root: Path
+
+    @property
+    def python(self) -> Path:
+        venv = self.root / ".venv" / "bin" / "python"
+        return venv if venv.exists() else Path(sys.executable)
+
+    def leaksim(self, *args: str, timeout: float = 1800) -> float:
+        """Run ``leaksim ARGS`` from this tree; its wall time in seconds."""
+        started = time.perf_counter()
+        subprocess.run(
+            [str(self.python), "-m", "simulator.cli", *args],
+            cwd=self.root,
+            env={**os.environ, "PYTHONPATH": str(self.root)},
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+        return time.perf_counter() - started
+
+
+def settings(overrides: dict[str, object]) -> list[str]:
+    return [a for key, value in overrides.items() for a in ("--set", f"{key}={json.dumps(value)}")]
+
+
 def measure(
-    fraction: float, rounds: int, clients: int, out: Path, cpus: float = 1.0
-) -> dict[str, float]:
-    scenario = load(
-        "quickstart",
-        {
-            "federation.clients": clients,
-            "federation.fraction": fraction,
-            "federation.rounds": rounds,
-            "data.test_examples": 2000,
-            "attack.name": "none",
-            "federation.cpus_per_client": cpus,
-        },
-    )
-    started = time.perf_counter()
+    tree: Tree, fraction: float, rounds: int, clients: int, out: Path, cpus: float = 1.0
+) -> dict[str, float | str]:
+    overrides = {
+        "federation.clients": clients,
+        "federation.fraction": fraction,
+        "federation.rounds": rounds,
+        "data.test_examples": 2000,
+        "attack.name": "none",
+        "federation.cpus_per_client": cpus,
+    }
     with PeakMemory() as memory:
-        result = api.run(scenario, out_dir=out)
-    total = time.perf_counter() - started
-    round_records = result.table(RoundRecord)
-    per_round = [r.seconds or 0.0 for r in round_records if r.round >= 2]  # round 1 loads data
-    startup = total - sum(r.seconds or 0.0 for r in round_records)
+        total = tree.leaksim("run", "quickstart", *settings(overrides), "--out", str(out))
+    records = [json.loads(line) for line in (out / "results.jsonl").open()]
+    round_records = [r for r in records if r["kind"] == "round"]
+    per_round = [r["seconds"] or 0.0 for r in round_records if r["round"] >= 2]  # round 1 loads
+    startup = total - sum(r.get("seconds") or 0.0 for r in round_records)
+    discovery = next(r["discovery_s"] for r in records if r["kind"] == "startup")
     engine_round = statistics.median(per_round)
+    scenario = load("quickstart", overrides)
     compute_round = in_process_round_seconds(scenario, min(rounds, 10))
     return {
+        "code": tree.label,
         "clients": clients,
         "fraction": fraction,
         "sampled_per_round": max(1, int(clients * fraction)),
@@ -132,8 +165,8 @@ def measure(
         "rounds": rounds,
         "total_s": round(total, 2),
         "startup_s": round(startup, 2),
-        "discovery_s": round(result.table(StartupRecord)[0].discovery_s, 2),
-        "first_round_s": round(round_records[1].seconds or 0.0, 3),
+        "discovery_s": round(discovery, 2),
+        "first_round_s": round(round_records[1].get("seconds") or 0.0, 3),
         "median_round_s": round(engine_round, 4),
         "in_process_round_s": round(compute_round, 4),
         "engine_overhead_per_round_s": round(engine_round - compute_round, 4),
@@ -142,27 +175,44 @@ def measure(
     }
 
 
-def measure_sweep(scratch: Path, rounds: int = 2) -> dict[str, object]:
-    """Wall time of a 10-point sweep with one Ray start per point (before) and per run (after)."""
-    scenario = load("dlg-defenses-fedsgd", {"federation.rounds": rounds, "attack.rounds": [1]})
-    scenario = dataclasses.replace(scenario, sweep={**scenario.sweep, "seed": [0, 1]})
-    points = expand(scenario)
-    started = time.perf_counter()
-    for point in points:  # a run per point: each starts (and ends) a Ray of its own
-        api.run(point.scenario, out_dir=scratch / f"alone-{point.index}")
-    before = time.perf_counter() - started
-    started = time.perf_counter()
-    result = api.run(scenario, out_dir=scratch / "sweep")
-    after = time.perf_counter() - started
+def quickstart_round_seconds(tree: Tree, scratch: Path, short: int = 5, long: int = 45) -> dict:
+    """The quickstart with 3 of its 10 clients a round: wall time at two round counts, and the
+    slope between them (what one more round costs; start-up and the attack cancel)."""
+    walls = {}
+    for rounds in (short, long):
+        out = scratch / f"{tree.label}-quickstart-{rounds}"
+        overrides = {"federation.fraction": 0.3, "federation.rounds": rounds}
+        walls[rounds] = tree.leaksim("run", "quickstart", *settings(overrides), "--out", str(out))
     return {
-        "scenario": "dlg-defenses-fedsgd",
-        "points": len(points),
-        "rounds": rounds,
-        "before": round(before, 1),
-        "after": round(after, 1),
-        "saved_per_point": round((before - after) / len(points), 2),
-        "point_seconds_after": [round(r.seconds, 1) for r in result.table()],
+        "code": tree.label,
+        "wall_s": {str(k): round(v, 2) for k, v in walls.items()},
+        "round_seconds": round((walls[long] - walls[short]) / (long - short), 4),
     }
+
+
+def study_seconds(tree: Tree, scratch: Path) -> float:
+    """Wall time of `leaksim run dlg-defenses-fedsgd --set 'sweep.seed=[0]'`."""
+    out = scratch / f"{tree.label}-study"
+    return round(
+        tree.leaksim("run", "dlg-defenses-fedsgd", "--set", "sweep.seed=[0]", "--out", str(out)), 1
+    )
+
+
+def summary_keys(rows: list[dict], quick: dict, large: int) -> dict[str, object]:
+    keys: dict[str, object] = {"round_seconds_3_clients": quick["round_seconds"]}
+    full = [r for r in rows if r["sampled_per_round"] == 100 and r["clients"] != large]
+    if full:
+        keys["overhead_ratio_100"] = round(
+            float(full[0]["median_round_s"]) / float(full[0]["in_process_round_s"]), 2
+        )
+    big = [r for r in rows if r["clients"] == large]
+    if big:
+        keys[f"clients_{large}"] = {
+            "startup_seconds": big[0]["startup_s"],
+            "round_seconds": big[0]["median_round_s"],
+            "peak_rss_mb": round(float(big[0]["peak_memory_gib"]) * 1024),
+        }
+    return keys
 
 
 def main() -> None:
@@ -172,34 +222,47 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
     parser.add_argument("--large", type=int, default=1000, help="clients of the large run; 0: none")
-    parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--against", type=Path, help="a checkout of earlier code, set up")
+    parser.add_argument("--study", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
-    settings = [(args.clients, f) for f in args.fractions]
-    settings += [(args.large, 0.1)] if args.large else []
-    rows = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for clients, fraction in settings:
-            out = Path(scratch) / f"run-{clients}-{fraction}"
-            rows.append(measure(fraction, args.rounds, clients, out, args.cpus_per_client))
-            print(json.dumps(rows[-1]), flush=True)
-        sweep = measure_sweep(Path(scratch)) if args.sweep else None
-    summary: dict[str, object] = {"machine": "2 CPU cores", "runs": rows}
-    if sweep is not None:
-        print(json.dumps(sweep), flush=True)
-        summary["sweep_10_points_seconds"] = sweep
-    full = [r for r in rows if r["sampled_per_round"] == 100]
-    if full:
-        summary["overhead_ratio_100"] = round(
-            float(full[0]["median_round_s"]) / float(full[0]["in_process_round_s"]), 2
-        )
-    large = [r for r in rows if r["clients"] == args.large]
-    if large:
-        summary["clients_1000" if args.large == 1000 else f"clients_{args.large}"] = {
-            "startup_seconds": large[0]["startup_s"],
-            "round_seconds": large[0]["median_round_s"],
-            "peak_rss_mb": round(float(large[0]["peak_memory_gib"]) * 1024),
-        }
+    trees = [Tree("this", Path(__file__).resolve().parents[1])]
+    if args.against is not None:
+        trees.append(Tree("before", args.against.resolve()))
+    runs = [(args.clients, f) for f in args.fractions]
+    runs += [(args.large, 0.1)] if args.large else []
+    rows: dict[str, list[dict]] = {t.label: [] for t in trees}
+    quick: dict[str, dict] = {}
+    study: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        scratch = Path(folder)
+        for clients, fraction in runs:  # the trees one after the other, setting by setting
+            for tree in trees:
+                out = scratch / f"{tree.label}-{clients}-{fraction}"
+                row = measure(tree, fraction, args.rounds, clients, out, args.cpus_per_client)
+                rows[tree.label].append(row)
+                print(json.dumps(row), flush=True)
+        for tree in trees:
+            quick[tree.label] = quickstart_round_seconds(tree, scratch)
+            print(json.dumps(quick[tree.label]), flush=True)
+        if args.study:
+            for tree in trees:
+                study[tree.label] = study_seconds(tree, scratch)
+                print(json.dumps({"code": tree.label, "study_s": study[tree.label]}), flush=True)
+    summary: dict[str, object] = {
+        "machine": f"{os.cpu_count()} CPU cores",
+        "runs": [row for tree in trees for row in rows[tree.label]],
+        "quickstart_3_clients": [quick[t.label] for t in trees],
+        **summary_keys(rows["this"], quick["this"], args.large),
+    }
+    if "before" in rows:
+        summary["before"] = summary_keys(rows["before"], quick["before"], args.large)
+        summary["against_commit"] = subprocess.run(
+            ["git", "-C", str(args.against), "rev-parse", "HEAD"],
+            capture_output=True, text=True, check=False,
+        ).stdout.strip()  # fmt: skip
+    if study:
+        summary["dlg_defenses_fedsgd_seed0_seconds"] = study
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.output, json.dumps(summary, indent=2) + "\n")
 

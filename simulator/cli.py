@@ -58,6 +58,8 @@ EXIT_DEGRADED = 3
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False
 )
+# Messages are printed with soft_wrap: an error is one line (the terminal may fold it; no
+# newline is inserted), whatever width the console measured when it was made.
 console = Console(stderr=True)
 
 
@@ -121,7 +123,7 @@ def run(
         raise typer.Exit(EXIT_INPUT) from None
     except InputError as error:
         what = "cannot run" if isinstance(error, PreflightError) else "invalid scenario"
-        console.print(f"[red]{what}:[/red] {escape(str(error))}")
+        console.print(f"[red]{what}:[/red] {escape(str(error))}", soft_wrap=True)
         raise typer.Exit(EXIT_INPUT) from None
     if warning is not None:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
@@ -154,21 +156,23 @@ def run(
         except RunInterrupted as stop:
             stopped = _stopping(stop)
         except Exception as error:  # data missing, bad environment: one clear line, no traceback
-            console.print(f"[red]run failed:[/red] {escape(str(error))}")
+            console.print(f"[red]run failed:[/red] {escape(str(error))}", soft_wrap=True)
             raise typer.Exit(EXIT_FAILED) from None
     if stopped is not None:
         _exit_now(stopped())
     _print_points(result.records)
-    console.print(f"results: {result.folder.path}")
+    console.print(f"results: {result.folder.path}", soft_wrap=True)
     if result.report_error:
-        console.print(f"[yellow]report not drawn:[/yellow] {result.report_error}")
+        console.print(f"[yellow]report not drawn:[/yellow] {result.report_error}", soft_wrap=True)
     failed = [r for r in result.table() if r.status == "failed"]
     degraded = [r for r in result.table() if r.status == "degraded"]
     for record in degraded:
         line = f"[yellow]point {record.point} degraded:[/yellow] {escape(str(record.error))}"
-        console.print(line)
+        console.print(line, soft_wrap=True)
     for record in failed:
-        console.print(f"[red]point {record.point} failed:[/red] {escape(str(record.error))}")
+        console.print(
+            f"[red]point {record.point} failed:[/red] {escape(str(record.error))}", soft_wrap=True
+        )
     if failed or degraded:
         raise typer.Exit(EXIT_FAILED if failed else EXIT_DEGRADED)
 
@@ -243,7 +247,7 @@ def list_(plugin: PluginOption = []) -> None:  # noqa: B006
     try:
         load_plugins(plugin)
     except PluginError as error:
-        console.print(f"[red]invalid plugin:[/red] {escape(str(error))}")
+        console.print(f"[red]invalid plugin:[/red] {escape(str(error))}", soft_wrap=True)
         raise typer.Exit(EXIT_INPUT) from None
     out = Console()
     sections = {
@@ -283,19 +287,21 @@ def report(
     try:
         summary = write_report(run_dir)
     except FileNotFoundError as error:
-        console.print(f"[red]{escape(str(error))}[/red]")
+        console.print(f"[red]{escape(str(error))}[/red]", soft_wrap=True)
         raise typer.Exit(EXIT_INPUT) from None
     _print_points(list(read_records(run_dir)))
     page = (run_dir / HTML_FILE).resolve()
-    console.print(f"summary: {escape(str(summary))}")
-    console.print(f"report: {escape(str(page))}")
+    console.print(f"summary: {escape(str(summary))}", soft_wrap=True)
+    console.print(f"report: {escape(str(page))}", soft_wrap=True)
     if open_:
         try:
             opened = webbrowser.open(page.as_uri())
         except webbrowser.Error:
             opened = False
         if not opened:
-            console.print(f"no web browser found; open {escape(page.as_uri())} yourself")
+            console.print(
+                f"no web browser found; open {escape(page.as_uri())} yourself", soft_wrap=True
+            )
 
 
 @app.command()
@@ -314,17 +320,20 @@ def landscape(
     try:
         loaded = load(scenario, set_)
     except ScenarioError as error:
-        console.print(f"[red]invalid scenario:[/red] {escape(str(error))}")
+        console.print(f"[red]invalid scenario:[/red] {escape(str(error))}", soft_wrap=True)
         raise typer.Exit(EXIT_INPUT) from None
     try:
         result = landscapes.compute(loaded, resolution, radius)
     except DataError as error:
-        console.print(f"[red]landscape failed:[/red] {escape(str(error))}")
+        console.print(f"[red]landscape failed:[/red] {escape(str(error))}", soft_wrap=True)
         raise typer.Exit(EXIT_FAILED) from None
     landscapes.render(result, out)
     at_truth = result.distance[resolution // 2, resolution // 2]
     median = float(np.median(result.distance))
-    console.print(f"landscape: {out} (distance at the truth {at_truth:.3g}, median {median:.3g})")
+    console.print(
+        f"landscape: {out} (distance at the truth {at_truth:.3g}, median {median:.3g})",
+        soft_wrap=True,
+    )
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ validated like an attack's parameters (``MODELS.validate``).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -271,6 +271,23 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _imprinted(_initialised(build(spec), spec), spec)
+
+
+def model_with_weights(spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The model ``spec`` names, holding ``weights`` (strict: every entry of its state).
+
+    Built without drawing initial weights that would be overwritten at once (on the meta
+    device, then given the tensors), which is most of the cost of a fresh model in a client's
+    round; the global random state is left as it was. A model whose state is not all in
+    ``weights`` (non-persistent buffers) is built and initialised the ordinary way.
+    """
+    with torch.device("meta"):
+        model = build_model(spec)
+    model.load_state_dict({k: v.clone() for k, v in weights.items()}, strict=True, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model = build_model(spec)
+        model.load_state_dict(dict(weights), strict=True)
+    return model
 
 
 IMPRINT = "imprint"  # the name of the imprint block: its parameters are "imprint.*"

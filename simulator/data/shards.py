@@ -62,8 +62,29 @@ def _shard_indices(data: DataConfig, num_clients: int, seed: int) -> tuple[np.nd
     return tuple(pool[s] for s in shards)
 
 
+# The shards of the last partition this process read, by client: (data, clients, seed) -> shards.
+_SHARDS: dict[tuple[DataConfig, int, int], dict[int, Shard]] = {}
+
+
 def load_shard(data: DataConfig, num_clients: int, seed: int, client_id: int) -> Shard:
-    """Client ``client_id``'s shard, deterministic for (data config, number of clients, seed)."""
+    """Client ``client_id``'s shard, deterministic for (data config, number of clients, seed).
+
+    Memoised for the last partition asked for: one Ray actor serves many clients round after
+    round, and reading and converting a shard to floats was most of a FedSGD client's work in
+    a round. So a process holds at most one float copy of the training pool, and a new point's
+    partition replaces the last. Callers only read the tensors (indexing copies them).
+    """
+    key = (data, num_clients, seed)
+    if key not in _SHARDS:
+        _SHARDS.clear()
+        _SHARDS[key] = {}
+    shards = _SHARDS[key]
+    if client_id not in shards:
+        shards[client_id] = _read_shard(data, num_clients, seed, client_id)
+    return shards[client_id]
+
+
+def _read_shard(data: DataConfig, num_clients: int, seed: int, client_id: int) -> Shard:
     images, labels = load_split(data.dataset, "train", data.dir or None)
     indices = _shard_indices(data, num_clients, seed)[client_id]
     return Shard(to_tensor(images[indices]), torch.as_tensor(labels[indices], dtype=torch.int64))

@@ -19,11 +19,11 @@ from torch import nn
 from defenses.base import TrainingDefense, UpdateDefense, compose
 from simulator.core.config import FederationConfig, Scenario
 from simulator.core.devices import move, resolve_device
-from simulator.core.models import ModelSpec, build_model
+from simulator.core.models import ModelSpec, model_with_weights
 from simulator.core.protocol import NUM_EXAMPLES_KEY, Truth
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import Shard, load_shard
-from simulator.federation.training import batch_gradient, load_weights, local_train
+from simulator.federation.training import batch_gradient, local_train
 from simulator.federation.truth import TruthStore
 
 
@@ -146,7 +146,7 @@ def compute_update(
     # The seeded generator stays on the CPU whatever the device, so batches, shuffles and
     # noise are the same draws on a GPU; only the arithmetic moves.
     device = resolve_device(fed.device)
-    model = load_weights(build_model(spec), global_weights).to(device)
+    model = model_with_weights(spec, global_weights).to(device)
     shard = load_shard(scenario.data, fed.clients, scenario.seed, client_id)
     generator = seeded_generator(scenario.seed, server_round, client_id)
     defenses = ClientDefenses.from_scenario(scenario)

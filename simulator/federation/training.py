@@ -5,7 +5,6 @@ training, the global test evaluation. Tests and attacks' references share these 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,9 +151,3 @@ def evaluate(
             correct += int((logits.argmax(-1) == labels).sum())
     model.train()
     return loss_sum / len(test.labels), correct / len(test.labels)
-
-
-def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Copy named tensors into ``model`` (strict: every parameter must be present)."""
-    model.load_state_dict(dict(weights), strict=True)
-    return model

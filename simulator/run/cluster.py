@@ -23,10 +23,16 @@ import ray
 from ray._private import ray_constants
 
 RAY_ADDRESS_ENV = "LEAKSIM_RAY_ADDRESS"
-# Ray picks its node address, and so where its servers listen, from this switch, read when
-# Ray is imported: off (the single-machine setting), every Ray process we start (the run's
-# worker, its private head) binds to the loopback interface only.
-RAY_ENVIRONMENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# The environment of every Ray process a run starts (its worker, its private head):
+# - Ray picks its node address, and so where its servers listen, from the first switch, read
+#   when Ray is imported: off (the single-machine setting), they bind to loopback only.
+# - Objects up to 16 MiB (a model, an update) travel inside the actor call itself, not through
+#   the shared-memory object store: about 4 ms less per client call for a 0.8 MB model.
+RAY_ENVIRONMENT = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_max_direct_call_object_size": str(16 * 2**20),
+}
 CONNECT_TIMEOUT_S = 3.0
 
 

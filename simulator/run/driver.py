@@ -38,7 +38,7 @@ from flwr.serverapp import Grid
 from attacks.server import MaliciousServer
 from defenses.base import AggregationDefense
 from simulator.core.config import Scenario
-from simulator.core.models import SentModel, build_model
+from simulator.core.models import SentModel, build_model, model_with_weights
 from simulator.core.protocol import CLIENT_ID_KEY, CONFIG_KEY, SCENARIO_KEY
 from simulator.core.records import (
     AttackErrorRecord,
@@ -53,7 +53,7 @@ from simulator.federation.messages import from_record, to_record
 from simulator.federation.secagg import SecAggStrategy, secagg_workflow
 from simulator.federation.strategies import make_strategy
 from simulator.federation.traffic import RoundTraffic, client_error_message
-from simulator.federation.training import evaluate, load_weights
+from simulator.federation.training import evaluate
 from simulator.run.referee import Referee
 
 
@@ -233,7 +233,7 @@ class FederationDriver:
         spec = self.scenario.model
         if self._test_set is None:
             self._test_set = load_test_set(self.scenario.data)
-        model = load_weights(build_model(spec), from_record(arrays))
+        model = model_with_weights(spec, from_record(arrays))
         loss, accuracy = evaluate(model, spec, self._test_set)
         record = RoundRecord(server_round, accuracy, loss)
         if server_round > 0:

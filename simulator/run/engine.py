@@ -49,6 +49,7 @@ from simulator.federation.traffic import LOG as CLIENT_ERRORS
 from simulator.federation.truth import TruthKey
 from simulator.run.cluster import connect
 from simulator.run.driver import FederationDriver
+from simulator.run.flower_engine import faster_message_delivery
 from simulator.run.folder import CLIENT_ERRORS_FILE, RunFolder, RunFolderError, recorded
 from simulator.run.handoff import Handoff
 from simulator.run.privacy import PrivacyLedger
@@ -251,7 +252,7 @@ def run_point(
         driver = FederationDriver(scenario, tagged, referee, on_progress=on_round)
         clients = secagg_client_app if driver.secure_aggregation else client_app
         try:
-            with run_cluster() as address:
+            with run_cluster() as address, faster_message_delivery():
                 connect(address, handoff.client_environment(point.index))
                 run_simulation(
                     server_app=make_server_app(driver),
@@ -440,6 +441,7 @@ def execute(
                 cpus=max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None,
                 on_refereed=lambda values: scorer.take(*from_wire(values)),
                 handoff=handoff.issue,
+                each_read=folder.synced_together,
                 start_head=tags.start_head,
             ).run(progress.pending)
         else:

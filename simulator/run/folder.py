@@ -25,7 +25,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
@@ -167,6 +167,9 @@ class RunFolder:
     """A run's output folder."""
 
     path: Path
+    # Inside synced_together(): appends wait for its one fsync at the end of the block.
+    _together: bool = field(default=False, init=False, repr=False, compare=False)
+    _unsynced: bool = field(default=False, init=False, repr=False, compare=False)
 
     @classmethod
     def create(
@@ -208,16 +211,41 @@ class RunFolder:
         return self.path / RESULTS_FILE
 
     def append(self, record: Record) -> None:
-        """Append one record durably (flush + fsync) before returning; RunFolderLost when the
-        folder (its scenario) is gone or cannot be written."""
+        """Append one record durably (flush + fsync) before returning, or, inside
+        :meth:`synced_together`, at the end of that block; RunFolderLost when the folder (its
+        scenario) is gone or cannot be written."""
         self.check_writable()
         try:
             with self.results_path.open("a") as stream:
                 stream.write(json.dumps(_jsonable(record.to_dict())) + "\n")
                 stream.flush()
-                os.fsync(stream.fileno())
+                if self._together:
+                    self._unsynced = True
+                else:
+                    os.fsync(stream.fileno())
         except OSError as error:
             raise self._lost(error.strerror or type(error).__name__) from None
+
+    @contextlib.contextmanager
+    def synced_together(self) -> Iterator[None]:
+        """Records appended in the block reach the disk with one fsync as it ends.
+
+        The supervisor takes each read of its workers' pipe in one such block: the records
+        that arrived together (a round's update records, one per client) cost one fsync
+        instead of one each, which at 100 clients was a third of a round's time.
+        """
+        self._together = True
+        try:
+            yield
+        finally:
+            self._together = False
+            if self._unsynced:
+                self._unsynced = False
+                try:
+                    with self.results_path.open("a") as stream:
+                        os.fsync(stream.fileno())
+                except OSError as error:
+                    raise self._lost(error.strerror or type(error).__name__) from None
 
     def check_writable(self) -> None:
         """RunFolderLost unless the folder still holds its scenario and can be written."""

@@ -142,6 +142,8 @@ class Supervisor:
     # Each round's reconstructions, for the scorer; a fresh handoff file for each worker.
     on_refereed: Callable[[Mapping[str, Any]], None] = lambda _values: None
     handoff: Callable[[], Path] | None = None
+    # Wraps the handling of each read of a worker's pipe (the run folder's synced_together).
+    each_read: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
     start_head: Callable[[int | None], RayHead | None] = lambda _cpus: None
     tree: ProcessTree = field(default_factory=ProcessTree.here)
     flag: SignalFlag = field(default_factory=SignalFlag)
@@ -214,7 +216,8 @@ class Supervisor:
             if fd in readable:
                 chunk = os.read(fd, 1 << 16)
                 if chunk:
-                    self._take(lane, chunk)
+                    with self.each_read():
+                        self._take(lane, chunk)
                     continue
             elif lane.worker.poll() is None or select.select([fd], [], [], 0.5)[0]:
                 continue  # still running, or it ended and more came (its end is held)

@@ -16,12 +16,12 @@ import torch
 
 from simulator import api
 from simulator.core.config import Scenario
-from simulator.core.models import build_model
+from simulator.core.models import build_model, model_with_weights
 from simulator.core.records import AttackRecord, ManipulationRecord
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import load_shard
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID
-from simulator.federation.training import batch_gradient, load_weights
+from simulator.federation.training import batch_gradient
 from simulator.run.engine import RunResult
 from simulator.run.referee import RefereedRound
 from simulator.scenario import load
@@ -56,7 +56,7 @@ def honest_step(scenario: Scenario, clients: list[int], sent: dict) -> dict:
         shard = load_shard(scenario.data, fed.clients, scenario.seed, client)
         generator = seeded_generator(scenario.seed, 1, client)
         batch = torch.randperm(len(shard.labels), generator=generator)[: fed.batch_size]
-        model = load_weights(build_model(spec), sent)
+        model = model_with_weights(spec, sent)
         gradients.append(batch_gradient(model, spec, shard.inputs[batch], shard.labels[batch]))
     return {k: v - fed.lr * sum(g[k] for g in gradients) / len(gradients) for k, v in sent.items()}
 

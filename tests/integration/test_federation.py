@@ -14,7 +14,7 @@ import torch
 from defenses.dp_sgd import epsilon
 from simulator import api
 from simulator.core.config import Scenario
-from simulator.core.models import build_model
+from simulator.core.models import model_with_weights
 from simulator.core.records import (
     AttackRecord,
     FailureRecord,
@@ -25,7 +25,7 @@ from simulator.core.records import (
 from simulator.core.registry import DEFENSES
 from simulator.core.seeding import seeded_generator
 from simulator.data.shards import Shard, load_shard
-from simulator.federation.training import load_weights, local_train
+from simulator.federation.training import local_train
 from simulator.run import engine
 from simulator.run.engine import RunResult
 from simulator.run.folder import read_records
@@ -178,7 +178,7 @@ def test_fedavg_observes_real_weights_after_local_training(fedavg_points: tuple)
     assert len(honest.traffic.observations) == 2  # fraction 0.5 of 4 clients
     for observation, truth in zip(honest.traffic.observations, honest.truths, strict=True):
         spec = scenario.model
-        model = load_weights(build_model(spec), observation.global_weights)
+        model = model_with_weights(spec, observation.global_weights)
         generator = seeded_generator(scenario.seed, 1, observation.client_id)
         local_train(model, spec, Shard(truth.inputs, truth.labels), 2, 10, 0.1, generator)
         for name, value in model.named_parameters():

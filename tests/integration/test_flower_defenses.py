@@ -21,7 +21,7 @@ from flwr.common import FitRes
 
 from simulator import api
 from simulator.core.config import Scenario
-from simulator.core.models import build_model
+from simulator.core.models import build_model, model_with_weights
 from simulator.core.protocol import NUM_EXAMPLES_KEY
 from simulator.core.records import AttackRecord, FailureRecord, Record, RoundRecord, UpdateRecord
 from simulator.core.registry import DEFENSES
@@ -29,7 +29,7 @@ from simulator.core.seeding import seeded_generator
 from simulator.data.shards import load_shard
 from simulator.federation import secagg as secagg_app
 from simulator.federation.traffic import AGGREGATE_CLIENT_ID
-from simulator.federation.training import batch_gradient, load_weights, local_train
+from simulator.federation.training import batch_gradient, local_train
 from simulator.run.engine import RunResult
 from simulator.run.folder import attack_artifact
 from simulator.run.referee import RefereedRound
@@ -103,7 +103,7 @@ def true_gradients(scenario: Scenario, server_round: int, sent: Update) -> list[
         shard = load_shard(scenario.data, fed.clients, scenario.seed, client)
         generator = seeded_generator(scenario.seed, server_round, client)
         batch = torch.randperm(len(shard.labels), generator=generator)[: fed.batch_size]
-        model = load_weights(build_model(spec), sent)
+        model = model_with_weights(spec, sent)
         gradients.append(batch_gradient(model, spec, shard.inputs[batch], shard.labels[batch]))
     return gradients
 
@@ -227,7 +227,7 @@ def test_fedavg_secagg_aggregates_the_weights_of_the_clients_that_stayed(tmp_pat
     torch.set_num_threads(1)
     trained = []
     for client in range(3):
-        model = load_weights(build_model(spec), observation.global_weights)
+        model = model_with_weights(spec, observation.global_weights)
         shard = load_shard(scenario.data, 4, scenario.seed, client)
         local_train(model, spec, shard, 1, 5, 0.1, seeded_generator(scenario.seed, 1, client))
         trained.append({k: v.detach() for k, v in model.named_parameters()})

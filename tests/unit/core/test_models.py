@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from benchmarks.bench_kkt_regimes import first_layer_initial
-from simulator.core.models import HomogeneousMlpParams, build_model, model_spec
+from simulator.core.models import (
+    HomogeneousMlpParams,
+    build_model,
+    model_spec,
+    model_with_weights,
+)
 from simulator.scenario import ScenarioError, load
 from tests.fixtures.trained_model import homogeneous_spec
 
@@ -79,3 +84,22 @@ def test_cnn_fc_is_the_fedavg_papers_cnn_and_cnn_is_unchanged() -> None:
 def test_a_scenario_selects_cnn_fc_with_its_widths() -> None:
     scenario = load("fedavg-multistep", overrides=['model.kind="cnn-fc"', "model.widths=[100]"])
     assert scenario.model.kind == "cnn-fc" and scenario.model.params.widths == (100,)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_a_model_with_given_weights_is_the_built_model_holding_them(kind: str) -> None:
+    spec = load("quickstart", {"model.kind": kind}).model
+    weights = build_model(spec, seed=3).state_dict()
+    torch.manual_seed(0)
+    model = model_with_weights(spec, weights)
+    assert torch.equal(torch.rand(3), torch.manual_seed(0) and torch.rand(3))  # RNG untouched
+    reference = build_model(spec)
+    reference.load_state_dict(weights)
+    inputs = torch.rand(4, *spec.input_shape)
+    assert torch.equal(model(inputs), reference(inputs))
+    assert all(p.requires_grad and p.is_leaf for p in model.parameters())
+    with torch.no_grad():  # its tensors are its own: training it leaves the weights sent alone
+        next(model.parameters()).add_(1.0)
+    assert torch.equal(
+        weights[next(iter(weights))], build_model(spec, seed=3).state_dict()[next(iter(weights))]
+    )

@@ -1,4 +1,5 @@
-"""The global test set is the dataset's own test split, read here from the IDX file by hand."""
+"""The global test set is the dataset's own test split, read here from the IDX file by hand;
+clients' shards are read once per partition and process."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simulator.data.shards import load_test_set
+from simulator.data import shards
+from simulator.data.shards import load_shard, load_test_set
 from simulator.scenario import load
 
 
@@ -31,3 +33,16 @@ def test_test_examples_caps_the_split_from_its_start(shared_data_dir: Path) -> N
     capped = load_test_set(load("quickstart", {"data.test_examples": 2000}).data)
     assert capped.inputs.shape[0] == 2000
     assert torch.equal(capped.inputs[0], first_test_image(shared_data_dir))
+
+
+def test_a_shard_is_read_once_per_partition_and_the_next_partition_replaces_it(
+    shared_data_dir: Path,
+) -> None:
+    data = load("quickstart", {"data.examples_per_client": 20}).data
+    first = load_shard(data, 10, 0, 3)
+    assert load_shard(data, 10, 0, 3) is first  # the same tensors: no re-read, no conversion
+    again = shards._read_shard(data, 10, 0, 3)
+    assert torch.equal(first.inputs, again.inputs) and torch.equal(first.labels, again.labels)
+    other = load_shard(data, 10, 1, 3)  # another seed: another partition
+    assert list(shards._SHARDS) == [(data, 10, 1)]
+    assert not torch.equal(other.labels, first.labels)

@@ -13,9 +13,9 @@ from attacks.active.imprint import Imprint, ImprintParams
 from attacks.active.trap_weights import TrapWeights, TrapWeightsParams
 from defenses import inspection
 from defenses.inspection import Inspection, InspectionParams, ModelRejected
-from simulator.core.models import build_model
+from simulator.core.models import build_model, model_with_weights
 from simulator.core.registry import DEFENSES
-from simulator.federation.training import batch_gradient, load_weights
+from simulator.federation.training import batch_gradient
 from simulator.scenario import load
 from tests.unit.attacks.active.helpers import LABELS, PRIVATE, armed, plan
 
@@ -32,7 +32,7 @@ def honest_rounds(count: int, lr: float = 0.5) -> list[dict[str, torch.Tensor]]:
     weights = build_model(spec, seed=0).state_dict()
     models = [weights]
     for r in range(count - 1):
-        model = load_weights(build_model(spec), weights)
+        model = model_with_weights(spec, weights)
         grad = batch_gradient(model, spec, PRIVATE[8 * r : 8 * r + 8], LABELS[8 * r : 8 * r + 8])
         weights = {k: v - lr * grad[k] for k, v in weights.items()}
         models.append(weights)
@@ -108,7 +108,7 @@ def quickstart_rounds(count: int) -> list[dict[str, torch.Tensor]]:
         grads = []
         for c in range(3):
             batch = slice(24 * r + 8 * c, 24 * r + 8 * c + 8)
-            model = load_weights(build_model(spec), weights)
+            model = model_with_weights(spec, weights)
             grads.append(batch_gradient(model, spec, PRIVATE[batch], LABELS[batch]))
         step = {k: sum(g[k] for g in grads) / 3 for k in weights}
         weights = {k: v - federation.lr * step[k] for k, v in weights.items()}

@@ -210,3 +210,23 @@ def test_rewind_of_a_finished_or_empty_run(tmp_path: Path) -> None:
     write_run(folder.path, [point(0), point(1)])
     assert folder.rewind(2) == ([point(0), point(1)], 2)
     assert not (folder.path / INTERRUPTED_FILE).exists()
+
+
+def test_records_appended_together_are_written_at_once_and_synced_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = RunFolder.create(named("q"), path=tmp_path / "r")
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    folder.append(ROUND)
+    assert len(synced) == 1  # alone: synced before append returns
+    with folder.synced_together():
+        for index in range(5):
+            folder.append(dataclasses.replace(ROUND, point=index))
+            assert (folder.path / "results.jsonl").read_text().count("\n") == index + 2
+        assert len(synced) == 1  # none yet: the block's one fsync comes at its end
+    assert len(synced) == 2
+    with folder.synced_together():
+        pass
+    assert len(synced) == 2  # nothing appended, nothing to sync

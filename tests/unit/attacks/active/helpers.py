@@ -10,11 +10,11 @@ import torch
 
 from attacks.active.base import ActiveAttack, Plan
 from simulator.core.config import FederationConfig
-from simulator.core.models import ModelSpec, SentModel, build_model, model_spec
+from simulator.core.models import ModelSpec, SentModel, build_model, model_spec, model_with_weights
 from simulator.core.protocol import Observation, PublicData, PublicMeta
 from simulator.data.datasets import load_split, to_tensor
 from simulator.data.shards import Shard
-from simulator.federation.training import batch_gradient, load_weights, local_train
+from simulator.federation.training import batch_gradient, local_train
 from simulator.scoring.metrics import match, psnr
 
 SPEC = model_spec("mlp", widths=(64,))
@@ -62,7 +62,7 @@ def fedsgd(
     offer: SentModel, images: torch.Tensor, labels: torch.Tensor, client: int = 0
 ) -> Observation:
     """The FedSGD observation of a client that trained the model it was sent."""
-    model = load_weights(build_model(offer.spec), offer.weights)
+    model = model_with_weights(offer.spec, offer.weights)
     update = batch_gradient(model, offer.spec, images, labels)
     count = int(images.shape[0])
     return Observation(
@@ -73,7 +73,7 @@ def fedsgd(
 def fedavg(
     offer: SentModel, images: torch.Tensor, labels: torch.Tensor, batch: int, epochs: int = 1
 ) -> Observation:
-    model = load_weights(build_model(offer.spec), offer.weights)
+    model = model_with_weights(offer.spec, offer.weights)
     generator = torch.Generator().manual_seed(0)
     local_train(model, offer.spec, Shard(images, labels), epochs, batch, 0.1, generator)
     update = {k: v.detach().clone() for k, v in model.state_dict().items()}
