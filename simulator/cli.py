@@ -8,6 +8,7 @@ import sys
 import threading
 import webbrowser
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
@@ -107,8 +108,10 @@ def run(
         os.environ[RAY_ADDRESS_ENV] = ray_address  # the run's worker process inherits it
     try:
         if resume is not None:
-            alone = scenario is None and not (set_ or out or data_dir or plugin)
+            alone = scenario is None and not (set_ or out or plugin)
             loaded = _resumable(resume, alone)
+            if data_dir:  # the run folder does not record where the data files are
+                loaded = replace(loaded, data=replace(loaded.data, dir=str(data_dir)))
         else:
             loaded = load(scenario, overrides, plugins=plugin)
             if out is not None:
@@ -207,8 +210,7 @@ def _resumable(run_dir: Path, alone: bool) -> Scenario:
     """The scenario of the run in ``run_dir``, to resume (``alone``: no other choices given)."""
     if not alone:
         raise RunFolderError(
-            "--resume continues a run as it was set up: drop SCENARIO, --set, --out, "
-            "--data-dir and --plugin"
+            "--resume continues a run as it was set up: drop SCENARIO, --set, --out and --plugin"
         )
     try:
         return RunFolder.open(run_dir).scenario()

@@ -18,6 +18,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import field
 from typing import Any, Literal
 
+# A plugin parameter named ``seed`` seeds torch's generators (``torch.manual_seed`` takes at
+# most 64 bits), and attacks derive more seeds from it by small offsets (seed + 1, seed + r):
+# held to [0, 2**63 - 1], it leaves them that room, and a seed too large is refused before
+# any work instead of failing in the attack.
+SEED_PARAM = "seed"
+SEED_RANGE: Mapping[str, Any] = {"low": 0, "high": 2**63 - 1}
+
 
 class InputError(ValueError):
     """A user's input (scenario, plugin file, data) is invalid: one line saying which and why.
@@ -185,8 +192,9 @@ def build_fields(
 
 def build_params(subject: str, params_cls: type, raw: Mapping[str, Any]) -> Any:
     """A plugin's frozen ``params_cls`` from ``raw``; ``subject`` ("attack 'dlg'") starts
-    every error message."""
-    return build_fields(
+    every error message. A parameter named ``seed`` is held to :data:`SEED_RANGE` too,
+    whatever range the plugin declares."""
+    params = build_fields(
         params_cls,
         raw,
         lambda key: f"{subject}: parameter {key!r}",
@@ -195,6 +203,9 @@ def build_params(subject: str, params_cls: type, raw: Mapping[str, Any]) -> Any:
             f"allowed parameters: {sorted(allowed)}"
         ),
     )
+    seed = getattr(params, SEED_PARAM, None)
+    check_range(seed, SEED_RANGE, f"{subject}: parameter {SEED_PARAM!r}")
+    return params
 
 
 def build_section(cls: type, raw: Any, section: str) -> Any:

@@ -39,6 +39,7 @@ __all__ = [
     "FileInfo",
     "GeneratedDataset",
     "candidate_dirs",
+    "data_folder",
     "ensure_files",
     "load_split",
     "md5sum",
@@ -401,6 +402,19 @@ def ensure_files(
         missing=[info.files[k].name for k in missing],
         target=target,
     )
+
+
+def data_folder(name: str, data_dir: str | Path | None = None) -> Path | None:
+    """The folder to name in LEAKSIM_DATA_DIR for dataset ``name``'s verified files, searched
+    from ``data_dir`` on (as :func:`ensure_files` searches, without downloading); None for a
+    generated dataset or files not found."""
+    if isinstance(_entry(name), GeneratedDataset):
+        return None
+    try:
+        paths = ensure_files(name, None, data_dir, download=False)
+    except DataNotFoundError:
+        return None
+    return next(iter(paths.values())).absolute().parent.parent
 
 
 # --- loading -------------------------------------------------------------------------------

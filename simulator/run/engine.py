@@ -50,7 +50,7 @@ from simulator.federation.truth import TruthKey
 from simulator.run.cluster import connect
 from simulator.run.driver import FederationDriver
 from simulator.run.flower_engine import faster_message_delivery
-from simulator.run.folder import CLIENT_ERRORS_FILE, RunFolder, RunFolderError
+from simulator.run.folder import CLIENT_ERRORS_FILE, RunFolder, RunFolderError, recorded
 from simulator.run.handoff import Handoff
 from simulator.run.privacy import PrivacyLedger
 from simulator.run.ray_head import run_cluster
@@ -58,6 +58,7 @@ from simulator.run.referee import AttackedRound, Referee, Tap
 from simulator.run.seal import Scorer, from_wire, truth_folder
 from simulator.run.server_app import make_server_app
 from simulator.run.supervisor import Interrupted, Supervisor
+from simulator.run.tags import TagKeyService
 from simulator.scenario import CHANGED, Point, expand, provenance
 
 ProgressHook = Callable[[Point, int], None]
@@ -354,7 +355,7 @@ def open_folder(
     if out_dir is None:
         raise RunFolderError("resuming needs the run folder (out_dir)")
     folder = RunFolder.open(out_dir)
-    if folder.scenario().to_dict() != scenario.to_dict():
+    if folder.scenario().to_dict() != recorded(scenario).to_dict():
         raise RunFolderError(f"{out_dir} holds a run of another scenario; cannot resume it")
     kept, first = folder.rewind(len(expand(scenario)))
     return folder, kept, first
@@ -425,8 +426,9 @@ def execute(
         reached = 0 if first is None else progress.reached(first)
         stopped.append(RunInterrupted(folder, signal, first, reached))
 
+    tags = TagKeyService(key.tags)
     try:
-        handoff = Handoff.build(truth_root, key.public, pending)
+        handoff = Handoff.build(truth_root, key.public, pending, tags.client_environment())
         if isolate:
             Supervisor(
                 folder.path,
@@ -440,14 +442,17 @@ def execute(
                 on_refereed=lambda values: scorer.take(*from_wire(values)),
                 handoff=handoff.issue,
                 each_read=folder.synced_together,
+                start_head=tags.start_head,
             ).run(progress.pending)
         else:
+            tags.trust(os.getpid())  # the clients are below this process's own Ray head
             run_points(pending, emit, scorer.take, handoff, on_round, verbose, folder)
     except Interrupted:
         pass  # stop() has run
     except KeyboardInterrupt:  # points in this process: Ctrl-C arrives as an exception
         stop("SIGINT")
     finally:
+        tags.close()
         shutil.rmtree(truth_root, ignore_errors=True)
     for now, then in zip(provenance(scenario.plugins), plugins, strict=True):
         if now != then:

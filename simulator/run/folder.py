@@ -14,6 +14,7 @@ there, so the finished folder holds the records an uninterrupted run writes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -133,6 +134,18 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
+def recorded(scenario: Scenario) -> Scenario:
+    """``scenario`` as a run folder records it: without ``data.dir``.
+
+    Where the data files are is the machine's setting, as ``LEAKSIM_DATA_DIR`` is: the files
+    are verified by their MD5, so no number depends on the folder. And the run's worker, which
+    runs the attacks, reads the run folder: a path written there would lead its plugins to the
+    clients' training files (the clients are told the folder in their environment,
+    :mod:`simulator.run.handoff`). Resuming takes ``--data-dir`` again.
+    """
+    return dataclasses.replace(scenario, data=dataclasses.replace(scenario.data, dir=""))
+
+
 def scenario_toml(scenario: Scenario) -> str:
     """The resolved scenario as TOML, loadable again with ``leaksim run FILE``."""
     # Only keys some kind of the scenario reads: a model kind's and a partitioner's keys are
@@ -162,7 +175,8 @@ class RunFolder:
     def create(
         cls, scenario: Scenario, root: Path | str = "runs", path: Path | str | None = None
     ) -> RunFolder:
-        """A fresh folder ``root/<name>-<timestamp>`` (or ``path``) with the scenario written.
+        """A fresh folder ``root/<name>-<timestamp>`` (or ``path``) with the scenario written
+        (:func:`recorded`).
 
         ``path`` must not exist or be an empty folder (RunFolderError otherwise): records are
         never appended to another run's.
@@ -179,6 +193,7 @@ class RunFolder:
             check_new(path)
         folder = cls(Path(path))
         folder.path.mkdir(parents=True, exist_ok=True)
+        scenario = recorded(scenario)
         write_atomic(folder.path / SCENARIO_FILE, json.dumps(scenario.to_dict(), indent=2) + "\n")
         write_atomic(folder.path / SCENARIO_TOML, scenario_toml(scenario))
         return folder

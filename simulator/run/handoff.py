@@ -22,9 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.data.datasets import DATA_DIR_ENV, VERIFIED_ENV
+from simulator.data.datasets import DATA_DIR_ENV, VERIFIED_ENV, data_folder
 from simulator.data.shards import hand_shard_sizes, hand_test_split, shard_size, test_split
-from simulator.federation.truth import TRUTH_DIR_ENV, TRUTH_KEY_ENV
+from simulator.federation.truth import (
+    TRUTH_DIR_ENV,
+    TRUTH_KEY_ENV,
+    TRUTH_TAG_KEY_ENV,
+    TRUTH_TAGS_ENV,
+)
 from simulator.run.seal import point_store
 from simulator.scenario import Point
 
@@ -39,7 +44,7 @@ def data_environment(environment: Mapping[str, str] = os.environ) -> dict[str, s
 
 def without_data_settings(environment: Mapping[str, str]) -> dict[str, str]:
     """``environment`` without the data folder settings nor any truth folder or key."""
-    hidden = {*DATA_ENVIRONMENT, TRUTH_DIR_ENV, TRUTH_KEY_ENV}
+    hidden = {*DATA_ENVIRONMENT, TRUTH_DIR_ENV, TRUTH_KEY_ENV, TRUTH_TAGS_ENV, TRUTH_TAG_KEY_ENV}
     return {name: value for name, value in environment.items() if name not in hidden}
 
 
@@ -53,11 +58,23 @@ class Handoff:
     clients: Mapping[str, str]
     sizes: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     tests: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # Per point whose scenario names a data folder (``data.dir``): the folder its dataset's
+    # files were found in, for its clients' LEAKSIM_DATA_DIR (the scenario the worker holds
+    # and sends them names none: simulator.run.folder.recorded).
+    data_dirs: Mapping[int, str] = field(default_factory=dict)
+    # How the clients get the run's tag key (simulator.run.tags.TagKeyService).
+    tags: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, truth_root: Path, public_key: bytes, points: Iterable[Point]) -> Handoff:
+    def build(
+        cls,
+        truth_root: Path,
+        public_key: bytes,
+        points: Iterable[Point],
+        tags: Mapping[str, str] | None = None,
+    ) -> Handoff:
         """Read in this process (which holds the data settings) what ``points`` need."""
-        sizes, tests = {}, {}
+        sizes, tests, data_dirs = {}, {}, {}
         for point in points:
             scenario = point.scenario
             data, clients = scenario.data, scenario.federation.clients
@@ -65,12 +82,19 @@ class Handoff:
                 shard_size(data, clients, scenario.seed, c) for c in range(clients)
             )
             tests.setdefault(data.dataset, test_split(data))
-        return cls(truth_root, public_key, data_environment(), sizes, tests)
+            if data.dir and (found := data_folder(data.dataset, data.dir)) is not None:
+                data_dirs[point.index] = str(found)
+        environment = data_environment()
+        return cls(truth_root, public_key, environment, sizes, tests, data_dirs, dict(tags or {}))
 
     def client_environment(self, point: int) -> dict[str, str]:
-        """What the clients of ``point`` are told: data settings, truth folder, public key."""
+        """What the clients of ``point`` are told: data settings, truth folder, public key and
+        how to get the tag key."""
+        data_dir = {DATA_DIR_ENV: self.data_dirs[point]} if point in self.data_dirs else {}
         return {
             **self.clients,
+            **data_dir,
+            **self.tags,
             TRUTH_DIR_ENV: str(point_store(self.truth_root, point)),
             TRUTH_KEY_ENV: self.public_key.hex(),
         }
@@ -97,6 +121,8 @@ class Handoff:
             "public_key": self.public_key.hex(),
             "clients": dict(self.clients),
             "sizes": {str(k): list(v) for k, v in self.sizes.items()},
+            "data_dirs": {str(k): v for k, v in self.data_dirs.items()},
+            "tags": dict(self.tags),
             "datasets": list(self.tests),
         }
         arrays = {"settings": np.array(json.dumps(settings))}
@@ -128,4 +154,6 @@ class Handoff:
             dict(settings["clients"]),
             {int(k): tuple(v) for k, v in settings["sizes"].items()},
             tests,
+            {int(k): str(v) for k, v in settings["data_dirs"].items()},
+            dict(settings["tags"]),
         )

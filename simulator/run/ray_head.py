@@ -31,6 +31,8 @@ from pathlib import Path
 from simulator.run.cluster import RAY_ADDRESS_ENV, RAY_ENVIRONMENT, ray_address
 from simulator.run.network import free_port, processes_mentioning, wait_for_port
 
+GUARD_MODULE = "simulator.run.guard"
+ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 STOP_TIMEOUT_S = 15.0
@@ -57,11 +59,15 @@ def ray_command() -> list[str]:
     return [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
 
 
-def start_head(num_cpus: int, timeout_s: float = START_TIMEOUT_S) -> RayHead:
+def start_head(
+    num_cpus: int, timeout_s: float = START_TIMEOUT_S, guarded_by: int | None = None
+) -> RayHead:
     """Start a head on loopback with ``num_cpus`` CPUs; RayHeadError if it is not up in time.
 
     Every port it opens is picked free here, so that two runs on one machine do not collide
-    on Ray's fixed defaults (the client server's 10001, the agents' ports).
+    on Ray's fixed defaults (the client server's 10001, the agents' ports). ``guarded_by``: a
+    PID whose end, however it ends, ends the head's every process (:mod:`simulator.run.guard`
+    runs it); the head's ``process`` is then the guard.
     """
     # Short and under /tmp: Ray's socket paths live in it and Unix sockets allow ~107 bytes.
     temp = Path(tempfile.mkdtemp(prefix="leaksim-ray-", dir="/tmp"))
@@ -78,10 +84,15 @@ def start_head(num_cpus: int, timeout_s: float = START_TIMEOUT_S) -> RayHead:
         f"--metrics-export-port={free_port()}",
         "--min-worker-port=0",  # workers on ports the OS picks: two heads cannot collide
     ]  # fmt: skip
+    environment = {**os.environ, **RAY_ENVIRONMENT}
+    if guarded_by is not None:
+        command = [sys.executable, "-m", GUARD_MODULE, str(guarded_by), *command]
+        paths = [str(ROOT), *filter(None, environment.get("PYTHONPATH", "").split(os.pathsep))]
+        environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     log = (temp / "head.log").open("wb")
     process = subprocess.Popen(
         command,
-        env={**os.environ, **RAY_ENVIRONMENT},
+        env=environment,
         start_new_session=True,
         stdin=subprocess.DEVNULL,
         stdout=log,

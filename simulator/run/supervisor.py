@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from simulator.core.records import AttackRecord, BestRecord, PointRecord, Record, read
-from simulator.run.cluster import RAY_ENVIRONMENT
+from simulator.run.cluster import RAY_ADDRESS_ENV, RAY_ENVIRONMENT
 from simulator.run.handoff import without_data_settings
 from simulator.run.processes import ProcessTree, SignalFlag, send, subreaper
+from simulator.run.ray_head import RayHead, stop_head
 
 WORKER_MODULE = "simulator.run.worker"
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,10 +85,12 @@ def rebuilt(payload: Mapping[str, Any]) -> BaseException:
     return error
 
 
-def worker_environment() -> dict[str, str]:
+def worker_environment(address: str | None = None) -> dict[str, str]:
     """The worker's environment: this one without the data settings (:mod:`simulator.run.
-    handoff`), the project importable, Ray on loopback."""
+    handoff`), the project importable, Ray on loopback (at ``address``, a head started here)."""
     environment = {**RAY_ENVIRONMENT, **without_data_settings(os.environ)}
+    if address is not None:
+        environment[RAY_ADDRESS_ENV] = address
     paths = [str(ROOT), *filter(None, environment.get("PYTHONPATH", "").split(os.pathsep))]
     environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return environment
@@ -110,6 +113,7 @@ class Lane:
     ready: bool = False  # it got to its first point
     done: bool = False  # it ran every point
     error: BaseException | None = None
+    head: RayHead | None = None  # the Ray head started here for it, if any
 
     @property
     def running(self) -> int | None:
@@ -120,8 +124,11 @@ class Lane:
 class Supervisor:
     """Runs the given points of a run folder in worker processes; see the module docstring.
 
-    ``lanes`` workers run at once, each over every ``lanes``-th point (in order); each starts
-    its own Ray head with ``cpus`` CPUs (None: the machine's), or joins the user's cluster.
+    ``lanes`` workers run at once, each over every ``lanes``-th point (in order); each runs on
+    a Ray head of its own with ``cpus`` CPUs (None: the machine's), or joins the user's
+    cluster. ``start_head(cpus)`` starts a worker's head here (the run's clients then run
+    below this process, not below the worker: :mod:`simulator.run.tags`); returning None, it
+    leaves the worker to start its own or to join the user's cluster.
     """
 
     folder: Path
@@ -137,6 +144,7 @@ class Supervisor:
     handoff: Callable[[], Path] | None = None
     # Wraps the handling of each read of a worker's pipe (the run folder's synced_together).
     each_read: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    start_head: Callable[[int | None], RayHead | None] = lambda _cpus: None
     tree: ProcessTree = field(default_factory=ProcessTree.here)
     flag: SignalFlag = field(default_factory=SignalFlag)
     _finished: set[int] = field(default_factory=set)
@@ -156,11 +164,14 @@ class Supervisor:
                 # Workers still running here are left by an error (the run folder gone): like
                 # a stop, they are killed at once, before Ray's processes.
                 workers = {lane.worker.pid for lane in self._open}
+                heads = [lane.head for lane in self._open if lane.head is not None]
                 for lane in self._open:
                     with contextlib.suppress(OSError):
                         os.close(lane.reading)
                 self._open = []
                 self.tree.end(GRACE_S, END_TIMEOUT_S, first=workers, hurry=lambda: self.flag.again)
+                for head in heads:
+                    stop_head(head)
 
     def running(self) -> list[int]:
         """The point each worker is on now."""
@@ -175,21 +186,27 @@ class Supervisor:
         ] + (["--verbose"] if self.verbose else []) + (
             ["--cpus", str(self.cpus)] if self.cpus else []
         ) + (["--handoff", str(self.handoff())] if self.handoff else [])  # fmt: skip
+        head = None
         try:
+            head = self.start_head(self.cpus)
+            if head is not None:
+                self.tree.keep.add(head.process.pid)  # stop_head waits for it
             worker = subprocess.Popen(
                 command,
                 pass_fds=(writing,),
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
-                env=worker_environment(),
+                env=worker_environment(None if head is None else head.address),
             )
         except BaseException:
             os.close(reading)
+            if head is not None:
+                stop_head(head)
             raise
         finally:
             os.close(writing)
         self.tree.keep.add(worker.pid)
-        return Lane(list(points), worker, reading)
+        return Lane(list(points), worker, reading, head=head)
 
     def _read(self) -> None:
         """Take what the workers sent within one poll; close the lanes whose worker ended."""
@@ -231,6 +248,8 @@ class Supervisor:
             send({worker.pid}, signal.SIGKILL)
         worker.wait()
         self.tree.keep.discard(worker.pid)
+        if lane.head is not None:
+            stop_head(lane.head)
         if lane.error is not None:
             raise lane.error
         if not lane.ready:

@@ -2,10 +2,11 @@
 
 Started by :class:`simulator.run.supervisor.Supervisor`, never by hand. It reads the scenario
 from the run folder (importing its plugin files), runs the given points with
-:func:`simulator.run.engine.run_points` (each one Ray start) and sends every record, progress
+:func:`simulator.run.engine.run_points` (on the Ray head the supervisor started for it, named
+in its environment, or the user's cluster) and sends every record, progress
 tick and round of reconstructions on file descriptor ``N``; the supervisor scores the rounds
-and writes the artifacts (:mod:`simulator.run.seal`). It holds no data folder setting and no
-truth key: what it needs of the data comes in the handoff file
+and writes the artifacts (:mod:`simulator.run.seal`). It holds no data folder setting, no
+truth key and no tag key: what it needs of the data comes in the handoff file
 (:mod:`simulator.run.handoff`), which it deletes once read. Should its
 parent die, even by SIGKILL, it kills its own process tree (Ray's orphans included) and
 exits.

@@ -49,6 +49,11 @@ CASES: list[tuple[str, list[str], str]] = [
     ("seed-swept-2-64", [f"sweep.seed=[0, {2**64}]"], f"seed = {2**64} is too large"),
     ("seed-repeated", ["sweep.seed=[0, 0]"], "sweep.seed lists 0 more than once"),
     (
+        "attack-seed-2-64",
+        ["attack.name=dlg", f"attack.params.seed={2**64}"],
+        f"attack 'dlg': parameter 'seed' = {2**64} is out of range; allowed: [0, {2**63 - 1}]",
+    ),
+    (
         "timeout-tiny",
         ["federation.timeout_s=1e-9"],
         "federation.timeout_s = 1e-09 is out of range; allowed: [10.0, inf)",

@@ -1,11 +1,13 @@
-"""The sealed referee, probed as a cheating plugin author would: four plugin attacks that try
+"""The sealed referee, probed as a cheating plugin author would: five plugin attacks that try
 to read or forge the truth score no better than the honest attack, and an attack's time is
 the time its call took, whatever its trace claims.
 
 Each cheat is the honest analytic attack plus one trick; when the trick fails it returns the
 honest reconstruction (the forger returns grey images, as its trick needs). Every run is the
 quickstart federation cut to its attacked round, undefended and under Gaussian noise 0.01.
-Before the seal, every trick scored 100 dB (see the module's history).
+Before the seal, every trick scored 100 dB (see the module's history). The fifth, which seals
+its own reconstruction as the truth with the run's public key, scored 100 dB and 100% leaked
+on all six updates until truths carried the run's tag (run on the code before the tag).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from simulator.run.cluster import RAY_ADDRESS_ENV
 from tests.integration.conftest import ROOT, read_results
 
 CHEATS = '''
@@ -157,6 +160,59 @@ class TrainingFiles(Attack[NoParams]):
         return with_truth(honest(observations), find)
 
 
+def truth_stores_of_this_run():
+    """(truth folder, public key, tag key, tag key service) of each store of this run that a
+    client's environment names in /proc (the run folder is in this process's command line)."""
+    with open("/proc/self/cmdline", "rb") as stream:
+        runs = [w for w in stream.read().decode().split("\\0") if w and os.path.isdir(w)]
+    found = {}
+    for environ in glob.glob("/proc/[0-9]*/environ"):
+        try:
+            with open(environ, "rb") as stream:
+                entries = stream.read().decode(errors="replace").split("\\0")
+        except OSError:
+            continue
+        env = dict(e.split("=", 1) for e in entries if "=" in e)
+        root, public = env.get("LEAKSIM_TRUTH_DIR"), env.get("LEAKSIM_TRUTH_KEY")
+        if root and public and any(root.startswith(os.path.abspath(r)) for r in runs):
+            found[root] = (public, env.get("LEAKSIM_TRUTH_TAG_KEY"), env.get("LEAKSIM_TRUTH_TAGS"))
+    return found
+
+
+@register_attack("cheat-seal-truth", "Seals its own reconstruction as the truth.")
+class SealTruth(Attack[NoParams]):
+    Params = NoParams
+
+    def run(self, observations: Sequence[Observation]) -> list[Reconstruction]:
+        import simulator.federation.truth as truth_module
+        from simulator.core.protocol import Truth
+
+        reconstructions = honest(observations)
+        for root, (public, tag_hex, service) in truth_stores_of_this_run().items():
+            tag_key = bytes.fromhex(tag_hex) if tag_hex else None
+            if tag_key is None and service and hasattr(truth_module, "fetch_tag_key"):
+                try:  # ask the run's tag key service, as a client does
+                    tag_key = truth_module.fetch_tag_key(service, 5.0)
+                except Exception:
+                    pass
+            try:  # the clients' own code, with the tag key if it got one
+                store = truth_module.TruthStore(
+                    root, bytes.fromhex(public), tag_key=tag_key or os.urandom(32)
+                )
+            except TypeError:  # before truths were tagged: the public key was all it took
+                store = truth_module.TruthStore(root, bytes.fromhex(public))
+            for reconstruction in reconstructions:
+                if not os.path.isdir(f"{root}/round-{reconstruction.round}"):
+                    continue
+                images = reconstruction.images.detach().cpu()
+                labels = reconstruction.labels
+                if labels is None:
+                    labels = torch.zeros(len(images), dtype=torch.int64)
+                # Replaces the client's file (written to a temporary name, then renamed).
+                store.put(Truth(reconstruction.round, reconstruction.client_id, images, labels))
+        return reconstructions
+
+
 @register_attack("slow-liar", "Sleeps 1 s per update and claims 0.001 s in its trace.")
 class SlowLiar(Attack[NoParams]):
     Params = NoParams
@@ -208,15 +264,18 @@ pytestmark = pytest.mark.timeout(900)
 CHEAT_NAMES = ("cheat-read-store", "cheat-find-store", "cheat-forge-truth", "cheat-training-files")
 
 
-def run_attack(tmp_path: Path, attack: str) -> list[dict[str, Any]]:
+def run_attack(tmp_path: Path, attack: str, own_head: bool = False) -> list[dict[str, Any]]:
     """The records of one run of ``attack`` (the data folder only in LEAKSIM_DATA_DIR); the
-    terminal names the plugin file with its SHA-256, and so does every startup record."""
+    terminal names the plugin file with its SHA-256, and so does every startup record.
+    ``own_head``: on a Ray head the run starts itself, not the suite's cluster."""
     folder = tmp_path / attack
     folder.mkdir()
     (folder / "cheats.py").write_text(CHEATS)
     (folder / "scenario.toml").write_text(SCENARIO.format(attack=attack))
     # No per-user data cache: the setting is the one way to the training files.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(folder / "cache")}
+    if own_head:
+        env.pop(RAY_ADDRESS_ENV, None)
     done = subprocess.run(
         [sys.executable, "-m", "simulator.cli", "run", str(folder / "scenario.toml"),
          "--out", str(folder / "run")],
@@ -264,6 +323,25 @@ def test_a_cheating_plugin_scores_no_better_than_the_honest_attack(
             assert leaked <= honest_leaked, (cheat, point, cheated, honest)
             # Grey images score a few dB, at most as well as a mean image can.
             assert psnr <= max(honest_psnr, 12.0) + 1e-9, (cheat, point, cheated, honest)
+
+
+def test_a_plugin_that_seals_its_own_truth_to_the_public_key_is_refused(
+    tmp_path: Path, honest_scores: dict[int, list[tuple[float, float]]]
+) -> None:
+    """The public key is no secret: the forger finds it (and the truth folders) in the
+    clients' environments and seals its own reconstruction as each truth, tagged if it can get
+    the tag key. On the run's own head the worker cannot: every forged truth is refused (an
+    "attack_error" record), never scored. Before the tag, it scored 100 dB (the module doc)."""
+    records = run_attack(tmp_path, "cheat-seal-truth", own_head=True)
+    found = scores(records)
+    for point, honest in honest_scores.items():
+        for (psnr, leaked), (honest_psnr, honest_leaked) in zip(
+            found.get(point, []), honest, strict=False
+        ):
+            assert leaked <= honest_leaked and psnr <= honest_psnr + 1e-9, (point, found)
+    refused = [r for r in records if r["kind"] == "attack_error"]
+    assert sorted(r["point"] for r in refused) == [0, 1], refused
+    assert all("does not carry this run's tag" in r["error"] for r in refused), refused
 
 
 def test_an_attack_is_timed_by_its_call_not_by_its_trace(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from simulator.core.config import Scenario, ScenarioError
+from simulator.core.fields import FieldError, build_params
 from simulator.core.models import CnnParams, MlpParams, build_model
 from simulator.core.seeding import seeded_generator, seeded_numpy
 from simulator.data.partition import DirichletParams, partition
@@ -188,6 +190,39 @@ def test_the_largest_seed_reaches_every_generator() -> None:
     assert len(partition(np.arange(100) % 10, 4, "iid", seed=seed)) == 4  # the shards
     with pytest.raises(ValueError, match="Overflow"):
         torch.Generator().manual_seed(seed + 1)
+
+
+@pytest.mark.parametrize(
+    ("attack", "key"),
+    [
+        ("dlg", "attack.params.seed"),
+        ("inversion", "attack.params.seed"),
+        ("kkt", "attack.params.seed"),
+    ],
+)
+def test_an_attack_seed_beyond_the_generators_range_is_refused(attack: str, key: str) -> None:
+    with pytest.raises(
+        ScenarioError,
+        match=rf"attack '{attack}': parameter 'seed' = {2**64} is out of range; "
+        rf"allowed: \[0, {2**63 - 1}\]",
+    ):
+        load("quickstart", {"attack.name": attack, key: 2**64})
+
+
+def test_a_plugin_seed_is_held_to_the_generators_range_whatever_it_declares() -> None:
+    """A plugin that declares its seed without a bound still gets one; the largest seed
+    allowed leaves room for the offsets attacks add (seed + 1) within torch's 64 bits."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Unbounded:
+        seed: int = 0
+
+    with pytest.raises(FieldError, match=r"attack 'x': parameter 'seed' = -1 is out of range"):
+        build_params("attack 'x'", Unbounded, {"seed": -1})
+    with pytest.raises(FieldError, match=rf"'seed' = {2**63} is out of range"):
+        build_params("attack 'x'", Unbounded, {"seed": 2**63})
+    largest = build_params("attack 'x'", Unbounded, {"seed": 2**63 - 1}).seed
+    assert torch.Generator().manual_seed(largest + 1).initial_seed() == largest + 1
 
 
 def test_missing_scenario_lists_shipped_ones() -> None:

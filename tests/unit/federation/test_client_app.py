@@ -33,7 +33,13 @@ from simulator.core.protocol import (
 from simulator.core.registry import DEFENSES
 from simulator.federation.client_app import app, train
 from simulator.federation.messages import from_record, to_record
-from simulator.federation.truth import TRUTH_DIR_ENV, TRUTH_KEY_ENV, TruthKey, TruthStore
+from simulator.federation.truth import (
+    TRUTH_DIR_ENV,
+    TRUTH_KEY_ENV,
+    TRUTH_TAG_KEY_ENV,
+    TruthKey,
+    TruthStore,
+)
 from simulator.scenario import load, with_overrides
 
 Update = dict[str, torch.Tensor]
@@ -80,6 +86,7 @@ def test_a_reply_holds_only_the_update_and_the_protocols_metadata(
     key = TruthKey.generate()
     monkeypatch.setenv(TRUTH_DIR_ENV, str(tmp_path))
     monkeypatch.setenv(TRUTH_KEY_ENV, key.public.hex())
+    monkeypatch.setenv(TRUTH_TAG_KEY_ENV, key.tags.hex())
     scenario = with_overrides(fedavg_scenario(), {"federation.protocol": protocol})
     sent, update, reply = train_reply(scenario, with_mod=False)
     content = reply.content
@@ -177,7 +184,12 @@ def test_an_honest_client_trains_without_importing_an_attack(tmp_path: Path) -> 
     path = tmp_path / "scenario.json"
     path.write_text(scenario.to_json())
     key = TruthKey.generate()
-    env = {**os.environ, TRUTH_DIR_ENV: str(tmp_path / "truth"), TRUTH_KEY_ENV: key.public.hex()}
+    env = {
+        **os.environ,
+        TRUTH_DIR_ENV: str(tmp_path / "truth"),
+        TRUTH_KEY_ENV: key.public.hex(),
+        TRUTH_TAG_KEY_ENV: key.tags.hex(),
+    }
     result = subprocess.run(
         [sys.executable, "-c", CLIENT_PROCESS, str(path)],
         capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[3],

@@ -34,6 +34,8 @@ def main() -> int:
         stream.truncate()
         stream.write(" ".join(plan[1:]))
     what = plan[0]
+    with open(folder / "addresses", "a") as stream:  # the Ray head it was told to join
+        stream.write(os.environ.get("LEAKSIM_RAY_ADDRESS", "none") + "\n")
     channel.send("ready", os.getpid())
     if what == "together":  # wait (bounded) until a second worker has started too
         (folder / f"started-{os.getpid()}").write_text("")

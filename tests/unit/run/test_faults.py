@@ -107,7 +107,8 @@ def test_a_deleted_run_folder_stops_every_writer_and_is_never_made_again(
     folder = RunFolder.create(load("quickstart"), path=tmp_path / "run")
     folder.append(RoundRecord(0, 0.1, 2.3))
     (folder.path / ".truth-abc").mkdir()
-    store = TruthStore(folder.path / ".truth-abc" / "point-0", TruthKey.generate().public)
+    key = TruthKey.generate()
+    store = TruthStore(folder.path / ".truth-abc" / "point-0", key.public, tag_key=key.tags)
     store.put(Truth(1, 0, torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.long)))
     for child in sorted(folder.path.rglob("*"), reverse=True):
         child.unlink() if child.is_file() else child.rmdir()

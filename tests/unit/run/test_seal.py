@@ -17,10 +17,13 @@ import torch
 from simulator.core.protocol import Reconstruction
 from simulator.data.datasets import DATA_DIR_ENV
 from simulator.federation.truth import TRUTH_DIR_ENV, TRUTH_KEY_ENV, TruthKey
+from simulator.run.engine import open_folder
+from simulator.run.folder import RunFolder
 from simulator.run.handoff import Handoff, without_data_settings
 from simulator.run.referee import AttackedRound
 from simulator.run.seal import from_wire, point_store, to_wire
 from simulator.run.supervisor import Supervisor, WorkerError, rebuilt
+from simulator.scenario import expand, load
 from tests.unit.report.synthetic_run import attack_record
 
 
@@ -103,3 +106,30 @@ def test_the_worker_holds_no_data_setting_and_the_handoff_is_gone_once_read(
         TRUTH_DIR_ENV: str(point_store(tmp_path, 2)),
         TRUTH_KEY_ENV: key.public.hex(),
     }
+
+
+def test_the_data_folder_a_scenario_names_reaches_the_clients_not_the_worker(
+    tmp_path: Path, shared_data_dir: Path
+) -> None:
+    """``data.dir`` is not recorded in the run folder, which the worker reads its scenario
+    from (so neither the scenario it holds nor the train messages it sends name the folder);
+    the clients are told the folder in their environment, from the handoff."""
+    marker = tmp_path / "data-marker"
+    marker.mkdir()
+    (marker / "mnist").symlink_to(shared_data_dir / "mnist", target_is_directory=True)
+    scenario = load("quickstart", {"data.dir": str(marker)}, plugins=())
+    assert scenario.data.dir == str(marker)
+    folder = RunFolder.create(scenario, path=tmp_path / "run")
+    for written in (folder.path / "scenario.json", folder.path / "scenario.toml"):
+        assert "data-marker" not in written.read_text()
+    worker_points = expand(folder.scenario())  # what the worker runs (simulator.run.worker)
+    assert all("data-marker" not in p.scenario.to_json() for p in worker_points)
+    # The clients: the folder of the files, in their environment, through the handoff file.
+    key = TruthKey.generate()
+    handoff = Handoff.build(tmp_path / "truth", key.public, expand(scenario))
+    (tmp_path / "truth").mkdir()
+    back = Handoff.take(handoff.issue())
+    assert back.client_environment(0)[DATA_DIR_ENV] == str(marker)
+    # Resuming with the folder named again is resuming the same run.
+    resumed, kept, first = open_folder(scenario, folder.path, tmp_path, resume=True)
+    assert (resumed.path, kept, first) == (folder.path, [], 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from simulator.core.records import PointRecord, Record
 from simulator.run import supervisor
 from simulator.run.processes import process_info
+from simulator.run.ray_head import RayHead
 from simulator.run.supervisor import Interrupted, Supervisor
 
 
@@ -64,6 +66,27 @@ def test_a_dead_worker_costs_its_point_and_a_new_one_goes_on(tmp_path: Path) -> 
     calls.supervisor(planned(tmp_path, "crash ok")).run([0, 1, 2])
     assert calls.lost == [(0, "exit status 3")]
     assert [r.point for r in calls.records if isinstance(r, PointRecord)] == [1, 2]
+
+
+def test_a_head_started_here_is_the_workers_and_ends_with_it(tmp_path: Path) -> None:
+    """Each worker start gets a head of its own from ``start_head`` (its address in the
+    worker's environment); the head ends when its worker does, the last with the run."""
+    heads: list[RayHead] = []
+
+    def start_head(cpus: int | None) -> RayHead:
+        temp = tmp_path / f"head-{len(heads)}"
+        temp.mkdir()
+        sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        heads.append(RayHead(f"127.0.0.1:{1000 + len(heads)}", sleeper, temp))
+        return heads[-1]
+
+    calls = Calls()
+    watched = calls.supervisor(planned(tmp_path, "crash ok"))
+    watched.start_head = start_head
+    watched.run([0, 1])
+    assert (tmp_path / "addresses").read_text().split() == [h.address for h in heads]
+    assert len(heads) == 2
+    assert all(h.process.poll() is not None and not h.temp.exists() for h in heads)
 
 
 def test_the_workers_exception_is_raised_here_with_its_traceback(tmp_path: Path) -> None:
