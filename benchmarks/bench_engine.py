@@ -16,7 +16,9 @@ is a ``leaksim run`` command, as a user starts it.
     #
     # --against TREE: a checkout of earlier code with its own .venv (`make setup` there):
     # every measurement runs in both trees, one after the other, and the summary keys get a
-    # "before" twin, so both come from one sitting on one machine.
+    # "before" twin, so both come from one sitting on one machine. The two trees' records of
+    # the quickstart (45 rounds) and of the study are compared (benchmarks.compare_runs).
+    # --study-only: just the study, its result added to the existing engine.json.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 import torch
 
 import simulator.run.builtins  # noqa: F401  (registers every built-in plugin)
+from benchmarks.compare_runs import compare
 from simulator.core.config import Scenario
 from simulator.core.models import build_model
 from simulator.core.seeding import seeded_generator
@@ -190,6 +193,15 @@ def quickstart_round_seconds(tree: Tree, scratch: Path, short: int = 5, long: in
     }
 
 
+def same_records(trees: list[Tree], scratch: Path, name: str) -> str:
+    """Whether the trees' runs ``<label>-<name>`` left the same records, timings aside."""
+    if len(trees) < 2:
+        return "not compared"
+    folders = [scratch / f"{tree.label}-{name}" for tree in trees]
+    problems = compare(*folders)
+    return "identical" if not problems else "; ".join(problems[:5])
+
+
 def study_seconds(tree: Tree, scratch: Path) -> float:
     """Wall time of `leaksim run dlg-defenses-fedsgd --set 'sweep.seed=[0]'`."""
     out = scratch / f"{tree.label}-study"
@@ -224,16 +236,26 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=1000, help="clients of the large run; 0: none")
     parser.add_argument("--against", type=Path, help="a checkout of earlier code, set up")
     parser.add_argument("--study", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--study-only", action="store_true")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     trees = [Tree("this", Path(__file__).resolve().parents[1])]
     if args.against is not None:
         trees.append(Tree("before", args.against.resolve()))
+    if args.study_only:
+        with tempfile.TemporaryDirectory() as folder:
+            study: dict[str, float | str] = {t.label: study_seconds(t, Path(folder)) for t in trees}
+            study["records"] = same_records(trees, Path(folder), "study")
+        print(json.dumps(study), flush=True)
+        summary = json.loads(args.output.read_text())
+        summary["dlg_defenses_fedsgd_seed0_seconds"] = study
+        write_atomic(args.output, json.dumps(summary, indent=2) + "\n")
+        return
     runs = [(args.clients, f) for f in args.fractions]
     runs += [(args.large, 0.1)] if args.large else []
     rows: dict[str, list[dict]] = {t.label: [] for t in trees}
     quick: dict[str, dict] = {}
-    study: dict[str, float] = {}
+    study = {}
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
         for clients, fraction in runs:  # the trees one after the other, setting by setting
@@ -245,14 +267,17 @@ def main() -> None:
         for tree in trees:
             quick[tree.label] = quickstart_round_seconds(tree, scratch)
             print(json.dumps(quick[tree.label]), flush=True)
+        quick_records = same_records(trees, scratch, "quickstart-45")
         if args.study:
             for tree in trees:
                 study[tree.label] = study_seconds(tree, scratch)
                 print(json.dumps({"code": tree.label, "study_s": study[tree.label]}), flush=True)
+            study["records"] = same_records(trees, scratch, "study")
     summary: dict[str, object] = {
         "machine": f"{os.cpu_count()} CPU cores",
         "runs": [row for tree in trees for row in rows[tree.label]],
         "quickstart_3_clients": [quick[t.label] for t in trees],
+        "quickstart_45_rounds_records": quick_records,
         **summary_keys(rows["this"], quick["this"], args.large),
     }
     if "before" in rows:
