@@ -36,6 +36,8 @@ def main() -> int:
     what = plan[0]
     with open(folder / "addresses", "a") as stream:  # the Ray head it was told to join
         stream.write(os.environ.get("LEAKSIM_RAY_ADDRESS", "none") + "\n")
+    with open(folder / "wait-policies", "a") as stream:  # how its torch threads would wait
+        stream.write(os.environ.get("OMP_WAIT_POLICY", "none") + "\n")
     channel.send("ready", os.getpid())
     if what == "together":  # wait (bounded) until a second worker has started too
         (folder / f"started-{os.getpid()}").write_text("")

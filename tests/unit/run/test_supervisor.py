@@ -89,6 +89,18 @@ def test_a_head_started_here_is_the_workers_and_ends_with_it(tmp_path: Path) -> 
     assert all(h.process.poll() is not None and not h.temp.exists() for h in heads)
 
 
+def test_a_workers_threads_wait_passively_unless_the_user_says_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spinning intra-op threads beside a busy process slow an attack several fold
+    (benchmarks/bench_threads.py): the worker gets the passive policy, or the user's own."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    Calls().supervisor(planned(tmp_path, "ok")).run([0])
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    Calls().supervisor(planned(tmp_path, "ok")).run([0])
+    assert (tmp_path / "wait-policies").read_text().split() == ["PASSIVE", "ACTIVE"]
+
+
 def test_the_workers_exception_is_raised_here_with_its_traceback(tmp_path: Path) -> None:
     calls = Calls()
     with pytest.raises(ValueError, match="bad point 0") as info:
