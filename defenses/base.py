@@ -31,6 +31,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from torch import nn
 
 from simulator.core.config import FederationConfig
+from simulator.core.knowledge import DefenseKnowledge
 from simulator.core.models import ModelSpec
 from simulator.core.registry import DEFENSES
 
@@ -59,6 +60,12 @@ class Defense(ABC):  # noqa: B024 (the four kinds below declare the abstract met
 
         ``defenses`` are all of the scenario's defenses (this one included); most fit anywhere.
         """
+        return None
+
+    def known_to_server(self) -> DefenseKnowledge | None:
+        """What this defense does to the update the server receives, in the terms an attack
+        can use (its settings are the protocol's, so the server knows them); None when it
+        leaves nothing an attack can use (the default)."""
         return None
 
     def __repr__(self) -> str:

@@ -31,6 +31,7 @@ from defenses.base import (
 from defenses.dp_sgd import gaussian_epsilon, gaussian_rdp_curve
 from simulator.core.config import FederationConfig
 from simulator.core.fields import param
+from simulator.core.knowledge import DefenseKnowledge
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,10 @@ class LocalDp(ClientModDefense, ReleaseAccounted):
     def release_rdp_curve(self, releases: int) -> list[tuple[float, float]]:
         """The RDP curve of ``releases`` Gaussian releases of this noise multiplier."""
         return gaussian_rdp_curve(self.noise_multiplier, 1.0, releases)
+
+    def known_to_server(self) -> DefenseKnowledge:
+        """The Gaussian noise on every coordinate of the (clipped) weights sent."""
+        return DefenseKnowledge((self.name,), noise="gaussian", noise_scale=self.noise_std)
 
     def mod(self) -> LocalDpMod:
         """Flower's mod with these parameters."""

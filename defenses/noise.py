@@ -13,6 +13,7 @@ import torch
 
 from defenses.base import UpdateDefense, flatten, noise_like, register_defense, unflatten
 from simulator.core.fields import param
+from simulator.core.knowledge import DefenseKnowledge
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class GaussianNoise(UpdateDefense):
         flat = flatten(update)
         return unflatten(flat + self.params.std * noise_like(flat, generator, "gaussian"), update)
 
+    def known_to_server(self) -> DefenseKnowledge | None:
+        if self.params.std == 0.0:
+            return None
+        return DefenseKnowledge((self.name,), noise="gaussian", noise_scale=self.params.std)
+
 
 @dataclass(frozen=True)
 class LaplaceNoiseParams:
@@ -61,3 +67,8 @@ class LaplaceNoise(UpdateDefense):
             return {name: t.clone() for name, t in update.items()}
         flat = flatten(update)
         return unflatten(flat + self.params.scale * noise_like(flat, generator, "laplace"), update)
+
+    def known_to_server(self) -> DefenseKnowledge | None:
+        if self.params.scale == 0.0:
+            return None
+        return DefenseKnowledge((self.name,), noise="laplace", noise_scale=self.params.scale)

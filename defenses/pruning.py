@@ -18,6 +18,7 @@ import torch
 
 from defenses.base import UpdateDefense, flatten, register_defense, unflatten
 from simulator.core.fields import param
+from simulator.core.knowledge import DefenseKnowledge
 
 
 @dataclass(frozen=True)
@@ -52,3 +53,6 @@ class Pruning(UpdateDefense):
             order = torch.sort(flat.abs(), stable=True).indices
             flat[order[:count]] = 0
         return unflatten(flat, update)
+
+    def known_to_server(self) -> DefenseKnowledge | None:
+        return DefenseKnowledge((self.name,), intervals="pruning") if self.params.fraction else None

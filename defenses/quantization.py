@@ -18,6 +18,7 @@ import torch
 
 from defenses.base import UpdateDefense, register_defense
 from simulator.core.fields import param
+from simulator.core.knowledge import DefenseKnowledge
 
 INT8_LEVELS = 127
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -59,3 +60,6 @@ class Quantization(UpdateDefense):
         """Every tensor rounded (int8 scales are per tensor, hence one pass per tensor)."""
         round_trip = fp16_round_trip if self.params.precision == "fp16" else int8_round_trip
         return {name: round_trip(t) for name, t in update.items()}
+
+    def known_to_server(self) -> DefenseKnowledge:
+        return DefenseKnowledge((self.name,), intervals=self.params.precision)

@@ -13,10 +13,12 @@ each other (a folder cycle).
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
+from simulator.core.knowledge import DefenseKnowledge
 from simulator.core.protocol import Observation, PublicData, Reconstruction
 from simulator.core.registry import ATTACKS
 
@@ -54,6 +56,20 @@ class Attack(ABC, Generic[ParamsT]):
     def remember(self, observations: Sequence[Observation]) -> None:
         """Take note of one round's updates, every one the server received (only called on an
         attack that ``keeps_history``); nothing by default."""
+
+    def knowing(self, knowledge: DefenseKnowledge) -> Attack[ParamsT] | None:
+        """This attack told the public settings of the clients' defenses: a new instance that
+        uses them, or None where it has no use for them (the default).
+        :meth:`adapted_params` says how; an attack overrides that, not this."""
+        changes = self.adapted_params(knowledge)
+        if not changes:
+            return None
+        adapted = dataclasses.replace(self.params, **changes)  # type: ignore[type-var]
+        return None if adapted == self.params else type(self)(adapted)
+
+    def adapted_params(self, knowledge: DefenseKnowledge) -> dict[str, Any]:
+        """The parameters this attack changes when it knows ``knowledge`` (none by default)."""
+        return {}
 
 
 AttackT = TypeVar("AttackT", bound=type)

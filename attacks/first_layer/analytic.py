@@ -49,6 +49,7 @@ from attacks.base import Attack, register_attack
 from attacks.common.layers import final_layer, image_layer
 from attacks.common.updates import as_gradient, gradient_factor, num_samples
 from simulator.core.fields import param
+from simulator.core.knowledge import DefenseKnowledge
 from simulator.core.models import build_model, is_binary, task_loss
 from simulator.core.protocol import Observation, Reconstruction
 
@@ -179,6 +180,10 @@ class Analytic(Attack[AnalyticParams]):
     """
 
     Params = AnalyticParams
+
+    def adapted_params(self, knowledge: DefenseKnowledge) -> dict[str, object]:
+        """Rows weighed by the known noise's std."""
+        return {"noise_std": knowledge.noise_std}
 
     def run(self, observations: Sequence[Observation]) -> list[Reconstruction]:
         start = time.perf_counter()

@@ -46,6 +46,7 @@ from attacks.first_layer.subspace import (
     sparse_vectors,
 )
 from simulator.core.fields import param
+from simulator.core.knowledge import DefenseKnowledge
 from simulator.core.protocol import Observation, Reconstruction
 
 
@@ -96,6 +97,10 @@ class RoundsAttack(Attack[RoundsParams]):
 
     Params = RoundsParams
     keeps_history = True
+
+    def adapted_params(self, knowledge: DefenseKnowledge) -> dict[str, object]:
+        """The stacked span above the known noise's edge (intervals are not used here)."""
+        return {"noise_std": knowledge.noise_std}
 
     def __init__(self, params: RoundsParams | None = None) -> None:
         super().__init__(params)

@@ -56,6 +56,7 @@ from attacks.common.intervals import (
 )
 from attacks.common.layers import first_linear
 from simulator.core.fields import param
+from simulator.core.knowledge import DefenseKnowledge
 from simulator.core.models import build_model
 from simulator.core.protocol import Observation, Reconstruction
 
@@ -319,6 +320,10 @@ class SubspaceAttack(Attack[SubspaceParams]):
     """
 
     Params = SubspaceParams
+
+    def adapted_params(self, knowledge: DefenseKnowledge) -> dict[str, object]:
+        """The span above the known noise's edge, completed inside the known intervals."""
+        return {"noise_std": knowledge.noise_std, "known_defense": knowledge.intervals}
 
     def run(self, observations: Sequence[Observation]) -> list[Reconstruction]:
         return [self._attack(obs) for obs in observations]

@@ -107,6 +107,7 @@ from attacks.optim.adam import adam
 from attacks.optim.lbfgs import lbfgs
 from attacks.optim.tracker import Tracker, status_of
 from simulator.core.fields import param
+from simulator.core.knowledge import DefenseKnowledge
 from simulator.core.models import is_binary
 from simulator.core.protocol import Observation, PublicData, Reconstruction
 
@@ -300,6 +301,15 @@ class GradientMatchingAttack(Attack[GradientMatchingParams]):
     """Shared ``run`` of the gradient-matching attacks."""
 
     Params = GradientMatchingParams
+
+    def adapted_params(self, knowledge: DefenseKnowledge) -> dict[str, object]:
+        """The noise's likelihood as the distance; without noise, the known intervals (which
+        squared L2 matches)."""
+        if knowledge.noise != "none":
+            return {"distance": knowledge.noise, "noise_scale": knowledge.noise_scale}
+        if knowledge.intervals != "none":
+            return {"distance": "l2", "known_defense": knowledge.intervals}
+        return {}
 
     def run(self, observations: Sequence[Observation]) -> list[Reconstruction]:
         return match_gradients(observations, self.params, self.name, self.public)

@@ -34,6 +34,7 @@ from simulator.core.fields import (
     param,
     suggest,
 )
+from simulator.core.knowledge import combined, knowing_label
 from simulator.core.models import ModelSpec
 from simulator.core.registry import ATTACKS, DEFENSES, MODELS, PARTITIONERS, Registry
 
@@ -121,6 +122,10 @@ class AttackConfig:
     also: tuple[Mapping[str, Any], ...] = ()
     # Where the attacks run (simulator.core.devices): a GPU where torch sees one, by default.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Each attack that can use the point's defenses' public settings also runs told them, as
+    # "<attack> knowing <defenses>" (simulator.core.knowledge): a defense is judged by the
+    # attack that knows it. False: the attacks as listed only.
+    adaptive: bool = True
 
     @functools.cached_property
     def built(self) -> tuple[tuple[str, Any], ...]:
@@ -200,6 +205,26 @@ class Scenario:
             except ValueError as error:
                 raise ValueError(f"defenses[{index}]: {error}") from None
         return tuple(built)
+
+    @functools.cached_property
+    def built_attacks(self) -> tuple[tuple[str, Any], ...]:
+        """(label, attack instance) of every attack a point runs: :attr:`AttackConfig.built`,
+        then, with ``attack.adaptive``, each of them that can use the public settings of this
+        point's defenses told them (:meth:`attacks.base.Attack.knowing`), labelled
+        ``"<name> knowing <defenses>"``. Built once per scenario, as the defenses are."""
+        blind = self.attack.built
+        knowledge = combined(d.known_to_server() for d in self.built_defenses)
+        if not self.attack.adaptive or knowledge is None:
+            return blind
+        labels = {name for name, _ in blind}
+        twins = []
+        for name, attack in blind:
+            adapted = attack.knowing(knowledge)
+            label = knowing_label(name, knowledge)
+            if adapted is not None and label not in labels:
+                labels.add(label)
+                twins.append((label, adapted))
+        return blind + tuple(twins)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists, not tuples), derived fields left out: the form written

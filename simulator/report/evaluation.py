@@ -3,6 +3,11 @@
 Drawn from a run's records by ``leaksim report`` whenever the points differ in their defenses
 or in a swept protocol setting (batch size, local epochs): a summary table, the
 privacy-utility plot, leakage against strength per defense, and reconstruction grids.
+
+A point's leakage is the per-image best of every attack that scored its updates, the adaptive
+ones (told the defenses' public settings, :mod:`simulator.core.knowledge`) included;
+``blind_leaked_fraction`` is the same best over the attacks that were not told, and
+``strongest_attack`` the attack that leaked the most on its own: what each verdict stands on.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from simulator.core.knowledge import is_adaptive
 from simulator.core.records import (
     AttackRecord,
     BestRecord,
@@ -29,14 +35,15 @@ from simulator.report.defense_figures import strength_order, strength_words
 from simulator.report.figures import FigureFile
 from simulator.report.tables import Row, leak_threshold
 from simulator.run.folder import attack_artifact
+from simulator.scoring.best import comparable, leaked_images
 from simulator.scoring.dp_bound import broken_claim, reconstruction_bound
 
 SECTION = "evaluation"
 
 COLUMNS = (
     "point", "seed", "curve", "strength", "epsilon", "attacked", "mean_psnr", "median_psnr",
-    "mean_ssim", "leaked_fraction", "dp_bound", "broken_dp", "leak_threshold",
-    "label_accuracy", "final_accuracy", "accuracy_loss",
+    "mean_ssim", "leaked_fraction", "blind_leaked_fraction", "strongest_attack", "dp_bound",
+    "broken_dp", "leak_threshold", "label_accuracy", "final_accuracy", "accuracy_loss",
 )  # fmt: skip
 
 
@@ -122,6 +129,35 @@ def dp_bound(
     return bound, (broken_claim(leaked, images, bound) if images else None)
 
 
+def blind_leaked_fraction(records: Sequence[LeakageRecord]) -> float | None:
+    """The share of each update's images that some attack not told the defenses leaked,
+    averaged over the updates; None where no adaptive attack scored any (nothing to set
+    apart from the point's leakage)."""
+    attacks = [r for r in records if isinstance(r, AttackRecord) and comparable(r)]
+    if not any(is_adaptive(r.attack) for r in attacks):
+        return None
+    updates: dict[tuple[int, int], list[AttackRecord]] = defaultdict(list)
+    for record in attacks:
+        updates[(record.round, record.client)].append(record)
+    shares = []
+    for members in updates.values():
+        columns = [leaked_images(r) for r in members if not is_adaptive(r.attack)]
+        images = len(members[0].psnr)
+        leaked = sum(any(column[i] for column in columns) for i in range(images))
+        shares.append(leaked / images)
+    return float(np.mean(shares))
+
+
+def strongest_attack(records: Sequence[LeakageRecord]) -> str | None:
+    """The attack whose own records leaked the largest share on average (the first listed of
+    equals); None without attack records."""
+    shares: dict[str, list[float]] = defaultdict(list)
+    for record in records:
+        if isinstance(record, AttackRecord):
+            shares[record.attack].append(record.fraction_leaked)
+    return max(shares, key=lambda name: float(np.mean(shares[name])), default=None)
+
+
 def scored_by_point(records: Sequence[Record]) -> dict[int, list[LeakageRecord]]:
     """Per sweep point, the attack and best records of its updates, in order."""
     scored: dict[int, list[LeakageRecord]] = defaultdict(list)
@@ -172,6 +208,8 @@ def defense_table(records: Sequence[Record]) -> list[Row]:
                 "leaked_fraction": float(np.mean([r.fraction_leaked for r in mine]))
                 if mine
                 else None,
+                "blind_leaked_fraction": blind_leaked_fraction(scored.get(point.point, [])),
+                "strongest_attack": strongest_attack(scored.get(point.point, [])),
                 "dp_bound": bound,
                 "broken_dp": broken,
                 "leak_threshold": leak_threshold(scored.get(point.point, [])),

@@ -73,7 +73,8 @@ class Referee:
     def __post_init__(self) -> None:
         attack = self.scenario.attack
         # One malicious server per attack, all on the same schedule: the first is the
-        # scenario's attack, the others (attack.also) are compared with it image by image.
+        # scenario's attack, the others (attack.also, then the adaptive twins of those that
+        # can use the defenses' public settings) are compared with it image by image.
         # The attacks are the validated scenario's own instances, built once.
         self.servers = [
             MaliciousServer(
@@ -84,7 +85,7 @@ class Referee:
                 public=self.public_data,
                 device=attack.device,
             )
-            for name, built in attack.built
+            for name, built in self.scenario.built_attacks
         ]
 
     def public_data(self) -> PublicData:

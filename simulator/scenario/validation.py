@@ -154,7 +154,7 @@ def check_rules(scenario: Scenario) -> None:
         except ValueError as error:
             raise ScenarioError(str(error)) from None
     try:
-        attacks = scenario.attack.built  # built and kept: their check
+        attacks = scenario.built_attacks  # built and kept: their check
     except ValueError as error:
         raise ScenarioError(str(error)) from None
     if scenario.attack.also and attacks[0][1].observes_only:

@@ -10,6 +10,7 @@ import pytest
 
 from simulator.core.records import BestRecord, PointRecord, PrivacyRecord, Record
 from simulator.report.evaluation import defense_table, rounds_table, settings_table
+from simulator.scoring.best import best_of
 from tests.unit.report.synthetic_run import attack_record, best_record, point_record
 
 
@@ -110,3 +111,26 @@ def test_a_dp_point_leaking_above_its_bound_is_a_broken_claim() -> None:
     undefended = point_record(1, {"seed": 0, "defenses": []})
     (row,) = defense_table([undefended])
     assert row["dp_bound"] is None and row["broken_dp"] is None
+
+
+def test_a_point_names_its_strongest_attack_and_what_the_blind_ones_leaked() -> None:
+    """Two updates under noise, each scored by two blind attacks and the subspace attack's
+    adaptive twin: the point's leakage is the best of all three, the blind column the best
+    of the two blind ones, image by image, and the twin is named as the strongest."""
+    twin = "subspace knowing gaussian-noise"
+    records: list[Record] = [point(0, 0, 0.9, std=0.01)]
+    for server_round in (1, 50):
+        scored = [
+            attack_record("subspace", [35.0, 10.0, 10.0, 10.0], round=server_round),
+            attack_record("analytic", [10.0, 31.0, 10.0, 10.0], round=server_round),
+            attack_record(twin, [35.0, 10.0, 40.0, 40.0], round=server_round),
+        ]
+        records += [*scored, best_of(scored)]
+    (row,) = defense_table(records)
+    assert row["leaked_fraction"] == pytest.approx(1.0)  # every image by one attack or other
+    assert row["blind_leaked_fraction"] == pytest.approx(0.5)  # images 0 and 1
+    assert row["strongest_attack"] == twin
+    # Without an adaptive attack, there is nothing to set apart: the blind column is empty.
+    blind_only = [r for r in records if getattr(r, "attack", None) != twin and r.kind != "best"]
+    (row,) = defense_table(blind_only)
+    assert row["blind_leaked_fraction"] is None and row["strongest_attack"] == "subspace"

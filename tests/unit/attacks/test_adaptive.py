@@ -1,0 +1,107 @@
+"""Adaptive attacks: every attack that can use a point's defenses also runs told their public
+settings, and the twin a scenario builds beats its blind original where the defense is known."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from simulator.core.knowledge import DefenseKnowledge, combined, is_adaptive, knowing_label
+from simulator.core.models import build_model, model_spec
+from simulator.core.protocol import Observation, PublicMeta
+from simulator.federation.training import batch_gradient
+from simulator.scenario import load
+from simulator.scoring.metrics import nearest_candidates
+from tests.fixtures.trained_model import mnist_odd_even
+
+
+def built(defenses: list[dict[str, object]], **attack: object) -> dict[str, Any]:
+    """{label: attack} of the quickstart with these defenses and attack settings."""
+    overrides = {"defenses": defenses, **{f"attack.{k}": v for k, v in attack.items()}}
+    scenario = load("quickstart", overrides)
+    return dict(scenario.built_attacks)
+
+
+def test_a_noise_defense_gives_each_attack_that_uses_it_a_twin_told_its_std() -> None:
+    attacks = built([{"name": "gaussian-noise", "std": 0.01}], name="subspace",
+                    also=[{"name": "analytic"}, {"name": "kkt"}])  # fmt: skip
+    assert list(attacks) == [
+        "subspace",
+        "analytic",
+        "kkt",
+        "subspace knowing gaussian-noise",
+        "analytic knowing gaussian-noise",
+    ]  # fmt: skip  (KKT has no use for the noise: no twin)
+    assert attacks["subspace knowing gaussian-noise"].params.noise_std == 0.01
+    assert attacks["analytic knowing gaussian-noise"].params.noise_std == 0.01
+    assert attacks["subspace"].params.noise_std == 0.0  # the blind one stays blind
+
+
+def test_each_defense_says_what_the_matching_attacks_use() -> None:
+    laplace = built([{"name": "laplace-noise", "scale": 0.02}], name="dlg")
+    twin = laplace["dlg knowing laplace-noise"].params
+    assert (twin.distance, twin.noise_scale) == ("laplace", 0.02)
+    int8 = built([{"name": "quantization", "precision": "int8"}], name="inverting-gradients")
+    twin = int8["inverting-gradients knowing quantization"].params
+    assert (twin.known_defense, twin.distance) == ("int8", "l2")
+    pruned = built([{"name": "clipping", "max_norm": 1.0}, {"name": "pruning", "fraction": 0.9}],
+                   name="subspace")  # fmt: skip
+    assert pruned["subspace knowing pruning"].params.known_defense == "pruning"
+    assert list(built([{"name": "clipping", "max_norm": 1.0}], name="subspace")) == ["subspace"]
+
+
+def test_no_twins_when_the_scenario_says_so_or_the_attack_already_knows() -> None:
+    noise = [{"name": "gaussian-noise", "std": 0.01}]
+    assert list(built(noise, name="subspace", adaptive=False)) == ["subspace"]
+    told = built(noise, name="subspace", params={"noise_std": 0.01})
+    assert list(told) == ["subspace"]
+
+
+def test_local_dp_is_known_as_the_gaussian_noise_it_adds() -> None:
+    scenario = load("quickstart", {"federation.protocol": "fedavg",
+                                   "defenses": [{"name": "local-dp", "epsilon": 2.0}],
+                                   "attack.name": "subspace"})  # fmt: skip
+    (defense,) = scenario.built_defenses
+    attacks = dict(scenario.built_attacks)
+    assert attacks["subspace knowing local-dp"].params.noise_std == pytest.approx(defense.noise_std)
+
+
+def test_knowledge_of_defenses_in_order() -> None:
+    gaussian = DefenseKnowledge(("a",), noise="gaussian", noise_scale=0.03)
+    laplace = DefenseKnowledge(("b",), noise="laplace", noise_scale=0.04 / math.sqrt(2))
+    both = combined([gaussian, None, laplace])
+    assert both is not None and both.defenses == ("a", "b")
+    assert both.noise == "gaussian" and both.noise_std == pytest.approx(0.05)
+    later = combined([DefenseKnowledge(("p",), intervals="pruning"),
+                      DefenseKnowledge(("q",), intervals="int8")])  # fmt: skip
+    assert later is not None and later.intervals == "int8"
+    assert combined([None, None]) is None
+    label = knowing_label("dlg", both)
+    assert label == "dlg knowing a+b" and is_adaptive(label) and not is_adaptive("dlg")
+
+
+def test_the_twin_a_scenario_builds_recovers_digits_its_blind_original_cannot() -> None:
+    """A FedSGD batch of 16 digits under the gaussian-noise defense at std 1e-3: the blind
+    subspace attack gets none, its twin (told the std) several."""
+    std = 1e-3
+    attacks = built([{"name": "gaussian-noise", "std": std}], name="subspace",
+                    params={"starts": 200})  # fmt: skip
+    images, labels = mnist_odd_even(per_class=8, seed=3)
+    spec = model_spec(kind="mlp", widths=(256,), activation="sigmoid")
+    model = build_model(spec, seed=0)
+    gradient = batch_gradient(model, spec, images, labels)
+    generator = torch.Generator().manual_seed(0)
+    noisy = {k: v + std * torch.randn(v.shape, generator=generator) for k, v in gradient.items()}
+    obs = Observation(
+        1, 0, spec, {k: v.detach().clone() for k, v in model.state_dict().items()}, noisy,
+        PublicMeta("fedsgd", batch_size=16, lr=0.1, local_epochs=1, num_examples=16),
+    )  # fmt: skip
+    recovered = {
+        label: nearest_candidates(images, attack.run([obs])[0].images).recovered
+        for label, attack in attacks.items()
+    }
+    assert recovered["subspace"] == 0
+    assert recovered["subspace knowing gaussian-noise"] >= 4, recovered
