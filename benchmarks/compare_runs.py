@@ -10,6 +10,7 @@ older format (renamed fields) is compared as today's.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -78,9 +79,16 @@ def compare(first: Path, second: Path, typed: bool = False) -> list[str]:
 
 
 def main() -> int:
-    first, second = map(Path, sys.argv[1:3])
-    typed = "--read" in sys.argv[3:]
-    problems = compare(first, second, typed)
+    parser = argparse.ArgumentParser(description="Compare two run folders record by record.")
+    parser.add_argument("first", type=Path, help="a run folder")
+    parser.add_argument("second", type=Path, help="the run folder to compare it with")
+    parser.add_argument("--read", action="store_true", help="compare records as read() types them")
+    args = parser.parse_args()
+    for folder in (args.first, args.second):
+        if not (folder / "results.jsonl").is_file():
+            parser.error(f"{folder}: not a run folder (no results.jsonl)")
+    first, second = args.first, args.second
+    problems = compare(first, second, args.read)
     count = len(records(first))
     status = "identical" if not problems else f"{len(problems)} differences"
     print(f"{first.name}: {count} records, {len(artifacts(first))} artifacts: {status}")

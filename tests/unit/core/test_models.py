@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks.bench_kkt_regimes import first_layer_initial
+from simulator.core import models
 from simulator.core.models import (
     HomogeneousMlpParams,
     build_model,
@@ -102,4 +103,33 @@ def test_a_model_with_given_weights_is_the_built_model_holding_them(kind: str) -
         next(model.parameters()).add_(1.0)
     assert torch.equal(
         weights[next(iter(weights))], build_model(spec, seed=3).state_dict()[next(iter(weights))]
+    )
+
+
+class WithScale(torch.nn.Module):
+    """A layer with a non-persistent buffer: it is not in the state a client is sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+        self.register_buffer("scale", torch.full((2,), 3.0), persistent=False)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.linear(inputs) * self.scale
+
+
+def test_a_model_with_state_outside_its_weights_is_built_the_ordinary_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The meta-device build would leave the non-persistent buffer without a value (a plugin
+    model may have one): the model is built for real, then given the weights."""
+    monkeypatch.setattr(models, "build_model", lambda spec, seed=None: WithScale())
+    weights = {k: torch.rand_like(v) for k, v in WithScale().state_dict().items()}
+    model = model_with_weights(load("quickstart").model, weights)
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert torch.equal(model.scale, torch.full((2,), 3.0))
+    assert torch.equal(model.linear.weight, weights["linear.weight"])
+    inputs = torch.rand(5, 4)
+    assert torch.equal(
+        model(inputs), (inputs @ weights["linear.weight"].T + weights["linear.bias"]) * 3
     )

@@ -160,7 +160,7 @@ def test_unknown_dataset_and_split(env: Path, shared_data_dir: Path) -> None:
 
 def _idx(magic: int, dims: list[int], payload: bytes) -> bytes:
     head = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
-    return gzip.compress(head + payload)
+    return gzip.compress(head + payload, mtime=0)
 
 
 def test_read_idx_small_valid_files(tmp_path: Path) -> None:
@@ -172,18 +172,20 @@ def test_read_idx_small_valid_files(tmp_path: Path) -> None:
     assert img.shape == (2, 3, 4) and img.dtype == np.uint8 and img[1, 2, 3] == 23
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (_idx(2050, [3], b"abc"), "magic number 2050"),
-        (_idx(2049, [5], b"abc"), "header declares 5 = 5 data bytes but the file holds 3"),
-        (_idx(2049, [2], b"abc"), "holds more than 2"),
-        (_idx(2051, [2, 28, 28], bytes(784)), "2x28x28 = 1568 data bytes but the file holds 784"),
-        (_idx(2051, [2], b""), "IDX header truncated"),
-        (gzip.compress(b"\x00\x00"), "magic number"),
-        (b"plain text, not gzip", "cannot read as a gzipped IDX file"),
-    ],
-)
+BAD_FILES = [
+    (_idx(2050, [3], b"abc"), "magic number 2050"),
+    (_idx(2049, [5], b"abc"), "header declares 5 = 5 data bytes but the file holds 3"),
+    (_idx(2049, [2], b"abc"), "holds more than 2"),
+    (_idx(2051, [2, 28, 28], bytes(784)), "2x28x28 = 1568 data bytes but the file holds 784"),
+    (_idx(2051, [2], b""), "IDX header truncated"),
+    (gzip.compress(b"\x00\x00", mtime=0), "magic number"),
+    (b"plain text, not gzip", "cannot read as a gzipped IDX file"),
+]
+
+
+# Named by the message: test processes collecting at different seconds (pytest -n) must agree
+# on every test's name, which gzip's time stamp in the bytes would otherwise be part of.
+@pytest.mark.parametrize(("content", "message"), BAD_FILES, ids=[m for _, m in BAD_FILES])
 def test_read_idx_rejects_bad_files(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "bad-idx1-ubyte.gz"
     path.write_bytes(content)
