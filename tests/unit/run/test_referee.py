@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.bench_noise_aware import observation as noised_observation
 from simulator.core.models import build_model, model_spec
 from simulator.core.protocol import Observation, PublicMeta, Truth
 from simulator.core.records import Record
@@ -127,3 +128,27 @@ def test_the_aggregate_is_scored_against_the_union_of_its_participants(tmp_path:
     assert torch.equal(union.inputs, torch.cat([t.inputs for t in truths]))
     assert union.labels.tolist() == [0, 0, 1, 1, 3, 3]
     assert judge.privacy.participations == {0: 1, 1: 1, 3: 1}
+
+
+@pytest.mark.needs_data  # the referee loads the public test split
+def test_a_noised_update_is_attacked_blind_and_by_the_twin_told_the_noise(
+    tmp_path: Path,
+) -> None:
+    """Under gaussian-noise the referee runs the analytic attack and its twin told the std on
+    the same update (a FedSGD batch of 8 at std 1e-5); both are scored, and so is their
+    per-image best, and the twin leaks more."""
+    std = 1e-5
+    observation, images = noised_observation(8, 7, std)  # client 7: 8 of 8 told, 0 blind
+    labels = torch.zeros(8, dtype=torch.int64)  # the truth's labels are not scored here
+    store = sealed_store(tmp_path)
+    store.put(Truth(1, 7, images, labels))
+    records: list[Record] = []
+    judge = referee({"defenses": [{"name": "gaussian-noise", "std": std}]}, store, records)
+    judge.on_round(RoundTraffic(1, (7,), (observation,), ()))
+    scored = {r.to_dict()["attack"]: r.to_dict() for r in records if r.kind == "attack"}
+    assert sorted(scored) == ["analytic", "analytic knowing gaussian-noise"]
+    (best,) = [r.to_dict() for r in records if r.kind == "best"]
+    assert best["attacks"] == ["analytic", "analytic knowing gaussian-noise"]
+    blind, aware = scored["analytic"], scored["analytic knowing gaussian-noise"]
+    assert aware["fraction_leaked"] > blind["fraction_leaked"]
+    assert best["fraction_leaked"] >= aware["fraction_leaked"]
