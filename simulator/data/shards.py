@@ -7,7 +7,7 @@ exactly what a client holds without asking it.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -63,7 +63,15 @@ def _shard_indices(data: DataConfig, num_clients: int, seed: int) -> tuple[np.nd
 
 
 # The shards of the last partition this process read, by client: (data, clients, seed) -> shards.
-_SHARDS: dict[tuple[DataConfig, int, int], dict[int, Shard]] = {}
+@dataclass
+class _LastPartition:
+    """The shards read so far of the last partition a process asked for."""
+
+    key: tuple[DataConfig, int, int] | None = None
+    shards: dict[int, Shard] = field(default_factory=dict)
+
+
+_LAST = _LastPartition()
 
 
 def load_shard(data: DataConfig, num_clients: int, seed: int, client_id: int) -> Shard:
@@ -75,13 +83,11 @@ def load_shard(data: DataConfig, num_clients: int, seed: int, client_id: int) ->
     partition replaces the last. Callers only read the tensors (indexing copies them).
     """
     key = (data, num_clients, seed)
-    if key not in _SHARDS:
-        _SHARDS.clear()
-        _SHARDS[key] = {}
-    shards = _SHARDS[key]
-    if client_id not in shards:
-        shards[client_id] = _read_shard(data, num_clients, seed, client_id)
-    return shards[client_id]
+    if _LAST.key != key:
+        _LAST.key, _LAST.shards = key, {}
+    if client_id not in _LAST.shards:
+        _LAST.shards[client_id] = _read_shard(data, num_clients, seed, client_id)
+    return _LAST.shards[client_id]
 
 
 def _read_shard(data: DataConfig, num_clients: int, seed: int, client_id: int) -> Shard:

@@ -44,5 +44,5 @@ def test_a_shard_is_read_once_per_partition_and_the_next_partition_replaces_it(
     again = shards._read_shard(data, 10, 0, 3)
     assert torch.equal(first.inputs, again.inputs) and torch.equal(first.labels, again.labels)
     other = load_shard(data, 10, 1, 3)  # another seed: another partition
-    assert list(shards._SHARDS) == [(data, 10, 1)]
+    assert shards._LAST.key == (data, 10, 1) and list(shards._LAST.shards) == [3]
     assert not torch.equal(other.labels, first.labels)
