@@ -30,6 +30,10 @@ class Setting:
     leakage_spread: float
     accuracy: float
     accuracy_spread: float
+    # The blind attacks' leakage (mean over the seeds that ran adaptive twins; None where none
+    # did) and the attacks that leaked most on their own, seed by seed (distinct, in order).
+    blind_leakage: float | None = None
+    strongest_attacks: str = ""
 
     def dominates(self, other: Setting) -> bool:
         """Leaks no more and costs no more accuracy, and is strictly better in one."""
@@ -60,6 +64,10 @@ def settings(rows: Iterable[Row]) -> list[Setting]:
     for key, members in groups.items():
         leakage = [float(r["leaked_fraction"]) for r in members]
         accuracy = [float(r["final_accuracy"]) for r in members]
+        blind = [float(r["blind_leaked_fraction"]) for r in members
+                 if r.get("blind_leaked_fraction") is not None]  # fmt: skip
+        strongest = dict.fromkeys(str(r["strongest_attack"]) for r in members
+                                  if r.get("strongest_attack"))  # fmt: skip
         found.append(
             Setting(
                 curve=key[0],
@@ -69,6 +77,8 @@ def settings(rows: Iterable[Row]) -> list[Setting]:
                 leakage_spread=_spread(leakage),
                 accuracy=statistics.fmean(accuracy),
                 accuracy_spread=_spread(accuracy),
+                blind_leakage=statistics.fmean(blind) if blind else None,
+                strongest_attacks=", ".join(strongest),
             )
         )
     return found

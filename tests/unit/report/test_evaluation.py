@@ -130,6 +130,10 @@ def test_a_point_names_its_strongest_attack_and_what_the_blind_ones_leaked() -> 
     assert row["leaked_fraction"] == pytest.approx(1.0)  # every image by one attack or other
     assert row["blind_leaked_fraction"] == pytest.approx(0.5)  # images 0 and 1
     assert row["strongest_attack"] == twin
+    (setting,) = settings_table(records)  # over seeds: the same, as means
+    assert setting["leakage"] == pytest.approx(1.0)
+    assert setting["blind_leakage"] == pytest.approx(0.5)
+    assert setting["strongest_attacks"] == twin
     # Without an adaptive attack, there is nothing to set apart: the blind column is empty.
     blind_only = [r for r in records if getattr(r, "attack", None) != twin and r.kind != "best"]
     (row,) = defense_table(blind_only)
