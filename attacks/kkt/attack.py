@@ -82,6 +82,7 @@ import torch
 from torch import nn
 
 from attacks.base import Attack, register_attack
+from attacks.common.intervals import KnownDefense
 from attacks.common.updates import weight_change
 from attacks.first_layer.subspace import model_labels, recover_inputs
 from attacks.kkt.runs import (
@@ -99,6 +100,7 @@ from attacks.kkt.runs import Problem as _Problem
 from attacks.kkt.selection import select_candidates
 from attacks.optim.tracker import snapshot_steps
 from simulator.core.fields import param
+from simulator.core.knowledge import DefenseKnowledge
 from simulator.core.models import Centre, ModelSpec, build_model, is_binary
 from simulator.core.protocol import Observation, Reconstruction, Status
 
@@ -139,6 +141,13 @@ class KKTParams:
     )
     subspace_starts: int = param(
         1000, low=0, high=1_000_000, help="subspace init: random starts besides the pixel ones"
+    )
+    # The clients' defense, for the subspace init (the subspace attack's own parameters): the
+    # change completed inside the intervals pruning or quantization leave, the span kept above
+    # the known noise's edge.
+    known_defense: KnownDefense = "none"
+    noise_std: float = param(
+        0.0, low=0.0, help="subspace init: std of the noise on each coordinate of the update"
     )
     stationarity_tolerance: float = param(
         0.5, low=0.0, low_open=True, high=1e9, help="residual above which theta is not a KKT point"
@@ -306,6 +315,12 @@ class KKT(Attack[KKTParams]):
 
     Params = KKTParams
 
+    def adapted_params(self, knowledge: DefenseKnowledge) -> dict[str, object]:
+        """A subspace start told the defense (the fit itself is the same)."""
+        if self.params.init != "subspace":
+            return {}
+        return {"noise_std": knowledge.noise_std, "known_defense": knowledge.intervals}
+
     def run(self, observations: Sequence[Observation]) -> list[Reconstruction]:
         return [self._attack(obs) for obs in observations]
 
@@ -330,8 +345,9 @@ class KKT(Attack[KKTParams]):
         if p.init == "subspace":
             generator = torch.Generator().manual_seed(p.seed)
             unit, subspace = recover_inputs(
-                obs, problem.count, p.sparsity, p.subspace_starts, generator
-            )
+                obs, problem.count, p.sparsity, p.subspace_starts, generator,
+                known=p.known_defense, noise_std=p.noise_std,
+            )  # fmt: skip
             inputs = problem.low + (problem.high - problem.low) * unit.flatten(1).to(device)
             problem.count = inputs.shape[0]  # fewer when the span has fewer distinct vectors
             labels = model_labels(obs, unit)

@@ -13,7 +13,7 @@ from simulator.core.knowledge import DefenseKnowledge, combined, is_adaptive, kn
 from simulator.core.models import build_model, model_spec
 from simulator.core.protocol import Observation, PublicMeta
 from simulator.federation.training import batch_gradient
-from simulator.scenario import load
+from simulator.scenario import expand, load
 from simulator.scoring.metrics import nearest_candidates
 from tests.fixtures.trained_model import mnist_odd_even
 
@@ -34,7 +34,7 @@ def test_a_noise_defense_gives_each_attack_that_uses_it_a_twin_told_its_std() ->
         "kkt",
         "subspace knowing gaussian-noise",
         "analytic knowing gaussian-noise",
-    ]  # fmt: skip  (KKT has no use for the noise: no twin)
+    ]  # fmt: skip  (KKT from random candidates has no use for it)
     assert attacks["subspace knowing gaussian-noise"].params.noise_std == 0.01
     assert attacks["analytic knowing gaussian-noise"].params.noise_std == 0.01
     assert attacks["subspace"].params.noise_std == 0.0  # the blind one stays blind
@@ -51,6 +51,22 @@ def test_each_defense_says_what_the_matching_attacks_use() -> None:
                    name="subspace")  # fmt: skip
     assert pruned["subspace knowing pruning"].params.known_defense == "pruning"
     assert list(built([{"name": "clipping", "max_norm": 1.0}], name="subspace")) == ["subspace"]
+
+
+def test_kkt_started_from_the_subspace_is_told_the_defense_there() -> None:
+    scenario = load("kkt-defenses-fedavg")
+    curves = {}
+    for point in expand(scenario):
+        if point.scenario.seed == 0:
+            attacks = dict(point.scenario.built_attacks)
+            curves[point.scenario.defenses[0]["name"] if point.scenario.defenses else "none"] = (
+                attacks
+            )
+    assert list(curves["none"]) == ["kkt"]
+    int8 = curves["quantization"]["kkt knowing quantization"].params
+    assert (int8.init, int8.known_defense, int8.noise_std) == ("subspace", "int8", 0.0)
+    dp = curves["local-dp"]["kkt knowing local-dp"].params
+    assert dp.noise_std > 0 and dp.known_defense == "none"
 
 
 def test_no_twins_when_the_scenario_says_so_or_the_attack_already_knows() -> None:
