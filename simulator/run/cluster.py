@@ -29,8 +29,9 @@ RAY_ADDRESS_ENV = "LEAKSIM_RAY_ADDRESS"
 # - Objects up to 16 MiB (a model, an update) travel inside the actor call itself, not through
 #   the shared-memory object store: about 4 ms less per client call for a 0.8 MB model.
 # - torch's intra-op threads sleep between parallel regions instead of spinning: beside another
-#   busy process (an actor, a second lane) spinning threads slowed the KKT toy attack several
-#   fold (benchmarks/bench_threads.py). Same thread count, so the same numbers.
+#   busy process (an actor, a second lane) spinning threads slowed the KKT toy attack from 2.7
+#   to 7-9 s, for 2.3 s against 2.7 s alone (benchmarks/bench_threads.py, threads.json). Same
+#   thread count, so the same numbers.
 RAY_ENVIRONMENT = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
