@@ -27,15 +27,14 @@ it takes the row space. ``"none"`` leaves the attacks as they were.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from attacks.common.updates import GradientScale, gradient_factor
+from simulator.core.knowledge import KnownDefense
 from simulator.core.protocol import Observation
 
 Weights = dict[str, torch.Tensor]
-KnownDefense = Literal["none", "pruning", "int8", "fp16"]
 INT8_LEVELS = 127  # the quantization defense's levels: scale = max|x| / 127
 FP16_SMALLEST_NORMAL = 2.0**-14
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 Noise = Literal["none", "gaussian", "laplace"]
-# The coordinate-wise defenses whose output bounds each true coordinate to a known interval.
-Intervals = Literal["none", "pruning", "int8", "fp16"]
+# The coordinate-wise defenses whose output bounds each true coordinate to a known interval
+# (attacks.common.intervals computes those intervals).
+KnownDefense = Literal["none", "pruning", "int8", "fp16"]
 KNOWING = " knowing "  # between an attack's name and the defenses its adaptive twin was told
 
 
@@ -34,7 +35,7 @@ class DefenseKnowledge:
     defenses: tuple[str, ...] = ()
     noise: Noise = "none"
     noise_scale: float = 0.0
-    intervals: Intervals = "none"
+    intervals: KnownDefense = "none"
 
     @property
     def noise_std(self) -> float:
