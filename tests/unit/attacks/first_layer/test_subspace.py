@@ -40,6 +40,29 @@ def test_fit_decay_finds_the_factor_that_leaves_a_low_rank_change(
     assert fit_decay(sent, initial, rank) == pytest.approx(decay, abs=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(20, 30), (30, 20)])
+def test_fit_decay_matches_the_svd_of_every_candidate_factor(shape: tuple[int, int]) -> None:
+    """The slow obvious reference: the SVD of ``sent - c initial`` on a fine grid of ``c``."""
+    generator = torch.Generator().manual_seed(3)
+    initial = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    change = torch.randn(shape[0], 4, generator=generator, dtype=torch.float64) @ torch.randn(
+        4, shape[1], generator=generator, dtype=torch.float64
+    )
+    sent = (
+        0.7 * initial
+        + change
+        + 0.05 * torch.randn(*shape, generator=generator, dtype=torch.float64)
+    )
+
+    def outside(c: float) -> float:
+        values = torch.linalg.svdvals(sent - c * initial) ** 2
+        return float(values[4:].sum() / values.sum())
+
+    grid = torch.linspace(0, 1, 2001, dtype=torch.float64).tolist()
+    reference = min(grid, key=outside)
+    assert fit_decay(sent, initial, 4) == pytest.approx(reference, abs=1e-3)
+
+
 def test_the_span_contains_every_training_input() -> None:
     generator = torch.Generator().manual_seed(0)
     inputs = torch.rand(5, 40, generator=generator, dtype=torch.float64)
