@@ -1,8 +1,10 @@
 """The compact table docs/studies.md shows for a defense study, from its run folder.
 
 One row per setting (defense and strength, or batch size) over its seeds: leakage in each
-attacked round and over all of them, and final test accuracy, each as mean +- standard
-deviation over the seeds; "frontier" marks the privacy-utility frontier and "~none" a
+attacked round and over all of them (the per-image best of every attack, adaptive twins
+included), the blind attacks' leakage over all rounds ("same" where no twin ran), and final
+test accuracy, each as mean +- standard deviation over the seeds; the attacks that leaked most
+on their own, seed by seed; "frontier" marks the privacy-utility frontier and "~none" a
 leakage within the spread of the undefended point's. Every number is one of the run's
 ``summary.md`` tables (``settings_table`` and ``rounds_table``), rounded.
 
@@ -39,7 +41,8 @@ def study_table(run_dir: Path) -> str:
         by_round.setdefault(key, {})[row["round"]] = _percent(row["leakage"], row["leakage_spread"])
     rounds = sorted({r for cells in by_round.values() for r in cells})
     head = ["setting", "seeds", *(f"leaked, round {r} (%)" for r in rounds)]
-    head += ["leaked, all rounds (%)", "final accuracy (%)", "notes"]
+    head += ["leaked, all rounds (%)", "blind attacks only, all rounds (%)"]
+    head += ["final accuracy (%)", "strongest attack", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in settings_table(records):
         cells = by_round.get((row["curve"], repr(row["strength"])), {})
@@ -50,7 +53,12 @@ def study_table(run_dir: Path) -> str:
             str(row["seeds"]),
             *(cells.get(r, "") for r in rounds),
             _percent(row["leakage"], row["leakage_spread"]),
+            # No adaptive twin ran at this setting: the blind attacks are all there were.
+            "same"
+            if row["blind_leakage"] is None
+            else _percent(row["blind_leakage"], row["blind_leakage_spread"]),
             _percent(row["accuracy"], row["accuracy_spread"]),
+            row["strongest_attacks"],
             ", ".join(notes),
         ]
         lines.append("| " + " | ".join(values) + " |")

@@ -33,6 +33,7 @@ class Setting:
     # The blind attacks' leakage (mean over the seeds that ran adaptive twins; None where none
     # did) and the attacks that leaked most on their own, seed by seed (distinct, in order).
     blind_leakage: float | None = None
+    blind_leakage_spread: float | None = None
     strongest_attacks: str = ""
 
     def dominates(self, other: Setting) -> bool:
@@ -78,6 +79,7 @@ def settings(rows: Iterable[Row]) -> list[Setting]:
                 accuracy=statistics.fmean(accuracy),
                 accuracy_spread=_spread(accuracy),
                 blind_leakage=statistics.fmean(blind) if blind else None,
+                blind_leakage_spread=_spread(blind) if blind else None,
                 strongest_attacks=", ".join(strongest),
             )
         )
