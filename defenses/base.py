@@ -62,10 +62,14 @@ class Defense(ABC):  # noqa: B024 (the four kinds below declare the abstract met
         """
         return None
 
-    def known_to_server(self) -> DefenseKnowledge | None:
+    def known_to_server(
+        self, federation: FederationConfig, shard_size: int = 0
+    ) -> DefenseKnowledge | None:
         """What this defense does to the update the server receives, in the terms an attack
         can use (its settings are the protocol's, so the server knows them); None when it
-        leaves nothing an attack can use (the default)."""
+        leaves nothing an attack can use (the default). ``federation`` and ``shard_size`` (the
+        examples per client, 0 where the partition decides) are the protocol's too: a defense
+        inside local training needs them to say what reaches the update."""
         return None
 
     def __repr__(self) -> str:

@@ -34,6 +34,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from defenses.base import Defense, TrainingDefense, register_defense
 from simulator.core.config import FederationConfig
 from simulator.core.fields import param
+from simulator.core.knowledge import DefenseKnowledge
 from simulator.core.models import ModelSpec, task_loss
 from simulator.core.protocol import local_steps
 
@@ -298,6 +299,31 @@ class DpSgd(TrainingDefense):
         return private_local_train(
             model, spec, shard_inputs, shard_labels, epochs, batch_size, lr, self.params, generator
         )
+
+    def known_to_server(
+        self, federation: FederationConfig, shard_size: int = 0
+    ) -> DefenseKnowledge | None:
+        """The Gaussian noise per coordinate of the update the client sends.
+
+        Each step adds noise of std ``noise_multiplier * max_grad_norm`` to the clipped sum
+        and divides by the expected batch ``q n`` (the batch size, for a shard at least that
+        large). FedSGD sends that gradient; FedAvg sends ``-lr`` times the sum of
+        ``steps`` of them, whose independent noises add in quadrature. FedAvg needs the
+        shard size for ``steps`` and a constant learning rate: without them, None.
+        """
+        std = self.params.noise_multiplier * self.params.max_grad_norm
+        batch = federation.batch_size
+        if std == 0.0 or (federation.protocol == "fedavg" and not shard_size):
+            return None
+        if federation.protocol == "fedsgd":
+            expected = min(batch, shard_size) if shard_size else batch
+            return DefenseKnowledge((self.name,), noise="gaussian", noise_scale=std / expected)
+        if federation.lr_schedule != "constant":
+            return None
+        rate, steps = dp_sgd_schedule(shard_size, batch, federation.local_epochs)
+        per_step = std / (rate * shard_size)
+        scale = federation.lr * per_step * math.sqrt(steps)
+        return DefenseKnowledge((self.name,), noise="gaussian", noise_scale=scale)
 
     def epsilon(self, sample_rate: float, steps: int) -> float:
         """:func:`epsilon` with this defense's parameters."""

@@ -84,7 +84,9 @@ class LocalDp(ClientModDefense, ReleaseAccounted):
         """The RDP curve of ``releases`` Gaussian releases of this noise multiplier."""
         return gaussian_rdp_curve(self.noise_multiplier, 1.0, releases)
 
-    def known_to_server(self) -> DefenseKnowledge:
+    def known_to_server(
+        self, federation: FederationConfig, shard_size: int = 0
+    ) -> DefenseKnowledge:
         """The Gaussian noise on every coordinate of the (clipped) weights sent."""
         return DefenseKnowledge((self.name,), noise="gaussian", noise_scale=self.noise_std)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from defenses.base import UpdateDefense, flatten, noise_like, register_defense, unflatten
+from simulator.core.config import FederationConfig
 from simulator.core.fields import param
 from simulator.core.knowledge import DefenseKnowledge
 
@@ -39,7 +40,9 @@ class GaussianNoise(UpdateDefense):
         flat = flatten(update)
         return unflatten(flat + self.params.std * noise_like(flat, generator, "gaussian"), update)
 
-    def known_to_server(self) -> DefenseKnowledge | None:
+    def known_to_server(
+        self, federation: FederationConfig, shard_size: int = 0
+    ) -> DefenseKnowledge | None:
         if self.params.std == 0.0:
             return None
         return DefenseKnowledge((self.name,), noise="gaussian", noise_scale=self.params.std)
@@ -68,7 +71,9 @@ class LaplaceNoise(UpdateDefense):
         flat = flatten(update)
         return unflatten(flat + self.params.scale * noise_like(flat, generator, "laplace"), update)
 
-    def known_to_server(self) -> DefenseKnowledge | None:
+    def known_to_server(
+        self, federation: FederationConfig, shard_size: int = 0
+    ) -> DefenseKnowledge | None:
         if self.params.scale == 0.0:
             return None
         return DefenseKnowledge((self.name,), noise="laplace", noise_scale=self.params.scale)

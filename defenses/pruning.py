@@ -17,6 +17,7 @@ from fractions import Fraction
 import torch
 
 from defenses.base import UpdateDefense, flatten, register_defense, unflatten
+from simulator.core.config import FederationConfig
 from simulator.core.fields import param
 from simulator.core.knowledge import DefenseKnowledge
 
@@ -54,5 +55,7 @@ class Pruning(UpdateDefense):
             flat[order[:count]] = 0
         return unflatten(flat, update)
 
-    def known_to_server(self) -> DefenseKnowledge | None:
+    def known_to_server(
+        self, federation: FederationConfig, shard_size: int = 0
+    ) -> DefenseKnowledge | None:
         return DefenseKnowledge((self.name,), intervals="pruning") if self.params.fraction else None

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from defenses.base import UpdateDefense, register_defense
+from simulator.core.config import FederationConfig
 from simulator.core.fields import param
 from simulator.core.knowledge import DefenseKnowledge
 
@@ -61,5 +62,7 @@ class Quantization(UpdateDefense):
         round_trip = fp16_round_trip if self.params.precision == "fp16" else int8_round_trip
         return {name: round_trip(t) for name, t in update.items()}
 
-    def known_to_server(self) -> DefenseKnowledge:
+    def known_to_server(
+        self, federation: FederationConfig, shard_size: int = 0
+    ) -> DefenseKnowledge:
         return DefenseKnowledge((self.name,), intervals=self.params.precision)

@@ -213,7 +213,10 @@ class Scenario:
         point's defenses told them (:meth:`attacks.base.Attack.knowing`), labelled
         ``"<name> knowing <defenses>"``. Built once per scenario, as the defenses are."""
         blind = self.attack.built
-        knowledge = combined(d.known_to_server() for d in self.built_defenses)
+        knowledge = combined(
+            d.known_to_server(self.federation, self.data.examples_per_client)
+            for d in self.built_defenses
+        )
         if not self.attack.adaptive or knowledge is None:
             return blind
         labels = {name for name, _ in blind}

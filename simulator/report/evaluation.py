@@ -35,7 +35,7 @@ from simulator.report.defense_figures import strength_order, strength_words
 from simulator.report.figures import FigureFile
 from simulator.report.tables import Row, leak_threshold
 from simulator.run.folder import attack_artifact
-from simulator.scoring.best import comparable, leaked_images
+from simulator.scoring.best import best_of, comparable
 from simulator.scoring.dp_bound import broken_claim, reconstruction_bound
 
 SECTION = "evaluation"
@@ -141,10 +141,10 @@ def blind_leaked_fraction(records: Sequence[LeakageRecord]) -> float | None:
         updates[(record.round, record.client)].append(record)
     shares = []
     for members in updates.values():
-        columns = [leaked_images(r) for r in members if not is_adaptive(r.attack)]
-        images = len(members[0].psnr)
-        leaked = sum(any(column[i] for column in columns) for i in range(images))
-        shares.append(leaked / images)
+        blind = [r for r in members if not is_adaptive(r.attack)]
+        best = best_of(blind)
+        # One blind attack scored the update: its own share; none (it failed): nothing leaked.
+        shares.append(best.fraction_leaked if best else blind[0].fraction_leaked if blind else 0.0)
     return float(np.mean(shares))
 
 

@@ -85,6 +85,15 @@ def test_local_dp_is_known_as_the_gaussian_noise_it_adds() -> None:
     assert attacks["subspace knowing local-dp"].params.noise_std == pytest.approx(defense.noise_std)
 
 
+def test_dp_sgd_is_known_as_the_noise_its_steps_leave_on_the_update() -> None:
+    """FedSGD batch 32: std noise_multiplier * max_grad_norm / 32 on the gradient sent."""
+    dp = [{"name": "dp-sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0}]
+    attacks = built(dp, name="subspace", also=[{"name": "analytic"}], **{"rounds": [1]})
+    told = attacks["subspace knowing dp-sgd"].params.noise_std
+    assert told == pytest.approx(1.0 * 1.0 / load("quickstart").federation.batch_size)
+    assert attacks["analytic knowing dp-sgd"].params.noise_std == told
+
+
 def test_knowledge_of_defenses_in_order() -> None:
     gaussian = DefenseKnowledge(("a",), noise="gaussian", noise_scale=0.03)
     laplace = DefenseKnowledge(("b",), noise="laplace", noise_scale=0.04 / math.sqrt(2))

@@ -398,6 +398,35 @@ def test_private_local_train_is_reproducible_and_moves_the_weights() -> None:
     assert dp_sgd_schedule(45, 10, 3) == (10 / 45, 15)
 
 
+def test_dp_sgd_tells_the_server_the_noise_its_update_carries() -> None:
+    """The std the server is told is the std measured on the update: FedSGD's gradient, and
+    FedAvg's first-layer change on all-zero inputs, where every gradient of that layer is 0
+    and the change is the noise of 8 steps alone."""
+    params = DpSgdParams(noise_multiplier=2.0, max_grad_norm=0.5)
+    fedsgd = FederationConfig(protocol="fedsgd", batch_size=8)
+    model = build_model(SMALL_MLP, seed=0)
+    x, y = batch(2, n=8)
+    clean = private_gradient(model, SMALL_MLP, x, y, DpSgdParams(0.0, 0.5), gen())
+    noise = flat(private_gradient(model, SMALL_MLP, x, y, params, gen(9))) - flat(clean)
+    told = DpSgd(params).known_to_server(fedsgd, 100)
+    assert told is not None and told.noise == "gaussian"
+    assert float(noise.std()) == pytest.approx(told.noise_std, rel=0.03)
+
+    fedavg = FederationConfig(protocol="fedavg", batch_size=10, local_epochs=2, lr=0.1)
+    model = build_model(SMALL_MLP, seed=2)
+    first = model.state_dict()["1.weight"].clone()
+    zeros = torch.zeros(40, 1, 28, 28)
+    DpSgd(params).local_train(model, SMALL_MLP, zeros, y.repeat(5), 2, 10, 0.1, gen(3))
+    change = model.state_dict()["1.weight"] - first
+    told = DpSgd(params).known_to_server(fedavg, 40)
+    assert told is not None
+    assert told.noise_std == pytest.approx(0.1 * 2.0 * 0.5 * math.sqrt(8) / 10)
+    assert float(change.std()) == pytest.approx(told.noise_std, rel=0.05)
+    # Without the shard size FedAvg's step count is unknown; without noise nothing is told.
+    assert DpSgd(params).known_to_server(fedavg, 0) is None
+    assert DpSgd(DpSgdParams(0.0, 0.5)).known_to_server(fedsgd, 100) is None
+
+
 def flower_epsilon(
     sigma: float, sample_size: int, population: int, steps: int, delta: float
 ) -> float:
