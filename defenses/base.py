@@ -190,6 +190,13 @@ class AggregationDefense(Defense):
     :attr:`min_clients` updates are in it.
     """
 
+    def known_to_server(
+        self, federation: FederationConfig, shard_size: int = 0
+    ) -> DefenseKnowledge | None:
+        """The server sees only the clients' mean: what the other defenses did to each update
+        no longer describes what it receives (:attr:`DefenseKnowledge.aggregated`)."""
+        return DefenseKnowledge((self.name,), aggregated=True)
+
     @property
     @abstractmethod
     def min_clients(self) -> int:

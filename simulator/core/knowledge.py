@@ -29,13 +29,16 @@ class DefenseKnowledge:
     ``noise``: the distribution of the independent noise added to every coordinate of the
     update the client sends, ``noise_scale`` its std (Gaussian) or scale b (Laplace).
     ``intervals``: the pruning or quantization the sent update went through last.
-    ``defenses``: the names of the defenses this comes from.
+    ``defenses``: the names of the defenses this comes from. ``aggregated``: the server sees
+    only an aggregate of several clients' updates (secure aggregation), which carries none of
+    the per-update noise or intervals above as they are stated.
     """
 
     defenses: tuple[str, ...] = ()
     noise: Noise = "none"
     noise_scale: float = 0.0
     intervals: KnownDefense = "none"
+    aggregated: bool = False
 
     @property
     def noise_std(self) -> float:
@@ -65,9 +68,10 @@ class DefenseKnowledge:
 
 
 def combined(known: Iterable[DefenseKnowledge | None]) -> DefenseKnowledge | None:
-    """The knowledge of defenses applied in this order (None where none says anything)."""
+    """The knowledge of defenses applied in this order (None where none says anything, or
+    where the server sees only an aggregate: no twin is told a per-update setting then)."""
     found = [k for k in known if k is not None]
-    if not found:
+    if not found or any(k.aggregated for k in found):
         return None
     total = found[0]
     for later in found[1:]:

@@ -104,6 +104,8 @@ def test_knowledge_of_defenses_in_order() -> None:
                       DefenseKnowledge(("q",), intervals="int8")])  # fmt: skip
     assert later is not None and later.intervals == "int8"
     assert combined([None, None]) is None
+    # Under secure aggregation the server sees a mean the per-update settings do not describe.
+    assert combined([gaussian, DefenseKnowledge(("s",), aggregated=True)]) is None
     label = knowing_label("dlg", both)
     assert label == "dlg knowing a+b" and is_adaptive(label) and not is_adaptive("dlg")
 
