@@ -149,6 +149,13 @@ class GradientMatchingParams:
     rel_tolerance: float = param(
         0.0, low=0.0, high=1.0, help="stop below this fraction of the target's own distance"
     )
+    stall_restarts: int = param(
+        0,
+        low=0,
+        high=1000,
+        help="L-BFGS: a problem that stalls above the tolerance starts again from a new draw, "
+        "up to this many times, inside the same batched solve",
+    )
     seed: int = param(0, low=0, help="seed of the dummy initialisation")
     log_every: int = param(10, low=1, help="trace every this many iterations")
     snapshots: int = param(4, low=0, high=1000, help="intermediate image batches kept")
@@ -221,7 +228,17 @@ def _solve(
         reference = torch.ones_like(batch.lr)
     reference = reference / batch.samples
     tracker.threshold = torch.clamp(params.rel_tolerance * reference, min=params.tolerance)
-    (lbfgs if params.optimizer == "lbfgs" else adam)(evaluate, z, batch, params, tracker)
+    if params.optimizer == "lbfgs":
+        draws = [0] * z.shape[0]
+
+        def redraw(rows: torch.Tensor) -> torch.Tensor:
+            for row in rows.tolist():
+                draws[row] += 1
+            return initial(batch, params, device, draws)[rows]
+
+        lbfgs(evaluate, z, batch, params, tracker, redraw)
+    else:
+        adam(evaluate, z, batch, params, tracker)
 
     images, label_vars = batch.split(tracker.best)
     distance = torch.nan_to_num(tracker.best_distance, nan=math.inf)

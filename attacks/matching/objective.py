@@ -18,7 +18,7 @@ import :mod:`attacks.matching.attacks` (no import cycle).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -273,13 +273,23 @@ def evaluator(batch: Batch, params: MatchingSettings) -> Evaluate:
     return evaluate
 
 
-def _problem_seed(seed: int, obs: Observation, restart: int) -> int:
+def _problem_seed(seed: int, obs: Observation, restart: int, draw: int = 0) -> int:
     # Depends only on the observation, not on its batch, so batched and single runs agree.
-    return hash((seed, obs.round, obs.client_id, restart)) % (2**62)
+    key = (seed, obs.round, obs.client_id, restart) + ((draw,) if draw else ())
+    return hash(key) % (2**62)
 
 
-def initial(batch: Batch, params: MatchingSettings, device: torch.device) -> torch.Tensor:
-    """Seeded dummy images and label variables for every problem, flattened to (P, D)."""
+def initial(
+    batch: Batch,
+    params: MatchingSettings,
+    device: torch.device,
+    draws: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Seeded dummy images and label variables for every problem, flattened to (P, D).
+
+    ``draws``: per problem, which draw of its start (0, the default: the first; a problem
+    that stalled starts again from draw 1, 2, ...), each from a seed of its own.
+    """
     rows = []
     shape = (batch.samples, *batch.spec.input_shape)
     problems = [
@@ -288,8 +298,10 @@ def initial(batch: Batch, params: MatchingSettings, device: torch.device) -> tor
         for candidate in range(batch.candidates)
         for restart in range(batch.restarts)
     ]
-    for k, obs, candidate, restart in problems:
-        generator = torch.Generator().manual_seed(_problem_seed(params.seed, obs, restart))
+    draws = draws if draws is not None else [0] * len(problems)
+    for (k, obs, candidate, restart), draw in zip(problems, draws, strict=True):
+        seed = _problem_seed(params.seed, obs, restart, draw)
+        generator = torch.Generator().manual_seed(seed)
         if params.init == "uniform":
             images = torch.rand(shape, generator=generator)
         elif params.init == "dark":

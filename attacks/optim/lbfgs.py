@@ -13,6 +13,8 @@ frozen (active set) and the line search path is projected onto [0, 1].
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -40,6 +42,13 @@ class LBFGSSettings(TrackerSettings, Protocol):
 
     @property
     def box(self) -> bool: ...
+
+    @property
+    def stall_restarts(self) -> int: ...
+
+
+# Fresh starting points for the given problem rows: (rows,) -> (len(rows), D).
+Redraw = Callable[[torch.Tensor], torch.Tensor]
 
 
 class History:
@@ -121,7 +130,12 @@ class History:
 
 
 def lbfgs(
-    evaluate: Evaluate, z: torch.Tensor, batch: Problems, params: LBFGSSettings, t: Tracker
+    evaluate: Evaluate,
+    z: torch.Tensor,
+    batch: Problems,
+    params: LBFGSSettings,
+    t: Tracker,
+    redraw: Redraw | None = None,
 ) -> None:
     """L-BFGS with a separate history, step and Armijo backtracking per problem.
 
@@ -131,12 +145,17 @@ def lbfgs(
     as in torch; later trial steps are ``lr``, halved until the Armijo condition holds. A
     problem stops below ``tolerance`` ("converged"), or ("stalled") when even steepest descent
     finds no decrease or its distance stops falling (torch's ``tolerance_change``, relative).
+
+    With ``redraw`` and ``params.stall_restarts``, a problem that stalls above the tolerance
+    starts again from a fresh draw (new history, first step), up to that many times, inside
+    the same batched solve; the tracker keeps its best iterate over all of its starts.
     """
     problems, dims = z.shape
     history = History(params.history, problems, dims, z)
     valid = history.valid
     gamma = z.new_ones(problems)
     fresh = torch.ones(problems, dtype=torch.bool, device=z.device)
+    restarted = torch.zeros(problems, dtype=torch.long, device=z.device)
     images = lambda v: batch.split(v)[0]  # noqa: E731
     total, dist, gradient = evaluate(z, None)
     recent: list[torch.Tensor] = []
@@ -147,6 +166,19 @@ def lbfgs(
         if len(recent) > _STALL_WINDOW:
             before = recent.pop(0)
             t.stalled |= ~t.converged & (before - dist <= _STALL_FRACTION * before.abs())
+        again = t.stalled & ~t.pruned & (restarted < params.stall_restarts)
+        if redraw is not None and bool(again.any()):
+            rows = again.nonzero().squeeze(1)
+            z, total, dist, gradient = z.clone(), total.clone(), dist.clone(), gradient.clone()
+            z[rows] = redraw(rows).to(z)
+            total[rows], dist[rows], gradient[rows] = evaluate(z[rows], rows)
+            restarted[rows] += 1
+            t.stalled[rows] = False
+            valid[:, rows] = False
+            gamma[rows] = 1.0
+            fresh[rows] = True
+            for earlier in recent:  # the stall window starts again with the new start
+                earlier[rows] = math.inf
         t.observe(iteration, z, total, dist, images)
         t.prune(iteration, params)
         if bool(t.stopped().all()):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,6 +23,7 @@ class Settings:
     history: int = 10
     max_step: float = 1e9
     box: bool = False
+    stall_restarts: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,3 +62,33 @@ def test_a_problem_out_of_iterations_reports_the_budget() -> None:
     tracker = Tracker(z, settings, time.perf_counter())
     lbfgs(evaluate, z, Flat(), settings, tracker)
     assert status_of(tracker, 0) == "budget"
+
+
+def test_a_stalled_problem_starts_again_from_a_new_draw_and_converges() -> None:
+    """A double well: from z = 3 L-BFGS settles in the well at 2 whose floor (0.5) is above the
+    tolerance, and stalls; its restart from the next draw (z = -3) finds the well at -2."""
+
+    def evaluate(z: torch.Tensor, _: object) -> tuple[torch.Tensor, ...]:
+        right, left = ((z - 2.0) ** 2).sum(1) + 0.5, ((z + 2.0) ** 2).sum(1)
+        dist = torch.minimum(right, left)
+        gradient = torch.where((right < left)[:, None], 2 * (z - 2.0), 2 * (z + 2.0))
+        return dist, dist, gradient
+
+    drawn: list[list[int]] = []
+
+    def redraw(rows: torch.Tensor) -> torch.Tensor:
+        drawn.append(rows.tolist())
+        return torch.full((len(rows), 4), -3.0, dtype=torch.float64)
+
+    start = torch.full((2, 4), 3.0, dtype=torch.float64)
+    start[1] = -3.0  # already in the good well: never restarted
+    blind = Tracker(start, Settings(), time.perf_counter())
+    lbfgs(evaluate, start, Flat(), Settings(), blind, redraw)
+    assert status_of(blind, 0) == "stalled" and drawn == []  # stall_restarts = 0: no restart
+
+    settings = replace(Settings(), stall_restarts=2)
+    again = Tracker(start, settings, time.perf_counter())
+    lbfgs(evaluate, start, Flat(), settings, again, redraw)
+    assert [status_of(again, p) for p in range(2)] == ["converged", "converged"]
+    assert drawn == [[0]]  # one restart, of the stalled problem only
+    assert torch.allclose(again.best[0], torch.full((4,), -2.0, dtype=torch.float64))
