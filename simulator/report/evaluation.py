@@ -290,8 +290,9 @@ def _seed_words(row: Row) -> str:
 
 
 SETTING_COLUMNS = (
-    "curve", "strength", "seeds", "leakage", "leakage_spread", "accuracy", "accuracy_spread",
-    "on_frontier", "leakage_within_spread_of_none",
+    "curve", "strength", "seeds", "leakage", "leakage_spread", "blind_leakage",
+    "blind_leakage_spread", "strongest_attacks", "accuracy", "accuracy_spread", "on_frontier",
+    "leakage_within_spread_of_none",
 )  # fmt: skip
 ROUND_COLUMNS = ("curve", "strength", "round", "seeds", "leakage", "leakage_spread")
 CHEAPEST_BOUNDS = (0.01, 0.1)

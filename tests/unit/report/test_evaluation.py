@@ -9,7 +9,12 @@ import statistics
 import pytest
 
 from simulator.core.records import BestRecord, PointRecord, PrivacyRecord, Record
-from simulator.report.evaluation import defense_table, rounds_table, settings_table
+from simulator.report.evaluation import (
+    SETTING_COLUMNS,
+    defense_table,
+    rounds_table,
+    settings_table,
+)
 from simulator.scoring.best import best_of
 from tests.unit.report.synthetic_run import attack_record, best_record, point_record
 
@@ -134,6 +139,8 @@ def test_a_point_names_its_strongest_attack_and_what_the_blind_ones_leaked() -> 
     assert setting["leakage"] == pytest.approx(1.0)
     assert setting["blind_leakage"] == pytest.approx(0.5)
     assert setting["strongest_attacks"] == twin
+    # The summary's settings table shows both, beside the best of all.
+    assert {"blind_leakage", "strongest_attacks"} <= set(SETTING_COLUMNS)
     # Without an adaptive attack, there is nothing to set apart: the blind column is empty.
     blind_only = [r for r in records if getattr(r, "attack", None) != twin and r.kind != "best"]
     (row,) = defense_table(blind_only)
