@@ -136,7 +136,10 @@ def intervals_row(defense: Mapping[str, Any], rounds: int, seed: int) -> dict[st
     """Blind and interval-aware subspace leakage under pruning or quantization, last round."""
     seen, truth, seconds = client_updates(defense, rounds, seed)
     last = seen[-1]
-    known = "pruning" if defense["name"] == "pruning" else str(defense["precision"])
+    # What the study's subspace twin is told under this defense (Scenario.built_attacks).
+    scenario = load(STUDY, {"defenses": [dict(defense)], "attack.also": []})
+    ((_, twin),) = scenario.built_attacks[1:]
+    known = twin.params.known_defense
     row: dict[str, Any] = {"defense": dict(defense), "client": last.client_id,
                            "federation_seconds": seconds}  # fmt: skip
     for mode, told in (("blind", "none"), ("adaptive", known)):

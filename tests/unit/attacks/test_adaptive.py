@@ -94,6 +94,20 @@ def test_dp_sgd_is_known_as_the_noise_its_steps_leave_on_the_update() -> None:
     assert attacks["analytic knowing dp-sgd"].params.noise_std == told
 
 
+def test_no_twin_under_secure_aggregation() -> None:
+    """The server sees the clients' mean there: the per-update noise std describes nothing."""
+    noise = [{"name": "gaussian-noise", "std": 0.01}]
+    overrides = {"attack.name": "subspace", "attack.params": {}, "attack.also": []}
+    told = load("kkt-defenses-fedavg", {"defenses": noise, **overrides})
+    assert [label for label, _ in told.built_attacks] == [
+        "subspace",
+        "subspace knowing gaussian-noise",
+    ]
+    secagg = [*noise, {"name": "secure-aggregation"}]
+    hidden = load("kkt-defenses-fedavg", {"defenses": secagg, **overrides})
+    assert [label for label, _ in hidden.built_attacks] == ["subspace"]
+
+
 def test_knowledge_of_defenses_in_order() -> None:
     gaussian = DefenseKnowledge(("a",), noise="gaussian", noise_scale=0.03)
     laplace = DefenseKnowledge(("b",), noise="laplace", noise_scale=0.04 / math.sqrt(2))
